@@ -1,0 +1,55 @@
+"""The `sparsemoe` command: a thin shell over importable functions.
+
+Each subcommand lives in `sparsemoe/commands/<name>.py` and exposes
+`register(subparsers) -> argparse.ArgumentParser` whose parser has `func(args) -> int` set as its
+default. Subcommands are discovered, so adding one is adding a file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+from typing import Optional, Sequence
+
+import sparsemoe
+import sparsemoe.commands
+
+
+class CommandError(Exception):
+    """A user mistake: printed as one line ("sparsemoe: error: ..."), exit status 2, no traceback."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sparsemoe",
+        description="Sparse Mixture-of-Experts: train and sample a small MoE language model, benchmark, "
+        "profile and convert MoE layers and checkpoints.",
+    )
+    parser.add_argument("--version", action="version", version=f"sparsemoe {sparsemoe.__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for info in sorted(pkgutil.iter_modules(sparsemoe.commands.__path__), key=lambda m: m.name):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"sparsemoe.commands.{info.name}").register(subparsers)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except CommandError as err:
+        print(f"sparsemoe {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"sparsemoe {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

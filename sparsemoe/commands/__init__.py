@@ -1,0 +1,1 @@
+"""Subcommands of the `sparsemoe` CLI, one module each (see sparsemoe/cli.py)."""

@@ -1,0 +1,82 @@
+"""Dispatch backends, picked in one place.
+
+Each backend is a function `(x_TD, plan, experts) -> y_TD` (float32) that consumes a `DispatchPlan`
+built once from the routing. `register_backend` adds one (Triton kernels register themselves when
+Triton is importable); `resolve_backend` turns "auto" into a concrete name for the input at hand.
+
+| name      | what it does                                                          | when auto picks it |
+|-----------|-----------------------------------------------------------------------|--------------------|
+| reference | per-token Python loop, the test oracle                                | never              |
+| grouped   | sort by expert, grouped GEMM, weighted scatter-add; dropless or not   | default            |
+| capacity  | padded [E, C, D] batches and bmm, static shapes (GShard/Switch)       | capacity set, T*K small relative to E*C |
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from torch import Tensor
+
+from sparsemoe.dispatch.capacity import capacity_forward
+from sparsemoe.dispatch.grouped import grouped_forward
+from sparsemoe.dispatch.plan import DispatchPlan, build_plan
+from sparsemoe.dispatch.reference import reference_forward
+
+BackendFn = Callable[[Tensor, DispatchPlan, "object"], Tensor]
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    forward: BackendFn
+    available: Callable[[Tensor], bool] = lambda x: True  # can it run on this input's device/dtype?
+
+
+_REGISTRY: dict[str, Backend] = {}
+
+
+def register_backend(name: str, forward: BackendFn, available: Optional[Callable[[Tensor], bool]] = None) -> None:
+    _REGISTRY[name] = Backend(name, forward, available or (lambda x: True))
+
+
+register_backend("reference", reference_forward)
+register_backend("grouped", grouped_forward)
+register_backend("capacity", capacity_forward)
+
+# Names accepted by MoEConfig.backend (kernels registered later are accepted too, see backend_names()).
+BACKEND_NAMES = ("auto", "reference", "grouped", "capacity", "triton")
+
+
+def backend_names() -> tuple[str, ...]:
+    return tuple(dict.fromkeys(("auto", *_REGISTRY)))
+
+
+def resolve_backend(name: str, x_TD: Tensor, plan: DispatchPlan) -> Backend:
+    """The concrete backend for `name` ("auto" or a registered name) on this input."""
+    if name == "auto":
+        return _REGISTRY[_auto_name(x_TD, plan)]
+    backend = _REGISTRY.get(name)
+    if backend is None:
+        raise ValueError(f"dispatch backend {name!r} is not available here; available: {sorted(_REGISTRY)}")
+    if not backend.available(x_TD):
+        raise ValueError(f"dispatch backend {name!r} cannot run on {x_TD.device.type}/{x_TD.dtype} input")
+    return backend
+
+
+def _auto_name(x_TD: Tensor, plan: DispatchPlan) -> str:
+    triton = _REGISTRY.get("triton")
+    if triton is not None and triton.available(x_TD):
+        return "triton"
+    return "grouped"
+
+
+__all__ = [
+    "BACKEND_NAMES",
+    "Backend",
+    "DispatchPlan",
+    "backend_names",
+    "build_plan",
+    "register_backend",
+    "resolve_backend",
+]

@@ -1,0 +1,193 @@
+"""The MoE layer: router -> plan -> dispatch backend -> combine (+ shared experts) + balancing losses.
+
+A drop-in replacement for a transformer's feed-forward block: `MoE(cfg)(x)` maps [..., D] -> [..., D].
+Legend: T tokens (all leading dimensions flattened), D model width, E experts, K experts per token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from sparsemoe.balancing import (
+    AddAuxiliaryLoss,
+    balance_losses,
+    router_entropy,
+    tokens_per_expert,
+    update_expert_bias,
+)
+from sparsemoe.config import MoEConfig
+from sparsemoe.dispatch import DispatchPlan, build_plan, resolve_backend
+from sparsemoe.experts import Experts, SharedExperts
+from sparsemoe.routing import Router, RoutingResult
+
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+@dataclass
+class MoEStats:
+    """Per-forward statistics: detached tensors, no device-to-host sync (call `.item()` to log)."""
+
+    tokens_per_expert: Tensor  # [E] float32: kept assignments per expert
+    dropped_fraction: Tensor  # 0-dim: share of assignments dropped by capacity
+    router_entropy: Tensor  # 0-dim: mean entropy (nats) of the normalised router scores
+    load_imbalance: Tensor  # 0-dim: max / mean of tokens_per_expert (1 = perfectly balanced)
+    losses: dict[str, Tensor] = field(default_factory=dict)  # weighted losses: aux_loss, seq_aux_loss, z_loss
+
+    def as_floats(self) -> dict[str, float]:
+        """Scalars for logging (this syncs)."""
+        out = {
+            "dropped_fraction": self.dropped_fraction.item(),
+            "router_entropy": self.router_entropy.item(),
+            "load_imbalance": self.load_imbalance.item(),
+        }
+        out.update({k: v.item() for k, v in self.losses.items()})
+        return out
+
+
+class MoE(nn.Module):
+    """Sparse Mixture-of-Experts feed-forward layer.
+
+    After each forward:
+      * `aux_loss`: the sum of the weighted balancing losses (0-dim float32). With
+        aux_loss_mode="inject" it is detached (its gradient was already injected); with "return" it
+        carries the graph and must be added to the training loss.
+      * `stats`: a `MoEStats`.
+    `aux_loss_scale` multiplies the injected gradient (set it to 1/n under n-step gradient accumulation).
+    """
+
+    def __init__(self, config: Optional[MoEConfig] = None, *, device=None, dtype=None, **fields) -> None:
+        super().__init__()
+        if config is None:
+            config = MoEConfig(**fields)
+        elif fields:
+            raise TypeError("MoE takes a MoEConfig or keyword fields, not both")
+        self.config = config
+        self.router = Router(config, device=device, dtype=dtype)
+        self.experts = Experts(
+            config.num_experts, config.dim, config.hidden_dim, config.activation, config.dropout, device=device, dtype=dtype
+        )
+        self.shared_experts: Optional[SharedExperts] = None
+        if config.num_shared_experts > 0:
+            self.shared_experts = SharedExperts(
+                config.dim, config.shared_dim, config.activation, config.shared_expert_gate, config.dropout, device=device, dtype=dtype
+            )
+        self.aux_loss_scale = 1.0
+        self.aux_loss: Tensor = torch.zeros(())
+        self.stats: Optional[MoEStats] = None
+        # Hook for expert parallelism: reduces per-expert counts across ranks before the bias update.
+        self.reduce_counts = None
+
+    # --- forward ---------------------------------------------------------------------------------------
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input(x)
+        cfg = self.config
+        lead_shape = x.shape[:-1]
+        x_TD = x.reshape(-1, cfg.dim)
+        T = x_TD.shape[0]
+        if T == 0:
+            self.aux_loss = x.new_zeros((), dtype=torch.float32)
+            return x.new_zeros(x.shape)
+        seq_len = x.shape[-2] if x.dim() >= 3 else T
+
+        logits_TE = self.router.logits(x_TD)
+        self._check_logits(logits_TE)
+        capacity = cfg.capacity(T, self.training)
+        routing = self.router.route(logits_TE, capacity)
+        plan = build_plan(routing, capacity, cfg.capacity_priority)
+        y_TD = resolve_backend(cfg.backend, x_TD, plan).forward(x_TD, plan, self.experts)
+        if self.shared_experts is not None:
+            y_TD = y_TD + self.shared_experts(x_TD).float()
+        y = y_TD.to(x.dtype).reshape(*lead_shape, cfg.dim)
+
+        losses, total = self._losses(routing, seq_len)
+        if cfg.aux_loss_mode == "inject" and total.requires_grad:
+            y = AddAuxiliaryLoss.apply(y, total, self.aux_loss_scale)
+            total = total.detach()
+            losses = {k: v.detach() for k, v in losses.items()}
+        self.aux_loss = total
+        self.stats = self._stats(routing, plan, losses)
+        if self.training and cfg.bias_balancing:
+            self._update_bias(routing)
+        return y
+
+    # --- pieces --------------------------------------------------------------------------------------------
+    def _losses(self, routing: RoutingResult, seq_len: int) -> tuple[dict[str, Tensor], Tensor]:
+        cfg = self.config
+        if routing.expert_choice:  # balanced by construction: only the z-loss applies
+            losses = balance_losses(routing.probs, routing.logits, routing.expert_ids, None, 1, None, 0.0, 0.0, cfg.z_loss_coef)
+        else:
+            counts = tokens_per_expert(routing.expert_ids, routing.num_experts)
+            losses = balance_losses(
+                routing.probs,
+                routing.logits,
+                routing.expert_ids,
+                counts,
+                routing.top_k,
+                seq_len,
+                cfg.aux_loss_coef,
+                cfg.seq_aux_loss_coef,
+                cfg.z_loss_coef,
+            )
+        total = sum(losses.values()) if losses else routing.logits.new_zeros(())
+        return losses, total
+
+    def _stats(self, routing: RoutingResult, plan: DispatchPlan, losses: dict[str, Tensor]) -> MoEStats:
+        with torch.no_grad():
+            counts = plan.counts.float()
+            return MoEStats(
+                tokens_per_expert=counts,
+                dropped_fraction=plan.num_dropped.float() / max(plan.num_rows, 1),
+                router_entropy=router_entropy(routing.probs.detach()),
+                load_imbalance=counts.max() / counts.mean().clamp_min(1e-20),
+                losses=losses,
+            )
+
+    def _update_bias(self, routing: RoutingResult) -> None:
+        counts = tokens_per_expert(routing.expert_ids.detach(), routing.num_experts)
+        if self.reduce_counts is not None:
+            counts = self.reduce_counts(counts)
+        update_expert_bias(self.router.expert_bias, counts, self.config.bias_update_rate)
+
+    def _check_input(self, x: Tensor) -> None:
+        D = self.config.dim
+        if not isinstance(x, Tensor):
+            raise TypeError(f"MoE expects a torch.Tensor of shape [..., {D}], got {type(x).__name__}")
+        if x.dim() == 0 or x.shape[-1] != D:
+            raise ValueError(f"MoE expects input of shape [..., {D}] (last dim = config.dim), got {tuple(x.shape)}")
+        if x.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"MoE expects a floating input (float32, bfloat16, float16), got {x.dtype}")
+        w_dtype = self.experts.w_in.dtype
+        if x.dtype != w_dtype:
+            raise TypeError(f"MoE input dtype {x.dtype} differs from the layer's weights ({w_dtype}); cast one with .to()")
+
+    def _check_logits(self, logits_TE: Tensor) -> None:
+        if not self.config.check_finite or torch.compiler.is_compiling():
+            return
+        if logits_TE.device.type == "cpu":
+            bad = (~torch.isfinite(logits_TE).all(dim=-1)).sum().item()  # host tensor: no device sync
+            if bad:
+                raise ValueError(
+                    f"MoE router logits are not finite (NaN or inf) for {bad} of {logits_TE.shape[0]} tokens; "
+                    "check the input and the router weights"
+                )
+        else:
+            torch._assert_async(torch.isfinite(logits_TE).all(), "MoE router logits are not finite (NaN or inf)")
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return f"dim={c.dim}, num_experts={c.num_experts}, top_k={c.top_k}, router={c.router}, backend={c.backend}"
+
+
+def set_aux_loss_scale(model: nn.Module, scale: float) -> None:
+    """Set the injected-gradient scale of every MoE layer in `model` (e.g. 1/n for n accumulation steps)."""
+    for module in model.modules():
+        if isinstance(module, MoE):
+            module.aux_loss_scale = scale
+
+
+def moe_layers(model: nn.Module) -> list[MoE]:
+    return [m for m in model.modules() if isinstance(m, MoE)]

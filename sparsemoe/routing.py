@@ -1,0 +1,192 @@
+"""Routers: token-choice top-k (softmax or sigmoid), group-limited top-k, and expert-choice.
+
+Legend: T tokens, D model width, E experts, K experts per token, C tokens per expert (expert-choice),
+N assignments (token, expert) pairs: N = T*K for token-choice, E*C for expert-choice.
+
+All router math runs in float32 whatever the activations' dtype. A router produces a `RoutingResult`:
+a flat list of assignments plus the scores the balancing losses need. Capacity (dropping) is applied
+afterwards, once, by `sparsemoe.dispatch.plan.build_plan`, so that every backend sees the same drops.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from sparsemoe.config import MoEConfig
+
+
+@dataclass
+class RoutingResult:
+    token_ids: Tensor  # [N] long: the token of each assignment
+    expert_ids: Tensor  # [N] long: the expert of each assignment
+    weights: Tensor  # [N] float32: combine weight; carries the router's gradient
+    probs: Tensor  # [T, E] float32: per-token scores normalised to sum 1 (balancing losses, entropy)
+    logits: Tensor  # [T, E] float32: raw router logits (z-loss)
+    top_k: int  # K; for token-choice, assignment n = t*K + k (token-major)
+    expert_choice: bool  # True: assignments are expert-major, n = e*C + c, exactly C per expert
+
+    @property
+    def num_tokens(self) -> int:
+        return self.logits.shape[0]
+
+    @property
+    def num_experts(self) -> int:
+        return self.logits.shape[1]
+
+
+class Router(nn.Module):
+    """Linear router D -> E (no bias), optional learned noise, and the aux-loss-free selection bias.
+
+    Parameters: `weight` [E, D] (nn.Linear layout); `noise_weight` [E, D] for Gaussian noisy top-k.
+    Buffer: `expert_bias` [E] float32, added to the scores for selection only (bias balancing).
+    """
+
+    def __init__(self, config: MoEConfig, device=None, dtype=None) -> None:
+        super().__init__()
+        self.config = config
+        E, D = config.num_experts, config.dim
+        self.weight = nn.Parameter(torch.empty(E, D, device=device, dtype=dtype))
+        self.noise_weight: Optional[nn.Parameter] = None
+        if config.noise == "gaussian":
+            self.noise_weight = nn.Parameter(torch.empty(E, D, device=device, dtype=dtype))
+        self.register_buffer("expert_bias", torch.zeros(E, device=device, dtype=torch.float32))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight, std=self.config.router_init_std)
+        if self.noise_weight is not None:
+            # Shazeer et al. start with zero noise weights: the noise scale is learned from softplus(0).
+            nn.init.zeros_(self.noise_weight)
+
+    def logits(self, x_TD: Tensor) -> Tensor:
+        """Router logits [T, E] in float32, with the training-time noise that acts on logits or input."""
+        cfg = self.config
+        x32 = x_TD.float()
+        if self.training and cfg.noise == "jitter":
+            x32 = x32 * torch.empty_like(x32).uniform_(1.0 - cfg.noise_eps, 1.0 + cfg.noise_eps)
+        logits = x32 @ self.weight.float().t()
+        if self.training and self.noise_weight is not None:
+            noise_std = F.softplus(x32 @ self.noise_weight.float().t())
+            logits = logits + torch.randn_like(logits) * noise_std
+        return logits
+
+    def route(self, logits_TE: Tensor, capacity: Optional[int] = None) -> RoutingResult:
+        """Assign tokens to experts from float32 logits. `capacity` is C for expert-choice."""
+        cfg = self.config
+        if cfg.router == "expert_choice":
+            return expert_choice(logits_TE, cfg, capacity or 1)
+        return token_choice(logits_TE, cfg, self.training, self.expert_bias if cfg.bias_balancing else None)
+
+
+def _scores(logits: Tensor, score_func: str) -> Tensor:
+    return torch.softmax(logits, dim=-1) if score_func == "softmax" else torch.sigmoid(logits)
+
+
+def normalised_probs(logits_TE: Tensor, score_func: str) -> Tensor:
+    """Per-token scores over all experts that sum to 1: softmax, or sigmoid scores normalised."""
+    if score_func == "softmax":
+        return torch.softmax(logits_TE, dim=-1)
+    scores = torch.sigmoid(logits_TE)
+    return scores / scores.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+
+
+def expert_dropout_mask(num_experts: int, top_k: int, p: float, device) -> Tensor:
+    """Keep-mask [E] bool: each expert dropped with probability p, but at least top_k always kept.
+
+    Static-shape (no data-dependent branch): the top_k experts with the highest draw are always kept.
+    """
+    draw = torch.rand(num_experts, device=device)
+    keep = draw >= p
+    always = torch.zeros_like(keep).scatter_(0, draw.topk(top_k).indices, True)
+    return keep | always
+
+
+def group_limit(key_TE: Tensor, num_groups: int, topk_groups: int, group_score: str) -> Tensor:
+    """Mask (-inf) the experts outside each token's best `topk_groups` groups (DeepSeek-V3)."""
+    T, E = key_TE.shape
+    grouped = key_TE.view(T, num_groups, E // num_groups)
+    if group_score == "top2_sum" and grouped.shape[-1] >= 2:
+        score_TG = grouped.topk(2, dim=-1).values.sum(dim=-1)
+    else:
+        score_TG = grouped.max(dim=-1).values
+    keep_groups = score_TG.topk(topk_groups, dim=-1).indices
+    group_mask = torch.zeros_like(score_TG, dtype=torch.bool).scatter_(1, keep_groups, True)
+    expert_mask = group_mask.unsqueeze(-1).expand_as(grouped).reshape(T, E)
+    return key_TE.masked_fill(~expert_mask, float("-inf"))
+
+
+def token_choice(logits_TE: Tensor, cfg: MoEConfig, training: bool, bias_E: Optional[Tensor]) -> RoutingResult:
+    """Each token picks its K experts. Selection may use noise and bias; weights never use the bias."""
+    T, E = logits_TE.shape
+    K = cfg.top_k
+    logits = logits_TE
+    if training and cfg.expert_dropout > 0:
+        keep_E = expert_dropout_mask(E, K, cfg.expert_dropout, logits.device)
+        logits = logits.masked_fill(~keep_E, float("-inf"))  # routing renormalises over the kept experts
+
+    if cfg.score_order == "after_topk":
+        weight_src = logits  # weights: softmax over the K chosen logits
+        key = logits
+    else:
+        weight_src = _scores(logits, cfg.score_func)  # weights: the chosen experts' scores
+        key = weight_src
+    if training and cfg.noise == "gumbel":
+        # Gumbel-top-k samples the selection; the weights stay those of the clean scores.
+        gumbel = -torch.empty_like(logits).exponential_().log()
+        noisy = logits + cfg.noise_eps * gumbel
+        key = noisy if cfg.score_order == "after_topk" else _scores(noisy, cfg.score_func)
+    if bias_E is not None:
+        key = key + bias_E  # DeepSeek-V3: the bias moves selection only
+    if cfg.router == "group_limited":
+        key = group_limit(key, cfg.num_groups, cfg.topk_groups, cfg.group_score)
+
+    expert_ids_TK = key.topk(K, dim=-1).indices
+    chosen_TK = weight_src.gather(1, expert_ids_TK)
+    if cfg.score_order == "after_topk":
+        weights_TK = torch.softmax(chosen_TK, dim=-1)
+    elif cfg.renormalize:
+        weights_TK = chosen_TK / chosen_TK.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+    else:
+        weights_TK = chosen_TK
+    if cfg.route_scale != 1.0:
+        weights_TK = weights_TK * cfg.route_scale
+
+    token_ids = torch.arange(T, device=logits.device).repeat_interleave(K)
+    return RoutingResult(
+        token_ids=token_ids,
+        expert_ids=expert_ids_TK.reshape(-1),
+        weights=weights_TK.reshape(-1),
+        probs=normalised_probs(logits, cfg.score_func),
+        logits=logits_TE,
+        top_k=K,
+        expert_choice=False,
+    )
+
+
+def expert_choice(logits_TE: Tensor, cfg: MoEConfig, capacity: int) -> RoutingResult:
+    """Each expert takes its top-C tokens by score (Zhou et al. 2022).
+
+    Not causal: whether a token is chosen depends on the other tokens in the batch, future ones
+    included, so it must not be used where a decoder generates one token at a time.
+    """
+    T, E = logits_TE.shape
+    scores_TE = _scores(logits_TE, cfg.score_func)
+    values_EC, token_ids_EC = scores_TE.t().topk(capacity, dim=-1)
+    weights = values_EC.reshape(-1)
+    if cfg.route_scale != 1.0:
+        weights = weights * cfg.route_scale
+    expert_ids = torch.arange(E, device=logits_TE.device).repeat_interleave(capacity)
+    return RoutingResult(
+        token_ids=token_ids_EC.reshape(-1),
+        expert_ids=expert_ids,
+        weights=weights,
+        probs=normalised_probs(logits_TE, cfg.score_func),
+        logits=logits_TE,
+        top_k=cfg.top_k,
+        expert_choice=True,
+    )
