@@ -13,6 +13,8 @@ Triton is importable); `resolve_backend` turns "auto" into a concrete name for t
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -43,6 +45,16 @@ def register_backend(name: str, forward: BackendFn, available: Optional[Callable
 register_backend("reference", reference_forward)
 register_backend("grouped", grouped_forward)
 register_backend("capacity", capacity_forward)
+
+
+def _register_optional_backends() -> None:
+    """Backends with optional dependencies register themselves on import, when the dependency exists."""
+    for module, dependency in (("sparsemoe.dispatch.triton_backend", "triton"),):
+        if importlib.util.find_spec(dependency) is not None and importlib.util.find_spec(module) is not None:
+            importlib.import_module(module)
+
+
+_register_optional_backends()
 
 # Names accepted by MoEConfig.backend (kernels registered later are accepted too, see backend_names()).
 BACKEND_NAMES = ("auto", "reference", "grouped", "capacity", "triton")
