@@ -135,13 +135,17 @@ def token_choice(logits_TE: Tensor, cfg: MoEConfig, training: bool, bias_E: Opti
     else:
         weight_src = _scores(logits, cfg.score_func)  # weights: the chosen experts' scores
         key = weight_src
+    noisy = None
     if training and cfg.noise == "gumbel":
         # Gumbel-top-k samples the selection; the weights stay those of the clean scores.
         gumbel = -torch.empty_like(logits).exponential_().log()
         noisy = logits + cfg.noise_eps * gumbel
         key = noisy if cfg.score_order == "after_topk" else _scores(noisy, cfg.score_func)
     if bias_E is not None:
-        key = key + bias_E  # DeepSeek-V3: the bias moves selection only
+        # The bias moves selection only. DeepSeek-V3 adds it to sigmoid scores; for softmax it is added
+        # to the logits (a multiplicative nudge on probabilities), which stays effective when the
+        # probabilities are peaked instead of oscillating.
+        key = key + bias_E if cfg.score_func == "sigmoid" else (noisy if noisy is not None else logits) + bias_E
     if cfg.router == "group_limited":
         key = group_limit(key, cfg.num_groups, cfg.topk_groups, cfg.group_score)
 

@@ -1,0 +1,184 @@
+"""Load balancing really works: aux loss and bias balancing even out a skewed load; z-loss shrinks logits.
+
+Also: loss values on known inputs, and how losses reach the gradient (inject vs return, no double count).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from sparsemoe import MoE, MoEConfig, set_aux_loss_scale
+from sparsemoe.balancing import router_z_loss, sequence_aux_loss, switch_aux_loss, tokens_per_expert
+
+D, E, K, T = 16, 8, 2, 256
+
+
+def _skewed_layer(**fields) -> tuple[MoE, torch.Tensor]:
+    """A layer whose router sends almost every token of `x` to experts 0 and 1 (max/mean load ~4)."""
+    cfg = MoEConfig(dim=D, hidden_dim=8, num_experts=E, top_k=K, **fields)
+    layer = MoE(cfg)
+    direction = torch.nn.functional.normalize(torch.randn(D), dim=0)
+    x = 0.6 * torch.randn(T, D) + direction  # every token shares one direction...
+    with torch.no_grad():
+        layer.router.weight.normal_(0, 0.05)
+        layer.router.weight[0] += 3 * direction  # ...which experts 0 and 1 like
+        layer.router.weight[1] += 2.5 * direction
+    return layer, x
+
+
+def _load_ratio(layer: MoE, x: torch.Tensor) -> float:
+    layer(x)
+    return float(layer.stats.load_imbalance)
+
+
+def test_aux_loss_training_balances_a_skewed_router():
+    layer, x = _skewed_layer(aux_loss_coef=1.0, aux_loss_mode="return")
+    before = _load_ratio(layer, x)
+    opt = torch.optim.Adam(layer.router.parameters(), lr=0.05)
+    for _ in range(60):  # train only the router, only on the auxiliary loss
+        opt.zero_grad()
+        layer(x)
+        layer.aux_loss.backward()
+        opt.step()
+    after = _load_ratio(layer, x)
+    assert before > 3.0, before
+    assert after < 1.5 and after < 0.4 * before, (before, after)
+
+
+def test_sequence_aux_loss_training_balances_a_skewed_router():
+    layer, x = _skewed_layer(aux_loss_coef=0.0, seq_aux_loss_coef=1.0, aux_loss_mode="return")
+    x = x.view(8, T // 8, D)  # 8 sequences
+    before = _load_ratio(layer, x)
+    opt = torch.optim.Adam(layer.router.parameters(), lr=0.05)
+    for _ in range(60):
+        opt.zero_grad()
+        layer(x)
+        layer.aux_loss.backward()
+        opt.step()
+    after = _load_ratio(layer, x)
+    assert after < 1.5 and after < 0.4 * before, (before, after)
+
+
+@pytest.mark.parametrize("score_func,rate", [("sigmoid", 0.005), ("softmax", 0.02)])
+def test_bias_balancing_evens_the_load_without_gradients(score_func, rate):
+    layer, x = _skewed_layer(aux_loss_coef=0.0, bias_balancing=True, bias_update_rate=rate, score_func=score_func)
+    layer.train()
+    before = _load_ratio(layer, x)
+    weight_before = layer.router.weight.detach().clone()
+    with torch.no_grad():
+        for _ in range(150):  # each training forward updates the bias from the observed load
+            layer(x)
+    after = _load_ratio(layer, x)
+    assert before > 3.0, before
+    assert after < 1.5 and after < 0.4 * before, (before, after)
+    assert torch.equal(layer.router.weight, weight_before)  # only the bias moved
+    assert layer.router.expert_bias[0] < 0 < layer.router.expert_bias[7]
+
+
+def test_bias_is_not_updated_in_eval_and_does_not_touch_weights():
+    layer, x = _skewed_layer(aux_loss_coef=0.0, bias_balancing=True, score_func="sigmoid", renormalize=False)
+    layer.eval()
+    layer(x)
+    assert torch.all(layer.router.expert_bias == 0)
+    # A bias changes which experts are selected but the combine weights stay the raw scores.
+    with torch.no_grad():
+        layer.router.expert_bias.copy_(torch.linspace(-1, 1, E))
+    logits = layer.router.logits(x)
+    routing = layer.router.route(logits)
+    scores = torch.sigmoid(logits).gather(1, routing.expert_ids.view(T, K)).reshape(-1)
+    assert torch.allclose(routing.weights, scores)
+
+
+def test_z_loss_shrinks_router_logits():
+    layer, x = _skewed_layer(aux_loss_coef=0.0, z_loss_coef=1.0, aux_loss_mode="return")
+    with torch.no_grad():
+        layer.router.weight.mul_(3)
+    def magnitude() -> tuple[float, float]:  # per token, averaged: |logsumexp(logits)|, largest logit
+        logits = layer.router.logits(x)
+        return logits.logsumexp(-1).abs().mean().item(), logits.max(-1).values.mean().item()
+
+    before = magnitude()
+    opt = torch.optim.Adam(layer.router.parameters(), lr=0.1)
+    for _ in range(60):
+        opt.zero_grad()
+        layer(x)
+        layer.aux_loss.backward()
+        opt.step()
+    after = magnitude()
+    assert after[0] < 0.25 * before[0] and after[1] < 0.25 * before[1], (before, after)
+
+
+def test_loss_values_on_known_routing():
+    # Perfectly uniform routing: both balance losses equal 1.
+    probs = torch.full((8, 4), 0.25)
+    ids_TK = torch.tensor([[0, 1], [2, 3]] * 4)
+    counts = tokens_per_expert(ids_TK.reshape(-1), 4)
+    assert switch_aux_loss(probs, counts, 2).item() == pytest.approx(1.0)
+    assert sequence_aux_loss(probs, ids_TK, seq_len=4).item() == pytest.approx(1.0)
+    # Balanced over the batch but each sequence uses only half the experts: sequence-wise loss sees it.
+    ids_TK = torch.tensor([[0, 1]] * 4 + [[2, 3]] * 4)
+    counts = tokens_per_expert(ids_TK.reshape(-1), 4)
+    probs = torch.cat([torch.tensor([[0.5, 0.5, 0, 0]] * 4), torch.tensor([[0, 0, 0.5, 0.5]] * 4)])
+    assert switch_aux_loss(probs, counts, 2).item() == pytest.approx(1.0)
+    assert sequence_aux_loss(probs, ids_TK, seq_len=4).item() == pytest.approx(2.0)
+    # z-loss of zero logits is log(E)^2.
+    assert router_z_loss(torch.zeros(3, 4)).item() == pytest.approx(torch.log(torch.tensor(4.0)).item() ** 2)
+
+
+def _router_grad(layer: MoE, x: torch.Tensor, add_returned_aux: bool) -> torch.Tensor:
+    layer.zero_grad()
+    y = layer(x)
+    loss = y.square().mean()
+    if add_returned_aux:
+        loss = loss + layer.aux_loss
+    loss.backward()
+    return layer.router.weight.grad.clone()
+
+
+def test_injected_losses_equal_returned_losses_and_cannot_double_count():
+    cfg = MoEConfig(dim=D, hidden_dim=8, num_experts=E, top_k=K, aux_loss_coef=0.3, z_loss_coef=0.1, seq_aux_loss_coef=0.2)
+    inject = MoE(cfg)
+    ret = MoE(dataclasses.replace(cfg, aux_loss_mode="return"))
+    ret.load_state_dict(inject.state_dict())
+    x = torch.randn(4, 16, D)
+    g_inject = _router_grad(inject, x, add_returned_aux=False)
+    g_return = _router_grad(ret, x, add_returned_aux=True)
+    assert torch.allclose(g_inject, g_return, atol=1e-7)
+    assert torch.allclose(inject.aux_loss, ret.aux_loss.detach())
+    # In inject mode the exposed value is detached: adding it again leaves the gradient unchanged.
+    assert not inject.aux_loss.requires_grad
+    assert torch.allclose(_router_grad(inject, x, add_returned_aux=True), g_inject, atol=1e-7)
+    # Without the losses the router gradient differs (so the test above is not vacuous).
+    plain = MoE(dataclasses.replace(cfg, aux_loss_coef=0.0, z_loss_coef=0.0, seq_aux_loss_coef=0.0))
+    plain.load_state_dict(inject.state_dict())
+    assert not torch.allclose(_router_grad(plain, x, add_returned_aux=False), g_inject, atol=1e-6)
+
+
+def test_aux_loss_scale_scales_only_the_injected_gradient():
+    cfg = MoEConfig(dim=D, hidden_dim=8, num_experts=E, top_k=K, aux_loss_coef=1.0)
+    layer = MoE(cfg)
+    x = torch.randn(32, D)
+    layer.zero_grad()
+    layer(x).sum().mul(0).backward()  # only the injected aux gradient reaches the router
+    full = layer.router.weight.grad.clone()
+    set_aux_loss_scale(layer, 0.25)
+    layer.zero_grad()
+    layer(x).sum().mul(0).backward()
+    assert full.abs().sum() > 0
+    assert torch.allclose(layer.router.weight.grad, 0.25 * full, atol=1e-8)
+
+
+def test_stats_are_detached_and_consistent():
+    layer = MoE(MoEConfig(dim=D, hidden_dim=8, num_experts=4, top_k=2, capacity_factor=0.5))
+    layer.train()
+    layer(torch.randn(40, D))
+    s = layer.stats
+    assert not any(t.requires_grad for t in (s.tokens_per_expert, s.dropped_fraction, s.router_entropy))
+    assert s.tokens_per_expert.sum().item() == pytest.approx(80 * (1 - s.dropped_fraction.item()))
+    assert torch.all(s.tokens_per_expert <= 10)  # C = ceil(0.5 * 40 * 2 / 4)
+    assert 0 < s.router_entropy.item() <= torch.log(torch.tensor(4.0)).item() + 1e-6
+    assert set(s.losses) == {"aux_loss"}
+    assert set(s.as_floats()) >= {"dropped_fraction", "router_entropy", "load_imbalance", "aux_loss"}

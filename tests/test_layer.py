@@ -1,0 +1,234 @@
+"""The MoE layer as a user sees it: inputs, errors, routing variants, noise, dropout, shared experts, compile."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import forward_backward
+
+from sparsemoe import MoE, MoEConfig
+from sparsemoe.experts import mlp
+
+
+def _layer(**fields) -> MoE:
+    return MoE(MoEConfig(**{"dim": 12, "hidden_dim": 10, "num_experts": 6, "top_k": 2, **fields}))
+
+
+# --- inputs ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(12,), (5, 12), (2, 3, 12), (2, 2, 2, 12)])
+def test_any_leading_shape(shape):
+    layer = _layer()
+    x = torch.randn(shape)
+    y = layer(x)
+    assert y.shape == x.shape
+    flat = layer(x.reshape(-1, 12)).reshape(shape)
+    assert torch.allclose(y, flat, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_dtypes_round_trip(dtype):
+    layer = MoE(MoEConfig(dim=12, hidden_dim=10, num_experts=4), dtype=dtype)
+    y = layer(torch.randn(3, 12, dtype=dtype))
+    assert y.dtype == dtype and torch.isfinite(y.float()).all()
+    assert layer.router.logits(torch.randn(3, 12, dtype=dtype)).dtype == torch.float32  # router math in fp32
+
+
+def test_empty_input():
+    layer = _layer()
+    y = layer(torch.randn(0, 12))
+    assert y.shape == (0, 12) and float(layer.aux_loss) == 0.0
+
+
+@pytest.mark.parametrize(
+    "x,error,match",
+    [
+        (torch.randn(4, 11), ValueError, r"shape \[\.\.\., 12\].*\(4, 11\)"),
+        (torch.tensor(1.0), ValueError, r"shape \[\.\.\., 12\]"),
+        (torch.ones(4, 12, dtype=torch.long), TypeError, "floating input"),
+        (torch.randn(4, 12, dtype=torch.float64), TypeError, "differs from the layer's weights"),
+        ([[0.0] * 12], TypeError, "torch.Tensor"),
+    ],
+)
+def test_bad_input_gets_one_clear_error(x, error, match):
+    with pytest.raises(error, match=match):
+        _layer()(x)
+
+
+def test_non_finite_logits_are_reported():
+    layer = _layer()
+    x = torch.randn(5, 12)
+    x[2, 3] = float("nan")
+    with pytest.raises(ValueError, match="not finite.*1 of 5 tokens"):
+        layer(x)
+    x[2, 3] = float("inf")
+    with pytest.raises(ValueError, match="not finite"):
+        layer(x)
+
+
+# --- routing variants --------------------------------------------------------------------------------------
+
+
+def test_mixtral_routing_by_hand():
+    layer = _layer(backend="grouped")
+    layer.eval()
+    x = torch.randn(7, 12)
+    probs = torch.softmax(x @ layer.router.weight.t(), dim=-1)
+    top_w, top_i = probs.topk(2, dim=-1)
+    top_w = top_w / top_w.sum(-1, keepdim=True)
+    expected = torch.zeros_like(x)
+    for t in range(7):
+        for k in range(2):
+            e = int(top_i[t, k])
+            expected[t] += top_w[t, k] * mlp(x[t : t + 1], layer.experts.w_in[e], layer.experts.w_out[e], "swiglu")[0]
+    assert torch.allclose(layer(x), expected, atol=1e-5)
+
+
+def test_group_limited_routing_stays_inside_the_chosen_groups():
+    layer = _layer(num_experts=8, top_k=2, router="group_limited", num_groups=4, topk_groups=1)
+    routing = layer.router.route(layer.router.logits(torch.randn(50, 12)))
+    groups = routing.expert_ids.view(50, 2) // 2
+    assert torch.all(groups[:, 0] == groups[:, 1])
+
+
+def test_noise_only_in_training():
+    for noise in ("jitter", "gaussian", "gumbel"):
+        layer = _layer(noise=noise, noise_eps=0.5)
+        x = torch.randn(64, 12)
+        layer.eval()
+        assert torch.equal(layer(x), layer(x)), noise
+        layer.train()
+        routing_a = layer.router.route(layer.router.logits(x))
+        routing_b = layer.router.route(layer.router.logits(x))
+        assert not torch.equal(routing_a.weights, routing_b.weights) or not torch.equal(
+            routing_a.expert_ids, routing_b.expert_ids
+        ), noise
+
+
+def test_gaussian_noise_weights_are_learned():
+    layer = _layer(noise="gaussian")
+    layer.train()
+    layer(torch.randn(32, 12)).square().sum().backward()
+    assert layer.router.noise_weight.grad is not None and layer.router.noise_weight.grad.abs().sum() > 0
+
+
+def test_gumbel_noise_moves_selection_not_weights():
+    layer = _layer(noise="gumbel", noise_eps=1.0, renormalize=False)
+    layer.train()
+    x = torch.randn(200, 12)
+    logits = layer.router.logits(x)
+    routing = layer.router.route(logits)
+    probs = torch.softmax(logits, -1)
+    assert torch.allclose(routing.weights, probs.gather(1, routing.expert_ids.view(200, 2)).reshape(-1))
+    clean = probs.topk(2, -1).indices
+    assert not torch.equal(routing.expert_ids.view(200, 2), clean)  # sampling changed some selections
+
+
+def test_expert_dropout_renormalises_over_the_kept_experts():
+    layer = _layer(num_experts=8, top_k=2, expert_dropout=0.5)
+    layer.train()
+    x = torch.randn(40, 12)
+    torch.manual_seed(3)
+    routing = layer.router.route(layer.router.logits(x))
+    used = routing.expert_ids.unique()
+    assert 2 <= used.numel() < 8  # some experts dropped, at least top_k kept
+    assert torch.allclose(routing.weights.view(40, 2).sum(-1), torch.ones(40))
+    never_chosen = [e for e in range(8) if e not in used.tolist()]
+    dropped = routing.probs[:, never_chosen].amax(0) == 0  # dropped experts get zero probability
+    assert dropped.any()
+    layer.eval()
+    assert layer.router.route(layer.router.logits(x)).expert_ids.unique().numel() > used.numel()
+
+
+def test_dropout_inside_experts_only_in_training():
+    layer = _layer(dropout=0.5, backend="grouped")
+    x = torch.randn(16, 12)
+    layer.eval()
+    assert torch.equal(layer(x), layer(x))
+    layer.train()
+    assert not torch.equal(layer(x), layer(x))
+
+
+def test_eval_capacity_factor_and_dropped_fraction():
+    layer = _layer(capacity_factor=0.5, eval_capacity_factor=float("inf"))
+    x = torch.randn(48, 12)
+    layer.train()
+    layer(x)
+    assert layer.stats.dropped_fraction > 0
+    layer.eval()
+    layer(x)
+    assert float(layer.stats.dropped_fraction) == 0.0
+
+
+def test_dropped_tokens_contribute_zero():
+    layer = _layer(num_experts=2, top_k=1, capacity_factor=0.25, backend="grouped")
+    layer.train()
+    x = torch.randn(16, 12)
+    y = layer(x)
+    zero_rows = (y.abs().sum(-1) == 0).sum().item()
+    assert zero_rows == round(16 * float(layer.stats.dropped_fraction))  # residual carries those tokens
+    assert zero_rows >= 16 - 2 * 2
+
+
+def test_shared_experts_add_an_always_on_mlp():
+    layer = _layer(num_shared_experts=2, backend="grouped")
+    assert layer.shared_experts.hidden_dim == 20
+    x = torch.randn(9, 12)
+    routed_only = _layer(backend="grouped")
+    routed_only.load_state_dict({k: v for k, v in layer.state_dict().items() if not k.startswith("shared_experts")})
+    shared = mlp(x, layer.shared_experts.w_in[0], layer.shared_experts.w_out[0], "swiglu")
+    assert torch.allclose(layer(x), routed_only(x) + shared, atol=1e-5)
+
+
+def test_expert_weights_are_stacked_with_linear_layout():
+    layer = _layer(activation="swiglu")
+    assert layer.experts.w_in.shape == (6, 20, 12) and layer.experts.w_out.shape == (6, 12, 10)
+    assert _layer(activation="relu").experts.w_in.shape == (6, 10, 12)
+    names = {n for n, _ in layer.named_parameters()}
+    assert names == {"router.weight", "experts.w_in", "experts.w_out"}
+
+
+def test_drop_in_for_a_feed_forward_block_in_a_training_loop():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 12), _layer(backend="auto"), torch.nn.Linear(12, 1))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    x = torch.randn(128, 8)
+    target = x[:, :1] * x[:, 1:2]
+    losses = []
+    for _ in range(60):
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), target)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+# --- compile ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        dict(backend="grouped", num_shared_experts=1, seq_aux_loss_coef=0.01, z_loss_coef=1e-3),
+        dict(backend="capacity", capacity_factor=1.0, capacity_priority="weight", score_func="sigmoid"),
+        dict(backend="auto", router="expert_choice"),
+    ],
+    ids=["grouped", "capacity", "expert-choice"],
+)
+def test_compile_fullgraph_matches_eager(fields):
+    torch._dynamo.reset()
+    layer = _layer(**fields)
+    layer.train()
+    x = torch.randn(2, 7, 12)
+    y_eager, g_eager = forward_backward(layer, x)
+    g_eager = {k: v.clone() for k, v in g_eager.items()}
+    layer.zero_grad()
+    compiled = torch.compile(layer, fullgraph=True)
+    y_comp, g_comp = forward_backward(compiled, x)
+    g_comp = {k.removeprefix("_orig_mod."): v for k, v in g_comp.items()}
+    assert torch.allclose(y_comp, y_eager, atol=1e-5)
+    for name in g_eager:
+        assert torch.allclose(g_comp[name], g_eager[name], atol=1e-5), name
+    assert torch.allclose(compiled.aux_loss, layer.aux_loss)
