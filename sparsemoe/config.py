@@ -57,7 +57,8 @@ class MoEConfig:
     z_loss_coef: float = 0.0  # ST-MoE router z-loss mean(logsumexp(logits)^2); >= 0 (ST-MoE: 1e-3)
     aux_loss_mode: str = "inject"  # inject: losses reach the gradient by themselves, values are detached
     #                                | return: layer.aux_loss carries the graph; you add it to your loss
-    bias_balancing: bool = False  # DeepSeek-V3 aux-loss-free balancing: per-expert selection bias
+    bias_balancing: bool = False  # DeepSeek-V3 aux-loss-free balancing: a per-expert bias on selection
+    #                               scores (sigmoid) or logits (softmax); never on the combine weights
     bias_update_rate: float = 1e-3  # bias step per training forward: b_e += rate*sign(mean_load-load_e); > 0
 
     # --- capacity -------------------------------------------------------------------------------------
@@ -75,7 +76,8 @@ class MoEConfig:
 
     # --- execution -------------------------------------------------------------------------------------
     backend: str = "auto"  # dispatch backend: auto | reference | grouped | capacity (see sparsemoe.dispatch)
-    check_finite: bool = True  # raise a clear error when router logits are NaN/inf (eager mode only)
+    check_finite: bool = True  # NaN/inf router logits raise a ValueError (eager CPU) or a device assert
+    #                            (CUDA, no host sync); skipped inside torch.compile
 
     def __post_init__(self) -> None:
         _int_at_least(self, "dim", 1)
