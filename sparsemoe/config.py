@@ -73,6 +73,8 @@ class MoEConfig:
     shared_expert_gate: bool = False  # scale the shared output by sigmoid(x . w) (Qwen-MoE)
     expert_dropout: float = 0.0  # training: drop whole experts with this probability; 0 <= p < 1
     dropout: float = 0.0  # training: dropout on the experts' hidden activations; 0 <= p < 1
+    recompute_activations: bool = False  # recompute expert hidden activations in backward instead of
+    #                                      storing them: less memory for one more GEMM
 
     # --- execution -------------------------------------------------------------------------------------
     backend: str = "auto"  # dispatch backend: auto | reference | grouped | capacity (see sparsemoe.dispatch)
@@ -124,6 +126,7 @@ class MoEConfig:
             _fail("shared_expert_gate", True, "False when num_shared_experts=0")
         _probability(self, "expert_dropout")
         _probability(self, "dropout")
+        _bool(self, "recompute_activations")
         if self.expert_dropout > 0 and self.router == "expert_choice":
             _fail("expert_dropout", self.expert_dropout, "0 with router='expert_choice'")
         from sparsemoe.dispatch import BACKEND_NAMES  # local import: dispatch imports this module

@@ -47,12 +47,21 @@ class Experts(nn.Module):
     """E expert MLPs as two stacked parameters (never a ModuleList on the fast path)."""
 
     def __init__(
-        self, num_experts: int, dim: int, hidden_dim: int, activation: str, dropout: float = 0.0, device=None, dtype=None
+        self,
+        num_experts: int,
+        dim: int,
+        hidden_dim: int,
+        activation: str,
+        dropout: float = 0.0,
+        recompute_activations: bool = False,
+        device=None,
+        dtype=None,
     ) -> None:
         super().__init__()
         self.num_experts, self.dim, self.hidden_dim = num_experts, dim, hidden_dim
         self.activation = activation
         self.dropout = dropout
+        self.recompute_activations = recompute_activations  # read by the dispatch backends
         factory = {"device": device, "dtype": dtype}
         self.w_in = nn.Parameter(torch.empty(num_experts, in_rows(hidden_dim, activation), dim, **factory))
         self.w_out = nn.Parameter(torch.empty(num_experts, dim, hidden_dim, **factory))

@@ -68,7 +68,14 @@ class MoE(nn.Module):
         self.config = config
         self.router = Router(config, device=device, dtype=dtype)
         self.experts = Experts(
-            config.num_experts, config.dim, config.hidden_dim, config.activation, config.dropout, device=device, dtype=dtype
+            config.num_experts,
+            config.dim,
+            config.hidden_dim,
+            config.activation,
+            config.dropout,
+            config.recompute_activations,
+            device=device,
+            dtype=dtype,
         )
         self.shared_experts: Optional[SharedExperts] = None
         if config.num_shared_experts > 0:
