@@ -1,0 +1,317 @@
+"""Data + expert parallel training of the MoE language model with the project's trainer, under torchrun.
+
+    torchrun --standalone --nproc-per-node 4 -m sparsemoe.parallel.train --ep-size 2 --preset tiny
+
+takes every option of `sparsemoe train` plus --ep-size / --dist-backend / --dist-timeout. The W
+processes split each global batch of --batch-size sequences into W equal slices (the same sequences a
+single process would draw, so losses match the single-process run), experts are sharded over groups
+of --ep-size consecutive ranks, and gradients are averaged as DistributedDataParallel would.
+Checkpoints hold full, unsharded tensors written by rank 0 (model and optimizer state) plus the data
+position, in the format of `sparsemoe train`: a run trained on 4 processes resumes on 1 (with
+`sparsemoe train --resume`) or on any other world size (with this entry point), and the other way round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from sparsemoe.layer import moe_layers
+from sparsemoe.parallel.comm import ExpertParallelError, collective
+from sparsemoe.parallel.groups import ParallelGroups, init_parallel
+from sparsemoe.parallel.shard import broadcast_model, shard_experts
+from sparsemoe.parallel.state import (
+    clip_grad_norm,
+    full_optimizer_state,
+    full_state_dict,
+    local_state_dict,
+    shard_optimizer_state,
+    sync_gradients,
+)
+from sparsemoe.train.checkpoint import load_model_state, save_checkpoint
+from sparsemoe.train.trainer import Trainer
+
+
+class GlobalBatchSlices:
+    """Each rank's slice of the global batch a single process would draw (same sampler, same seed).
+
+    Every rank draws the whole global batch (cheap: byte windows) and keeps rows
+    [rank * B/W, (rank + 1) * B/W). The sampler state is the single-process one, so checkpoints resume
+    on any world size at the same position in the data.
+    """
+
+    def __init__(self, batches, rank: int, world_size: int) -> None:
+        self.batches, self.rank, self.world_size = batches, rank, world_size
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> tuple[Tensor, Tensor]:
+        inputs, targets = next(self.batches)
+        return self._slice(inputs), self._slice(targets)
+
+    def _slice(self, t: Tensor) -> Tensor:
+        per_rank = t.shape[0] // self.world_size
+        return t[self.rank * per_rank : (self.rank + 1) * per_rank]
+
+    def state_dict(self) -> dict:
+        return self.batches.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.batches.load_state_dict(state)
+
+
+class ParallelTrainer(Trainer):
+    """The project's `Trainer` across W processes, through its seams and the optimizer's hooks.
+
+    * gradients: averaged over ranks (`sync_gradients`) and clipped to the global norm in an optimizer
+      step pre-hook, i.e. after backward and before the update; the base class's own clipping is off
+      because it would see only this rank's expert shards.
+    * metrics: averaged over ranks; only rank 0 writes files and shows progress.
+    * checkpoints: full tensors gathered from every rank, written by rank 0; loaded by every rank and
+      cut to its shard (model by `local_state_dict`, optimizer by a load_state_dict pre-hook).
+    * stop requests (Ctrl-C, SIGTERM) are agreed on by all ranks each step, so they stop together.
+    """
+
+    def __init__(self, model, optimizer, config, train_batches, val_batches, run_dir=None, *, groups: ParallelGroups, **kwargs):
+        self.groups = groups
+        self.full_config = config
+        main = groups.rank == 0
+        kwargs["progress"] = kwargs.get("progress", True) and main
+        super().__init__(model, optimizer, replace(config, grad_clip=0.0), train_batches, val_batches, run_dir, is_main=main, **kwargs)
+        self._grad_norm: Optional[float] = None
+        optimizer.register_step_pre_hook(self._before_optimizer_step)
+        optimizer.register_load_state_dict_pre_hook(lambda opt, state: shard_optimizer_state(opt, self.model, state))
+
+    def _before_optimizer_step(self, optimizer, args, kwargs) -> None:
+        sync_gradients(self.model, self.groups)
+        if self.full_config.grad_clip > 0:
+            self._grad_norm = clip_grad_norm(self.model, self.full_config.grad_clip, self.groups)
+
+    def train_step(self) -> dict[str, Any]:
+        self._grad_norm = None
+        out = super().train_step()
+        out["grad_norm"] = self._grad_norm
+        flag = torch.tensor([float(self.stop_requested)], device=self.device)
+        with collective("all-reduce of the stop flag", None):
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        self.stop_requested = bool(flag.item())
+        return out
+
+    def reduce_metrics(self, values: dict[str, float]) -> dict[str, float]:
+        keys = sorted(k for k, v in values.items() if isinstance(v, (int, float)))
+        if not keys:
+            return values
+        t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=self.device)
+        with collective("all-reduce of metrics", None):
+            dist.all_reduce(t)
+        return {**values, **{k: float(v) / self.groups.world_size for k, v in zip(keys, t.tolist())}}
+
+    def model_state_dict(self) -> dict[str, Tensor]:
+        return full_state_dict(self.model, self.groups)
+
+    def load_model_state(self, state: dict[str, Tensor], where: Any) -> None:
+        load_model_state(self.model, local_state_dict(self.model, state), where)
+
+    def save(self) -> Optional[Path]:
+        if self.run_dir is None:
+            return None
+        model_state = self.model_state_dict()  # collective: every rank takes part
+        optimizer_state = full_optimizer_state(self.optimizer, self.model)  # collective
+        path = None
+        if self.is_main:
+            rng = {"torch": torch.get_rng_state()}
+            rng.update({f"data.{k}": v for k, v in self.train_batches.state_dict().items()})
+            meta = dict(self.meta, train_config=self.full_config.to_dict())
+            path = save_checkpoint(self.run_dir / "checkpoints", self.step, model_state, optimizer_state, meta, rng)
+        with collective("barrier after a checkpoint", None):
+            dist.barrier()  # nobody runs ahead (or exits) while rank 0 is still writing
+        return path
+
+
+def slice_batches(batches: list[tuple[Tensor, Tensor]], rank: int, world_size: int) -> list[tuple[Tensor, Tensor]]:
+    """This rank's rows of each (fixed) validation batch."""
+    out = []
+    for inputs, targets in batches:
+        per_rank = inputs.shape[0] // world_size
+        out.append((inputs[rank * per_rank : (rank + 1) * per_rank], targets[rank * per_rank : (rank + 1) * per_rank]))
+    return out
+
+
+def run_parallel_training(
+    model_config,
+    train_config,
+    run_dir: Path,
+    groups: ParallelGroups,
+    *,
+    data: Optional[str] = None,
+    resume: bool = False,
+    progress: bool = True,
+    max_bytes: Optional[int] = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """`sparsemoe.train.run.run_training` across the ranks of `groups` (every rank calls it)."""
+    from sparsemoe.model import MoETransformer
+    from sparsemoe.train.data import RandomBatches, check_length, eval_batches, load_corpus
+    from sparsemoe.train.report import write_report
+    from sparsemoe.train.run import check_same_model, describe_sizes, saved_configs
+    from sparsemoe.train.trainer import build_optimizer
+
+    W, rank = groups.world_size, groups.rank
+    if train_config.batch_size % W:
+        raise ValueError(
+            f"--batch-size {train_config.batch_size} (the global batch) must be divisible by the {W} processes; "
+            f"use a multiple of {W}"
+        )
+    if train_config.seq_len > model_config.max_seq_len:
+        raise ValueError(f"seq_len={train_config.seq_len} is longer than the model's max_seq_len={model_config.max_seq_len}")
+    run_dir = Path(run_dir)
+    if resume:
+        check_same_model(saved_configs(run_dir)[0], model_config, run_dir)
+    corpus = load_corpus(data, train_config.val_fraction, max_bytes)
+    check_length(corpus, train_config.seq_len)
+
+    torch.manual_seed(train_config.seed)
+    model = MoETransformer(model_config)
+    if dist.get_backend() == "nccl":  # NCCL moves CUDA tensors only: place the model before sharding
+        model.cuda()
+    if moe_layers(model):
+        shard_experts(model, groups)
+    elif groups.ep_size == 1:
+        broadcast_model(model)  # a dense model: plain data parallelism
+    else:
+        raise ValueError(f"--ep-size {groups.ep_size} needs MoE layers; this model is dense (use --ep-size 1)")
+    device = str(next(model.parameters()).device)
+    optimizer = build_optimizer(model, train_config)
+    B, S = train_config.batch_size, train_config.seq_len
+    train_batches = GlobalBatchSlices(RandomBatches(corpus.train, B, S, seed=train_config.seed), rank, W)
+    val = slice_batches(eval_batches(corpus.val, B, S, train_config.eval_batches), rank, W)
+    meta = {
+        "model_config": model_config.to_dict(),
+        "data": corpus.source,
+        "max_bytes": max_bytes,
+        "parallel": {"world_size": W, "ep_size": groups.ep_size},
+    }
+    trainer = ParallelTrainer(model, optimizer, train_config, train_batches, val, run_dir, groups=groups, meta=meta, progress=progress, device=device)
+    if resume:
+        trainer.resume(run_dir)
+        if rank == 0:
+            log(f"resumed {run_dir} at step {trainer.step} on {W} processes")
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config = {"model_config": model_config.to_dict(), "train_config": train_config.to_dict(), "data": corpus.source}
+        (run_dir / "config.json").write_text(json.dumps(config, indent=1), encoding="utf-8")
+        log(
+            f"{W} processes, expert-parallel size {groups.ep_size} ({_plural(groups.num_replicas, 'copy', 'copies')} "
+            f"of each expert shard), {dist.get_backend()}; global batch {B} sequences ({B // W} per process); "
+            f"run folder {run_dir}"
+        )
+    with _StopOnSignal(trainer):
+        summary = trainer.fit()
+    if rank == 0:
+        rows = {
+            "model": f"MoE {model_config.num_experts} experts, top-{model_config.top_k}",
+            **describe_sizes(MoETransformer(model_config)),
+            "processes": f"{W} ({dist.get_backend()}), expert-parallel size {groups.ep_size}",
+            "steps": f"{summary['step']} of {train_config.max_steps}",
+            "tokens per step (global)": f"{train_config.tokens_per_step:,}",
+            "throughput this session (tokens/s, all processes)": f"{summary['tokens_per_s']:.0f}",
+            "torch / threads per process": f"{torch.__version__} / {torch.get_num_threads()}",
+        }
+        title = f"{run_dir.name} ({W} processes, ep {groups.ep_size})"
+        summary["report"] = str(write_report(run_dir, {"title": title, "rows": rows}, model_config.moe_layer_ids))
+    return summary
+
+
+def _plural(n: int, one: str, many: str) -> str:
+    return f"{n} {one if n == 1 else many}"
+
+
+class _StopOnSignal:
+    """Ctrl-C / SIGTERM: ask the trainer to stop after this step (all ranks agree on it) and save."""
+
+    def __init__(self, trainer: Trainer) -> None:
+        self.trainer, self.previous = trainer, {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.trainer.stop_requested:
+            raise KeyboardInterrupt
+        self.trainer.stop_requested = True
+
+    def __enter__(self):
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    """The `sparsemoe train` options (reused from that command) plus the parallel ones."""
+    from sparsemoe.commands import train as train_command
+
+    parser = argparse.ArgumentParser(prog="torchrun ... -m sparsemoe.parallel.train")
+    sub = parser.add_subparsers(dest="command")
+    p = train_command.register(sub)
+    p.prog = "torchrun [torchrun options] -m sparsemoe.parallel.train"
+    p.description = "Data + expert parallel training under torchrun; every option of `sparsemoe train`, plus:"
+    p.add_argument("--ep-size", type=int, default=1, help="processes that share one copy of the experts (divides "
+                   "the number of processes and num_experts; default 1 = data parallel only)")
+    p.add_argument("--dist-backend", default=None, choices=("gloo", "nccl"), help="default: nccl with GPUs, else gloo")
+    p.add_argument("--dist-timeout", type=float, default=600.0, metavar="SECONDS", help="how long a collective "
+                   "waits for a peer that died or stalled before the run stops with an error (default 600)")
+    return parser, p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from sparsemoe.cli import CommandError
+    from sparsemoe.commands.train import build_configs
+    from sparsemoe.train import CheckpointError, DataError
+    from sparsemoe.train.run import run_exists
+
+    parser, _ = build_parser()
+    args = parser.parse_args(["train", *(sys.argv[1:] if argv is None else argv)])
+    prog = "sparsemoe.parallel.train"
+    try:
+        if args.threads is not None:
+            torch.set_num_threads(args.threads)
+        groups = init_parallel(args.ep_size, args.dist_backend, args.dist_timeout)
+        model_cfg, train_cfg, run_dir = build_configs(args)
+        if args.resume and not run_exists(run_dir):
+            raise CommandError(f"--resume: no checkpoint in {str(run_dir)!r} to resume")
+        if not args.resume and run_exists(run_dir):
+            raise CommandError(f"run folder {str(run_dir)!r} already holds a checkpoint; pass --resume or another --run-dir")
+        summary = run_parallel_training(
+            model_cfg, train_cfg, run_dir, groups, data=args.data, resume=args.resume,
+            progress=not args.no_progress, max_bytes=args.max_bytes,
+        )
+    except (CommandError, DataError, CheckpointError, ValueError, ExpertParallelError) as err:
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        print(f"{prog} (rank {rank}): error: {err}", file=sys.stderr)
+        return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if groups.rank == 0:
+        val = f", validation loss {summary['val_loss']:.4f}" if "val_loss" in summary else ""
+        print(f"{'stopped' if summary['stopped_early'] else 'finished'} at step {summary['step']}{val}; "
+              f"{summary['tokens_per_s']:.0f} tokens/s; report {summary['report']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
