@@ -1,0 +1,91 @@
+"""`sparsemoe generate`: continue a prompt with a trained checkpoint, streaming the text as it comes."""
+
+from __future__ import annotations
+
+import argparse
+import codecs
+import sys
+
+from sparsemoe.cli import CommandError
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "generate",
+        help="continue a prompt with a trained checkpoint",
+        description="Sample a continuation of --prompt from a checkpoint written by `sparsemoe train`, "
+        "printing bytes as they are generated.",
+    )
+    p.add_argument(
+        "--checkpoint", required=True, metavar="RUN", help="run folder (its latest checkpoint) or a checkpoint folder"
+    )
+    p.add_argument("--prompt", default="", help="text to continue (default: a newline)")
+    p.add_argument(
+        "--max-new-tokens", type=int, default=200, metavar="N", help="tokens (bytes) to generate (default 200)"
+    )
+    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 = greedy (default 0.8)")
+    p.add_argument("--top-k", type=int, default=0, help="sample only from the k likeliest tokens; 0 = off (default 0)")
+    p.add_argument(
+        "--top-p",
+        type=float,
+        default=0.95,
+        help="nucleus sampling: the smallest set holding this probability mass; 1 = off (default 0.95)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="random seed of the sampler (default 0)")
+    p.add_argument(
+        "--no-cache", action="store_true", help="recompute the whole context each step instead of using the KV cache"
+    )
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args) -> int:
+    import torch
+
+    from sparsemoe.model import generate
+    from sparsemoe.train import ByteTokenizer, CheckpointError
+    from sparsemoe.train.checkpoint import load_model
+
+    if args.max_new_tokens < 0:
+        raise CommandError(f"--max-new-tokens {args.max_new_tokens}: expected an integer >= 0")
+    if args.temperature < 0:
+        raise CommandError(f"--temperature {args.temperature}: expected a number >= 0 (0 = greedy)")
+    if args.top_k < 0:
+        raise CommandError(f"--top-k {args.top_k}: expected an integer >= 0 (0 = off)")
+    if not 0 < args.top_p <= 1:
+        raise CommandError(f"--top-p {args.top_p}: expected a number in (0, 1]")
+    try:
+        model, _ = load_model(args.checkpoint)
+    except CheckpointError as err:
+        raise CommandError(str(err)) from None
+    tokenizer = ByteTokenizer()
+    if model.config.vocab_size != tokenizer.vocab_size:
+        raise CommandError(
+            f"checkpoint has vocab_size={model.config.vocab_size}; "
+            "generate works with byte-level models (vocab_size=256)"
+        )
+    prompt = args.prompt or "\n"
+    ids = torch.tensor(tokenizer.encode(prompt), dtype=torch.long)
+    generator = torch.Generator().manual_seed(args.seed)
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    out = sys.stdout
+    out.write(prompt)
+
+    def emit(token: torch.Tensor) -> None:
+        out.write(decoder.decode(bytes([int(token[0])])))
+        out.flush()
+
+    generate(
+        model,
+        ids,
+        args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k or None,
+        top_p=args.top_p,
+        use_cache=not args.no_cache,
+        generator=generator,
+        on_token=emit,
+    )
+    out.write(decoder.decode(b"", final=True) + "\n")
+    out.flush()
+    return 0

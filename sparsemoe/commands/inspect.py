@@ -1,0 +1,84 @@
+"""`sparsemoe inspect`: what each expert of a trained checkpoint specialises in, as text and a PNG."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from sparsemoe.cli import CommandError
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "inspect",
+        help="show each expert's share of tokens and the bytes/words it prefers",
+        description="Route validation text through a trained checkpoint and report, per MoE layer and expert, the "
+        "share of tokens and the bytes and words it takes more often than the text at large (lift). Writes "
+        "the text, a JSON file and a PNG next to the checkpoint's run folder (or to --out).",
+    )
+    p.add_argument(
+        "--checkpoint", required=True, metavar="RUN", help="run folder (its latest checkpoint) or a checkpoint folder"
+    )
+    p.add_argument(
+        "--data", default=None, metavar="PATH", help="text to route (default: the run's own corpus, validation split)"
+    )
+    p.add_argument("--max-bytes", type=int, default=None, metavar="N", help="read at most N bytes of the corpus")
+    p.add_argument("--windows", type=int, default=32, help="windows of text to route (default 32)")
+    p.add_argument("--seq-len", type=int, default=None, help="bytes per window (default: the model's max_seq_len)")
+    p.add_argument("--top", type=int, default=5, help="bytes and words listed per expert (default 5)")
+    p.add_argument(
+        "--out", default=None, metavar="DIR", help="folder for inspect.txt/.json/.png (default: the run folder)"
+    )
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args) -> int:
+    from sparsemoe.model.specialization import expert_specialization, format_text, plot_specialization
+    from sparsemoe.train import CheckpointError, DataError, load_corpus
+    from sparsemoe.train.checkpoint import load_model
+
+    for name in ("windows", "top"):
+        if getattr(args, name) < 1:
+            raise CommandError(f"--{name} {getattr(args, name)}: expected an integer >= 1")
+    try:
+        model, meta = load_model(args.checkpoint)
+    except CheckpointError as err:
+        raise CommandError(str(err)) from None
+    if not model.config.moe_layer_ids:
+        raise CommandError(f"checkpoint {args.checkpoint!r} is a dense model: it has no experts to inspect")
+    if args.seq_len is not None and not 1 <= args.seq_len <= model.config.max_seq_len:
+        raise CommandError(
+            f"--seq-len {args.seq_len}: expected 1..{model.config.max_seq_len} (the model's max_seq_len)"
+        )
+    data = args.data
+    max_bytes = args.max_bytes
+    if data is None:  # the run's own corpus, so that "validation" means what it meant in training
+        source = meta.get("data")
+        data = None if source in (None, "python-stdlib") else source
+        max_bytes = max_bytes or meta.get("max_bytes")
+    try:
+        corpus = load_corpus(data, meta.get("train_config", {}).get("val_fraction", 0.05), max_bytes)
+    except DataError as err:
+        raise CommandError(str(err)) from None
+    text = corpus.val if corpus.val.numel() >= 2 else corpus.train
+    spec = expert_specialization(model, text, args.seq_len or model.config.max_seq_len, args.windows, top=args.top)
+    report = format_text(spec)
+    print(report)
+    out = Path(args.out) if args.out else _run_folder(Path(args.checkpoint))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "inspect.txt").write_text(report + "\n", encoding="utf-8")
+    (out / "inspect.json").write_text(json.dumps(spec.to_dict(), indent=1), encoding="utf-8")
+    plot_specialization(spec, out / "inspect.png")
+    print(f"\nwrote {out / 'inspect.txt'}, {out / 'inspect.json'} and {out / 'inspect.png'}")
+    return 0
+
+
+def _run_folder(path: Path) -> Path:
+    """The run folder of a checkpoint path (RUN, RUN/checkpoints, or RUN/checkpoints/step-N)."""
+    if path.name.startswith("step-") and path.parent.name == "checkpoints":
+        return path.parent.parent
+    if path.name == "checkpoints":
+        return path.parent
+    return path

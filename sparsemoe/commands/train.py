@@ -1,0 +1,245 @@
+"""`sparsemoe train`: train the small MoE language model (or its dense baseline) and write a run folder."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+from sparsemoe.cli import CommandError
+
+# Training options: CLI flag -> TrainConfig field. Defaults are None so that the preset (or, on
+# --resume, the checkpoint) supplies what the user did not give.
+_TRAIN_FLAGS = {
+    "max_steps": (int, "optimizer steps to train for (tiny 40, demo 600)"),
+    "batch_size": (int, "sequences per micro-batch (demo 16)"),
+    "seq_len": (int, "tokens (bytes) per training sequence; at most the model's max_seq_len (demo 256)"),
+    "accum_steps": (int, "micro-batches accumulated per optimizer step (default 1)"),
+    "lr": (float, "peak learning rate of AdamW (demo 3e-3)"),
+    "min_lr_ratio": (float, "the cosine schedule ends at lr * this (default 0.1)"),
+    "warmup_steps": (int, "linear warmup steps before the cosine decay (demo 50)"),
+    "weight_decay": (float, "AdamW weight decay on matrices; norms and biases are never decayed (default 0.1)"),
+    "grad_clip": (float, "clip the global gradient norm to this value; 0 turns clipping off (default 1.0)"),
+    "expert_lr_mult": (float, "learning-rate multiplier for the routed experts' weights (default 1.0)"),
+    "eval_interval": (int, "compute validation loss and perplexity every N steps (demo 100)"),
+    "eval_batches": (int, "validation batches per evaluation, a fixed set of windows (demo 8)"),
+    "log_interval": (int, "write one metrics line (metrics.jsonl) every N steps (demo 10)"),
+    "checkpoint_interval": (int, "save a checkpoint every N steps, and always at the end (demo 200)"),
+    "seed": (int, "random seed for initialisation, data order and dropout (default 0)"),
+    "val_fraction": (float, "share of the corpus held out for validation (default 0.05)"),
+}
+
+
+_MAX_CPU_PARAMS = 2_000_000_000  # refuse to allocate more than this (the Mixtral shape is 46.7B)
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "train",
+        help="train the small MoE language model on the built-in corpus or your text",
+        description="Train a small MoE language model. With no options: the 'demo' model on the Python standard "
+        "library's sources (no download), about five minutes on a 2-core CPU; checkpoints, metrics.jsonl, "
+        "loss.png, expert_load.png and report.md go to the run folder.",
+    )
+    p.add_argument("--preset", default=None, help="model and training preset: tiny, demo or mixtral (default demo)")
+    p.add_argument(
+        "--data",
+        default=None,
+        metavar="PATH",
+        help="a text file or a folder of text files (default: the Python standard library's .py sources)",
+    )
+    p.add_argument(
+        "--max-bytes", type=int, default=None, metavar="N", help="read at most N bytes of the corpus (quick runs)"
+    )
+    p.add_argument(
+        "--run-dir",
+        default=None,
+        metavar="DIR",
+        help="run folder (default runs/<preset>, runs/<preset>-dense with --dense)",
+    )
+    p.add_argument(
+        "--resume", action="store_true", help="continue the run in --run-dir from its latest checkpoint, exactly"
+    )
+    p.add_argument(
+        "--dense",
+        action="store_true",
+        help="train the dense baseline: every block a dense MLP with the same "
+        "active feed-forward parameters per token as the MoE model",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override a model config field, "
+        "e.g. --set num_experts=16 --set bias_balancing=true (repeatable; see sparsemoe.model.ModelConfig)",
+    )
+    for name, (kind, help_text) in _TRAIN_FLAGS.items():
+        metavar = "N" if kind is int else "X"
+        p.add_argument("--" + name.replace("_", "-"), type=kind, default=None, metavar=metavar, help=help_text)
+    p.add_argument("--bf16", action="store_true", default=None, help="bfloat16 autocast for the forward pass")
+    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model before training")
+    p.add_argument(
+        "--threads", type=int, default=None, metavar="N", help="CPU threads for torch (default: torch's choice)"
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (metrics still go to metrics.jsonl)")
+    p.set_defaults(func=run)
+    return p
+
+
+def parse_value(text: str) -> Any:
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("none", "null"):
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    from sparsemoe.model import ModelConfig
+
+    known = {f.name for f in fields(ModelConfig)}
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep:
+            raise CommandError(f"--set {item!r}: expected FIELD=VALUE, e.g. --set num_experts=16")
+        if key not in known:
+            raise CommandError(
+                f"--set {item!r}: unknown model config field {key!r}; accepted: {', '.join(sorted(known))}"
+            )
+        out[key] = parse_value(value.strip())
+    return out
+
+
+def _train_overrides(args) -> dict[str, Any]:
+    out = {name: getattr(args, name) for name in _TRAIN_FLAGS if getattr(args, name) is not None}
+    for name in ("bf16", "compile"):
+        if getattr(args, name):
+            out[name] = True
+    return out
+
+
+def build_configs(args):
+    """(ModelConfig, TrainConfig, run_dir) from the arguments, the preset, and on --resume the checkpoint."""
+    from sparsemoe.model import PRESETS, ModelConfig
+    from sparsemoe.train import TRAIN_PRESETS, TrainConfig
+    from sparsemoe.train.run import run_exists, saved_configs
+
+    name = args.preset or "demo"
+    if name not in PRESETS:
+        raise CommandError(f"--preset {name!r} is unknown; accepted: {', '.join(PRESETS)}")
+    run_dir = Path(args.run_dir or f"runs/{name}{'-dense' if args.dense else ''}")
+    overrides = parse_overrides(args.set)
+    train_over = _train_overrides(args)
+    if args.resume and not run_exists(run_dir):
+        raise CommandError(f"--resume: no checkpoint in {str(run_dir)!r} to resume; start the run without --resume")
+    try:
+        if args.resume:
+            saved_model, saved_train, _ = saved_configs(run_dir)
+            model_cfg = saved_model
+            if args.preset or overrides or args.dense:
+                model_cfg = ModelConfig(**{**PRESETS[name], **overrides})
+                model_cfg = model_cfg.dense_baseline() if args.dense else model_cfg
+            train_cfg = TrainConfig(**{**saved_train.to_dict(), **train_over})
+        else:
+            model_cfg = ModelConfig(**{**PRESETS[name], **overrides})
+            if args.dense:
+                model_cfg = model_cfg.dense_baseline()
+            train_cfg = TrainConfig(**{**TRAIN_PRESETS[name], **train_over})
+    except ValueError as err:
+        raise CommandError(str(err)) from None
+    return model_cfg, train_cfg, run_dir
+
+
+def run(args) -> int:
+    import torch
+
+    from sparsemoe.train import CheckpointError, DataError
+    from sparsemoe.train.run import run_exists, run_training
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise CommandError(f"--threads {args.threads}: expected an integer >= 1")
+        torch.set_num_threads(args.threads)
+    if args.max_bytes is not None and args.max_bytes < 1:
+        raise CommandError(f"--max-bytes {args.max_bytes}: expected an integer >= 1")
+    model_cfg, train_cfg, run_dir = build_configs(args)
+    size = model_cfg.approx_num_params()
+    if size > _MAX_CPU_PARAMS:
+        raise CommandError(
+            f"this model has about {size / 1e9:.1f}B parameters, too many to train here (the mixtral preset is for "
+            "benchmarks and shape checks); use --preset tiny or demo, "
+            "or shrink it with --set dim=... --set n_layers=..."
+        )
+    if not args.resume and run_exists(run_dir):
+        raise CommandError(
+            f"run folder {str(run_dir)!r} already holds a checkpoint; pass --resume to continue it, "
+            "or choose another --run-dir"
+        )
+    stopper = _StopOnSignal()
+    try:
+        with stopper:
+            summary = run_training(
+                model_cfg,
+                train_cfg,
+                run_dir,
+                data=args.data,
+                resume=args.resume,
+                progress=not args.no_progress,
+                max_bytes=args.max_bytes,
+                setup=stopper.attach,
+            )
+    except (DataError, CheckpointError, ValueError) as err:
+        raise CommandError(str(err)) from None
+    val = (
+        f", validation loss {summary['val_loss']:.4f} (perplexity {summary['val_ppl']:.2f})"
+        if "val_loss" in summary
+        else ""
+    )
+    state = "stopped" if summary["stopped_early"] else "finished"
+    print(f"{state} at step {summary['step']}{val}; {summary['tokens_per_s']:.0f} tokens/s; report {summary['report']}")
+    if summary["stopped_early"]:
+        print(f"continue with: sparsemoe train --run-dir {run_dir} --resume")
+    return 0
+
+
+class _StopOnSignal:
+    """First Ctrl-C/SIGTERM: finish the current step, save a checkpoint, stop. A second one aborts at once.
+
+    The previous handlers come back on exit, so in-process callers (tests) keep theirs.
+    """
+
+    def __init__(self) -> None:
+        self.trainer = None
+        self.previous: dict[int, Any] = {}
+
+    def attach(self, trainer) -> None:
+        self.trainer = trainer
+
+    def _handle(self, signum, frame) -> None:
+        if self.trainer is None or self.trainer.stop_requested:
+            raise KeyboardInterrupt
+        self.trainer.stop_requested = True
+        print("\nstopping after this step and saving a checkpoint (interrupt again to abort)", flush=True)
+
+    def __enter__(self) -> "_StopOnSignal":
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)

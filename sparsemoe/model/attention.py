@@ -1,0 +1,129 @@
+"""Grouped-query self-attention with rotary positions, through `scaled_dot_product_attention`, and a KV cache.
+
+Legend: B batch, S new positions, P cached positions before them, H query heads, G key/value heads,
+Hd head width, D model width.
+
+RoPE uses the "rotate half" layout (the first and second halves of each head are the pair), the layout
+of Hugging Face's Llama/Mixtral/Qwen checkpoints, so their q/k weights load without a permutation.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from sparsemoe.model.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, computed in float32 and returned in the input dtype."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x32 = x.float()
+        y = x32 * torch.rsqrt(x32.square().mean(dim=-1, keepdim=True) + self.eps)
+        return (y * self.weight.float()).to(x.dtype)
+
+
+def rope_table(head_dim: int, max_len: int, theta: float, scaling: Optional[dict] = None) -> tuple[Tensor, Tensor]:
+    """cos, sin [max_len, head_dim] for the rotate-half layout, in float32. `scaling`: YaRN (ModelConfig.rope_scaling)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    factor = 1.0
+    if scaling is not None:
+        from sparsemoe.model.mla import yarn_frequencies
+
+        inv_freq, factor = yarn_frequencies(head_dim, theta, scaling)
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return (angles.cos() * factor).float(), (angles.sin() * factor).float()
+
+
+def apply_rope(x_BHSd: Tensor, cos_Sd: Tensor, sin_Sd: Tensor) -> Tensor:
+    half = x_BHSd.shape[-1] // 2
+    rotated = torch.cat([-x_BHSd[..., half:], x_BHSd[..., :half]], dim=-1)
+    return (x_BHSd.float() * cos_Sd + rotated.float() * sin_Sd).to(x_BHSd.dtype)
+
+
+class KVCache:
+    """Keys and values of the positions seen so far, one preallocated [B, G, max_len, Hd] pair per layer.
+
+    `length` is the number of positions stored; the model advances it once per forward.
+    """
+
+    def __init__(self, config: ModelConfig, batch_size: int, device=None, dtype=torch.float32) -> None:
+        k_shape = v_shape = (batch_size, config.n_kv_heads, config.max_seq_len, config.head_dim)
+        if config.attention == "mla":  # MLA caches its compressed latent and rotary key instead
+            from sparsemoe.model.mla import latent_cache_shapes
+
+            k_shape, v_shape = latent_cache_shapes(config, batch_size)
+        self.keys = [torch.zeros(k_shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
+        self.values = [torch.zeros(v_shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
+        self.max_len = config.max_seq_len
+        self.length = 0
+
+    def reset(self) -> None:
+        self.length = 0
+
+    def update(self, layer: int, k_BGSd: Tensor, v_BGSd: Tensor) -> tuple[Tensor, Tensor]:
+        """Store the new positions after the cached ones; return all keys/values [B, G, P+S, Hd]."""
+        start, end = self.length, self.length + k_BGSd.shape[2]
+        self.keys[layer][:, :, start:end] = k_BGSd
+        self.values[layer][:, :, start:end] = v_BGSd
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+
+class Attention(nn.Module):
+    """Parameters: q_proj [H*Hd, D], k_proj/v_proj [G*Hd, D] (+ biases when qkv_bias), o_proj [D, H*Hd],
+    q_norm/k_norm [Hd] when qk_norm."""
+
+    def __init__(self, config: ModelConfig, layer_id: int) -> None:
+        super().__init__()
+        self.layer_id = layer_id
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        D, Hd = config.dim, config.head_dim
+        self.q_proj = nn.Linear(D, self.n_heads * Hd, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(D, self.n_kv_heads * Hd, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(D, self.n_kv_heads * Hd, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(self.n_heads * Hd, D, bias=False)
+        self.q_norm = RMSNorm(Hd, config.norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(Hd, config.norm_eps) if config.qk_norm else None
+        self.dropout = config.dropout
+
+    def forward(self, x_BSD: Tensor, cos_Sd: Tensor, sin_Sd: Tensor, cache: Optional[KVCache] = None) -> Tensor:
+        B, S, _ = x_BSD.shape
+        q = self.q_proj(x_BSD).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x_BSD).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x_BSD).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos_Sd, sin_Sd), apply_rope(k, cos_Sd, sin_Sd)
+
+        past = 0
+        if cache is not None:
+            past = cache.length
+            k, v = cache.update(self.layer_id, k, v)
+        if past == 0:
+            mask, causal = None, True
+        elif S == 1:
+            mask, causal = None, False  # one new position sees every cached one
+        else:
+            # SDPA's is_causal aligns the mask top-left; new position s sees keys 0..past+s.
+            mask = torch.ones(S, past + S, dtype=torch.bool, device=x_BSD.device).tril(diagonal=past)
+            causal = False
+        y = F.scaled_dot_product_attention(
+            q,
+            k.to(q.dtype),
+            v.to(q.dtype),
+            attn_mask=mask,
+            is_causal=causal,
+            dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.n_kv_heads != self.n_heads,
+        )
+        return self.o_proj(y.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim))

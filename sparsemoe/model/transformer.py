@@ -1,0 +1,207 @@
+"""The decoder-only MoE transformer: pre-norm blocks of rotary GQA attention and MoE or dense MLPs.
+
+Legend: B batch, S sequence positions, D model width, V vocabulary, E experts.
+
+State-dict layout (stable; Hugging Face conversion maps onto these names):
+
+    embed.weight                          [V, D]
+    layers.{i}.attn_norm.weight           [D]
+    layers.{i}.attn.q_proj.weight         [H*Hd, D]   (+ .bias when qkv_bias)
+    layers.{i}.attn.k_proj.weight         [G*Hd, D]   (+ .bias when qkv_bias)
+    layers.{i}.attn.v_proj.weight         [G*Hd, D]   (+ .bias when qkv_bias)
+    layers.{i}.attn.o_proj.weight         [D, H*Hd]
+    layers.{i}.attn.q_norm.weight         [Hd]        (qk_norm only)
+    layers.{i}.attn.k_norm.weight         [Hd]        (qk_norm only)
+    layers.{i}.ffn_norm.weight            [D]
+    MoE block (sparsemoe.MoE):
+    layers.{i}.ffn.router.weight          [E, D]
+    layers.{i}.ffn.router.expert_bias     [E]         (buffer; bias balancing)
+    layers.{i}.ffn.experts.w_in           [E, I, D]   (I = 2F for gated activations: gate rows, then up rows)
+    layers.{i}.ffn.experts.w_out          [E, D, F]
+    layers.{i}.ffn.shared_experts.w_in    [1, I_s, D] (shared experts only; .w_out [1, D, F_s],
+                                                       .gate_weight [1, D] with shared_expert_gate)
+    dense block (DenseMLP):
+    layers.{i}.ffn.w_in                   [I, D]      (same gate/up row order)
+    layers.{i}.ffn.w_out                  [D, F]
+    norm.weight                           [D]
+    lm_head.weight                        [V, D]      (absent when tie_embeddings)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from sparsemoe.experts import in_rows, mlp
+from sparsemoe.layer import MoE, moe_layers
+from sparsemoe.model.attention import Attention, KVCache, RMSNorm, rope_table
+from sparsemoe.model.config import ModelConfig
+
+
+class ModelOutput(NamedTuple):
+    """What `MoETransformer.forward` returns.
+
+    * `logits` [B, S, V] (or [B, 1, V] with last_only=True).
+    * `loss`: the language-model cross-entropy alone (None without targets); never includes aux_loss.
+    * `aux_loss`: the sum over MoE layers of `layer.aux_loss` (0-dim float32; 0 for a dense model).
+      aux_loss_mode="inject": detached, for logging; its gradient already flows through the layers.
+      aux_loss_mode="return": carries the graph; add it to the loss yourself.
+      In both modes `loss + aux_loss` has the right gradient, which is what the trainer backpropagates.
+    """
+
+    logits: Tensor
+    loss: Optional[Tensor]
+    aux_loss: Tensor
+
+
+class DenseMLP(nn.Module):
+    """A dense feed-forward block with the experts' weight layout, computed by `sparsemoe.experts.mlp`."""
+
+    def __init__(self, dim: int, hidden_dim: int, activation: str, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.activation, self.dropout = activation, dropout
+        self.w_in = nn.Parameter(torch.empty(in_rows(hidden_dim, activation), dim))
+        self.w_out = nn.Parameter(torch.empty(dim, hidden_dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x_TD = x.reshape(-1, x.shape[-1])
+        y_TD = mlp(x_TD, self.w_in.to(x.dtype), self.w_out.to(x.dtype), self.activation, self.dropout, self.training)
+        return y_TD.view(x.shape)
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer_id: int) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(config.dim, config.norm_eps)
+        if config.attention == "mla":
+            from sparsemoe.model.mla import MultiHeadLatentAttention
+
+            self.attn: nn.Module = MultiHeadLatentAttention(config, layer_id)
+        else:
+            self.attn = Attention(config, layer_id)
+        self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
+        if config.is_moe_layer(layer_id):
+            self.ffn: nn.Module = MoE(config.moe_config())
+        else:
+            self.ffn = DenseMLP(config.dim, config.dense_hidden_dim, config.activation, config.dropout)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: Optional[KVCache]) -> Tensor:
+        x = x + self.dropout(self.attn(self.attn_norm(x), cos, sin, cache))
+        h = self.ffn_norm(x)
+        if isinstance(self.ffn, MoE):
+            h = h.to(self.ffn.experts.w_in.dtype)  # under autocast the MoE layer wants its weights' dtype
+        return x + self.dropout(self.ffn(h).to(x.dtype))
+
+
+class MoETransformer(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.lm_head = None if config.tie_embeddings else nn.Linear(config.dim, config.vocab_size, bias=False)
+        cos, sin = rope_table(config.head_dim, config.max_seq_len, config.rope_theta, config.rope_scaling)
+        # Not persistent: derived from the config, so they stay out of checkpoints.
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """GPT-2 style: N(0, init_std), residual output projections scaled by 1/sqrt(2*n_layers).
+
+        Dense MLPs and experts get the same scheme, so the dense baseline starts like the MoE model.
+        """
+        std = self.config.init_std
+        out_std = std / math.sqrt(2 * self.config.n_layers)
+        nn.init.normal_(self.embed.weight, std=std)
+        if self.lm_head is not None:
+            nn.init.normal_(self.lm_head.weight, std=std)
+        for block in self.layers:
+            if not isinstance(block.attn, Attention):  # MLA: the same scheme over its own projections
+                block.attn.reset_parameters(std, out_std)
+            else:
+                for proj in (block.attn.q_proj, block.attn.k_proj, block.attn.v_proj):
+                    nn.init.normal_(proj.weight, std=std)
+                    if proj.bias is not None:
+                        nn.init.zeros_(proj.bias)
+                nn.init.normal_(block.attn.o_proj.weight, std=out_std)
+            for mlp_module in self._mlps(block.ffn):
+                nn.init.normal_(mlp_module.w_in, std=std)
+                nn.init.normal_(mlp_module.w_out, std=out_std)
+
+    @staticmethod
+    def _mlps(ffn: nn.Module) -> list[nn.Module]:
+        if isinstance(ffn, MoE):
+            return [m for m in (ffn.experts, ffn.shared_experts) if m is not None]
+        return [ffn]
+
+    @property
+    def moe_layers(self) -> list[MoE]:
+        return moe_layers(self)
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        targets: Optional[Tensor] = None,
+        *,
+        cache: Optional[KVCache] = None,
+        last_only: bool = False,
+    ) -> ModelOutput:
+        """input_ids [B, S] long -> ModelOutput. With `cache`, the S tokens follow the cached positions.
+
+        targets [B, S] long: next-token ids; -100 marks positions left out of the loss.
+        last_only: compute logits for the last position only (generation).
+        """
+        if input_ids.dim() != 2 or input_ids.dtype != torch.long:
+            raise ValueError(
+                f"input_ids must be a [batch, seq] long tensor, got {tuple(input_ids.shape)} {input_ids.dtype}"
+            )
+        S = input_ids.shape[1]
+        start = cache.length if cache is not None else 0
+        if start + S > self.config.max_seq_len:
+            raise ValueError(
+                f"sequence of {start + S} positions is longer than the model's max_seq_len={self.config.max_seq_len}"
+            )
+        cos, sin = self.rope_cos[start : start + S], self.rope_sin[start : start + S]
+        x = self.embed(input_ids)
+        for block in self.layers:
+            x = block(x, cos, sin, cache)
+        if cache is not None:
+            cache.length += S
+        if last_only:
+            x = x[:, -1:]
+        x = self.norm(x)
+        logits = F.linear(x, self.embed.weight) if self.lm_head is None else self.lm_head(x)
+
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+        return ModelOutput(logits=logits, loss=loss, aux_loss=self._aux_loss(x))
+
+    def _aux_loss(self, x: Tensor) -> Tensor:
+        total = x.new_zeros((), dtype=torch.float32)
+        for layer in self.moe_layers:
+            total = total + layer.aux_loss.to(total.device)
+        return total
+
+    # --- sizes -------------------------------------------------------------------------------------
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def num_active_params(self) -> int:
+        """Parameters one token uses: all but the experts it is not routed to (K of E are active)."""
+        total = self.num_params()
+        for layer in self.moe_layers:
+            per_expert = (layer.experts.w_in.numel() + layer.experts.w_out.numel()) // layer.config.num_experts
+            total -= per_expert * (layer.config.num_experts - layer.config.top_k)
+        return total
+
+    def new_cache(self, batch_size: int) -> KVCache:
+        p = self.embed.weight
+        return KVCache(self.config, batch_size, device=p.device, dtype=p.dtype)

@@ -1,0 +1,225 @@
+"""Checkpoints: safetensors for tensors, JSON for the rest, written so that an interrupted save is harmless.
+
+Layout of a run folder's checkpoints:
+
+    checkpoints/step-000300/model.safetensors      the model's state dict (see sparsemoe.model.transformer)
+    checkpoints/step-000300/optimizer.safetensors  optimizer tensors "state.{param index}.{name}" and RNG
+                                                   states "rng.{name}" (uint8 byte strings)
+    checkpoints/step-000300/trainer.json           model_config, train_config, step, optimizer
+                                                   param_groups and scalars, file sizes, extra state
+    checkpoints/latest                             the name of the newest complete checkpoint
+
+Why it survives Ctrl-C or kill at any moment: a checkpoint is written into a temporary folder, its
+files flushed to disk, and only then renamed to its final name (a rename is atomic); `latest` is
+then replaced atomically (write a temporary file, `os.replace`). A crash leaves at worst a stray
+temporary folder, never a `latest` that points to a partial checkpoint. trainer.json records each
+file's size, so a file truncated afterwards (a full disk, a bad copy) is reported, not half-loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from torch import Tensor
+
+FORMAT = "sparsemoe-checkpoint/1"
+MODEL_FILE, OPTIMIZER_FILE, META_FILE, LATEST = "model.safetensors", "optimizer.safetensors", "trainer.json", "latest"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: missing, corrupt, truncated, or from another config."""
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def optimizer_to_flat(state: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Split an optimizer state dict into tensors (for safetensors) and JSON-able rest."""
+    tensors: dict[str, Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for index, per_param in state["state"].items():
+        for name, value in per_param.items():
+            if isinstance(value, Tensor):
+                tensors[f"state.{index}.{name}"] = value.detach().contiguous().cpu()
+            else:
+                scalars.setdefault(str(index), {})[name] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def optimizer_from_flat(tensors: dict[str, Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        if key.startswith("state."):
+            _, index, name = key.split(".", 2)
+            state.setdefault(int(index), {})[name] = value
+    for index, values in meta.get("scalars", {}).items():
+        state.setdefault(int(index), {}).update(values)
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save_checkpoint(
+    checkpoints_dir: Union[str, Path],
+    step: int,
+    model_state: dict[str, Tensor],
+    optimizer_state: Optional[dict[str, Any]],
+    meta: dict[str, Any],
+    rng_states: Optional[dict[str, Tensor]] = None,
+    keep: int = 2,
+) -> Path:
+    """Write checkpoint `step` atomically, point `latest` at it, keep the newest `keep`. Returns its folder."""
+    from safetensors.torch import save_file
+
+    root = Path(checkpoints_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / step_dir_name(step)
+    tmp = root / f".tmp-{step_dir_name(step)}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    save_file({k: v.detach().contiguous().cpu() for k, v in model_state.items()}, str(tmp / MODEL_FILE))
+    extra: dict[str, Tensor] = {f"rng.{k}": v.cpu() for k, v in (rng_states or {}).items()}
+    meta = dict(meta, format=FORMAT, step=step)
+    if optimizer_state is not None:
+        opt_tensors, opt_meta = optimizer_to_flat(optimizer_state)
+        extra.update(opt_tensors)
+        meta["optimizer"] = opt_meta
+    save_file(extra, str(tmp / OPTIMIZER_FILE))
+    meta["files"] = {name: (tmp / name).stat().st_size for name in (MODEL_FILE, OPTIMIZER_FILE)}
+    (tmp / META_FILE).write_text(json.dumps(meta, indent=1), encoding="utf-8")
+    for name in (MODEL_FILE, OPTIMIZER_FILE, META_FILE):
+        _fsync_file(tmp / name)
+    if final.exists():  # re-saving the same step (e.g. the final save right after a periodic one)
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _write_text_atomic(root / LATEST, final.name + "\n")
+    _prune(root, keep, final.name)
+    return final
+
+
+def _prune(root: Path, keep: int, newest: str) -> None:
+    steps = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-"))
+    for old in steps[: max(0, len(steps) - keep)]:
+        if old.name != newest:
+            shutil.rmtree(old, ignore_errors=True)
+    for stray in root.glob(".tmp-step-*"):  # left by a save that was killed
+        if not stray.name.endswith(f"-{os.getpid()}"):
+            shutil.rmtree(stray, ignore_errors=True)
+
+
+def resolve_checkpoint(path: Union[str, Path]) -> Path:
+    """A run folder, its checkpoints folder, or one checkpoint folder -> that checkpoint's folder."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist; give a run folder or a checkpoint folder")
+    if (p / META_FILE).exists() or (p / MODEL_FILE).exists():
+        return p
+    for root in (p / "checkpoints", p):
+        latest = root / LATEST
+        if latest.is_file():
+            target = root / latest.read_text(encoding="utf-8").strip()
+            if not target.is_dir():
+                raise CheckpointError(f"{str(latest)!r} points to {target.name!r}, which is missing")
+            return target
+    raise CheckpointError(f"no checkpoint found in {str(path)!r} (expected checkpoints/{LATEST} or {META_FILE})")
+
+
+def has_checkpoint(run_dir: Union[str, Path]) -> bool:
+    return (Path(run_dir) / "checkpoints" / LATEST).is_file()
+
+
+def load_meta(ckpt_dir: Path) -> dict[str, Any]:
+    meta_path = ckpt_dir / META_FILE
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {str(ckpt_dir)!r} has no {META_FILE}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"checkpoint file {str(meta_path)!r} is corrupt or truncated ({err})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"{str(meta_path)!r} is not a sparsemoe checkpoint (format {FORMAT!r} expected)")
+    for name, size in meta.get("files", {}).items():
+        path = ckpt_dir / name
+        actual = path.stat().st_size if path.exists() else None
+        if actual != size:
+            what = "missing" if actual is None else f"{actual} bytes, expected {size}"
+            raise CheckpointError(f"checkpoint file {str(path)!r} is truncated or corrupt ({what})")
+    return meta
+
+
+def load_tensors(path: Path) -> dict[str, Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint file {str(path)!r} is missing") from None
+    except Exception as err:  # safetensors raises its own error types for a bad header or short file
+        raise CheckpointError(f"checkpoint file {str(path)!r} is corrupt or truncated ({err})") from None
+
+
+def load_checkpoint(path: Union[str, Path], with_optimizer: bool = True) -> dict[str, Any]:
+    """{"dir", "meta", "model" (state dict), and with_optimizer: "optimizer" (state dict), "rng" (dict)}."""
+    ckpt_dir = resolve_checkpoint(path)
+    meta = load_meta(ckpt_dir)
+    out: dict[str, Any] = {"dir": ckpt_dir, "meta": meta, "model": load_tensors(ckpt_dir / MODEL_FILE)}
+    if with_optimizer:
+        extra = load_tensors(ckpt_dir / OPTIMIZER_FILE)
+        out["rng"] = {k[4:]: v for k, v in extra.items() if k.startswith("rng.")}
+        out["optimizer"] = optimizer_from_flat(extra, meta["optimizer"]) if "optimizer" in meta else None
+    return out
+
+
+def load_model(path: Union[str, Path], map_location: str = "cpu"):
+    """(MoETransformer in eval mode, checkpoint meta) from a run folder or checkpoint folder."""
+    from sparsemoe.model import ModelConfig, MoETransformer
+
+    ckpt = load_checkpoint(path, with_optimizer=False)
+    try:
+        config = ModelConfig.from_dict(ckpt["meta"]["model_config"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"checkpoint {str(ckpt['dir'])!r} has no usable model_config ({err})") from None
+    model = MoETransformer(config)
+    load_model_state(model, ckpt["model"], ckpt["dir"])
+    model.to(map_location).eval()
+    return model, ckpt["meta"]
+
+
+def load_model_state(model, state: dict[str, Tensor], where: Union[str, Path]) -> None:
+    """Load a state dict, turning missing/unexpected/mis-shaped tensors into one CheckpointError."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+        for k in own
+        if k in state and state[k].shape != own[k].shape
+    ]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing {missing[:3]}{'...' if len(missing) > 3 else ''}")
+        if unexpected:
+            parts.append(f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}")
+        if shapes:
+            parts.append(f"shape mismatch {shapes[:2]}")
+        raise CheckpointError(f"checkpoint {str(where)!r} does not match this model config: {'; '.join(parts)}")
+    model.load_state_dict(state)

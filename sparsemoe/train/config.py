@@ -1,0 +1,102 @@
+"""Training hyperparameters: one flat dataclass, validated on construction, and per-preset defaults."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 600  # optimizer steps; >= 1
+    batch_size: int = 16  # sequences per micro-batch; >= 1
+    seq_len: int = 256  # tokens per sequence; 1..model max_seq_len
+    accum_steps: int = 1  # micro-batches per optimizer step (gradient accumulation); >= 1
+    lr: float = 3e-3  # peak learning rate; > 0
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio; [0, 1]
+    warmup_steps: int = 50  # linear warmup steps; >= 0
+    weight_decay: float = 0.1  # AdamW decay on matrices (never on norms, biases); >= 0
+    beta1: float = 0.9  # AdamW beta1; [0, 1)
+    beta2: float = 0.95  # AdamW beta2; [0, 1)
+    grad_clip: float = 1.0  # clip the global gradient norm to this; 0 = off
+    expert_lr_mult: float = 1.0  # routed-expert parameters train at lr * this; > 0
+    eval_interval: int = 100  # validate every n steps (and at the end); >= 1
+    eval_batches: int = 8  # validation batches (a fixed set of windows); >= 1
+    log_interval: int = 10  # one metrics line per n steps; >= 1
+    checkpoint_interval: int = 200  # save every n steps (and at the end); >= 1
+    bf16: bool = False  # bfloat16 autocast for the forward pass
+    compile: bool = False  # torch.compile the model
+    seed: int = 0  # model init, data order, dropout; >= 0
+    val_fraction: float = 0.05  # share of the corpus held out for validation; (0, 1)
+
+    def __post_init__(self) -> None:
+        for name in (
+            "max_steps",
+            "batch_size",
+            "seq_len",
+            "accum_steps",
+            "eval_interval",
+            "eval_batches",
+            "log_interval",
+            "checkpoint_interval",
+        ):
+            _int_at_least(name, getattr(self, name), 1)
+        _int_at_least("warmup_steps", self.warmup_steps, 0)
+        _int_at_least("seed", self.seed, 0)
+        _in_range("lr", self.lr, 0, math.inf, low_open=True)
+        _in_range("min_lr_ratio", self.min_lr_ratio, 0, 1)
+        _in_range("weight_decay", self.weight_decay, 0, math.inf)
+        _in_range("beta1", self.beta1, 0, 1, high_open=True)
+        _in_range("beta2", self.beta2, 0, 1, high_open=True)
+        _in_range("grad_clip", self.grad_clip, 0, math.inf)
+        _in_range("expert_lr_mult", self.expert_lr_mult, 0, math.inf, low_open=True)
+        _in_range("val_fraction", self.val_fraction, 0, 1, low_open=True, high_open=True)
+        for name in ("bf16", "compile"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r} is invalid: expected True or False")
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.seq_len * self.accum_steps
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+# Defaults per model preset: "demo" is tuned to about five minutes on two CPU cores.
+TRAIN_PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(
+        max_steps=40,
+        batch_size=8,
+        seq_len=32,
+        lr=3e-3,
+        warmup_steps=5,
+        eval_interval=20,
+        eval_batches=2,
+        log_interval=5,
+        checkpoint_interval=20,
+    ),
+    "demo": dict(),
+    "mixtral": dict(max_steps=10, batch_size=1, seq_len=128, eval_interval=10, eval_batches=1, log_interval=1),
+}
+
+
+def _int_at_least(name: str, value: Any, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"TrainConfig.{name}={value!r} is invalid: expected an integer >= {low}")
+
+
+def _in_range(name: str, value: Any, low: float, high: float, low_open: bool = False, high_open: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+    if ok:
+        ok = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+        ok = ok and not math.isinf(value)
+    if not ok:
+        lo, hi = ("(" if low_open else "[") + f"{low:g}", f"{high:g}" + (")" if high_open else "]")
+        raise ValueError(f"TrainConfig.{name}={value!r} is invalid: expected a number in {lo}, {hi}")

@@ -1,0 +1,121 @@
+"""One training run end to end, as `sparsemoe train` does it: data, model, optimizer, trainer, report.
+
+Single-process glue over the reusable pieces (`Trainer`, `RandomBatches`, `build_optimizer`); a
+parallel launcher builds the same pieces itself, with its own sampler and trainer subclass.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from sparsemoe.model import ModelConfig, MoETransformer
+from sparsemoe.train.checkpoint import CheckpointError, has_checkpoint, load_meta, resolve_checkpoint
+from sparsemoe.train.config import TrainConfig
+from sparsemoe.train.data import RandomBatches, check_length, eval_batches, load_corpus
+from sparsemoe.train.report import write_report
+from sparsemoe.train.trainer import Trainer, build_optimizer
+
+
+def saved_configs(run_dir: Path) -> tuple[ModelConfig, TrainConfig, dict[str, Any]]:
+    """The model and train configs stored in a run's latest checkpoint."""
+    meta = load_meta(resolve_checkpoint(run_dir))
+    try:
+        return ModelConfig.from_dict(meta["model_config"]), TrainConfig.from_dict(meta["train_config"]), meta
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"checkpoint in {str(run_dir)!r} has no usable configuration ({err})") from None
+
+
+def check_same_model(saved: ModelConfig, given: ModelConfig, where: Any) -> None:
+    diff = saved.diff(given)
+    if diff:
+        shown = ", ".join(f"{k}: checkpoint {a!r} vs given {b!r}" for k, (a, b) in list(diff.items())[:4])
+        raise CheckpointError(f"checkpoint {str(where)!r} was trained with another model config ({shown})")
+
+
+def describe_sizes(model: MoETransformer) -> dict[str, str]:
+    return {
+        "parameters": f"{model.num_params():,}",
+        "active parameters per token": f"{model.num_active_params():,}",
+    }
+
+
+def run_training(
+    model_config: ModelConfig,
+    train_config: TrainConfig,
+    run_dir: Path,
+    *,
+    data: Optional[str] = None,
+    resume: bool = False,
+    progress: bool = True,
+    max_bytes: Optional[int] = None,
+    log: Callable[[str], None] = print,
+    setup: Optional[Callable[[Trainer], None]] = None,
+) -> dict[str, Any]:
+    """Train (or resume) a run in `run_dir`; write checkpoints, metrics and the report there.
+
+    setup: called with the Trainer before training (e.g. to install a signal handler).
+    """
+    run_dir = Path(run_dir)
+    if train_config.seq_len > model_config.max_seq_len:
+        raise ValueError(
+            f"seq_len={train_config.seq_len} is longer than the model's max_seq_len={model_config.max_seq_len}; "
+            f"use a seq_len of at most {model_config.max_seq_len}"
+        )
+    if resume:
+        saved_model, _, _ = saved_configs(run_dir)
+        check_same_model(saved_model, model_config, run_dir)
+    corpus = load_corpus(data, train_config.val_fraction, max_bytes)
+    check_length(corpus, train_config.seq_len)
+
+    torch.manual_seed(train_config.seed)
+    model = MoETransformer(model_config)
+    optimizer = build_optimizer(model, train_config)
+    train_batches = RandomBatches(corpus.train, train_config.batch_size, train_config.seq_len, seed=train_config.seed)
+    val = eval_batches(corpus.val, train_config.batch_size, train_config.seq_len, train_config.eval_batches)
+    meta = {"model_config": model_config.to_dict(), "data": corpus.source, "max_bytes": max_bytes}
+    trainer = Trainer(model, optimizer, train_config, train_batches, val, run_dir, meta=meta, progress=progress)
+    if resume:
+        trainer.resume(run_dir)
+        log(f"resumed {run_dir} at step {trainer.step}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(
+        json.dumps(
+            {"model_config": model_config.to_dict(), "train_config": train_config.to_dict(), "data": corpus.source},
+            indent=1,
+        ),
+        encoding="utf-8",
+    )
+    kind = (
+        "dense baseline" if model_config.dense else f"MoE {model_config.num_experts} experts, top-{model_config.top_k}"
+    )
+    log(
+        f"{kind}: {model.num_params():,} parameters, {model.num_active_params():,} active per token; "
+        f"data {corpus.source}: {corpus.train.numel():,} train / {corpus.val.numel():,} validation bytes from "
+        f"{corpus.num_files} file(s); run folder {run_dir}"
+    )
+    if setup is not None:
+        setup(trainer)
+    summary = trainer.fit()
+    rows = {
+        "model": kind,
+        **describe_sizes(model),
+        "data": f"{corpus.source} ({corpus.train.numel():,} train bytes)",
+        "steps": f"{summary['step']} of {train_config.max_steps}",
+        "tokens per step": f"{train_config.tokens_per_step:,}",
+        "wall time this session": f"{summary['seconds']:.0f} s for {summary['steps_this_session']} steps",
+        "CPU time this session (all threads)": f"{summary['cpu_seconds']:.0f} s",
+        "throughput this session (tokens/s)": f"{summary['tokens_per_s']:.0f}",
+        "torch / threads": f"{torch.__version__} / {torch.get_num_threads()}",
+    }
+    report = write_report(run_dir, {"title": f"{run_dir.name} ({kind})", "rows": rows}, model_config.moe_layer_ids)
+    summary["report"] = str(report)
+    summary["model"] = model
+    return summary
+
+
+def run_exists(run_dir: Path) -> bool:
+    return has_checkpoint(run_dir)

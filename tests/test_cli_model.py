@@ -1,0 +1,189 @@
+"""`sparsemoe train` / `generate` / `inspect` end to end, in-process, on the tiny preset, and their errors."""
+
+import json
+
+import pytest
+import torch
+
+from sparsemoe.cli import main
+from sparsemoe.train.checkpoint import MODEL_FILE, resolve_checkpoint
+
+QUICK = [
+    "--preset",
+    "tiny",
+    "--max-bytes",
+    "60000",
+    "--max-steps",
+    "6",
+    "--eval-interval",
+    "3",
+    "--log-interval",
+    "2",
+    "--no-progress",
+    "--threads",
+    "1",
+]
+
+
+@pytest.fixture(autouse=True)
+def restore_threads():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cli") / "run"
+    assert main(["train", *QUICK, "--run-dir", str(path)]) == 0
+    return path
+
+
+def error_line(capsys, command):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"sparsemoe {command}: error: "), err
+    return err[0]
+
+
+def test_train_writes_the_run_folder(run_dir):
+    for name in ("metrics.jsonl", "config.json", "report.md", "loss.png", "expert_load.png"):
+        assert (run_dir / name).exists(), name
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["event"] == "eval"] == [3, 6]
+    assert resolve_checkpoint(run_dir).name == "step-000006"
+
+
+def test_train_resume_extends_the_run(run_dir, tmp_path, capsys):
+    copy = tmp_path / "copy"
+    import shutil
+
+    shutil.copytree(run_dir, copy)
+    assert (
+        main(["train", "--run-dir", str(copy), "--resume", "--max-steps", "8", "--no-progress", "--threads", "1"]) == 0
+    )
+    assert "resumed" in capsys.readouterr().out
+    assert resolve_checkpoint(copy).name == "step-000008"
+
+
+def test_generate_streams_a_continuation(run_dir, capsys):
+    assert (
+        main(
+            [
+                "generate",
+                "--checkpoint",
+                str(run_dir),
+                "--prompt",
+                "def main(",
+                "--max-new-tokens",
+                "20",
+                "--temperature",
+                "0",
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert out.startswith("def main(") and len(out.encode()) >= len("def main(") + 1
+    assert (
+        main(
+            [
+                "generate",
+                "--checkpoint",
+                str(run_dir),
+                "--prompt",
+                "def main(",
+                "--max-new-tokens",
+                "20",
+                "--temperature",
+                "0",
+                "--no-cache",
+            ]
+        )
+        == 0
+    )
+    assert capsys.readouterr().out == out
+
+
+def test_inspect_reports_experts(run_dir, tmp_path, capsys):
+    assert main(["inspect", "--checkpoint", str(run_dir), "--windows", "4", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "layer 0" in out and "expert  3" in out and "bytes:" in out and "words:" in out
+    data = json.loads((tmp_path / "inspect.json").read_text())
+    assert len(data["share"]) == 2 and sum(data["share"][0]) == pytest.approx(1.0, abs=1e-5)
+    assert (tmp_path / "inspect.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("command", ["train", "generate", "inspect"])
+def test_help_explains_every_option(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "--checkpoint" in out or command == "train"
+    assert "==SUPPRESS==" not in out
+
+
+def test_every_option_has_help():
+    from sparsemoe.cli import build_parser
+
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if a.dest == "command")
+    for name in ("train", "generate", "inspect"):
+        for action in subparsers.choices[name]._actions:
+            assert action.help, f"{name} {action.option_strings} has no help"
+
+
+# --- bad input: one clear line, exit status 2 ------------------------------------------------------------
+
+
+def test_missing_and_empty_data(tmp_path, capsys):
+    assert main(["train", *QUICK, "--run-dir", str(tmp_path / "a"), "--data", str(tmp_path / "nope.txt")]) == 2
+    assert "does not exist" in error_line(capsys, "train")
+    (tmp_path / "empty.txt").write_text("")
+    assert main(["train", *QUICK, "--run-dir", str(tmp_path / "b"), "--data", str(tmp_path / "empty.txt")]) == 2
+    assert "is empty" in error_line(capsys, "train")
+    (tmp_path / "folder").mkdir()
+    assert main(["train", *QUICK, "--run-dir", str(tmp_path / "c"), "--data", str(tmp_path / "folder")]) == 2
+    assert "no text files" in error_line(capsys, "train")
+
+
+def test_seq_len_longer_than_the_model(tmp_path, capsys):
+    assert main(["train", *QUICK, "--run-dir", str(tmp_path / "a"), "--seq-len", "65"]) == 2
+    assert "max_seq_len=64" in error_line(capsys, "train")
+
+
+def test_bad_config_values(tmp_path, capsys):
+    assert main(["train", *QUICK, "--run-dir", str(tmp_path / "a"), "--set", "top_k=9"]) == 2
+    assert "ModelConfig.top_k=9" in error_line(capsys, "train")
+    assert main(["train", *QUICK, "--run-dir", str(tmp_path / "a"), "--set", "experts=4"]) == 2
+    assert "unknown model config field" in error_line(capsys, "train")
+    assert main(["train", *QUICK, "--run-dir", str(tmp_path / "a"), "--lr", "-1"]) == 2
+    assert "TrainConfig.lr" in error_line(capsys, "train")
+    assert main(["train", "--preset", "huge"]) == 2
+    assert "tiny, demo, mixtral" in error_line(capsys, "train")
+
+
+def test_resume_errors(run_dir, tmp_path, capsys):
+    assert main(["train", *QUICK, "--run-dir", str(run_dir)]) == 2
+    assert "--resume" in error_line(capsys, "train")
+    assert main(["train", *QUICK, "--run-dir", str(tmp_path / "fresh"), "--resume"]) == 2
+    assert "no checkpoint" in error_line(capsys, "train")
+    assert main(["train", *QUICK, "--run-dir", str(run_dir), "--resume", "--set", "num_experts=8"]) == 2
+    assert "another model config" in error_line(capsys, "train")
+
+
+def test_bad_checkpoints(run_dir, tmp_path, capsys):
+    import shutil
+
+    assert main(["generate", "--checkpoint", str(tmp_path / "nope")]) == 2
+    assert "does not exist" in error_line(capsys, "generate")
+    broken = tmp_path / "broken"
+    shutil.copytree(run_dir, broken)
+    model_file = resolve_checkpoint(broken) / MODEL_FILE
+    model_file.write_bytes(model_file.read_bytes()[:100])
+    assert main(["generate", "--checkpoint", str(broken)]) == 2
+    assert "truncated" in error_line(capsys, "generate")
+    assert main(["inspect", "--checkpoint", str(broken)]) == 2
+    assert "truncated" in error_line(capsys, "inspect")
+    assert main(["generate", "--checkpoint", str(run_dir), "--top-p", "0"]) == 2
+    assert "--top-p" in error_line(capsys, "generate")

@@ -1,0 +1,243 @@
+"""The MoE language model: config, parameter layout, losses, KV cache and sampling."""
+
+import pytest
+import torch
+
+from sparsemoe import MoE
+from sparsemoe.model import PRESETS, DenseMLP, ModelConfig, MoETransformer, generate, preset, sample_next
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny matrices: a second thread only adds synchronisation (and the CI box has two cores).
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny(**overrides):
+    return preset("tiny", **overrides)
+
+
+# --- config ---------------------------------------------------------------------------------------
+
+
+def test_presets_build_and_mixtral_has_mixtral_shape():
+    for name in ("tiny", "demo"):
+        MoETransformer(preset(name))
+    mixtral = preset("mixtral")  # config only: 47B parameters do not belong in a test
+    assert (mixtral.dim, mixtral.n_layers, mixtral.n_heads, mixtral.n_kv_heads) == (4096, 32, 32, 8)
+    assert (mixtral.num_experts, mixtral.top_k, mixtral.moe_hidden_dim, mixtral.vocab_size) == (8, 2, 14336, 32000)
+    assert set(PRESETS) >= {"tiny", "demo", "mixtral"}
+
+
+@pytest.mark.parametrize(
+    "field, value, expected",
+    [
+        ("dim", 0, "ModelConfig.dim=0"),
+        ("n_kv_heads", 3, "ModelConfig.n_kv_heads=3"),
+        ("dropout", 1.0, "ModelConfig.dropout=1.0"),
+        ("top_k", 9, "ModelConfig.top_k=9"),
+        ("moe_hidden_dim", 0, "ModelConfig.moe_hidden_dim=0"),
+        ("moe_backend", "nope", "ModelConfig.moe_backend='nope'"),
+        ("router", "expert_choice", "not causal"),
+        ("qk_norm", "yes", "ModelConfig.qk_norm='yes'"),
+    ],
+)
+def test_config_errors_name_the_field(field, value, expected):
+    with pytest.raises(ValueError, match=expected.replace("(", r"\(").replace(".", r"\.")):
+        tiny(**{field: value})
+
+
+def test_unknown_field_from_dict():
+    with pytest.raises(ValueError, match="unknown field"):
+        ModelConfig.from_dict({**tiny().to_dict(), "bogus": 1})
+    assert ModelConfig.from_dict(tiny().to_dict()) == tiny()
+
+
+def test_layer_placement_first_dense_and_every_nth():
+    cfg = tiny(n_layers=6, first_dense_layers=1, moe_every=2)
+    assert cfg.moe_layer_ids == [1, 3, 5]
+    model = MoETransformer(cfg)
+    kinds = [type(b.ffn) for b in model.layers]
+    assert kinds == [DenseMLP, MoE, DenseMLP, MoE, DenseMLP, MoE]
+    assert tiny(dense=True).moe_layer_ids == []
+
+
+def test_state_dict_layout():
+    model = MoETransformer(tiny(qkv_bias=True, qk_norm=True, n_kv_heads=1, first_dense_layers=1, num_shared_experts=1))
+    keys = set(model.state_dict())
+    expected = {
+        "embed.weight",
+        "layers.0.attn_norm.weight",
+        "layers.0.attn.q_proj.weight",
+        "layers.0.attn.q_proj.bias",
+        "layers.0.attn.k_proj.weight",
+        "layers.0.attn.v_proj.bias",
+        "layers.0.attn.o_proj.weight",
+        "layers.0.attn.q_norm.weight",
+        "layers.0.attn.k_norm.weight",
+        "layers.0.ffn_norm.weight",
+        "layers.0.ffn.w_in",
+        "layers.0.ffn.w_out",
+        "layers.1.ffn.router.weight",
+        "layers.1.ffn.router.expert_bias",
+        "layers.1.ffn.experts.w_in",
+        "layers.1.ffn.experts.w_out",
+        "layers.1.ffn.shared_experts.w_in",
+        "norm.weight",
+        "lm_head.weight",
+    }
+    assert expected <= keys
+    assert not any("rope" in k for k in keys)
+    assert model.state_dict()["layers.0.attn.k_proj.weight"].shape == (16, 32)  # 1 KV head of 16
+    tied = MoETransformer(tiny(tie_embeddings=True))
+    assert "lm_head.weight" not in tied.state_dict()
+
+
+def test_dense_baseline_has_same_active_params_but_the_routers():
+    cfg = tiny(num_shared_experts=1)
+    moe, dense = MoETransformer(cfg), MoETransformer(cfg.dense_baseline())
+    routers = sum(layer.router.weight.numel() for layer in moe.moe_layers)
+    assert dense.config.dense_hidden_dim == cfg.top_k * cfg.moe_hidden_dim + cfg.moe_hidden_dim
+    assert dense.num_active_params() + routers == moe.num_active_params()
+    assert moe.num_params() > moe.num_active_params()
+
+
+# --- forward and losses ---------------------------------------------------------------------------
+
+
+def test_forward_shapes_and_losses():
+    torch.manual_seed(0)
+    model = MoETransformer(tiny())
+    ids = torch.randint(0, 256, (3, 17))
+    out = model(ids, ids)
+    assert out.logits.shape == (3, 17, 256)
+    assert out.loss.ndim == 0 and 4.5 < out.loss.item() < 6.5  # about ln(256) at init
+    expected_aux = sum(layer.aux_loss for layer in model.moe_layers)
+    assert torch.equal(out.aux_loss, expected_aux)
+    assert out.aux_loss.item() > 0 and not out.aux_loss.requires_grad  # inject: detached, for logging
+    assert model(ids).loss is None
+    assert model(ids, last_only=True).logits.shape == (3, 1, 256)
+
+
+def test_inject_and_return_modes_give_the_same_gradient():
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
+    grads = {}
+    for mode in ("inject", "return"):
+        torch.manual_seed(0)
+        model = MoETransformer(tiny(aux_loss_mode=mode, z_loss_coef=1e-2))
+        out = model(ids, ids)
+        assert out.aux_loss.requires_grad == (mode == "return")
+        (out.loss + out.aux_loss).backward()
+        grads[mode] = {n: p.grad.clone() for n, p in model.named_parameters()}
+    router = "layers.0.ffn.router.weight"
+    assert grads["inject"][router].abs().sum() > 0
+    for name in grads["inject"]:
+        torch.testing.assert_close(grads["inject"][name], grads["return"][name], rtol=1e-5, atol=1e-7)
+
+
+def test_too_long_input_is_refused():
+    model = MoETransformer(tiny())
+    with pytest.raises(ValueError, match="max_seq_len=64"):
+        model(torch.zeros(1, 65, dtype=torch.long))
+
+
+def test_bf16_autocast_forward_backward():
+    torch.manual_seed(0)
+    model = MoETransformer(tiny())
+    ids = torch.randint(0, 256, (2, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(ids, ids)
+    (out.loss + out.aux_loss).backward()
+    assert torch.isfinite(out.loss) and model.embed.weight.grad is not None
+
+
+# --- KV cache and sampling ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"n_kv_heads": 1, "qkv_bias": True, "qk_norm": True, "tie_embeddings": True, "first_dense_layers": 1}],
+)
+def test_cached_logits_match_full_forward(overrides):
+    torch.manual_seed(0)
+    model = MoETransformer(tiny(**overrides)).eval()
+    ids = torch.randint(0, 256, (2, 20))
+    full = model(ids).logits
+    cache = model.new_cache(2)
+    parts = [model(ids[:, :7], cache=cache).logits]
+    parts += [model(ids[:, 7:12], cache=cache).logits]  # a multi-token chunk after cached positions
+    parts += [model(ids[:, t : t + 1], cache=cache).logits for t in range(12, 20)]
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=1e-4, atol=1e-5)
+
+
+def test_greedy_generation_with_and_without_cache_agree():
+    torch.manual_seed(0)
+    model = MoETransformer(tiny(max_seq_len=32))
+    prompt = torch.tensor([[ord(c) for c in "def f(x):"], [ord(c) for c in "import os"]])
+    # 60 new tokens with a 32-position window: the cache restarts twice, the uncached path slides the same way.
+    with_cache = generate(model, prompt, 60, temperature=0, use_cache=True)
+    without = generate(model, prompt, 60, temperature=0, use_cache=False)
+    assert with_cache.shape == (2, 60)
+    assert torch.equal(with_cache, without)
+    assert model.training  # generation restores the mode it found
+
+
+def test_streaming_and_seeded_sampling():
+    torch.manual_seed(0)
+    model = MoETransformer(tiny())
+    prompt = torch.tensor([10, 100, 101])
+    seen = []
+    out = generate(
+        model,
+        prompt,
+        12,
+        temperature=1.0,
+        top_k=20,
+        top_p=0.9,
+        generator=torch.Generator().manual_seed(3),
+        on_token=seen.append,
+    )
+    again = generate(
+        model, prompt, 12, temperature=1.0, top_k=20, top_p=0.9, generator=torch.Generator().manual_seed(3)
+    )
+    assert torch.equal(out, again)
+    assert torch.equal(torch.stack(seen, dim=1), out)
+
+
+def test_sample_next_filters():
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.9]])
+    gen = torch.Generator().manual_seed(0)
+    assert sample_next(logits, temperature=0).item() == 1
+    assert {sample_next(logits, 1.0, top_k=1, generator=gen).item() for _ in range(20)} == {1}
+    assert {sample_next(logits, 1.0, top_k=2, generator=gen).item() for _ in range(200)} == {1, 3}
+    # top_p=0.5: token 1 alone holds < 0.5 of the mass, so 1 and 3 stay, 2 and 0 go.
+    assert {sample_next(logits, 1.0, top_p=0.5, generator=gen).item() for _ in range(200)} == {1, 3}
+    with pytest.raises(ValueError, match="top_p"):
+        generate(MoETransformer(tiny()), torch.tensor([1]), 1, top_p=0.0)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"capacity_factor": 1.0, "num_shared_experts": 1, "shared_expert_gate": True},
+        {"router": "group_limited", "num_groups": 2, "topk_groups": 1, "score_func": "sigmoid", "bias_balancing": True},
+        {"moe_every": 2, "dropout": 0.1, "noise": "jitter", "seq_aux_loss_coef": 1e-3, "z_loss_coef": 1e-3},
+    ],
+)
+def test_moe_options_train_and_decode(overrides):
+    """Each option reaches the MoE layers and the model trains and decodes with it."""
+    torch.manual_seed(0)
+    model = MoETransformer(tiny(**overrides))
+    layer = model.moe_layers[0]
+    for name, value in overrides.items():
+        if name not in ("moe_every", "dropout"):
+            assert getattr(layer.config, name) == value
+    ids = torch.randint(0, 256, (2, 16))
+    out = model(ids, ids)
+    (out.loss + out.aux_loss).backward()
+    assert layer.router.weight.grad.abs().sum() > 0
+    tokens = generate(model, ids[0, :4], 6, temperature=0)
+    assert tokens.shape == (1, 6)
