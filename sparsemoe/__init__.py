@@ -3,6 +3,7 @@
 from sparsemoe.config import MoEConfig
 from sparsemoe.dispatch import DispatchPlan, build_plan, register_backend
 from sparsemoe.layer import MoE, MoEStats, moe_layers, set_aux_loss_scale
+from sparsemoe.model import ModelConfig, MoETransformer
 from sparsemoe.routing import Router, RoutingResult
 
 __version__ = "0.1.0"
@@ -12,6 +13,8 @@ __all__ = [
     "MoE",
     "MoEConfig",
     "MoEStats",
+    "ModelConfig",
+    "MoETransformer",
     "Router",
     "RoutingResult",
     "build_plan",

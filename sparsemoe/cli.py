@@ -51,5 +51,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 130
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # `python -m sparsemoe.cli`: run the module's canonical copy, not __main__'s twin
+    from sparsemoe.cli import main as _main
+
+    sys.exit(_main())
