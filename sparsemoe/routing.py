@@ -11,7 +11,7 @@ afterwards, once, by `sparsemoe.dispatch.plan.build_plan`, so that every backend
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -83,6 +83,26 @@ class Router(nn.Module):
         return token_choice(logits_TE, cfg, self.training, self.expert_bias if cfg.bias_balancing else None)
 
 
+# A fused top-k router kernel, registered by the Triton backend when Triton is importable:
+# (fused_topk(logits, top_k, score_func, score_order, renormalize, route_scale, bias) -> (ids_TK, weights_TK),
+#  available(logits) -> bool).
+_fused_topk: Optional[tuple[Callable, Callable[[Tensor], bool]]] = None
+
+
+def register_fused_topk(fused_topk: Callable, available: Callable[[Tensor], bool]) -> None:
+    global _fused_topk
+    _fused_topk = (fused_topk, available)
+
+
+def _fused_topk_applies(logits_TE: Tensor, cfg: MoEConfig, training: bool, bias_E: Optional[Tensor]) -> bool:
+    """The fused kernel computes plain top-k routing; it does not apply where selection is perturbed."""
+    if _fused_topk is None or cfg.router != "topk" or not _fused_topk[1](logits_TE):
+        return False
+    if training and (cfg.noise == "gumbel" or cfg.expert_dropout > 0):
+        return False
+    return bias_E is None or cfg.score_func == "sigmoid"  # the kernel adds the bias to the scores
+
+
 def _scores(logits: Tensor, score_func: str) -> Tensor:
     return torch.softmax(logits, dim=-1) if score_func == "softmax" else torch.sigmoid(logits)
 
@@ -124,6 +144,10 @@ def token_choice(logits_TE: Tensor, cfg: MoEConfig, training: bool, bias_E: Opti
     """Each token picks its K experts. Selection may use noise and bias; weights never use the bias."""
     T, E = logits_TE.shape
     K = cfg.top_k
+    if _fused_topk_applies(logits_TE, cfg, training, bias_E):
+        fused, _ = _fused_topk
+        ids_TK, weights_TK = fused(logits_TE, K, cfg.score_func, cfg.score_order, cfg.renormalize, cfg.route_scale, bias_E)
+        return _token_choice_result(logits_TE, ids_TK, weights_TK, cfg)
     logits = logits_TE
     if training and cfg.expert_dropout > 0:
         keep_E = expert_dropout_mask(E, K, cfg.expert_dropout, logits.device)
@@ -160,13 +184,20 @@ def token_choice(logits_TE: Tensor, cfg: MoEConfig, training: bool, bias_E: Opti
     if cfg.route_scale != 1.0:
         weights_TK = weights_TK * cfg.route_scale
 
-    token_ids = torch.arange(T, device=logits.device).repeat_interleave(K)
+    return _token_choice_result(logits, expert_ids_TK, weights_TK, cfg, raw_logits_TE=logits_TE)
+
+
+def _token_choice_result(
+    logits_TE: Tensor, ids_TK: Tensor, weights_TK: Tensor, cfg: MoEConfig, raw_logits_TE: Optional[Tensor] = None
+) -> RoutingResult:
+    """Flatten [T, K] choices token-major; probs from the (possibly expert-dropped) logits."""
+    T, K = ids_TK.shape
     return RoutingResult(
-        token_ids=token_ids,
-        expert_ids=expert_ids_TK.reshape(-1),
+        token_ids=torch.arange(T, device=logits_TE.device).repeat_interleave(K),
+        expert_ids=ids_TK.reshape(-1),
         weights=weights_TK.reshape(-1),
-        probs=normalised_probs(logits, cfg.score_func),
-        logits=logits_TE,
+        probs=normalised_probs(logits_TE, cfg.score_func),
+        logits=logits_TE if raw_logits_TE is None else raw_logits_TE,
         top_k=K,
         expert_choice=False,
     )

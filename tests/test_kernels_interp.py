@@ -276,3 +276,32 @@ def test_gpu_bench_script_runs_end_to_end_on_tiny_shapes(tmp_path, capsys):
     assert ("forward+backward", "sparsemoe triton") in impls and ("decode forward", "sparsemoe triton") in impls
     assert report["environment"]["copy_bandwidth_GBps"] > 0
     assert "| tiny | 24 | forward+backward | sparsemoe triton |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        dict(),
+        dict(score_func="sigmoid", bias_balancing=True, route_scale=2.0),
+        dict(score_order="after_topk", renormalize=False),
+    ],
+)
+def test_layer_routes_through_the_fused_kernel_with_the_same_result(fields, monkeypatch):
+    import sparsemoe.routing as routing
+
+    cfg = MoEConfig(dim=12, hidden_dim=8, num_experts=6, top_k=2, backend="grouped", **fields)
+    torch.manual_seed(0)
+    fused_layer = MoE(cfg)
+    with torch.no_grad():
+        fused_layer.router.expert_bias.uniform_(-0.2, 0.2)
+    x = torch.randn(9, 12)
+    grad_out = torch.randn(9, 12)
+    calls = []
+    fused_fn, available = routing._fused_topk
+    monkeypatch.setattr(routing, "_fused_topk", (lambda *a: calls.append(1) or fused_fn(*a), available))
+    fused_layer.eval()
+    got = _run(fused_layer, x, grad_out)
+    assert calls, "the layer did not use the fused router"
+    monkeypatch.setattr(routing, "_fused_topk", None)
+    want = _run(fused_layer, x, grad_out)
+    _assert_close(got, want)

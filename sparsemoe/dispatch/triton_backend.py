@@ -272,5 +272,7 @@ def fused_topk(
 
 if _kernels is not None:
     from sparsemoe.dispatch import register_backend
+    from sparsemoe.routing import register_fused_topk
 
     register_backend("triton", triton_forward, available)
+    register_fused_topk(fused_topk, available)
