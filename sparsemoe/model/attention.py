@@ -33,7 +33,7 @@ class RMSNorm(nn.Module):
 
 
 def rope_table(head_dim: int, max_len: int, theta: float, scaling: Optional[dict] = None) -> tuple[Tensor, Tensor]:
-    """cos, sin [max_len, head_dim] for the rotate-half layout, in float32. `scaling`: YaRN (ModelConfig.rope_scaling)."""
+    """cos, sin [max_len, head_dim] for the rotate-half layout, in float32; `scaling` = ModelConfig.rope_scaling."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
     factor = 1.0
     if scaling is not None:

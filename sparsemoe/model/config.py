@@ -147,7 +147,8 @@ class ModelConfig:
             and _number(scaling.get("original_max_position_embeddings"))
             and scaling["original_max_position_embeddings"] >= 1
         ):
-            _fail("rope_scaling", scaling, "None or {'type': 'yarn', 'factor': > 0, 'original_max_position_embeddings': >= 1}")
+            accepted = "None or {'type': 'yarn', 'factor': > 0, 'original_max_position_embeddings': >= 1}"
+            _fail("rope_scaling", scaling, accepted)
         if self.attention not in ("gqa", "mla"):
             _fail("attention", self.attention, "'gqa' or 'mla'")
         if self.attention == "mla":

@@ -1,0 +1,35 @@
+"""Hugging Face interop: load, convert, export and patch Mixtral / Qwen-MoE / DeepSeek MoE models.
+
+Loading, converting and exporting read and write `config.json` and safetensors directly and need only
+torch; patching works on a live transformers model (the `hf` extra).
+"""
+
+from sparsemoe.hf.config_map import FAMILIES, MappedConfig, map_config, map_moe_config, read_hf_config
+from sparsemoe.hf.convert import hf_to_sparsemoe, read_sparsemoe_checkpoint, sparsemoe_to_hf
+from sparsemoe.hf.export import export_hf_mixtral, mixtral_incompatibilities
+from sparsemoe.hf.io import CheckpointFiles, HFFormatError, write_safetensors
+from sparsemoe.hf.load import LoadedModel, load_hf, load_hf_model
+from sparsemoe.hf.patch import PatchedMoeBlock, PatchReport, patch_hf_model, unpatch_hf_model
+
+__all__ = [
+    "FAMILIES",
+    "CheckpointFiles",
+    "HFFormatError",
+    "LoadedModel",
+    "MappedConfig",
+    "PatchReport",
+    "PatchedMoeBlock",
+    "export_hf_mixtral",
+    "hf_to_sparsemoe",
+    "load_hf",
+    "load_hf_model",
+    "map_config",
+    "map_moe_config",
+    "mixtral_incompatibilities",
+    "patch_hf_model",
+    "read_hf_config",
+    "read_sparsemoe_checkpoint",
+    "sparsemoe_to_hf",
+    "unpatch_hf_model",
+    "write_safetensors",
+]

@@ -1,0 +1,376 @@
+"""Hugging Face `config.json` -> sparsemoe `ModelConfig`, per model family.
+
+Supported families (`model_type`): mixtral, qwen2_moe, qwen3_moe, deepseek_v2, deepseek_v3. The
+config is read as plain JSON, so loading and converting need no `transformers` install; defaults for
+keys a config leaves out are those of the transformers config classes.
+
+How each family routes, and the MoEConfig fields it maps to:
+
+| family      | scores  | selection                        | combine weights                   | shared experts   |
+|-------------|---------|----------------------------------|-----------------------------------|------------------|
+| mixtral     | softmax | top-k                            | renormalised                      | none             |
+| qwen2_moe   | softmax | top-k                            | renormalised iff norm_topk_prob   | 1, sigmoid-gated |
+| qwen3_moe   | softmax | top-k                            | renormalised iff norm_topk_prob   | none             |
+| deepseek_v2 | softmax | top-k, or groups ranked by max   | x routed_scaling_factor           | n_shared_experts |
+| deepseek_v3 | sigmoid | score + e_score_correction_bias, | renormalised iff norm_topk_prob,  | n_shared_experts |
+|             |         | groups ranked by top-2 sum       | x routed_scaling_factor           |                  |
+
+RoPE: plain, or YaRN (`rope_type` "yarn", DeepSeek's context extension) as `ModelConfig.rope_scaling`.
+Anything a family does that sparsemoe's model cannot reproduce (other RoPE scalings, biases sparsemoe's
+attention lacks, dense layers that are not a prefix, ...) raises `HFFormatError` naming the config key,
+instead of loading a model that would silently compute something else.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from sparsemoe.hf.io import HFFormatError
+from sparsemoe.model.mla import YARN_KEYS
+
+FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3")
+
+# Expert activations: Hugging Face hidden_act -> sparsemoe activation (both gated).
+_ACTIVATIONS = {"silu": "swiglu", "swish": "swiglu", "gelu_pytorch_tanh": "geglu", "gelu_new": "geglu"}
+
+_REQUIRED = object()
+
+
+@dataclass
+class MappedConfig:
+    """The sparsemoe model config for a Hugging Face config, and what the loader must know besides."""
+
+    family: str
+    model_config: Any  # sparsemoe.model.ModelConfig
+    rope_interleaved: bool = False  # DeepSeek rotary pairs are (2i, 2i+1): permute q/k rows at load time
+    notes: list[str] = field(default_factory=list)  # behaviour differences worth telling the user
+
+
+def read_hf_config(directory: Union[str, Path]) -> dict[str, Any]:
+    path = Path(directory) / "config.json"
+    if not Path(directory).is_dir():
+        raise HFFormatError(f"{str(directory)!r} is not a directory (expected a Hugging Face model folder)")
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise HFFormatError(f"{str(directory)!r} has no config.json (expected a Hugging Face model folder)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise HFFormatError(f"{str(path)!r} is corrupt or truncated ({err})") from None
+    if not isinstance(cfg, dict):
+        raise HFFormatError(f"{str(path)!r} does not hold a JSON object")
+    return cfg
+
+
+def family_of(cfg: dict[str, Any]) -> str:
+    """The supported family of a Hugging Face config, or an HFFormatError naming what was found."""
+    model_type = cfg.get("model_type")
+    if model_type in FAMILIES:
+        return model_type
+    arch = ", ".join(cfg.get("architectures") or []) or "unknown"
+    raise HFFormatError(
+        f"unsupported architecture {arch} (model_type {model_type!r}); supported model_type values: "
+        + ", ".join(FAMILIES)
+    )
+
+
+# transformers' attribute_map aliases: a config.json may spell the expert count any of these ways.
+_ALIASES = {
+    "num_experts": ("num_local_experts", "n_routed_experts"),
+    "num_local_experts": ("num_experts", "n_routed_experts"),
+    "n_routed_experts": ("num_experts", "num_local_experts"),
+}
+
+
+def _get(cfg: dict[str, Any], key: str, default: Any = _REQUIRED) -> Any:
+    value = cfg.get(key)
+    for alias in _ALIASES.get(key, ()):
+        value = cfg.get(alias) if value is None else value
+    if value is None:
+        if default is _REQUIRED:
+            raise HFFormatError(f"config.json lacks {key!r}, which a {cfg.get('model_type')} model needs")
+        return default
+    return value
+
+
+def _unsupported(key: str, value: Any, accepted: str) -> HFFormatError:
+    return HFFormatError(f"config.json {key}={value!r} is not supported: sparsemoe's model needs {accepted}")
+
+
+def _activation(cfg: dict[str, Any]) -> str:
+    act = _get(cfg, "hidden_act", "silu")
+    if act not in _ACTIVATIONS:
+        raise _unsupported("hidden_act", act, "one of " + ", ".join(map(repr, _ACTIVATIONS)))
+    return _ACTIVATIONS[act]
+
+
+def _rope(cfg: dict[str, Any], default_theta: float) -> dict[str, Any]:
+    """rope_theta and rope_scaling, from transformers 5's rope_parameters or the older rope_theta/rope_scaling keys."""
+    params = cfg.get("rope_parameters") or {}
+    scaling = cfg.get("rope_scaling") or {}
+    source = params if params.get("rope_type") not in (None, "default") else scaling
+    rope_type = source.get("rope_type") or source.get("type") or "default"
+    theta = float(params.get("rope_theta") or cfg.get("rope_theta") or default_theta)
+    if rope_type == "default":
+        return {"rope_theta": theta, "rope_scaling": None}
+    if rope_type != "yarn":
+        key = "rope_parameters" if source is params else "rope_scaling"
+        raise _unsupported(key, {"rope_type": rope_type}, "plain RoPE or YaRN (rope_type 'default' or 'yarn')")
+    if source.get("partial_rotary_factor", 1.0) != 1.0:
+        raise _unsupported("partial_rotary_factor", source["partial_rotary_factor"], "1.0")
+    yarn = {k: source[k] for k in YARN_KEYS + ("attention_factor", "truncate") if source.get(k) is not None}
+    yarn.setdefault("original_max_position_embeddings", int(_get(cfg, "max_position_embeddings")))
+    if "factor" not in yarn:
+        raise _unsupported("rope_scaling", source, "a 'factor' for YaRN")
+    return {"rope_theta": theta, "rope_scaling": {"type": "yarn", **yarn}}
+
+
+def _window(cfg: dict[str, Any], max_seq_len: int, sliding: bool, notes: list[str]) -> int:
+    """Sliding-window attention equals full attention on sequences no longer than the window: cap there."""
+    window = cfg.get("sliding_window")
+    if sliding and window and window < max_seq_len:
+        notes.append(f"sliding_window={window}: max_seq_len capped at {window}, where full attention is exact")
+        return int(window)
+    return max_seq_len
+
+
+def _common(
+    cfg: dict[str, Any], default_theta: float, default_eps: float, max_seq_len: Optional[int]
+) -> dict[str, Any]:
+    heads = int(_get(cfg, "num_attention_heads"))
+    longest = int(_get(cfg, "max_position_embeddings"))
+    return dict(
+        vocab_size=int(_get(cfg, "vocab_size")),
+        dim=int(_get(cfg, "hidden_size")),
+        n_layers=int(_get(cfg, "num_hidden_layers")),
+        n_heads=heads,
+        n_kv_heads=int(_get(cfg, "num_key_value_heads", heads)),
+        head_dim=cfg.get("head_dim"),
+        max_seq_len=min(longest, max_seq_len) if max_seq_len else longest,
+        **_rope(cfg, default_theta),
+        norm_eps=float(_get(cfg, "rms_norm_eps", default_eps)),
+        tie_embeddings=bool(_get(cfg, "tie_word_embeddings", False)),
+        activation=_activation(cfg),
+        init_std=float(_get(cfg, "initializer_range", 0.02)),
+        dropout=0.0,
+    )
+
+
+def _qwen_sparse_layers(cfg: dict[str, Any], n_layers: int) -> dict[str, Any]:
+    """Qwen's `mlp_only_layers` + `decoder_sparse_step` as sparsemoe's `first_dense_layers` + `moe_every`."""
+    step = int(_get(cfg, "decoder_sparse_step", 1))
+    if step < 1:
+        raise _unsupported("decoder_sparse_step", step, "an integer >= 1")
+    dense_only = set(cfg.get("mlp_only_layers") or [])
+    wanted = [i for i in range(n_layers) if i not in dense_only and (i + 1) % step == 0]
+    for first in range(n_layers + 1):
+        if [i for i in range(first, n_layers) if (i + 1) % step == 0] == wanted:
+            return dict(first_dense_layers=first, moe_every=step)
+    raise _unsupported(
+        "mlp_only_layers",
+        sorted(dense_only),
+        "the dense layers to be a prefix of the model (layers 0..n-1) plus every decoder_sparse_step-th layer",
+    )
+
+
+def _attention(cfg: dict[str, Any], family: str, base: dict[str, Any], notes: list[str]) -> None:
+    """The attention-side fields of the ModelConfig (`base`), per family."""
+    sliding = family == "mixtral" or (family.startswith("qwen") and bool(cfg.get("use_sliding_window")))
+    base["max_seq_len"] = _window(cfg, base["max_seq_len"], sliding, notes)
+    if family == "qwen2_moe":
+        base["qkv_bias"] = bool(_get(cfg, "qkv_bias", True))
+    elif family == "qwen3_moe":
+        if cfg.get("attention_bias"):
+            raise _unsupported("attention_bias", True, "attention without biases (qwen3_moe also biases o_proj)")
+        base["qk_norm"] = True
+    elif family.startswith("deepseek"):
+        if cfg.get("attention_bias"):
+            raise _unsupported("attention_bias", True, "Multi-head Latent Attention without biases")
+        base.update(
+            attention="mla",
+            n_kv_heads=base["n_heads"],
+            head_dim=int(_get(cfg, "qk_rope_head_dim")),
+            q_lora_rank=cfg.get("q_lora_rank"),
+            kv_lora_rank=int(_get(cfg, "kv_lora_rank")),
+            qk_nope_head_dim=int(_get(cfg, "qk_nope_head_dim")),
+            v_head_dim=int(_get(cfg, "v_head_dim")),
+        )
+
+
+def _mixtral(cfg: dict[str, Any], n_layers: int, notes: list[str], family: str) -> dict[str, Any]:
+    jitter = float(_get(cfg, "router_jitter_noise", 0.0))
+    if 0 < jitter:
+        notes.append(
+            "router_jitter_noise: sparsemoe jitters the router input only (transformers also the experts' input)"
+        )
+    return dict(
+        num_experts=int(_get(cfg, "num_local_experts")),
+        top_k=int(_get(cfg, "num_experts_per_tok")),
+        moe_hidden_dim=int(_get(cfg, "intermediate_size")),
+        router="topk",
+        score_func="softmax",
+        renormalize=True,
+        aux_loss_coef=float(_get(cfg, "router_aux_loss_coef", 0.001)),
+        noise="jitter" if 0 < jitter < 1 else "none",
+        noise_eps=jitter if 0 < jitter < 1 else 1e-2,
+    )
+
+
+def _qwen(cfg: dict[str, Any], n_layers: int, notes: list[str], family: str) -> dict[str, Any]:
+    experts = int(_get(cfg, "num_experts"))
+    out: dict[str, Any] = dict(
+        top_k=int(_get(cfg, "num_experts_per_tok")),
+        moe_hidden_dim=int(_get(cfg, "moe_intermediate_size")),
+        dense_hidden_dim=int(_get(cfg, "intermediate_size")),
+        router="topk",
+        score_func="softmax",
+        renormalize=bool(_get(cfg, "norm_topk_prob", False)),
+        aux_loss_coef=float(_get(cfg, "router_aux_loss_coef", 0.001)),
+    )
+    if experts == 0:
+        out.update(dense=True, top_k=1)
+    else:
+        out["num_experts"] = experts
+        out.update(_qwen_sparse_layers(cfg, n_layers))
+    if family == "qwen2_moe":
+        shared = int(_get(cfg, "shared_expert_intermediate_size", 5632))  # the transformers default
+        if shared > 0:
+            out.update(num_shared_experts=1, shared_hidden_dim=shared, shared_expert_gate=True)
+    return out
+
+
+def _deepseek(cfg: dict[str, Any], n_layers: int, notes: list[str], family: str) -> dict[str, Any]:
+    if cfg.get("mlp_bias"):
+        raise _unsupported("mlp_bias", True, "MLPs without biases")
+    if int(cfg.get("moe_layer_freq") or 1) != 1:
+        raise _unsupported(
+            "moe_layer_freq", cfg["moe_layer_freq"], "1 (every layer after first_k_dense_replace is MoE)"
+        )
+    groups, kept = cfg.get("n_group") or 1, cfg.get("topk_group") or 1
+    out: dict[str, Any] = dict(
+        num_experts=int(_get(cfg, "n_routed_experts")),
+        top_k=int(_get(cfg, "num_experts_per_tok")),
+        moe_hidden_dim=int(_get(cfg, "moe_intermediate_size")),
+        dense_hidden_dim=int(_get(cfg, "intermediate_size")),
+        first_dense_layers=int(_get(cfg, "first_k_dense_replace", 0)),
+        moe_every=1,
+        num_shared_experts=int(_get(cfg, "n_shared_experts", 0)),
+        route_scale=float(_get(cfg, "routed_scaling_factor", 1.0)),
+    )
+    method = cfg.get("topk_method") or ("greedy" if family == "deepseek_v2" else "noaux_tc")
+    if family == "deepseek_v2":
+        if cfg.get("norm_topk_prob"):
+            # transformers ignores the key for V2, DeepSeek's own code renormalises and drops the scaling.
+            raise _unsupported("norm_topk_prob", True, "False for deepseek_v2 (implementations disagree on it)")
+        if method not in ("greedy", "group_limited_greedy"):
+            raise _unsupported("topk_method", method, "'greedy' or 'group_limited_greedy' for deepseek_v2")
+        out.update(score_func="softmax", renormalize=False, aux_loss_coef=float(cfg.get("aux_loss_alpha") or 0.001))
+        if method == "group_limited_greedy":
+            out.update(router="group_limited", num_groups=int(groups), topk_groups=int(kept), group_score="max")
+        else:
+            out.update(router="topk")
+    else:
+        if method != "noaux_tc":
+            raise _unsupported("topk_method", method, "'noaux_tc' for deepseek_v3")
+        out.update(
+            score_func="sigmoid",
+            renormalize=bool(_get(cfg, "norm_topk_prob", True)),
+            bias_balancing=True,  # e_score_correction_bias moves selection, as sparsemoe's expert_bias does
+            router="group_limited" if groups > 1 else "topk",
+            num_groups=int(groups),
+            topk_groups=int(kept),
+            group_score="top2_sum",
+            aux_loss_coef=0.0,
+            seq_aux_loss_coef=float(cfg.get("aux_loss_alpha") or 1e-4),
+        )
+    return out
+
+
+_ROUTING = {
+    "mixtral": _mixtral,
+    "qwen2_moe": _qwen,
+    "qwen3_moe": _qwen,
+    "deepseek_v2": _deepseek,
+    "deepseek_v3": _deepseek,
+}
+
+# ModelConfig fields that describe the model around the MoE blocks, not the blocks themselves.
+_NOT_MOE = ("dense_hidden_dim", "first_dense_layers", "moe_every", "dense")
+
+
+def map_moe_config(cfg: dict[str, Any], **overrides: Any):
+    """The `MoEConfig` of one MoE block of a Hugging Face config (attention and layout are not checked).
+
+    Used to patch a live transformers model, where only the MoE blocks are replaced.
+    """
+    from sparsemoe.config import MoEConfig
+
+    family = family_of(cfg)
+    fields = _ROUTING[family](cfg, int(_get(cfg, "num_hidden_layers")), [], family)
+    fields = {k: v for k, v in fields.items() if k not in _NOT_MOE}
+    fields["hidden_dim"] = fields.pop("moe_hidden_dim")
+    fields["activation"] = _activation(cfg)
+    fields.update(overrides)
+    try:
+        return MoEConfig(dim=int(_get(cfg, "hidden_size")), **fields)
+    except (TypeError, ValueError) as err:
+        raise HFFormatError(f"the MoE blocks of this {family} model do not map to sparsemoe.MoE: {err}") from None
+
+
+def map_config(cfg: dict[str, Any], max_seq_len: Optional[int] = None) -> MappedConfig:
+    """Translate a Hugging Face config dict; raise HFFormatError for anything that does not map."""
+    from sparsemoe.model import ModelConfig
+
+    family = family_of(cfg)
+    notes: list[str] = []
+    theta = 1e6 if family == "mixtral" else 1e4
+    base = _common(cfg, theta, 1e-5 if family == "mixtral" else 1e-6, max_seq_len)
+    _attention(cfg, family, base, notes)
+    moe = _ROUTING[family](cfg, base["n_layers"], notes, family)
+    interleaved = family == "deepseek_v2" or (family == "deepseek_v3" and bool(cfg.get("rope_interleave", True)))
+    try:
+        model_config = ModelConfig(**base, **moe)
+    except (TypeError, ValueError) as err:
+        raise HFFormatError(f"config.json of this {family} model does not map to a sparsemoe model: {err}") from None
+    return MappedConfig(family, _saved_settings(cfg, model_config, notes), interleaved, notes)
+
+
+# Fields that do not change what a model computes in evaluation: the only ones a config saved by
+# sparsemoe's export may set differently from what the Hugging Face keys say.
+TRAINING_ONLY = (
+    "aux_loss_coef", "seq_aux_loss_coef", "z_loss_coef", "aux_loss_mode", "noise", "noise_eps", "router_init_std",
+    "bias_update_rate", "capacity_factor", "eval_capacity_factor", "capacity_priority", "expert_dropout", "dropout",
+    "init_std", "score_order", "moe_backend", "dense_hidden_dim",
+)  # fmt: skip
+SAVED_KEY = "sparsemoe_model_config"  # written by sparsemoe.hf.export next to the Mixtral keys
+
+
+def _saved_settings(cfg: dict[str, Any], mapped, notes: list[str]):
+    """The ModelConfig sparsemoe saved on export (training settings included), if it still describes this model.
+
+    Mixtral's config has no key for, e.g., z_loss_coef or a training capacity; keeping sparsemoe's own
+    config beside them makes sparsemoe -> HF -> sparsemoe exact. It is used only when every field that
+    affects the computation agrees with the Hugging Face keys (which win if someone edited them).
+    """
+    from dataclasses import replace
+
+    from sparsemoe.model import ModelConfig
+
+    saved = cfg.get(SAVED_KEY)
+    if not isinstance(saved, dict):
+        return mapped
+    # transformers re-saves float("inf") (a dropless capacity) as {"__float__": "Infinity"}.
+    saved = {k: float(v["__float__"]) if isinstance(v, dict) and "__float__" in v else v for k, v in saved.items()}
+    try:
+        config = ModelConfig.from_dict(saved)
+        config = replace(config, max_seq_len=mapped.max_seq_len, moe_backend=mapped.moe_backend)
+    except (TypeError, ValueError) as err:
+        notes.append(f"ignored {SAVED_KEY}: {err}")
+        return mapped
+    differs = sorted(set(config.diff(mapped)) - set(TRAINING_ONLY))
+    if differs:
+        notes.append(f"ignored {SAVED_KEY}: it disagrees with the Hugging Face keys on {differs}")
+        return mapped
+    return config

@@ -1,0 +1,166 @@
+"""Conversions between Hugging Face folders and sparsemoe checkpoints (the functions behind `sparsemoe convert`).
+
+A converted sparsemoe checkpoint has the layout `sparsemoe train` writes (see sparsemoe.train.checkpoint):
+
+    OUT/checkpoints/step-000000/model.safetensors   the model's state dict
+    OUT/checkpoints/step-000000/trainer.json        model_config, file sizes, where it came from
+    OUT/checkpoints/latest
+
+so `sparsemoe generate --checkpoint OUT` and `sparsemoe inspect --checkpoint OUT` read it. Both
+directions hold one copy of the model in memory plus one tensor being read or written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+from torch import nn
+
+from sparsemoe.hf.export import export_hf_mixtral, mixtral_incompatibilities
+from sparsemoe.hf.io import INDEX_FILE, CheckpointFiles, HFFormatError, write_safetensors
+from sparsemoe.hf.load import LoadedModel, empty_model, load_hf, resolve_dtype
+
+
+def is_hf_folder(path: Union[str, Path]) -> bool:
+    return (Path(path) / "config.json").is_file()
+
+
+def _fresh_dir(path: Path, overwrite: bool) -> None:
+    """Make sure `path` can be written to without mixing old and new files."""
+    if path.exists() and not path.is_dir():
+        raise HFFormatError(f"output {str(path)!r} exists and is not a folder")
+    if path.is_dir() and any(path.iterdir()):
+        if not overwrite:
+            raise HFFormatError(f"output folder {str(path)!r} is not empty; choose a new folder or overwrite it")
+        # Only what a previous conversion wrote: never a whole unrelated folder.
+        for name in ("checkpoints", "config.json", INDEX_FILE):
+            target = path / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+        for stale in path.glob("*.safetensors"):
+            stale.unlink()
+    path.mkdir(parents=True, exist_ok=True)
+
+
+def save_converted_checkpoint(model: nn.Module, out_dir: Union[str, Path], source: dict[str, Any]) -> Path:
+    """Write `model` as a step-0 sparsemoe checkpoint under OUT/checkpoints; returns the checkpoint folder."""
+    from sparsemoe.train.checkpoint import FORMAT, LATEST, META_FILE, MODEL_FILE, OPTIMIZER_FILE, step_dir_name
+
+    root = Path(out_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / step_dir_name(0)
+    tmp = root / f".tmp-{final.name}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    sizes = {
+        MODEL_FILE: write_safetensors(tmp / MODEL_FILE, model.state_dict().items()),
+        OPTIMIZER_FILE: write_safetensors(tmp / OPTIMIZER_FILE, []),  # no optimizer state: a fresh start
+    }
+    meta = {
+        "format": FORMAT,
+        "step": 0,
+        "model_config": model.config.to_dict(),
+        "files": sizes,
+        "converted_from": source,
+    }
+    (tmp / META_FILE).write_text(json.dumps(meta, indent=1), encoding="utf-8")
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)  # atomic: a crash leaves a stray temporary folder, never a half checkpoint
+    latest_tmp = root / f".{LATEST}.tmp-{os.getpid()}"
+    latest_tmp.write_text(final.name + "\n", encoding="utf-8")
+    os.replace(latest_tmp, root / LATEST)
+    return final
+
+
+def hf_to_sparsemoe(
+    src: Union[str, Path],
+    out_dir: Union[str, Path],
+    *,
+    dtype: Union[str, torch.dtype, None] = "auto",
+    max_seq_len: Optional[int] = None,
+    strict: bool = True,
+    overwrite: bool = False,
+) -> tuple[Path, LoadedModel]:
+    """Convert a Hugging Face folder to a sparsemoe checkpoint; returns (checkpoint folder, what was loaded)."""
+    out = Path(out_dir)
+    if out.resolve() == Path(src).resolve():
+        raise HFFormatError("the output folder must differ from the Hugging Face folder")
+    loaded = load_hf(src, dtype=dtype, max_seq_len=max_seq_len, strict=strict)
+    _fresh_dir(out, overwrite)
+    source = {
+        "format": "huggingface",
+        "family": loaded.mapped.family,
+        "path": str(Path(src).name),
+        "notes": loaded.mapped.notes,
+    }
+    return save_converted_checkpoint(loaded.model, out, source), loaded
+
+
+def read_sparsemoe_checkpoint(path: Union[str, Path], dtype: Optional[torch.dtype] = None) -> nn.Module:
+    """A sparsemoe run or checkpoint folder's model, read tensor by tensor into place (eval mode).
+
+    The same checks as `sparsemoe.train.checkpoint.load_model` (format, file sizes, matching keys), but
+    without loading the whole file beside the model.
+    """
+    from sparsemoe.model import ModelConfig
+    from sparsemoe.train.checkpoint import MODEL_FILE, CheckpointError, load_meta, resolve_checkpoint
+
+    try:
+        ckpt_dir = resolve_checkpoint(path)
+        meta = load_meta(ckpt_dir)
+        config = ModelConfig.from_dict(meta["model_config"])
+    except CheckpointError as err:
+        raise HFFormatError(str(err)) from None
+    except (KeyError, TypeError, ValueError) as err:
+        raise HFFormatError(f"checkpoint {str(path)!r} has no usable model_config ({err})") from None
+    model_file = ckpt_dir / MODEL_FILE
+    if not model_file.is_file():
+        raise HFFormatError(f"checkpoint file {str(model_file)!r} is missing")
+    files = CheckpointFiles(ckpt_dir)
+    files.weight_map = {k: v for k, v in files.weight_map.items() if v == model_file}
+    model = empty_model(config, dtype or _stored_dtype(files), "cpu")
+    state = model.state_dict(keep_vars=True)
+    missing, unexpected = sorted(set(state) - files.keys()), sorted(files.keys() - set(state))
+    if missing or unexpected:
+        raise HFFormatError(
+            f"checkpoint {str(ckpt_dir)!r} does not match its model_config: "
+            f"missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
+    for name, tensor in state.items():
+        files.read_into(name, tensor)
+    return model.eval()
+
+
+def _stored_dtype(files: CheckpointFiles) -> torch.dtype:
+    """The dtype of the checkpoint's embedding (float32 for anything unexpected)."""
+    key = "embed.weight"
+    return files.dtype(key) if key in files and files.dtype(key).is_floating_point else torch.float32
+
+
+def sparsemoe_to_hf(
+    src: Union[str, Path],
+    out_dir: Union[str, Path],
+    *,
+    dtype: Union[str, torch.dtype, None] = None,
+    fused: bool = False,
+    max_shard_bytes: int = 5 * 2**30,
+    overwrite: bool = False,
+) -> Path:
+    """Convert a sparsemoe run or checkpoint folder to a Hugging Face Mixtral folder."""
+    model = read_sparsemoe_checkpoint(src)
+    problems = mixtral_incompatibilities(model)
+    if problems:  # checked before the output folder is touched
+        raise HFFormatError("this model cannot be exported as Mixtral: " + "; ".join(problems))
+    out = Path(out_dir)
+    _fresh_dir(out, overwrite)
+    cast = None if dtype in (None, "auto") else resolve_dtype(dtype)
+    return export_hf_mixtral(model, out, dtype=cast, fused=fused, max_shard_bytes=max_shard_bytes)

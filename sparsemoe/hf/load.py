@@ -1,0 +1,155 @@
+"""Load a Hugging Face MoE checkpoint folder into sparsemoe's `MoETransformer`, one tensor at a time.
+
+Memory: the model is built on the meta device (no random initialisation, no memory), allocated once
+in the target dtype, and each checkpoint tensor is read from its file straight into its place in the
+model (or through one temporary tensor when it must be cast or permuted). Peak memory is the model
+plus at most the largest single tensor; the checkpoint is never held in memory beside the model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+from sparsemoe.hf.config_map import MappedConfig, map_config, read_hf_config
+from sparsemoe.hf.io import CheckpointFiles, HFFormatError
+from sparsemoe.hf.weights import Piece, detect_layout, ignorable, model_pieces
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# State entries that a checkpoint may leave out, with how to fill them.
+_DEFAULT_ZERO = (".router.expert_bias",)
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module  # sparsemoe.model.MoETransformer, in eval mode
+    mapped: MappedConfig  # family, ModelConfig, notes
+    layout: str  # "per-expert" or "fused" expert tensors in the checkpoint
+
+
+def resolve_dtype(
+    dtype: Union[str, torch.dtype, None], files: Optional[CheckpointFiles] = None, key: str = ""
+) -> torch.dtype:
+    """A torch dtype from a name; "auto" (or None) = the checkpoint's own dtype (float32 if unknown)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        if files is not None and key in files and files.dtype(key).is_floating_point:
+            return files.dtype(key)
+        return torch.float32
+    if dtype not in _DTYPES:
+        raise HFFormatError(f"dtype {dtype!r} is not supported; accepted: auto, {', '.join(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def empty_model(config, dtype: torch.dtype, device: Union[str, torch.device]) -> nn.Module:
+    """The model with uninitialised storage: skips random init, which costs minutes on a large model."""
+    from sparsemoe.layer import moe_layers
+    from sparsemoe.model import MoETransformer
+    from sparsemoe.model.attention import rope_table
+
+    with torch.device("meta"):
+        model = MoETransformer(config).to(dtype)
+        for layer in moe_layers(model):
+            layer.router.expert_bias = layer.router.expert_bias.float()  # router math stays float32
+    model.to_empty(device=device)
+    # The only non-persistent state: RoPE tables derived from the config; recompute them for real.
+    cos, sin = rope_table(config.head_dim, config.max_seq_len, config.rope_theta, config.rope_scaling)
+    model.rope_cos, model.rope_sin = cos.to(device), sin.to(device)
+    return model
+
+
+def _copy_piece(files: CheckpointFiles, piece: Piece, target: torch.Tensor) -> None:
+    view = target[piece.index] if piece.index else target
+    shape = files.shape(piece.src)
+    if shape != tuple(view.shape):
+        raise HFFormatError(
+            f"weight {piece.src!r} has shape {shape} but the model described by config.json "
+            f"needs {tuple(view.shape)} (for {piece.dst})"
+        )
+    if piece.transform is None:
+        files.read_into(piece.src, view)  # straight into the parameter's storage when dtypes agree
+        return
+    with torch.no_grad():
+        view.copy_(piece.transform(files.get(piece.src)))
+
+
+def load_hf(
+    path: Union[str, Path],
+    *,
+    dtype: Union[str, torch.dtype, None] = "float32",
+    device: Union[str, torch.device] = "cpu",
+    max_seq_len: Optional[int] = None,
+    backend: Optional[str] = None,
+    strict: bool = True,
+) -> LoadedModel:
+    """Load a Hugging Face Mixtral / Qwen2-MoE / Qwen3-MoE / DeepSeek-V2 / DeepSeek-V3 folder.
+
+    dtype: "float32" (default), "bfloat16", "float16" or "auto" (the checkpoint's dtype).
+    max_seq_len: cap the model's context (and its RoPE table / KV cache) below max_position_embeddings.
+    backend: the MoE dispatch backend (MoEConfig.backend), e.g. "grouped"; default "auto".
+    strict: refuse checkpoint tensors that the config does not account for.
+    """
+    directory = Path(path)
+    mapped = map_config(read_hf_config(directory), max_seq_len)
+    if backend is not None:
+        try:
+            mapped.model_config = replace(mapped.model_config, moe_backend=backend)
+        except ValueError as err:
+            raise HFFormatError(str(err)) from None
+    config = mapped.model_config
+    files = CheckpointFiles(directory)
+    layout = detect_layout(files.keys(), mapped.family)
+    pieces = model_pieces(mapped, layout)
+    missing = [p.src for p in pieces if p.src not in files]
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise HFFormatError(
+            f"checkpoint in {str(directory)!r} lacks weight(s) {missing[:3]}{more} that its config.json "
+            f"({mapped.family}) requires"
+        )
+    used = {p.src for p in pieces}
+    skipped = sorted(k for k in files.keys() - used if ignorable(k, config.n_layers, layout.prefix))
+    if any(".layers." in k or k.startswith("layers.") for k in skipped):
+        mapped.notes.append(
+            f"tensors of layers beyond num_hidden_layers={config.n_layers} (DeepSeek's multi-token-prediction "
+            "module) are not loaded; transformers skips them too"
+        )
+    unexpected = sorted(k for k in files.keys() - used - set(skipped))
+    if config.tie_embeddings and "lm_head.weight" in unexpected:
+        unexpected.remove("lm_head.weight")  # some tied checkpoints store the shared matrix twice
+    if any(k.endswith("_scale_inv") for k in unexpected):
+        raise HFFormatError(
+            f"checkpoint in {str(directory)!r} is FP8 block-quantised (weight_scale_inv tensors); "
+            "dequantise it to bfloat16 or float32 first"
+        )
+    if unexpected and strict:
+        more = f" and {len(unexpected) - 3} more" if len(unexpected) > 3 else ""
+        raise HFFormatError(
+            f"checkpoint in {str(directory)!r} has weight(s) {unexpected[:3]}{more} that its config.json "
+            f"({mapped.family}) does not account for; the config and weights do not match"
+        )
+
+    model = empty_model(config, resolve_dtype(dtype, files, pieces[0].src), device)
+    state = model.state_dict(keep_vars=True)
+    filled = set()
+    for piece in pieces:
+        _copy_piece(files, piece, state[piece.dst])
+        filled.add(piece.dst)
+    for name in set(state) - filled:
+        if not name.endswith(_DEFAULT_ZERO):
+            raise HFFormatError(f"internal: no checkpoint tensor maps to model state {name!r}")
+        with torch.no_grad():
+            state[name].zero_()
+    files.close()
+    model.eval()
+    return LoadedModel(model, mapped, "fused" if layout.fused_experts else "per-expert")
+
+
+def load_hf_model(path: Union[str, Path], **kwargs) -> nn.Module:
+    """`load_hf(...).model`: the sparsemoe MoETransformer of a Hugging Face folder (see `load_hf`)."""
+    return load_hf(path, **kwargs).model

@@ -1,0 +1,207 @@
+"""Swap a live transformers model's MoE blocks for sparsemoe `MoE` layers that share their weights.
+
+    report = patch_hf_model(model, backend="grouped")
+    print(report)              # which blocks were patched, which were not and why
+    unpatch_hf_model(model)    # put the original blocks back (e.g. before save_pretrained)
+
+No weight is copied: the sparsemoe layer's `router.weight`, `experts.w_in` and `experts.w_out` are the
+very Parameter objects of the Hugging Face block (`gate.weight`, `experts.gate_up_proj` [E, 2F, D],
+`experts.down_proj` [E, D, F], the same layout), and DeepSeek-V3's `e_score_correction_bias` becomes
+the layer's `router.expert_bias`. Shared experts stay the Hugging Face modules, called as before.
+So an optimizer built before or after patching trains the same tensors.
+
+Supported blocks (transformers 5 fused expert tensors): MixtralSparseMoeBlock, Qwen2MoeSparseMoeBlock,
+Qwen3MoeSparseMoeBlock, DeepseekV2Moe, DeepseekV3MoE. Older transformers keep one nn.Linear per expert;
+those cannot be stacked without a copy, and are reported as not patched.
+
+Behaviour differences, all outside inference: the patched layers add no balancing loss unless
+`aux_loss_coef` is given (transformers computes its own from router logits, which patched blocks do not
+record); in training, DeepSeek-V3 layers update their selection bias (aux-loss-free balancing).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from sparsemoe.hf.config_map import FAMILIES, map_moe_config
+from sparsemoe.hf.io import HFFormatError
+from sparsemoe.layer import MoE
+
+# Hugging Face MoE block class -> family, and the attribute names of its shared experts and their gate.
+SUPPORTED_BLOCKS = {
+    "MixtralSparseMoeBlock": ("mixtral", None, None),
+    "Qwen2MoeSparseMoeBlock": ("qwen2_moe", "shared_expert", "shared_expert_gate"),
+    "Qwen3MoeSparseMoeBlock": ("qwen3_moe", None, None),
+    "DeepseekV2Moe": ("deepseek_v2", "shared_experts", None),
+    "DeepseekV3MoE": ("deepseek_v3", "shared_experts", None),
+}
+
+
+class PatchedMoeBlock(nn.Module):
+    """A sparsemoe `MoE` over a Hugging Face block's weights, plus its shared experts, unchanged.
+
+    forward: hidden_states [B, S, D] -> [B, S, D], as the Hugging Face block it replaces.
+    """
+
+    def __init__(self, moe: MoE, shared: Optional[nn.Module], shared_gate: Optional[nn.Module], original: nn.Module):
+        super().__init__()
+        self.moe = moe
+        self.shared = shared
+        self.shared_gate = shared_gate
+        # Kept outside the module tree (no duplicate parameters) so that unpatch_hf_model can restore it.
+        self.__dict__["original"] = original
+
+    def forward(self, hidden_states: Tensor) -> Tensor:
+        y = self.moe(hidden_states)
+        if self.shared is not None:
+            shared = self.shared(hidden_states)
+            if self.shared_gate is not None:
+                shared = torch.sigmoid(self.shared_gate(hidden_states)) * shared
+            y = y + shared
+        return y
+
+
+@dataclass
+class PatchEntry:
+    name: str  # module path in the model, e.g. "model.layers.3.mlp"
+    block: str  # its class name
+    patched: bool
+    reason: str = ""  # why it was not patched
+
+
+@dataclass
+class PatchReport:
+    backend: str
+    entries: list[PatchEntry] = field(default_factory=list)
+
+    @property
+    def patched(self) -> list[PatchEntry]:
+        return [e for e in self.entries if e.patched]
+
+    @property
+    def skipped(self) -> list[PatchEntry]:
+        return [e for e in self.entries if not e.patched]
+
+    def __str__(self) -> str:
+        lines = [f"patched {len(self.patched)} of {len(self.entries)} MoE blocks (backend {self.backend!r})"]
+        for e in self.entries:
+            status = "patched" if e.patched else f"not patched: {e.reason}"
+            lines.append(f"  {e.name} ({e.block}): {status}")
+        return "\n".join(lines)
+
+
+def _looks_like_moe(module: nn.Module) -> bool:
+    return hasattr(module, "gate") and hasattr(module, "experts")
+
+
+def _why_not(module: nn.Module, moe_cfg, family: str, model_family: str) -> str:
+    """Empty when `module` can be patched without copying, else the reason."""
+    name = type(module).__name__
+    if name not in SUPPORTED_BLOCKS:
+        return f"block class {name} is not supported (supported: {', '.join(SUPPORTED_BLOCKS)})"
+    if family != model_family:
+        return f"{name} belongs to {family}, but the model config is {model_family}"
+    experts = module.experts
+    w_in, w_out = getattr(experts, "gate_up_proj", None), getattr(experts, "down_proj", None)
+    if not isinstance(w_in, nn.Parameter) or not isinstance(w_out, nn.Parameter):
+        return "experts are separate per-expert modules (older transformers); stacking them would copy the weights"
+    E, F, D = moe_cfg.num_experts, moe_cfg.hidden_dim, moe_cfg.dim
+    if tuple(w_in.shape) != (E, 2 * F, D) or tuple(w_out.shape) != (E, D, F):
+        found = f"{tuple(w_in.shape)}/{tuple(w_out.shape)}"
+        return f"expert tensors {found} are not [E, 2F, D]/[E, D, F] = {(E, 2 * F, D)}/{(E, D, F)}"
+    gate_weight = getattr(module.gate, "weight", None)
+    if not isinstance(gate_weight, nn.Parameter) or tuple(gate_weight.shape) != (E, D):
+        return f"router weight is not an [E, D] = {(E, D)} parameter"
+    if family == "deepseek_v3" and getattr(module.gate, "e_score_correction_bias", None) is None:
+        return "router has no e_score_correction_bias"
+    return ""
+
+
+def _sparsemoe_layer(module: nn.Module, moe_cfg, family: str) -> MoE:
+    """A MoE whose parameters are the Hugging Face block's own Parameter objects."""
+    with torch.device("meta"):
+        moe = MoE(moe_cfg)  # meta: nothing allocated for the weights about to be replaced
+    moe.router.weight = module.gate.weight
+    moe.experts.w_in = module.experts.gate_up_proj
+    moe.experts.w_out = module.experts.down_proj
+    weight = module.gate.weight
+    if family == "deepseek_v3":
+        moe.router.expert_bias = module.gate.e_score_correction_bias  # same tensor: no copy
+    else:
+        moe.router.expert_bias = torch.zeros(moe_cfg.num_experts, device=weight.device, dtype=torch.float32)
+    moe.aux_loss = torch.zeros((), device=weight.device)
+    moe.train(module.training)
+    return moe
+
+
+def patch_hf_model(model: nn.Module, backend: str = "auto", aux_loss_coef: float = 0.0) -> PatchReport:
+    """Replace, in place, every supported MoE block of a transformers model by a sparsemoe layer.
+
+    backend: sparsemoe dispatch backend for the patched layers ("auto", "grouped", "reference", ...).
+    aux_loss_coef: Switch/GShard balancing loss the patched layers add in training (0 = none).
+    Returns a PatchReport listing every MoE-looking block, patched or not, with the reason.
+    """
+    config = getattr(model, "config", None)
+    cfg = config.to_dict() if config is not None and hasattr(config, "to_dict") else {}
+    cfg = cfg.get("text_config", cfg) if cfg.get("model_type") not in FAMILIES else cfg
+    model_family = cfg.get("model_type")
+    report = PatchReport(backend=backend)
+    moe_cfg, config_error = None, ""
+    if model_family in FAMILIES:
+        try:
+            moe_cfg = map_moe_config(
+                cfg,
+                backend=backend,
+                aux_loss_coef=aux_loss_coef,
+                seq_aux_loss_coef=0.0,
+                z_loss_coef=0.0,
+                num_shared_experts=0,
+                shared_hidden_dim=None,
+                shared_expert_gate=False,
+            )
+        except HFFormatError as err:
+            config_error = str(err)
+    else:
+        config_error = f"model_type {model_family!r} is not supported (supported: {', '.join(FAMILIES)})"
+
+    targets = [
+        (name, m) for name, m in model.named_modules() if _looks_like_moe(m) and not isinstance(m, PatchedMoeBlock)
+    ]
+    for name, module in targets:
+        block = type(module).__name__
+        family, shared_name, gate_name = SUPPORTED_BLOCKS.get(block, (None, None, None))
+        reason = config_error or _why_not(module, moe_cfg, family, model_family)
+        if reason:
+            report.entries.append(PatchEntry(name, block, False, reason))
+            continue
+        moe = _sparsemoe_layer(module, moe_cfg, family)
+        shared = getattr(module, shared_name) if shared_name else None
+        gate = getattr(module, gate_name) if gate_name else None
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, PatchedMoeBlock(moe, shared, gate, module))
+        report.entries.append(PatchEntry(name, block, True))
+    return report
+
+
+def unpatch_hf_model(model: nn.Module) -> int:
+    """Put the original Hugging Face blocks back; returns how many were restored.
+
+    The originals hold the same Parameter objects; the DeepSeek-V3 selection bias is handed back as the
+    patched layer holds it now (it may have moved device or been updated in training).
+    """
+    restored = 0
+    for name, module in list(model.named_modules()):
+        if isinstance(module, PatchedMoeBlock):
+            original = module.original
+            if hasattr(original.gate, "e_score_correction_bias"):
+                original.gate.e_score_correction_bias = module.moe.router.expert_bias
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, original)
+            restored += 1
+    return restored

@@ -1,0 +1,167 @@
+"""Which Hugging Face tensor goes where in sparsemoe's state dict, per family and per key layout.
+
+A `Piece` says: Hugging Face tensor `src` is the part `index` of sparsemoe tensor `dst`. Loading copies
+each piece into place (so stacked experts are filled expert by expert, never materialised twice);
+exporting reads the same pieces the other way round.
+
+Expert layouts accepted when loading (transformers writes either, see `save_original_format`):
+  * per expert   `...experts.{j}.w1/w3/w2.weight` (Mixtral) or `...experts.{j}.gate_proj/up_proj/down_proj.weight`
+  * fused 3-D    `...experts.gate_up_proj` [E, 2F, D] (gate rows first) and `...experts.down_proj` [E, D, F]
+Mixtral's MoE block is `block_sparse_moe` in original checkpoints and `mlp` in transformers 5's fused layout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from sparsemoe.hf.config_map import MappedConfig
+
+
+@dataclass(frozen=True)
+class Piece:
+    src: str  # Hugging Face key
+    dst: str  # sparsemoe state-dict key
+    index: tuple = ()  # the part of dst that src fills; () = all of it
+    transform: Optional[Callable[[Tensor], Tensor]] = None  # applied to src when loading
+
+
+def interleaved_to_half(rows: int) -> Tensor:
+    """Row order that turns RoPE's interleaved pairs (2i, 2i+1) into rotate-half pairs (i, i + rows/2).
+
+    Attention only uses q.k, so permuting the rotary rows of q and k alike changes nothing but the
+    pairing, which is what lets one rotate-half RoPE serve DeepSeek's interleaved checkpoints.
+    """
+    return torch.cat([torch.arange(0, rows, 2), torch.arange(1, rows, 2)])
+
+
+def _permute_rope_rows(heads: int, nope: int, rope: int) -> Callable[[Tensor], Tensor]:
+    """Permute the rotary rows of each head's block [nope | rope] of a projection weight [heads*(nope+rope), in]."""
+    order = interleaved_to_half(rope)
+
+    def apply(w: Tensor) -> Tensor:
+        per_head = w.view(heads, nope + rope, *w.shape[1:])
+        return torch.cat([per_head[:, :nope], per_head[:, nope:][:, order]], dim=1).reshape(w.shape)
+
+    return apply
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How one Hugging Face checkpoint spells its keys."""
+
+    prefix: str = "model."  # "model." for *ForCausalLM checkpoints, "" for bare *Model ones
+    mixtral_block: str = "block_sparse_moe"  # Mixtral's MoE module name: block_sparse_moe | mlp
+    fused_experts: bool = False  # 3-D gate_up_proj/down_proj instead of per-expert tensors
+
+
+def detect_layout(keys: set[str], family: str) -> Layout:
+    prefix = "model." if any(k.startswith("model.layers.") or k == "model.embed_tokens.weight" for k in keys) else ""
+    fused = any(k.endswith(".experts.gate_up_proj") for k in keys)
+    block = "mlp" if family == "mixtral" and any(".mlp." in k for k in keys) else "block_sparse_moe"
+    return Layout(prefix=prefix, mixtral_block=block, fused_experts=fused)
+
+
+def _experts(src: str, dst: str, family: str, E: int, F: int, fused: bool) -> list[Piece]:
+    if fused:
+        return [Piece(f"{src}.gate_up_proj", f"{dst}.w_in"), Piece(f"{src}.down_proj", f"{dst}.w_out")]
+    gate, up, down = ("w1", "w3", "w2") if family == "mixtral" else ("gate_proj", "up_proj", "down_proj")
+    pieces = []
+    for j in range(E):
+        pieces += [
+            Piece(f"{src}.{j}.{gate}.weight", f"{dst}.w_in", (j, slice(0, F))),
+            Piece(f"{src}.{j}.{up}.weight", f"{dst}.w_in", (j, slice(F, 2 * F))),
+            Piece(f"{src}.{j}.{down}.weight", f"{dst}.w_out", (j,)),
+        ]
+    return pieces
+
+
+def _mlp(src: str, dst: str, F: int, expert_index: tuple = ()) -> list[Piece]:
+    """A gate/up/down MLP into sparsemoe's fused [gate; up] w_in and w_out (dense blocks, shared experts)."""
+    return [
+        Piece(f"{src}.gate_proj.weight", f"{dst}.w_in", expert_index + (slice(0, F),)),
+        Piece(f"{src}.up_proj.weight", f"{dst}.w_in", expert_index + (slice(F, 2 * F),)),
+        Piece(f"{src}.down_proj.weight", f"{dst}.w_out", expert_index),
+    ]
+
+
+def _attention(src: str, dst: str, mapped: MappedConfig) -> list[Piece]:
+    c = mapped.model_config
+    if getattr(c, "attention", "gqa") != "mla":
+        pieces = [Piece(f"{src}.{n}_proj.weight", f"{dst}.{n}_proj.weight") for n in "qkvo"]
+        if c.qkv_bias:
+            pieces += [Piece(f"{src}.{n}_proj.bias", f"{dst}.{n}_proj.bias") for n in "qkv"]
+        if c.qk_norm:
+            pieces += [Piece(f"{src}.{n}_norm.weight", f"{dst}.{n}_norm.weight") for n in "qk"]
+        return pieces
+    rope = c.head_dim
+    q_fix = kv_fix = None
+    if mapped.rope_interleaved:
+        q_fix = _permute_rope_rows(c.n_heads, c.qk_nope_head_dim, rope)
+        kv_fix = _permute_rope_rows(1, c.kv_lora_rank, rope)  # the single shared rotary key follows the latent
+    if c.q_lora_rank is None:
+        pieces = [Piece(f"{src}.q_proj.weight", f"{dst}.q_proj.weight", (), q_fix)]
+    else:
+        pieces = [
+            Piece(f"{src}.q_a_proj.weight", f"{dst}.q_a_proj.weight"),
+            Piece(f"{src}.q_a_layernorm.weight", f"{dst}.q_a_norm.weight"),
+            Piece(f"{src}.q_b_proj.weight", f"{dst}.q_b_proj.weight", (), q_fix),
+        ]
+    return pieces + [
+        Piece(f"{src}.kv_a_proj_with_mqa.weight", f"{dst}.kv_a_proj.weight", (), kv_fix),
+        Piece(f"{src}.kv_a_layernorm.weight", f"{dst}.kv_a_norm.weight"),
+        Piece(f"{src}.kv_b_proj.weight", f"{dst}.kv_b_proj.weight"),
+        Piece(f"{src}.o_proj.weight", f"{dst}.o_proj.weight"),
+    ]
+
+
+def _moe_block(src: str, dst: str, mapped: MappedConfig, layout: Layout) -> list[Piece]:
+    c, family = mapped.model_config, mapped.family
+    E, F = c.num_experts, c.moe_hidden_dim
+    if family == "mixtral":
+        src = src.rsplit(".", 1)[0] + "." + layout.mixtral_block
+    pieces = [Piece(f"{src}.gate.weight", f"{dst}.router.weight")]
+    pieces += _experts(f"{src}.experts", f"{dst}.experts", family, E, F, layout.fused_experts)
+    if family == "deepseek_v3":
+        pieces.append(Piece(f"{src}.gate.e_score_correction_bias", f"{dst}.router.expert_bias"))
+    if c.num_shared_experts:
+        Fs = c.shared_hidden_dim or c.num_shared_experts * F
+        name = "shared_expert" if family == "qwen2_moe" else "shared_experts"
+        pieces += _mlp(f"{src}.{name}", f"{dst}.shared_experts", Fs, (0,))
+        if c.shared_expert_gate:
+            pieces.append(Piece(f"{src}.shared_expert_gate.weight", f"{dst}.shared_experts.gate_weight"))
+    return pieces
+
+
+def model_pieces(mapped: MappedConfig, layout: Layout) -> list[Piece]:
+    """Every piece of a sparsemoe model built from `mapped`, in state-dict order."""
+    c = mapped.model_config
+    p = layout.prefix
+    pieces = [Piece(f"{p}embed_tokens.weight", "embed.weight")]
+    for i in range(c.n_layers):
+        src, dst = f"{p}layers.{i}", f"layers.{i}"
+        pieces.append(Piece(f"{src}.input_layernorm.weight", f"{dst}.attn_norm.weight"))
+        pieces += _attention(f"{src}.self_attn", f"{dst}.attn", mapped)
+        pieces.append(Piece(f"{src}.post_attention_layernorm.weight", f"{dst}.ffn_norm.weight"))
+        if c.is_moe_layer(i):
+            pieces += _moe_block(f"{src}.mlp", f"{dst}.ffn", mapped, layout)
+        else:
+            pieces += _mlp(f"{src}.mlp", f"{dst}.ffn", c.dense_hidden_dim)
+    pieces.append(Piece(f"{p}norm.weight", "norm.weight"))
+    if not c.tie_embeddings:
+        pieces.append(Piece("lm_head.weight", "lm_head.weight"))
+    return pieces
+
+
+def ignorable(key: str, n_layers: int, prefix: str) -> bool:
+    """Checkpoint keys that carry nothing the model needs: cached RoPE tables, DeepSeek's extra MTP layers."""
+    if key.endswith("rotary_emb.inv_freq"):
+        return True
+    head = f"{prefix}layers."
+    if key.startswith(head):
+        index = key[len(head) :].split(".", 1)[0]
+        return index.isdigit() and int(index) >= n_layers
+    return False

@@ -1,0 +1,199 @@
+"""sparsemoe <-> Hugging Face: Mixtral export, exact round trips, `sparsemoe convert`, and clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+safetensors = pytest.importorskip("safetensors")
+
+from safetensors import safe_open  # noqa: E402
+from test_hf_load import VOCAB, hf_greedy, save_hf, tiny_hf_model  # noqa: E402
+
+from sparsemoe.cli import main  # noqa: E402
+from sparsemoe.hf import HFFormatError, load_hf, write_safetensors  # noqa: E402
+from sparsemoe.hf.export import export_hf_mixtral  # noqa: E402
+from sparsemoe.model import ModelConfig, MoETransformer  # noqa: E402
+from sparsemoe.train.checkpoint import load_model  # noqa: E402
+
+
+def tiny_model(**overrides) -> MoETransformer:
+    cfg = dict(
+        dim=32,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        num_experts=4,
+        top_k=2,
+        moe_hidden_dim=24,
+        max_seq_len=64,
+        init_std=0.2,
+    )
+    return MoETransformer(ModelConfig(**{**cfg, **overrides})).eval()
+
+
+def ids(n=12, seed=0):
+    return torch.randint(0, VOCAB, (2, n), generator=torch.Generator().manual_seed(seed))
+
+
+EXPORTS = [(False, 5 << 30, "before_topk"), (True, 20_000, "after_topk")]
+
+
+@pytest.mark.parametrize("fused,shard_bytes,order", EXPORTS, ids=["per-expert", "fused-sharded-tied-after_topk"])
+def test_export_loads_in_transformers_and_round_trips_exactly(fused, shard_bytes, order, tmp_path):
+    # Training-only settings too: Mixtral's config has no key for them, sparsemoe's export keeps them.
+    model = tiny_model(
+        tie_embeddings=fused,
+        score_order=order,
+        z_loss_coef=1e-3,
+        capacity_factor=1.25,
+        eval_capacity_factor=float("inf"),
+    )
+    export_hf_mixtral(model, tmp_path / "hf", fused=fused, max_shard_bytes=shard_bytes)
+    assert (tmp_path / "hf" / "model.safetensors.index.json").is_file() == fused
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    x = ids()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(x).logits, model(x).logits, atol=2e-5, rtol=1e-4)
+    # Back from our export, and from transformers re-saving it: the same tensors, config and logits.
+    hf.save_pretrained(tmp_path / "resaved")
+    for folder in ("hf", "resaved"):
+        back = load_hf(tmp_path / folder).model
+        state, back_state = model.state_dict(), back.state_dict()
+        assert state.keys() == back_state.keys()
+        assert all(torch.equal(state[k], back_state[k]) for k in state)
+        assert back.config == model.config
+        with torch.no_grad():
+            assert torch.equal(back(x).logits, model(x).logits)
+
+
+def test_saved_settings_yield_to_edited_hf_keys(tmp_path):
+    export_hf_mixtral(tiny_model(z_loss_coef=1e-3), tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["num_experts_per_tok"] = 1  # someone edited the Hugging Face config after export
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    loaded = load_hf(tmp_path)
+    assert loaded.model.config.top_k == 1 and loaded.model.config.z_loss_coef == 0.0
+    assert any("disagrees with the Hugging Face keys on ['top_k']" in note for note in loaded.mapped.notes)
+
+
+def test_per_expert_export_uses_original_mixtral_names(tmp_path):
+    export_hf_mixtral(tiny_model(), tmp_path)
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+        assert f.get_tensor("model.layers.1.block_sparse_moe.experts.3.w1.weight").shape == (24, 32)
+    assert "model.layers.0.block_sparse_moe.gate.weight" in keys and "lm_head.weight" in keys
+    assert json.loads((tmp_path / "config.json").read_text())["num_local_experts"] == 4
+
+
+def test_export_refuses_models_mixtral_cannot_express(tmp_path):
+    with pytest.raises(HFFormatError, match="num_shared_experts=1"):
+        export_hf_mixtral(tiny_model(num_shared_experts=1), tmp_path)
+    with pytest.raises(HFFormatError, match="score_func='sigmoid'"):
+        export_hf_mixtral(tiny_model(score_func="sigmoid"), tmp_path)
+    with pytest.raises(HFFormatError, match="every block must be MoE"):
+        export_hf_mixtral(tiny_model(first_dense_layers=1), tmp_path)
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_cli_convert_both_ways_and_generate(tmp_path, capsys):
+    hf = tiny_hf_model("mixtral")
+    src = save_hf(hf, tmp_path / "hf")
+    assert main(["convert", str(src), str(tmp_path / "run")]) == 0
+    assert "read mixtral" in capsys.readouterr().out
+    model, meta = load_model(tmp_path / "run")
+    assert meta["converted_from"]["family"] == "mixtral"
+
+    prompt = "The"
+    assert (
+        main(
+            [
+                "generate",
+                "--checkpoint",
+                str(tmp_path / "run"),
+                "--prompt",
+                prompt,
+                "--max-new-tokens",
+                "6",
+                "--temperature",
+                "0",
+            ]
+        )
+        == 0
+    )
+    printed = capsys.readouterr().out
+    expected = hf_greedy(hf, torch.tensor([list(prompt.encode())]), 6)[0].tolist()
+    assert printed.startswith(prompt)
+    assert printed[len(prompt) :].rstrip("\n") == bytes(expected).decode("utf-8", errors="replace")
+
+    assert main(["convert", str(tmp_path / "run"), str(tmp_path / "hf2"), "--dtype", "bfloat16"]) == 0
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf2")
+    assert again.dtype == torch.bfloat16
+    assert torch.equal(again.model.embed_tokens.weight, hf.model.embed_tokens.weight.to(torch.bfloat16))
+
+
+# --- errors: each one line from the CLI (exit 2), a named HFFormatError from the library ----------------
+
+
+def _cli_error(capsys, *argv) -> str:
+    capsys.readouterr()  # drop whatever earlier steps printed
+    assert main(["convert", *map(str, argv)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "Traceback" not in err
+    return err
+
+
+def test_unsupported_architecture(tmp_path, capsys):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
+    err = _cli_error(capsys, tmp_path, tmp_path / "out")
+    assert "unsupported architecture LlamaForCausalLM" in err and "mixtral" in err
+
+
+def _rewrite(path, drop=(), replace=None):
+    """Rewrite a safetensors file without some keys and/or with some tensors replaced."""
+    with safe_open(str(path), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys() if k not in drop}
+    tensors.update(replace or {})
+    write_safetensors(path, tensors.items())
+
+
+def test_missing_mismatched_unexpected_and_truncated_weights(tmp_path, capsys):
+    src = save_hf(tiny_hf_model("qwen3_moe"), tmp_path / "hf")
+    weights = src / "model.safetensors"
+    original = weights.read_bytes()
+    key = "model.layers.1.mlp.experts.2.down_proj.weight"
+
+    _rewrite(weights, drop=[key])
+    err = _cli_error(capsys, src, tmp_path / "out")
+    assert "lacks weight(s)" in err and key in err
+
+    weights.write_bytes(original)
+    _rewrite(weights, replace={key: torch.zeros(32, 17)})
+    with pytest.raises(HFFormatError, match=r"has shape \(32, 17\) but .* needs \(32, 16\)"):
+        load_hf(src)
+
+    weights.write_bytes(original)
+    _rewrite(weights, replace={"model.layers.0.mlp.surprise.weight": torch.zeros(2)})
+    assert "does not account for" in _cli_error(capsys, src, tmp_path / "out")
+    assert load_hf(src, strict=False).model is not None
+
+    weights.write_bytes(original[: len(original) - 100])
+    assert "truncated" in _cli_error(capsys, src, tmp_path / "out")
+    weights.write_bytes(original[:5])
+    assert "truncated" in _cli_error(capsys, src, tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # a failed conversion writes nothing
+
+
+def test_output_folder_and_checkpoint_errors(tmp_path, capsys):
+    src = save_hf(tiny_hf_model("mixtral"), tmp_path / "hf")
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "keep.txt").write_text("x")
+    assert "not empty" in _cli_error(capsys, src, tmp_path / "busy")
+    assert main(["convert", str(src), str(tmp_path / "busy"), "--overwrite"]) == 0
+    assert (tmp_path / "busy" / "keep.txt").exists()  # --overwrite replaces converted files only
+    capsys.readouterr()
+    assert "does not exist" in _cli_error(capsys, tmp_path / "nowhere", tmp_path / "o", "--to", "hf")
+    assert "no config.json" in _cli_error(capsys, tmp_path / "busy", tmp_path / "o", "--to", "sparsemoe")

@@ -1,0 +1,111 @@
+"""Patching live transformers models: sparsemoe layers over the same weight storage, same outputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+transformers = pytest.importorskip("transformers")
+
+from test_hf_load import FAMILIES, VOCAB, hf_greedy, tiny_hf_model  # noqa: E402
+
+from sparsemoe.hf.patch import PatchedMoeBlock, patch_hf_model, unpatch_hf_model  # noqa: E402
+
+
+def _ids(seed=0):
+    return torch.randint(0, VOCAB, (2, 11), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_patched_model_matches_original_and_shares_weights(family):
+    hf = tiny_hf_model(family)
+    x = _ids()
+    with torch.no_grad():
+        expected = hf(x).logits
+    expected_tokens = hf_greedy(hf, x[:1, :4], 5)
+    blocks = {
+        name: m
+        for name, m in hf.named_modules()
+        if type(m).__name__
+        in (
+            "MixtralSparseMoeBlock",
+            "Qwen2MoeSparseMoeBlock",
+            "Qwen3MoeSparseMoeBlock",
+            "DeepseekV2Moe",
+            "DeepseekV3MoE",
+        )
+    }
+    params_before = {id(p) for p in hf.parameters()}
+
+    report = patch_hf_model(hf, backend="grouped")
+
+    assert [e.name for e in report.patched] == list(blocks) and not report.skipped
+    for name, block in blocks.items():
+        patched = hf.get_submodule(name)
+        assert isinstance(patched, PatchedMoeBlock) and patched.moe.config.backend == "grouped"
+        assert patched.moe.router.weight is block.gate.weight  # the same Parameter: no copy
+        assert patched.moe.experts.w_in is block.experts.gate_up_proj
+        assert patched.moe.experts.w_out is block.experts.down_proj
+        if family == "deepseek_v3":
+            assert patched.moe.router.expert_bias is block.gate.e_score_correction_bias
+    assert {id(p) for p in hf.parameters()} == params_before  # nothing added, nothing copied
+    with torch.no_grad():
+        torch.testing.assert_close(hf(x).logits, expected, atol=2e-5, rtol=1e-4)
+    assert torch.equal(hf_greedy(hf, x[:1, :4], 5), expected_tokens)
+
+    assert unpatch_hf_model(hf) == len(blocks)
+    assert all(hf.get_submodule(name) is block for name, block in blocks.items())
+
+
+def test_gradients_reach_the_shared_parameters():
+    hf = tiny_hf_model("mixtral").train()
+    patch_hf_model(hf, backend="reference")
+    hf(_ids()).logits.square().mean().backward()
+    gate_up = hf.model.layers[0].mlp.original.experts.gate_up_proj
+    assert gate_up.grad is not None and gate_up.grad.abs().sum() > 0
+
+
+def test_report_says_what_was_not_patched_and_why():
+    hf = tiny_hf_model("mixtral")
+
+    class LegacyExperts(nn.Module):  # one module per expert, as older transformers versions keep them
+        def __init__(self):
+            super().__init__()
+            self.experts = nn.ModuleList(nn.Linear(32, 32) for _ in range(4))
+
+    class MixtralSparseMoeBlockOld(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate = nn.Linear(32, 4, bias=False)
+            self.experts = LegacyExperts().experts
+
+    hf.model.layers[1].mlp = MixtralSparseMoeBlockOld()
+    report = patch_hf_model(hf)
+    assert [e.name for e in report.patched] == ["model.layers.0.mlp", "model.layers.2.mlp"]
+    (skipped,) = report.skipped
+    assert skipped.name == "model.layers.1.mlp" and "not supported" in skipped.reason
+    assert "not patched: block class MixtralSparseMoeBlockOld" in str(report)
+
+    # A supported class whose experts are per-expert modules cannot share storage: reported, not copied.
+    block = tiny_hf_model("mixtral").model.layers[0].mlp
+    block.experts = nn.ModuleList(nn.Linear(32, 24) for _ in range(4))
+    hf.model.layers[1].mlp = block
+    report = patch_hf_model(hf)
+    assert "per-expert modules" in report.skipped[0].reason
+
+
+def test_unsupported_model_type_is_reported():
+    config = transformers.OlmoeConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=16,
+        num_experts=4,
+        num_experts_per_tok=2,
+    )
+    hf = transformers.OlmoeForCausalLM(config).eval()
+    report = patch_hf_model(hf)
+    assert not report.patched and len(report.skipped) == 2  # every MoE block, each with the reason
+    assert all("model_type 'olmoe' is not supported" in e.reason for e in report.skipped)
