@@ -35,6 +35,12 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument(
         "--no-cache", action="store_true", help="recompute the whole context each step instead of using the KV cache"
     )
+    p.add_argument(
+        "--tokenizer",
+        metavar="DIR",
+        help="a local Hugging Face tokenizer folder (needs transformers); default: RUN/tokenizer when "
+        "`sparsemoe convert` put one there, else UTF-8 bytes",
+    )
     p.set_defaults(func=run)
     return p
 
@@ -43,7 +49,7 @@ def run(args) -> int:
     import torch
 
     from sparsemoe.model import generate
-    from sparsemoe.train import ByteTokenizer, CheckpointError
+    from sparsemoe.train import CheckpointError
     from sparsemoe.train.checkpoint import load_model
 
     if args.max_new_tokens < 0:
@@ -58,22 +64,25 @@ def run(args) -> int:
         model, _ = load_model(args.checkpoint)
     except CheckpointError as err:
         raise CommandError(str(err)) from None
-    tokenizer = ByteTokenizer()
-    if model.config.vocab_size != tokenizer.vocab_size:
+    tokenizer = _tokenizer(args)
+    if tokenizer.vocab_size == 256 and model.config.vocab_size != 256:
         raise CommandError(
-            f"checkpoint has vocab_size={model.config.vocab_size}; "
-            "generate works with byte-level models (vocab_size=256)"
+            f"checkpoint has vocab_size={model.config.vocab_size}, not a byte-level model (vocab_size=256); "
+            "give its Hugging Face tokenizer folder with --tokenizer DIR"
+        )
+    if model.config.vocab_size < tokenizer.vocab_size:
+        raise CommandError(
+            f"checkpoint has vocab_size={model.config.vocab_size} but the tokenizer has {tokenizer.vocab_size} "
+            "tokens; give the tokenizer the model was trained with (--tokenizer DIR)"
         )
     prompt = args.prompt or "\n"
     ids = torch.tensor(tokenizer.encode(prompt), dtype=torch.long)
+    if ids.numel() == 0:
+        raise CommandError("the prompt encodes to no tokens; give a longer --prompt")
     generator = torch.Generator().manual_seed(args.seed)
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     out = sys.stdout
     out.write(prompt)
-
-    def emit(token: torch.Tensor) -> None:
-        out.write(decoder.decode(bytes([int(token[0])])))
-        out.flush()
+    emit, finish = _streamer(tokenizer, out)
 
     generate(
         model,
@@ -86,6 +95,59 @@ def run(args) -> int:
         generator=generator,
         on_token=emit,
     )
-    out.write(decoder.decode(b"", final=True) + "\n")
-    out.flush()
+    finish()
     return 0
+
+
+def _tokenizer(args):
+    from sparsemoe.train import ByteTokenizer
+
+    folder = args.tokenizer
+    if folder is None:
+        from sparsemoe.hf.tokenizer import find_tokenizer_dir
+
+        folder = find_tokenizer_dir(args.checkpoint)
+    if folder is None:
+        return ByteTokenizer()
+    from sparsemoe.hf.tokenizer import HFTokenizer, TokenizerError
+
+    try:
+        return HFTokenizer(folder)
+    except TokenizerError as err:
+        raise CommandError(str(err)) from None
+
+
+def _streamer(tokenizer, out):
+    """(emit(token), finish()) printing text as tokens arrive, never splitting a character."""
+    from sparsemoe.train import ByteTokenizer
+
+    if isinstance(tokenizer, ByteTokenizer):
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+        def emit(token) -> None:
+            out.write(decoder.decode(bytes([int(token[0])])))
+            out.flush()
+
+        def finish() -> None:
+            out.write(decoder.decode(b"", final=True) + "\n")
+            out.flush()
+
+        return emit, finish
+
+    generated: list[int] = []
+    printed = [0]
+
+    def emit(token) -> None:
+        # Subword tokenizers decode context-dependently: decode everything, print what is new.
+        generated.append(int(token[0]))
+        text = tokenizer.decode(generated)
+        if not text.endswith("\ufffd"):  # an incomplete multi-byte character waits for its next token
+            out.write(text[printed[0] :])
+            printed[0] = len(text)
+            out.flush()
+
+    def finish() -> None:
+        out.write(tokenizer.decode(generated)[printed[0] :] + "\n")
+        out.flush()
+
+    return emit, finish

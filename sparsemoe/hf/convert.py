@@ -24,6 +24,7 @@ from torch import nn
 from sparsemoe.hf.export import export_hf_mixtral, mixtral_incompatibilities
 from sparsemoe.hf.io import INDEX_FILE, CheckpointFiles, HFFormatError, write_safetensors
 from sparsemoe.hf.load import LoadedModel, empty_model, load_hf, resolve_dtype
+from sparsemoe.hf.tokenizer import TOKENIZER_DIR, copy_tokenizer_files
 
 
 def is_hf_folder(path: Union[str, Path]) -> bool:
@@ -38,7 +39,7 @@ def _fresh_dir(path: Path, overwrite: bool) -> None:
         if not overwrite:
             raise HFFormatError(f"output folder {str(path)!r} is not empty; choose a new folder or overwrite it")
         # Only what a previous conversion wrote: never a whole unrelated folder.
-        for name in ("checkpoints", "config.json", INDEX_FILE):
+        for name in ("checkpoints", "config.json", INDEX_FILE, TOKENIZER_DIR):
             target = path / name
             if target.is_dir():
                 shutil.rmtree(target)
@@ -102,7 +103,9 @@ def hf_to_sparsemoe(
         "path": str(Path(src).name),
         "notes": loaded.mapped.notes,
     }
-    return save_converted_checkpoint(loaded.model, out, source), loaded
+    checkpoint = save_converted_checkpoint(loaded.model, out, source)
+    copy_tokenizer_files(src, out)  # so that `sparsemoe generate --checkpoint OUT` can prompt it
+    return checkpoint, loaded
 
 
 def read_sparsemoe_checkpoint(path: Union[str, Path], dtype: Optional[torch.dtype] = None) -> nn.Module:
