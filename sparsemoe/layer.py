@@ -89,58 +89,72 @@ class MoE(nn.Module):
         self.reduce_counts = None
 
     # --- forward ---------------------------------------------------------------------------------------
+    # Subclasses (e.g. the expert-parallel layer) override the hooks `_route`, `_dispatch`, `_balance`.
+    _runs_empty_batches = False  # True: an empty input still runs every step (collectives must match)
+
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
         cfg = self.config
         lead_shape = x.shape[:-1]
         x_TD = x.reshape(-1, cfg.dim)
         T = x_TD.shape[0]
-        if T == 0:
+        if T == 0 and not self._runs_empty_batches:
             self.aux_loss = x.new_zeros((), dtype=torch.float32)
             return x.new_zeros(x.shape)
-        seq_len = x.shape[-2] if x.dim() >= 3 else T
+        seq_len = x.shape[-2] if x.dim() >= 3 and x.shape[-2] > 0 else max(T, 1)
 
         logits_TE = self.router.logits(x_TD)
         self._check_logits(logits_TE)
-        capacity = cfg.capacity(T, self.training)
-        routing = self.router.route(logits_TE, capacity)
+        capacity = cfg.capacity(T, self.training) if T else None
+        routing = self._route(logits_TE, capacity)
         plan = build_plan(routing, capacity, cfg.capacity_priority)
-        y_TD = resolve_backend(cfg.backend, x_TD, plan).forward(x_TD, plan, self.experts)
+        y_TD = self._dispatch(x_TD, plan)
         if self.shared_experts is not None:
             y_TD = y_TD + self.shared_experts(x_TD).float()
         y = y_TD.to(x.dtype).reshape(*lead_shape, cfg.dim)
 
-        losses, total = self._losses(routing, seq_len)
+        losses, load_E = self._balance(routing, seq_len)
+        total = sum(losses.values()) if losses else logits_TE.new_zeros(())
         if cfg.aux_loss_mode == "inject" and total.requires_grad:
             y = AddAuxiliaryLoss.apply(y, total, self.aux_loss_scale)
             total = total.detach()
             losses = {k: v.detach() for k, v in losses.items()}
         self.aux_loss = total
         self.stats = self._stats(routing, plan, losses)
-        if self.training and cfg.bias_balancing:
-            self._update_bias(routing)
+        if load_E is not None:
+            update_expert_bias(self.router.expert_bias, load_E, cfg.bias_update_rate)
         return y
 
-    # --- pieces --------------------------------------------------------------------------------------------
-    def _losses(self, routing: RoutingResult, seq_len: int) -> tuple[dict[str, Tensor], Tensor]:
+    # --- hooks -------------------------------------------------------------------------------------------
+    def _route(self, logits_TE: Tensor, capacity: Optional[int]) -> RoutingResult:
+        return self.router.route(logits_TE, capacity)
+
+    def _dispatch(self, x_TD: Tensor, plan: DispatchPlan) -> Tensor:
+        """Routed experts' combined output, float32 [T, D]."""
+        return resolve_backend(self.config.backend, x_TD, plan).forward(x_TD, plan, self.experts)
+
+    def _balance(self, routing: RoutingResult, seq_len: int) -> tuple[dict[str, Tensor], Optional[Tensor]]:
+        """(weighted losses by name, per-expert load for the bias update or None when no update is due)."""
         cfg = self.config
         if routing.expert_choice:  # balanced by construction: only the z-loss applies
             losses = balance_losses(routing.probs, routing.logits, routing.expert_ids, None, 1, None, 0.0, 0.0, cfg.z_loss_coef)
-        else:
-            counts = tokens_per_expert(routing.expert_ids, routing.num_experts)
-            losses = balance_losses(
-                routing.probs,
-                routing.logits,
-                routing.expert_ids,
-                counts,
-                routing.top_k,
-                seq_len,
-                cfg.aux_loss_coef,
-                cfg.seq_aux_loss_coef,
-                cfg.z_loss_coef,
-            )
-        total = sum(losses.values()) if losses else routing.logits.new_zeros(())
-        return losses, total
+            return losses, None
+        counts = tokens_per_expert(routing.expert_ids, routing.num_experts)
+        losses = balance_losses(
+            routing.probs,
+            routing.logits,
+            routing.expert_ids,
+            counts,
+            routing.top_k,
+            seq_len,
+            cfg.aux_loss_coef,
+            cfg.seq_aux_loss_coef,
+            cfg.z_loss_coef,
+        )
+        load_E = None
+        if self.training and cfg.bias_balancing:
+            load_E = counts.detach() if self.reduce_counts is None else self.reduce_counts(counts.detach())
+        return losses, load_E
 
     def _stats(self, routing: RoutingResult, plan: DispatchPlan, losses: dict[str, Tensor]) -> MoEStats:
         with torch.no_grad():
@@ -148,16 +162,10 @@ class MoE(nn.Module):
             return MoEStats(
                 tokens_per_expert=counts,
                 dropped_fraction=plan.num_dropped.float() / max(plan.num_rows, 1),
-                router_entropy=router_entropy(routing.probs.detach()),
+                router_entropy=router_entropy(routing.probs.detach()) if plan.num_tokens else counts.new_zeros(()),
                 load_imbalance=counts.max() / counts.mean().clamp_min(1e-20),
                 losses=losses,
             )
-
-    def _update_bias(self, routing: RoutingResult) -> None:
-        counts = tokens_per_expert(routing.expert_ids.detach(), routing.num_experts)
-        if self.reduce_counts is not None:
-            counts = self.reduce_counts(counts)
-        update_expert_bias(self.router.expert_bias, counts, self.config.bias_update_rate)
 
     def _check_input(self, x: Tensor) -> None:
         D = self.config.dim

@@ -41,17 +41,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from sparsemoe.balancing import (
-    AddAuxiliaryLoss,
-    router_z_loss,
-    sequence_aux_loss,
-    tokens_per_expert,
-    update_expert_bias,
-)
-from sparsemoe.dispatch import DispatchPlan, build_plan, resolve_backend
+from sparsemoe.balancing import router_z_loss, sequence_aux_loss, tokens_per_expert
+from sparsemoe.dispatch import DispatchPlan, resolve_backend
 from sparsemoe.dispatch.grouped import combine
 from sparsemoe.experts import Experts
-from sparsemoe.layer import MoE, MoEStats
+from sparsemoe.layer import MoE
 from sparsemoe.parallel.comm import all_reduce_sum, all_to_all_rows, exchange_counts
 from sparsemoe.routing import RoutingResult, expert_choice
 
@@ -108,37 +102,8 @@ class ExpertParallelMoE(MoE):
         layer.reduce_counts = partial(all_reduce_sum, group=stats_group)
         return layer
 
-    # --- forward ---------------------------------------------------------------------------------------
-    def forward(self, x: Tensor) -> Tensor:
-        self._check_input(x)
-        cfg = self.config
-        lead_shape = x.shape[:-1]
-        x_TD = x.reshape(-1, cfg.dim)
-        T = x_TD.shape[0]
-        seq_len = x.shape[-2] if x.dim() >= 3 and x.shape[-2] > 0 else max(T, 1)
-
-        logits_TE = self.router.logits(x_TD)
-        self._check_logits(logits_TE)
-        capacity = cfg.capacity(T, self.training) if T else None  # per rank, as MoE(x_r) would decide
-        routing = self._route(logits_TE, capacity)
-        plan = build_plan(routing, capacity, cfg.capacity_priority)
-        y_TD = self._dispatch(x_TD, plan)
-        if self.shared_experts is not None:
-            y_TD = y_TD + self.shared_experts(x_TD).float()
-        y = y_TD.to(x.dtype).reshape(*lead_shape, cfg.dim)
-
-        totals = self._global_totals(routing, seq_len)
-        losses = self._losses_global(routing, seq_len, totals)
-        total = sum(losses.values()) if losses else logits_TE.new_zeros(())
-        if cfg.aux_loss_mode == "inject" and total.requires_grad:
-            y = AddAuxiliaryLoss.apply(y, total, self.aux_loss_scale)
-            total = total.detach()
-            losses = {k: v.detach() for k, v in losses.items()}
-        self.aux_loss = total
-        self.stats = self._local_stats(routing, plan, losses)
-        if self.training and cfg.bias_balancing:
-            update_expert_bias(self.router.expert_bias, totals[: cfg.num_experts], cfg.bias_update_rate)
-        return y
+    # --- forward: MoE.forward with the hooks below --------------------------------------------------------
+    _runs_empty_batches = True  # a rank with no tokens still takes part in every collective
 
     # --- pieces ----------------------------------------------------------------------------------------
     def _route(self, logits_TE: Tensor, capacity: Optional[int]) -> RoutingResult:
@@ -166,6 +131,13 @@ class ExpertParallelMoE(MoE):
         back_SD = all_to_all_rows(out_MD, send_splits, recv_splits, self.ep_group)
         rows_ND = torch.cat([back_SD, back_SD.new_zeros(plan.num_rows - S, D)])  # dropped rows: zero
         return combine(rows_ND, plan, D)
+
+    def _balance(self, routing: RoutingResult, seq_len: int) -> tuple[dict[str, Tensor], Optional[Tensor]]:
+        """Global-batch losses (this rank's share) and the global per-expert load for the bias update."""
+        totals = self._global_totals(routing, seq_len)
+        losses = self._losses_global(routing, seq_len, totals)
+        load_E = totals[: self.config.num_experts] if self.training and self.config.bias_balancing else None
+        return losses, load_E
 
     def _global_totals(self, routing: RoutingResult, seq_len: int) -> Tensor:
         """[E + 2] float32 summed over `stats_group`: assignments per expert (before capacity), tokens, sequences."""
@@ -204,12 +176,6 @@ class ExpertParallelMoE(MoE):
             losses["z_loss"] = cfg.z_loss_coef * router_z_loss(routing.logits) * (T * R / T_all)
         return losses
 
-    def _local_stats(self, routing: RoutingResult, plan: DispatchPlan, losses: dict[str, Tensor]) -> MoEStats:
-        stats = self._stats(routing, plan, losses)
-        if routing.num_tokens == 0:
-            stats.router_entropy = torch.zeros_like(stats.router_entropy)  # mean over no tokens
-        return stats
-
     # --- checkpoints -------------------------------------------------------------------------------------
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Full checkpoints (E experts) are sliced to this rank's experts; shards of size L load as they are.
@@ -230,7 +196,9 @@ class ExpertParallelMoE(MoE):
 
 def _slice_experts(full: Experts, offset: int, count: int) -> Experts:
     """An `Experts` holding experts [offset, offset + count) of `full` (copied, so `full` can be freed)."""
-    local = Experts(count, full.dim, full.hidden_dim, full.activation, full.dropout, device="meta")
+    local = Experts(
+        count, full.dim, full.hidden_dim, full.activation, full.dropout, full.recompute_activations, device="meta"
+    )
     for name in ("w_in", "w_out"):
         src = getattr(full, name)
         piece = src.detach()[offset : offset + count].clone()
