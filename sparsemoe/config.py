@@ -183,11 +183,16 @@ class MoEConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "MoEConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"MoEConfig: unknown field(s) {unknown}; accepted fields are {sorted(known)}")
-        return cls(**data)
+        return config_from_dict(cls, data)
+
+
+def config_from_dict(cls, data: dict[str, Any]):
+    """Build the dataclass `cls` from a dict, refusing unknown keys with the list of accepted ones."""
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown field(s) {unknown}; accepted fields are {sorted(known)}")
+    return cls(**data)
 
 
 # --- validation helpers: each raises one ValueError naming field, value and what is accepted ------------

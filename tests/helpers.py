@@ -6,7 +6,7 @@ import dataclasses
 
 import torch
 
-from sparsemoe import MoE, MoEConfig
+from sparsemoe import MoE
 
 
 def twin(layer: MoE, **changes) -> MoE:

@@ -12,10 +12,10 @@ every other layer has a dense SwiGLU/GELU MLP of width `dense_hidden_dim`.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Optional
 
-from sparsemoe.config import ACTIVATIONS, MoEConfig
+from sparsemoe.config import ACTIVATIONS, MoEConfig, config_from_dict
 
 # ModelConfig field -> MoEConfig field, for the fields whose names differ.
 _MOE_RENAMED = {"moe_hidden_dim": "hidden_dim", "moe_backend": "backend"}
@@ -212,11 +212,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"ModelConfig: unknown field(s) {unknown}; accepted fields are {sorted(known)}")
-        return cls(**data)
+        return config_from_dict(cls, data)
 
     def diff(self, other: "ModelConfig") -> dict[str, tuple[Any, Any]]:
         """Fields whose values differ: name -> (self's value, other's value)."""
