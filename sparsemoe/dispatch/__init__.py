@@ -7,7 +7,8 @@ Triton is importable); `resolve_backend` turns "auto" into a concrete name for t
 | name      | what it does                                                          | when auto picks it |
 |-----------|-----------------------------------------------------------------------|--------------------|
 | reference | per-token Python loop, the test oracle                                | never              |
-| grouped   | sort by expert, grouped GEMM, weighted scatter-add; dropless or not   | default            |
+| grouped   | sort by expert, fused expert MLP op (grouped GEMMs, custom backward)  | default            |
+| decode    | loop over the experts hit, weight-stationary GEMMs (no-grad path)     | CPU, T*K <= 4E     |
 | capacity  | padded [E, C, D] batches and bmm, static shapes (GShard/Switch)       | capacity set, T*K small relative to E*C |
 """
 
@@ -21,6 +22,7 @@ from typing import Callable, Optional
 from torch import Tensor
 
 from sparsemoe.dispatch.capacity import capacity_forward
+from sparsemoe.dispatch.decode import decode_forward
 from sparsemoe.dispatch.grouped import grouped_forward
 from sparsemoe.dispatch.plan import DispatchPlan, build_plan
 from sparsemoe.dispatch.reference import reference_forward
@@ -45,6 +47,7 @@ def register_backend(name: str, forward: BackendFn, available: Optional[Callable
 register_backend("reference", reference_forward)
 register_backend("grouped", grouped_forward)
 register_backend("capacity", capacity_forward)
+register_backend("decode", decode_forward)
 
 
 def _register_optional_backends() -> None:
@@ -57,7 +60,7 @@ def _register_optional_backends() -> None:
 _register_optional_backends()
 
 # Names accepted by MoEConfig.backend (kernels registered later are accepted too, see backend_names()).
-BACKEND_NAMES = ("auto", "reference", "grouped", "capacity", "triton")
+BACKEND_NAMES = ("auto", "reference", "grouped", "capacity", "decode", "triton")
 
 
 def backend_names() -> tuple[str, ...]:
@@ -76,10 +79,18 @@ def resolve_backend(name: str, x_TD: Tensor, plan: DispatchPlan) -> Backend:
     return backend
 
 
+# Decode when there are at most this many rows per expert on average (N <= 4E): then the expert GEMMs
+# are weight-read bound and the decode path's weight-stationary GEMMs win (measured by `sparsemoe bench`).
+_DECODE_MAX_ROWS_PER_EXPERT = 4
+
+
 def _auto_name(x_TD: Tensor, plan: DispatchPlan) -> str:
+    """The fastest backend for this input. Decided from shapes only: no device sync, compile-friendly."""
     triton = _REGISTRY.get("triton")
     if triton is not None and triton.available(x_TD):
         return "triton"
+    if x_TD.device.type == "cpu" and plan.num_rows <= _DECODE_MAX_ROWS_PER_EXPERT * plan.num_experts:
+        return "decode"
     return "grouped"
 
 

@@ -1,7 +1,9 @@
-"""The grouped backend: gather rows in expert order, grouped GEMMs, weighted scatter-add. Dropless or not.
+"""The grouped backend: rows sorted by expert, one GEMM per expert group, weighted combine. Dropless or not.
 
-Legend: T tokens, D model width, I in-projection rows (2F gated), F hidden width, N plan rows.
-No Python loop over tokens; the expert loop (if any) lives inside the `sparsemoe::grouped_mm` op.
+Legend: T tokens, D model width, I in-projection rows (2F gated, F otherwise), F hidden width, N plan rows.
+No Python loop over tokens. The fast path is the fused expert-MLP op (`sparsemoe.dispatch.fused`) with
+its own backward; training with hidden-activation dropout takes the unfused path below, whose pieces
+(`sparsemoe::grouped_mm` and its autograd) also serve the capacity backend.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from sparsemoe.dispatch.fused import expert_mlp
 from sparsemoe.dispatch.plan import DispatchPlan
 from sparsemoe.experts import Experts, activate
 from sparsemoe.ops import grouped_mm
@@ -29,8 +32,22 @@ def expert_hidden(h_NI: Tensor, experts: Experts) -> Tensor:
     return a_NF
 
 
-def grouped_forward(x_TD: Tensor, plan: DispatchPlan, experts: Experts) -> Tensor:
+def recompute_enabled(experts: Experts) -> bool:
+    """Recompute the in-projection in backward instead of saving it (less memory, one more GEMM)."""
+    return bool(getattr(experts, "recompute_activations", False))
+
+
+def unfused_forward(x_TD: Tensor, plan: DispatchPlan, experts: Experts) -> Tensor:
     x_ND = x_TD[plan.token_ids]  # rows in expert order; dropped rows sit past offsets[-1] and stay zero
     h_NI = grouped_mm(x_ND, experts.w_in, plan.offsets)
     o_ND = grouped_mm(expert_hidden(h_NI, experts), experts.w_out, plan.offsets)
     return combine(o_ND, plan, x_TD.shape[1])
+
+
+def grouped_forward(x_TD: Tensor, plan: DispatchPlan, experts: Experts) -> Tensor:
+    if experts.dropout > 0 and experts.training:  # the fused op has no dropout mask to replay in backward
+        return unfused_forward(x_TD, plan, experts)
+    return expert_mlp(
+        x_TD, plan.token_ids, plan.weights, plan.offsets, experts.w_in, experts.w_out, experts.activation,
+        recompute=recompute_enabled(experts),
+    )

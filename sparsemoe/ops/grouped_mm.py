@@ -22,7 +22,7 @@ from torch import Tensor
 _ALIGN_BYTES = 16
 
 
-def _use_native(x: Tensor, w: Tensor) -> bool:
+def use_native(x: Tensor, w: Tensor) -> bool:
     """Whether `torch._grouped_mm` applies: low-precision, contiguous, rows of 16-byte multiples.
 
     On the CPU the native kernel wins for bfloat16/float16; for float32 a loop of `mm` calls over the
@@ -52,7 +52,7 @@ def _out_dim(w: Tensor, transpose_w: bool) -> int:
 def grouped_mm(x: Tensor, w: Tensor, offsets: Tensor, transpose_w: bool = True) -> Tensor:
     """y[N, O] with y[r] = x[r] @ w[e].T for the rows of group e; rows past offsets[-1] are zero."""
     n_rows, out_dim = x.shape[0], _out_dim(w, transpose_w)
-    if _use_native(x, w):
+    if use_native(x, w):
         mat_b = w.transpose(1, 2) if transpose_w else w
         y = torch._grouped_mm(x, mat_b, offs=offsets.to(torch.int32))
         # The native kernel leaves rows past the last group uninitialised; zero them without a sync.

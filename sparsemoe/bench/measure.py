@@ -1,0 +1,117 @@
+"""Timers, peak-memory measurement, copy bandwidth and a description of the machine.
+
+Timings are interleaved (one call of each implementation per round) so that a burst of load from
+elsewhere hits every implementation alike; the minimum over rounds is reported (the least disturbed
+run) together with the median.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+CLOCKS = {
+    # wall time: what a user waits for; the number to quote on an otherwise idle machine.
+    "wall": time.perf_counter,
+    # CPU time of this process (all its threads): on a machine shared with other work it leaves out the
+    # time this process waited for a core, so with --threads 1 it stays close to the idle-machine time.
+    "cpu": time.process_time,
+}
+
+
+def time_interleaved(
+    fns: dict[str, Callable[[], None]], repeats: int, warmup: int = 1, clock: str = "wall"
+) -> dict[str, dict]:
+    """{name: {"min_ms", "median_ms", "runs"}} for each callable, calls interleaved round by round."""
+    now = CLOCKS[clock]
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = now()
+            fn()
+            samples[name].append((now() - start) * 1e3)
+    return {
+        name: {"min_ms": min(s), "median_ms": statistics.median(s), "runs": len(s)} for name, s in samples.items()
+    }
+
+
+def peak_memory_bytes(fn: Callable[[], None]) -> int:
+    """Peak of the bytes allocated by `fn` above what was allocated before it (CPU and accelerator).
+
+    Read from torch.profiler's allocation events, the one source that sees CPU allocations; each event
+    carries a signed size, so the running sum is the live total and its maximum the peak.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(ProfilerActivity.CUDA)
+    with profile(activities=activities, profile_memory=True) as prof:
+        fn()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    events.sort(key=lambda e: e.start_ns())
+    live = peak = 0
+    for event in events:
+        live += event.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
+def copy_bandwidth(nbytes: int = 256 * 2**20, repeats: int = 5) -> float:
+    """Copy bandwidth in bytes/s, STREAM convention: (bytes read + bytes written) / time, best of `repeats`.
+
+    The buffers are much larger than the caches so that the number is the memory's, not a cache's.
+    """
+    src = torch.ones(nbytes // 4, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - start)
+    return 2 * src.numel() * 4 / best
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(device: torch.device) -> dict:
+    """What a reader needs to interpret the numbers: versions, threads, device."""
+    env = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+        "device": device.type,
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    }
+    try:
+        import transformers
+
+        env["transformers"] = transformers.__version__
+    except ImportError:
+        env["transformers"] = None
+    return env
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

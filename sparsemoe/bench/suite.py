@@ -1,0 +1,171 @@
+"""The main benchmark grid: configs x tokens x dtypes x routings, every implementation side by side.
+
+For each case the implementations are timed interleaved (forward, then forward+backward), their peak
+memory is measured over one forward+backward, and the small-batch bound (reading the active experts'
+weights once at the copy bandwidth measured in this run) is attached.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+from sparsemoe.bench.configs import BENCH_CONFIGS, DEFAULT_CONFIGS, DEFAULT_TOKENS, ROUTINGS, make_routing
+from sparsemoe.bench.impls import BenchCase, Impl, build_impls, make_case
+from sparsemoe.bench.measure import copy_bandwidth, environment, peak_memory_bytes, synchronize, time_interleaved
+
+MODES = ("forward", "backward")  # backward = forward + backward
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class SuiteOptions:
+    configs: tuple[str, ...] = DEFAULT_CONFIGS
+    tokens: tuple[int, ...] = DEFAULT_TOKENS
+    dtypes: tuple[str, ...] = ("float32", "bfloat16")
+    routings: tuple[str, ...] = ROUTINGS
+    modes: tuple[str, ...] = MODES
+    memory: bool = True  # measure peak memory of forward+backward
+    impls: Optional[tuple[str, ...]] = None  # shell-style patterns on implementation names; None = all
+    repeats: int = 5
+    warmup: int = 1
+    device: str = "cpu"
+    seed: int = 0
+    recompute: bool = True  # include the grouped backend with activation recomputation
+    clock: str = "wall"  # wall | cpu (process CPU time; see sparsemoe.bench.measure.CLOCKS)
+    log: Callable[[str], None] = field(default=lambda line: print(line, flush=True), repr=False)
+
+
+def _selected(name: str, patterns: Optional[tuple[str, ...]]) -> bool:
+    return patterns is None or any(fnmatch.fnmatch(name, p) or p == name for p in patterns)
+
+
+def _step(impl: Impl, mode: str, grads: dict, device: torch.device) -> Callable[[], None]:
+    if mode == "forward":
+
+        def forward_only() -> None:
+            with torch.no_grad():
+                impl.forward()
+            synchronize(device)
+
+        return forward_only
+
+    def forward_backward() -> None:
+        impl.clear_grads()
+        y = impl.forward()
+        y.backward(grads[(tuple(y.shape), y.dtype)])
+        synchronize(device)
+
+    return forward_backward
+
+
+def _output_grads(impls: list[Impl], seed: int) -> dict:
+    """One fixed random output gradient per output shape/dtype (contiguous: some kernels require it)."""
+    grads = {}
+    gen = torch.Generator().manual_seed(seed + 1)
+    for impl in impls:
+        with torch.no_grad():
+            y = impl.forward()
+        key = (tuple(y.shape), y.dtype)
+        if key not in grads:
+            grads[key] = torch.randn(y.shape, generator=gen).to(y.device, y.dtype)
+    return grads
+
+
+def _usable(impls: list[Impl], modes: tuple[str, ...], grads: dict, device, errors: dict) -> list[Impl]:
+    """Run each implementation once per mode; one that raises is reported, not fatal."""
+    ok = []
+    for impl in impls:
+        try:
+            for mode in modes:
+                _step(impl, mode, grads, device)()
+            ok.append(impl)
+        except Exception as err:  # noqa: BLE001 - a peer's limitation is a result to report
+            errors[impl.name] = f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
+    return ok
+
+
+def run_case(case: BenchCase, opts: SuiteOptions, bandwidth: float) -> dict:
+    device = case.device
+    impls, skipped = build_impls(case, with_recompute=opts.recompute)
+    impls = [i for i in impls if _selected(i.name, opts.impls)]
+    errors: dict[str, str] = {}
+    grads = _output_grads(impls, opts.seed) if impls else {}
+    impls = _usable(impls, opts.modes, grads, device, errors)
+    cfg = case.config
+    active = case.active_experts()
+    element = torch.empty((), dtype=case.dtype).element_size()
+    weight_bytes = active * cfg.expert_bytes(element)
+    result = {
+        "config": cfg.name,
+        "tokens": case.tokens,
+        "dtype": str(case.dtype).replace("torch.", ""),
+        "routing": case.routing,
+        "active_experts": active,
+        "active_weight_bytes": weight_bytes,
+        "weight_read_ms": weight_bytes / bandwidth * 1e3,
+        "notes": {i.name: i.note for i in impls if i.note},
+        "skipped": skipped,
+        "errors": errors,
+        "timings": {},
+        "memory": {},
+    }
+    for mode in opts.modes:
+        steps = {impl.name: _step(impl, mode, grads, device) for impl in impls}
+        result["timings"][mode] = time_interleaved(steps, opts.repeats, opts.warmup, opts.clock)
+    if opts.memory and "backward" in opts.modes:
+        for impl in impls:
+            impl.clear_grads()
+            peak = peak_memory_bytes(_step(impl, "backward", grads, device))
+            grad_bytes = sum(t.grad.numel() * t.grad.element_size() for t in impl.leaves if t.grad is not None)
+            result["memory"][impl.name] = {"peak_mb": peak / 2**20, "grads_mb": grad_bytes / 2**20}
+            impl.clear_grads()
+    return result
+
+
+def run_suite(opts: SuiteOptions) -> dict:
+    """Run the grid; returns {"environment", "copy_bandwidth_gbs", "options", "cases": [...]}."""
+    device = torch.device(opts.device)
+    for name in opts.configs:
+        if name not in BENCH_CONFIGS:
+            raise ValueError(f"unknown benchmark config {name!r}; accepted: {', '.join(BENCH_CONFIGS)}")
+    bandwidth = copy_bandwidth()
+    env = environment(device)
+    env["clock"] = opts.clock
+    opts.log(
+        f"torch {env['torch']} | {env['device']} ({env['device_name']}) | threads {env['threads']} | "
+        f"copy bandwidth {bandwidth / 1e9:.1f} GB/s"
+    )
+    cases = []
+    for config_name in opts.configs:
+        cfg = BENCH_CONFIGS[config_name]
+        opts.log(f"config {cfg.name}: D={cfg.dim} F={cfg.hidden_dim} E={cfg.num_experts} k={cfg.top_k} {cfg.activation}")
+        for dtype_name in opts.dtypes:
+            for routing in opts.routings:
+                for T in opts.tokens:
+                    ids_TK, weights_TK = make_routing(routing, T, cfg.num_experts, cfg.top_k, opts.seed)
+                    case = make_case(cfg, T, DTYPES[dtype_name], device, routing, ids_TK, weights_TK, opts.seed)
+                    result = run_case(case, opts, bandwidth)
+                    cases.append(result)
+                    opts.log(_summary_line(result))
+    return {
+        "environment": env,
+        "copy_bandwidth_gbs": bandwidth / 1e9,
+        "options": {k: v for k, v in opts.__dict__.items() if k != "log"},
+        "cases": cases,
+    }
+
+
+def _summary_line(result: dict) -> str:
+    parts = [f"  {result['config']} {result['dtype']} {result['routing']} T={result['tokens']}:"]
+    for mode, timings in result["timings"].items():
+        dense = timings.get("dense ideal", {}).get("min_ms")
+        auto = timings.get("sparsemoe auto")
+        best = (auto["min_ms"], "auto") if auto else None
+        if best:
+            ratio = f" = {dense / best[0]:.2f}x dense" if dense else ""
+            parts.append(f"{mode} {best[1]} {best[0]:.2f} ms{ratio};")
+    return " ".join(parts)

@@ -1,0 +1,183 @@
+"""`sparsemoe bench`: our backends, the dense ideal and the peers side by side, in one process.
+
+Writes bench.md, bench.json and PNG plots into --out; --sweep adds the top-k x capacity-factor sweep
+with utilisation plots, --router the router-only benchmark, --comm the communication report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+
+import torch
+
+from sparsemoe.cli import CommandError
+
+QUICK = dict(configs=("tiny",), tokens=(1, 16, 128), dtypes=("float32",), routings=("random",), repeats=1)
+
+
+def _csv(kind: str, accepted=None, convert=str):
+    def parse(text: str):
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        if not items:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {kind}")
+        try:
+            values = tuple(convert(t) for t in items)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {kind}, got {text!r}") from None
+        if accepted is not None:
+            bad = [v for v in values if v not in accepted]
+            if bad:
+                raise argparse.ArgumentTypeError(f"unknown {kind} {bad}; accepted: {', '.join(map(str, accepted))}")
+        return values
+
+    return parse
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError
+    return value
+
+
+def _capacity_factor(text: str):
+    if text in ("none", "dropless", "inf"):
+        return None
+    value = float(text)
+    if not value > 0:
+        raise ValueError
+    return value
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    from sparsemoe.bench.configs import BENCH_CONFIGS, DEFAULT_CONFIGS, DEFAULT_TOKENS, ROUTINGS
+    from sparsemoe.bench.suite import DTYPES, MODES
+
+    p = subparsers.add_parser(
+        "bench",
+        help="benchmark the MoE layer against the dense ideal and Hugging Face / torch peers",
+        description="Time every dispatch backend, `auto`, the dense ideal, Hugging Face's Mixtral experts "
+        "(eager and grouped_mm) and plain torch._grouped_mm on the same inputs; write markdown, JSON and plots.",
+    )
+    p.add_argument("--configs", type=_csv("configs", BENCH_CONFIGS), default=DEFAULT_CONFIGS,
+                   help=f"comma-separated: {', '.join(BENCH_CONFIGS)} (default: {','.join(DEFAULT_CONFIGS)})")
+    p.add_argument("--tokens", type=_csv("token counts", convert=_positive_int), default=DEFAULT_TOKENS,
+                   help="comma-separated token counts T (default: 1,16,128,2048,8192)")
+    p.add_argument("--dtypes", type=_csv("dtypes", DTYPES), default=("float32", "bfloat16"),
+                   help="comma-separated: float32, bfloat16, float16 (default: float32,bfloat16)")
+    p.add_argument("--routings", type=_csv("routings", ROUTINGS), default=ROUTINGS,
+                   help="comma-separated: balanced, random, skewed (Zipf) (default: all)")
+    p.add_argument("--modes", type=_csv("modes", MODES), default=MODES,
+                   help="comma-separated: forward, backward (= forward+backward) (default: both)")
+    p.add_argument("--impls", type=_csv("implementation patterns"), default=None,
+                   help="only these implementations (shell patterns, e.g. 'sparsemoe*,dense ideal,hf grouped_mm')")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    p.add_argument("--no-recompute", action="store_true", help="leave out the grouped backend with recomputation")
+    p.add_argument("--repeats", type=_positive_int, default=5, help="timed rounds per case (default 5)")
+    p.add_argument("--threads", type=_positive_int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="wall time (default), or this process's CPU time: steadier on a machine shared with "
+                   "other work, best with --threads 1")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--out", default="bench-results", help="output folder (default bench-results)")
+    p.add_argument("--no-plots", action="store_true", help="do not write PNG plots")
+    p.add_argument("--sweep", action="store_true", help="also sweep top-k and capacity factor (utilisation plots)")
+    p.add_argument("--sweep-config", default=None, help="config of the sweep (default: the first of --configs)")
+    p.add_argument("--sweep-tokens", type=_positive_int, default=2048, help="T of the sweep (default 2048)")
+    p.add_argument("--sweep-ks", type=_csv("k values", convert=_positive_int), default=(1, 2, 4, 8))
+    p.add_argument("--sweep-cfs", type=_csv("capacity factors", convert=_capacity_factor),
+                   default=(1.0, 1.25, 2.0, None), help="comma-separated; 'dropless' for none (default 1,1.25,2,dropless)")
+    p.add_argument("--sweep-routing", choices=ROUTINGS, default="skewed")
+    p.add_argument("--router", action="store_true", help="also run the router-only benchmark")
+    p.add_argument("--comm", action="store_true", help="also run the expert-parallel communication report")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: tiny config, T=1,16,128, float32, random routing, 1 repeat, small sweep and router bench")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from sparsemoe.bench.configs import BENCH_CONFIGS
+    from sparsemoe.bench.plots import plot_suite, plot_utilisation
+    from sparsemoe.bench.report import write_reports
+    from sparsemoe.bench.suite import SuiteOptions, run_suite
+    from sparsemoe.bench.sweeps import router_markdown, run_router_bench, run_sweep, sweep_markdown
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = _device(args.device)
+    out = Path(args.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise CommandError(f"cannot create output folder {out}: {err.strerror}") from None
+    command = "sparsemoe " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["bench"] else "sparsemoe bench"
+    opts = SuiteOptions(
+        configs=args.configs, tokens=args.tokens, dtypes=args.dtypes, routings=args.routings, modes=args.modes,
+        memory=not args.no_memory, impls=args.impls, repeats=args.repeats, device=str(device),
+        recompute=not args.no_recompute, clock=args.clock,
+    )
+    if args.quick:
+        for key, value in QUICK.items():
+            setattr(opts, key, value)
+    result = run_suite(opts)
+    written = write_reports(result, out, command)
+    print((out / "bench.md").read_text())
+    if not args.no_plots:
+        written += plot_suite(result, out)
+    extra_md: list[str] = []
+    if args.sweep or args.quick:
+        name = "tiny" if args.quick else (args.sweep_config or args.configs[0])
+        if name not in BENCH_CONFIGS:
+            raise CommandError(f"--sweep-config {name!r} is not known; accepted: {', '.join(BENCH_CONFIGS)}")
+        tokens = 128 if args.quick else args.sweep_tokens
+        ks = (1, 2) if args.quick else args.sweep_ks
+        cfs = (1.0, None) if args.quick else args.sweep_cfs
+        sweep = run_sweep(BENCH_CONFIGS[name], tokens, args.sweep_routing, ks, cfs, repeats=1 if args.quick else 3)
+        (out / "sweep.json").write_text(json.dumps(sweep, indent=1))
+        extra_md += sweep_markdown(sweep)
+        written.append(out / "sweep.json")
+        if not args.no_plots:
+            written += plot_utilisation(sweep, out)
+    if args.router or args.quick:
+        cfg = BENCH_CONFIGS["tiny" if args.quick else args.configs[0]]
+        bench = run_router_bench(cfg, (16, 128) if args.quick else (128, 2048, 8192), repeats=1 if args.quick else 5)
+        (out / "router.json").write_text(json.dumps(bench, indent=1))
+        extra_md += router_markdown(bench)
+        written.append(out / "router.json")
+    if extra_md:
+        with open(out / "bench.md", "a") as f:
+            f.write("\n" + "\n".join(extra_md))
+        print("\n".join(extra_md))
+    if args.comm:
+        written += _comm_report(out, args.quick)
+    print("wrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
+def _device(name: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise CommandError(f"--device {name!r} is not a device; accepted: cpu, cuda") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CommandError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise CommandError(f"--device {name!r} is not supported; accepted: cpu, cuda")
+    return device
+
+
+def _comm_report(out: Path, quick: bool) -> list[Path]:
+    try:
+        from sparsemoe.parallel.comm_report import run_comm_report
+    except ImportError as err:
+        raise CommandError(
+            f"--comm needs sparsemoe.parallel.comm_report, which cannot be imported here ({err}); "
+            "run without --comm"
+        ) from None
+    run_comm_report(str(out), quick=quick)
+    return [out / "comm_report.md", out / "comm_report.json"]

@@ -1,0 +1,272 @@
+"""The whole expert stage as one op: gather -> GEMM -> activation -> GEMM -> weighted combine, and its backward.
+
+Legend: T tokens, D model width, F hidden width, I in-projection rows (2F gated, F otherwise), E experts,
+N plan rows, n rows of one expert.
+
+    y_TD = expert_mlp(x_TD, plan, w_in [E, I, D], w_out [E, D, F])    (float32, like every backend)
+    y[t] = sum over the kept plan rows r of token t:  weight[r] * w_out[e_r] @ act(w_in[e_r] @ x[t])
+
+Why one op rather than autograd over gather / grouped GEMM / activation / scatter-add:
+* memory: it saves only the in-projection outputs h [N, I] (or nothing with `recompute=True`; then the
+  backward recomputes them with one extra GEMM), where autograd keeps the gathered rows, h, the
+  activation's intermediates and the hidden activations, i.e. about twice as much;
+* speed: rows are gathered, multiplied, activated and combined a run of experts at a time (about
+  `_CHUNK_ROWS` rows) while they are in cache, so the [N, D] row buffers of the unfused path (and their
+  zero-filling) are never made;
+* the router-weight gradient needs no saved expert output: d weight[r] = <dy[t], a_r W_out^T> =
+  <dy[t] W_out, a_r>, and dy[t] W_out is the down projection's input gradient, computed anyway.
+The loop runs over experts (never tokens) and skips experts without rows, so a decode step reads only
+the weights of the experts it uses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from sparsemoe.experts import activate
+
+_GATED = ("swiglu", "geglu")
+
+# `sparsemoe profile` turns this on to label the stages below for torch.profiler; off, a label costs
+# one global lookup, so the hot loop carries no profiler overhead.
+_LABEL_STAGES = False
+
+
+def label_stages(enabled: bool) -> None:
+    """Label the op's stages (permute, gemm_in, activation, gemm_out, combine and backward) for the profiler."""
+    global _LABEL_STAGES
+    _LABEL_STAGES = enabled
+
+
+_NO_LABEL = contextlib.nullcontext()  # reusable: entering it does nothing
+
+
+def _stage(name: str):
+    return torch.profiler.record_function("sparsemoe." + name) if _LABEL_STAGES else _NO_LABEL
+
+
+def _bounds(offsets: Tensor) -> list[int]:
+    # Device-to-host sync: the per-expert loop needs the group sizes on the host. On the CPU it is free.
+    return [0] + offsets.tolist()
+
+
+def _hidden(h_nI: Tensor, activation: str) -> Tensor:
+    return activate(h_nI, activation)
+
+
+def _hidden_and_gate(h_nI: Tensor, activation: str) -> tuple[Tensor, Optional[Tensor]]:
+    """(act(h) [n, F], the activated gate [n, F] for gated activations, else None).
+
+    Same arithmetic as `experts.activate`; the activated gate is kept so the backward need not redo it.
+    """
+    if activation not in _GATED:
+        return activate(h_nI, activation), None
+    gate, up = h_nI.chunk(2, dim=-1)
+    act_gate = F.silu(gate) if activation == "swiglu" else F.gelu(gate, approximate="tanh")
+    return act_gate * up, act_gate
+
+
+def _activation_backward(dA_nF: Tensor, h_nI: Tensor, activation: str, act_gate: Optional[Tensor]) -> Tensor:
+    """d loss / d h [n, I] from d loss / d act(h) [n, F]: the exact derivative of `experts.activate`."""
+    aten = torch.ops.aten
+    if activation in _GATED:
+        half = h_nI.shape[1] // 2
+        gate, up = h_nI[:, :half], h_nI[:, half:]
+        dH = torch.empty_like(h_nI)
+        torch.mul(dA_nF, act_gate, out=dH[:, half:])
+        d_act_gate = dA_nF.mul_(up)  # dA is not needed after this: reuse its memory
+        if activation == "swiglu":
+            dH[:, :half] = aten.silu_backward(d_act_gate, gate)
+        else:
+            dH[:, :half] = aten.gelu_backward(d_act_gate, gate, approximate="tanh")
+        return dH
+    if activation == "relu":
+        return aten.threshold_backward(dA_nF, h_nI, 0)
+    return aten.gelu_backward(dA_nF, h_nI, approximate="tanh")
+
+
+# Rows are gathered and combined for a run of consecutive experts at once (at least this many rows, or
+# all of them when there are fewer): fewer small index ops, a few MiB of buffers whatever T is.
+_CHUNK_ROWS = 1024
+
+
+def _chunks(bounds: list[int]) -> Iterator[tuple[int, int, list[tuple[int, int, int]]]]:
+    """(first row, end row, [(expert, lo, hi) relative to the first row]) over the experts that have rows.
+
+    The plan sorts rows by expert, so a run of consecutive experts owns one contiguous range of rows.
+    """
+    run: list[tuple[int, int, int]] = []
+    start = 0
+    for e in range(len(bounds) - 1):
+        lo, hi = bounds[e], bounds[e + 1]
+        if hi == lo:
+            continue
+        if not run:
+            start = lo
+        run.append((e, lo - start, hi - start))
+        if hi - start >= _CHUNK_ROWS:
+            yield start, hi, run
+            run = []
+    if run:
+        yield start, start + run[-1][2], run
+
+
+@torch.library.custom_op("sparsemoe::expert_mlp", mutates_args=())
+def expert_mlp_forward(
+    x_TD: Tensor,
+    token_ids: Tensor,
+    weights: Tensor,
+    offsets: Tensor,
+    w_in: Tensor,
+    w_out: Tensor,
+    activation: str,
+    save_hidden: bool,
+) -> tuple[Tensor, Tensor]:
+    """(y [T, D] float32, h [N, I] saved for backward, or an empty tensor when `save_hidden` is False)."""
+    T, D = x_TD.shape
+    N, I = token_ids.shape[0], w_in.shape[1]
+    y_TD = x_TD.new_zeros(T, D, dtype=torch.float32)
+    h_NI = x_TD.new_empty(N if save_hidden else 0, I)
+    for start, end, run in _chunks(_bounds(offsets)):
+        tok = token_ids[start:end]
+        with _stage("permute"):
+            x_cD = x_TD.index_select(0, tok)
+        o_cD = x_TD.new_empty(end - start, D)
+        for e, lo, hi in run:
+            with _stage("gemm_in"):
+                w = w_in[e].t()
+                h_nI = torch.mm(x_cD[lo:hi], w, out=h_NI[start + lo : start + hi]) if save_hidden else x_cD[lo:hi] @ w
+            with _stage("activation"):
+                a_nF = _hidden(h_nI, activation)
+            with _stage("gemm_out"):
+                torch.mm(a_nF, w_out[e].t(), out=o_cD[lo:hi])
+        with _stage("combine"):
+            y_TD.index_add_(0, tok, o_cD.float().mul_(weights[start:end, None]))  # .float(): no copy when float32
+    return y_TD, h_NI
+
+
+@expert_mlp_forward.register_fake
+def _expert_mlp_forward_fake(x_TD, token_ids, weights, offsets, w_in, w_out, activation, save_hidden):
+    N = token_ids.shape[0] if save_hidden else 0
+    return x_TD.new_empty(x_TD.shape, dtype=torch.float32), x_TD.new_empty(N, w_in.shape[1])
+
+
+@torch.library.custom_op("sparsemoe::expert_mlp_backward", mutates_args=())
+def expert_mlp_backward(
+    grad_y_TD: Tensor,
+    x_TD: Tensor,
+    token_ids: Tensor,
+    weights: Tensor,
+    offsets: Tensor,
+    w_in: Tensor,
+    w_out: Tensor,
+    h_NI: Tensor,
+    activation: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(d x [T, D], d weights [N] float32, d w_in [E, I, D], d w_out [E, D, F]).
+
+    h_NI is the saved in-projection output, or empty: then each expert's h is recomputed here.
+    """
+    dtype = x_TD.dtype
+    g_TD = grad_y_TD.to(dtype)  # the expert GEMMs run in the activation dtype; float32 stays float32
+    w_N1 = weights.to(dtype).unsqueeze(1)
+    dx_TD = torch.zeros(x_TD.shape, dtype=torch.float32, device=x_TD.device)
+    d_weights = torch.zeros(token_ids.shape[0], dtype=torch.float32, device=x_TD.device)
+    dw_in = torch.empty_like(w_in)
+    dw_out = torch.empty_like(w_out)
+    recompute = h_NI.shape[0] == 0
+    bounds = _bounds(offsets)
+    for e in range(w_in.shape[0]):
+        if bounds[e + 1] == bounds[e]:  # an expert without rows gets a zero gradient
+            dw_in[e].zero_()
+            dw_out[e].zero_()
+    for start, end, run in _chunks(bounds):
+        tok = token_ids[start:end]
+        with _stage("backward.permute"):
+            x_cD = x_TD.index_select(0, tok)
+            g_cD = g_TD.index_select(0, tok)
+        gw_cD = g_cD * w_N1[start:end]  # output gradient of the weighted rows
+        dx_cD = x_TD.new_empty(end - start, x_TD.shape[1])
+        for e, lo, hi in run:
+            if recompute:
+                with _stage("backward.recompute"):
+                    h_nI = x_cD[lo:hi] @ w_in[e].t()
+            else:
+                h_nI = h_NI[start + lo : start + hi]
+            with _stage("backward.activation"):
+                a_nF, act_gate = _hidden_and_gate(h_nI, activation)
+            with _stage("backward.gemm_out"):
+                dAu_nF = g_cD[lo:hi] @ w_out[e]  # gradient w.r.t. a of the expert output before weighting
+                torch.mm(gw_cD[lo:hi].t(), a_nF, out=dw_out[e])
+            with _stage("backward.combine"):  # the router-weight gradient
+                d_weights[start + lo : start + hi] = _row_dot(dAu_nF, a_nF)
+            with _stage("backward.activation"):
+                dH_nI = _activation_backward(dAu_nF.mul_(w_N1[start + lo : start + hi]), h_nI, activation, act_gate)
+            with _stage("backward.gemm_in"):
+                torch.mm(dH_nI.t(), x_cD[lo:hi], out=dw_in[e])
+                torch.mm(dH_nI, w_in[e], out=dx_cD[lo:hi])
+        with _stage("backward.permute"):
+            dx_TD.index_add_(0, tok, dx_cD.float())
+    return dx_TD.to(dtype), d_weights, dw_in, dw_out
+
+
+def _row_dot(a_nF: Tensor, b_nF: Tensor) -> Tensor:
+    """Row-wise dot products in float32 -> [n]."""
+    if a_nF.dtype == torch.float32:
+        return (a_nF * b_nF).sum(1)
+    return (a_nF.float() * b_nF.float()).sum(1)
+
+
+@expert_mlp_backward.register_fake
+def _expert_mlp_backward_fake(grad_y_TD, x_TD, token_ids, weights, offsets, w_in, w_out, h_NI, activation):
+    return (
+        torch.empty_like(x_TD),
+        x_TD.new_empty(token_ids.shape[0], dtype=torch.float32),
+        torch.empty_like(w_in),
+        torch.empty_like(w_out),
+    )
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x_TD, token_ids, weights, offsets, w_in, w_out, activation, _save_hidden = inputs
+    ctx.activation = activation
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(x_TD, token_ids, weights, offsets, w_in, w_out, output[1])
+
+
+def _backward(ctx, grad_y_TD: Tensor, _grad_h):
+    x_TD, token_ids, weights, offsets, w_in, w_out, h_NI = ctx.saved_tensors
+    dx, d_weights, dw_in, dw_out = expert_mlp_backward(
+        grad_y_TD.contiguous(), x_TD, token_ids, weights, offsets, w_in, w_out, h_NI, ctx.activation
+    )
+    needs = ctx.needs_input_grad
+    return (
+        dx if needs[0] else None,
+        None,
+        d_weights if needs[2] else None,
+        None,
+        dw_in if needs[4] else None,
+        dw_out if needs[5] else None,
+        None,
+        None,
+    )
+
+
+expert_mlp_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+def expert_mlp(
+    x_TD: Tensor, token_ids: Tensor, weights: Tensor, offsets: Tensor, w_in: Tensor, w_out: Tensor, activation: str,
+    recompute: bool = False,
+) -> Tensor:
+    """The expert stage over expert-sorted plan rows -> y [T, D] float32 (see the module docstring)."""
+    save = not recompute and torch.is_grad_enabled() and any(
+        t.requires_grad for t in (x_TD, weights, w_in, w_out)
+    )
+    y_TD, _ = expert_mlp_forward(x_TD.contiguous(), token_ids, weights, offsets, w_in, w_out, activation, save)
+    return y_TD
