@@ -88,11 +88,13 @@ def _leaf(t: Tensor) -> Tensor:
 
 def _ours(case: BenchCase, backend: str, recompute: bool = False) -> Impl:
     cfg = case.config
-    experts = Experts(cfg.num_experts, cfg.dim, cfg.hidden_dim, cfg.activation, device=case.device, dtype=case.dtype)
+    experts = Experts(
+        cfg.num_experts, cfg.dim, cfg.hidden_dim, cfg.activation, recompute_activations=recompute,
+        device=case.device, dtype=case.dtype,
+    )  # fmt: skip
     with torch.no_grad():
         experts.w_in.copy_(case.w_in)
         experts.w_out.copy_(case.w_out)
-    experts.recompute_activations = recompute  # read by the grouped backend
     x, w_TK = _leaf(case.x_TD), _leaf(case.weights_TK)
     T, K, E = case.tokens, cfg.top_k, cfg.num_experts
     scores = torch.zeros(T, E, device=case.device)  # not read by the plan; RoutingResult carries it for losses

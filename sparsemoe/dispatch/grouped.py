@@ -34,7 +34,7 @@ def expert_hidden(h_NI: Tensor, experts: Experts) -> Tensor:
 
 def recompute_enabled(experts: Experts) -> bool:
     """Recompute the in-projection in backward instead of saving it (less memory, one more GEMM)."""
-    return bool(getattr(experts, "recompute_activations", False))
+    return experts.recompute_activations
 
 
 def unfused_forward(x_TD: Tensor, plan: DispatchPlan, experts: Experts) -> Tensor:

@@ -148,7 +148,7 @@ def triton_forward(x_TD: Tensor, plan: DispatchPlan, experts: Experts) -> Tensor
     # Saving h and a costs N * (I + F) elements; `recompute_activations` trades that for one more GEMM.
     keep_hidden = (
         torch.is_grad_enabled()
-        and not getattr(experts, "recompute_activations", False)
+        and not experts.recompute_activations
         and (x_TD.requires_grad or w_in.requires_grad or w_out.requires_grad or weights.requires_grad)
     )
     y_TD, _, _ = triton_experts(
