@@ -93,6 +93,12 @@ def test_bench_quick_smoke(tmp_path, capsys):
     assert "k and capacity-factor sweep" in md and "Router only" in md
     assert (tmp_path / "bench_tiny_float32_random.png").stat().st_size > 0
     assert list(tmp_path.glob("utilisation_k*_*.png"))
+    # Whole Hugging Face blocks, transformers' own and patched by sparsemoe (outputs checked to agree).
+    block = json.loads((tmp_path / "hf_block.json").read_text())
+    impls = {row["impl"] for row in block["rows"]}
+    assert impls == {"hf eager", "hf grouped_mm", "hf patched (sparsemoe auto)"}
+    assert {row["mode"] for row in block["rows"]} == {"forward", "forward+backward"}
+    assert "Hugging Face Mixtral block" in md
 
 
 def test_profile_quick_smoke(tmp_path):

@@ -94,6 +94,10 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--sweep-routing", choices=ROUTINGS, default="skewed")
     p.add_argument("--router", action="store_true", help="also run the router-only benchmark")
     p.add_argument("--comm", action="store_true", help="also run the expert-parallel communication report")
+    p.add_argument("--hf-block", action="store_true",
+                   help="also time whole Hugging Face Mixtral MoE blocks (router included): transformers' eager "
+                   "and grouped_mm against the same block patched by sparsemoe.hf.patch_hf_model "
+                   "(first of --configs and --dtypes, every --tokens; needs transformers)")
     p.add_argument("--quick", action="store_true",
                    help="smoke run: tiny config, T=1,16,128, float32, random routing, 1 repeat, small sweep and router bench")
     p.set_defaults(func=run)
@@ -149,6 +153,15 @@ def run(args: argparse.Namespace) -> int:
         (out / "router.json").write_text(json.dumps(bench, indent=1))
         extra_md += router_markdown(bench)
         written.append(out / "router.json")
+    if args.hf_block or args.quick:
+        from sparsemoe.bench.hf_block import hf_block_markdown, run_hf_block_bench
+
+        cfg = BENCH_CONFIGS["tiny" if args.quick else args.configs[0]]
+        dtype = getattr(torch, opts.dtypes[0])
+        block = run_hf_block_bench(cfg, opts.tokens, dtype, repeats=opts.repeats, clock=args.clock)
+        (out / "hf_block.json").write_text(json.dumps(block, indent=1))
+        extra_md += hf_block_markdown(block)
+        written.append(out / "hf_block.json")
     if extra_md:
         with open(out / "bench.md", "a") as f:
             f.write("\n" + "\n".join(extra_md))
