@@ -12,6 +12,7 @@ w_in and F for w_out, so each expert starts like an ordinary feed-forward block.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -71,12 +72,34 @@ class Experts(nn.Module):
         nn.init.uniform_(self.w_in, -1 / math.sqrt(self.dim), 1 / math.sqrt(self.dim))
         nn.init.uniform_(self.w_out, -1 / math.sqrt(self.hidden_dim), 1 / math.sqrt(self.hidden_dim))
 
+    def cast(self, dtype: torch.dtype) -> "ExpertView":
+        """The experts with weights cast to `dtype` (a differentiable cast), for autocast regions."""
+        return ExpertView(
+            self.w_in.to(dtype), self.w_out.to(dtype), self.activation, self.dropout, self.training,
+            self.recompute_activations,
+        )  # fmt: skip
+
     def expert(self, x: Tensor, e: int) -> Tensor:
         """Expert e applied to rows x [R, D] -> [R, D] (used by the reference backend)."""
         return mlp(x, self.w_in[e], self.w_out[e], self.activation, self.dropout, self.training)
 
     def extra_repr(self) -> str:
         return f"num_experts={self.num_experts}, dim={self.dim}, hidden_dim={self.hidden_dim}, activation={self.activation}"
+
+
+@dataclass
+class ExpertView:
+    """What a dispatch backend reads from `Experts`, with the weights already in the compute dtype."""
+
+    w_in: Tensor  # [E, I, D]
+    w_out: Tensor  # [E, D, F]
+    activation: str
+    dropout: float
+    training: bool
+    recompute_activations: bool
+
+    def expert(self, x: Tensor, e: int) -> Tensor:
+        return mlp(x, self.w_in[e], self.w_out[e], self.activation, self.dropout, self.training)
 
 
 class SharedExperts(Experts):

@@ -20,7 +20,7 @@ from sparsemoe.balancing import (
     update_expert_bias,
 )
 from sparsemoe.config import MoEConfig
-from sparsemoe.dispatch import DispatchPlan, build_plan, resolve_backend
+from sparsemoe.dispatch import DispatchPlan, build_plan, run_backend
 from sparsemoe.experts import Experts, SharedExperts
 from sparsemoe.routing import Router, RoutingResult
 
@@ -131,7 +131,7 @@ class MoE(nn.Module):
 
     def _dispatch(self, x_TD: Tensor, plan: DispatchPlan) -> Tensor:
         """Routed experts' combined output, float32 [T, D]."""
-        return resolve_backend(self.config.backend, x_TD, plan).forward(x_TD, plan, self.experts)
+        return run_backend(self.config.backend, x_TD, plan, self.experts)
 
     def _balance(self, routing: RoutingResult, seq_len: int) -> tuple[dict[str, Tensor], Optional[Tensor]]:
         """(weighted losses by name, per-expert load for the bias update or None when no update is due)."""

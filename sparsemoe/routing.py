@@ -65,6 +65,10 @@ class Router(nn.Module):
 
     def logits(self, x_TD: Tensor) -> Tensor:
         """Router logits [T, E] in float32, with the training-time noise that acts on logits or input."""
+        with torch.autocast(x_TD.device.type, enabled=False):  # router math stays float32 under autocast
+            return self._logits_fp32(x_TD)
+
+    def _logits_fp32(self, x_TD: Tensor) -> Tensor:
         cfg = self.config
         x32 = x_TD.float()
         if self.training and cfg.noise == "jitter":

@@ -232,3 +232,18 @@ def test_compile_fullgraph_matches_eager(fields):
     for name in g_eager:
         assert torch.allclose(g_comp[name], g_eager[name], atol=1e-5), name
     assert torch.allclose(compiled.aux_loss, layer.aux_loss)
+
+
+@pytest.mark.parametrize("backend", ["auto", "grouped", "capacity", "decode", "reference"])
+def test_autocast_runs_experts_in_the_autocast_dtype(backend):
+    layer = _layer(backend=backend, capacity_factor=2.0 if backend == "capacity" else None)
+    x = torch.randn(3, 4, 12, requires_grad=True)
+    expected = layer(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+        assert layer.router.logits(x.reshape(-1, 12)).dtype == torch.float32  # router math stays fp32
+    y.float().square().sum().backward()
+    assert y.dtype == torch.float32  # the input's dtype
+    assert torch.allclose(y, expected, atol=5e-2, rtol=5e-2)  # bf16 expert GEMMs
+    assert not torch.equal(y, expected)
+    assert x.grad is not None and layer.experts.w_in.grad.dtype == torch.float32

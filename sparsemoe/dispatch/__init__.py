@@ -19,6 +19,7 @@ import importlib.util
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+import torch
 from torch import Tensor
 
 from sparsemoe.dispatch.capacity import capacity_forward
@@ -84,6 +85,21 @@ def resolve_backend(name: str, x_TD: Tensor, plan: DispatchPlan) -> Backend:
 _DECODE_MAX_ROWS_PER_EXPERT = 4
 
 
+def run_backend(name: str, x_TD: Tensor, plan: DispatchPlan, experts) -> Tensor:
+    """Run the backend `name` ("auto" or registered) on x_TD [T, D] -> float32 [T, D].
+
+    Under torch.autocast the expert GEMMs run in the autocast dtype: the input and the expert weights
+    are cast to it (differentiably) and the backend runs with autocast off, so that its own kernels and
+    custom ops see consistent dtypes.
+    """
+    device_type = x_TD.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        with torch.autocast(device_type, enabled=False):
+            return run_backend(name, x_TD.to(dtype), plan, experts.cast(dtype))
+    return resolve_backend(name, x_TD, plan).forward(x_TD, plan, experts)
+
+
 def _auto_name(x_TD: Tensor, plan: DispatchPlan) -> str:
     """The fastest backend for this input. Decided from shapes only: no device sync, compile-friendly."""
     triton = _REGISTRY.get("triton")
@@ -102,4 +118,5 @@ __all__ = [
     "build_plan",
     "register_backend",
     "resolve_backend",
+    "run_backend",
 ]

@@ -42,7 +42,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from sparsemoe.balancing import router_z_loss, sequence_aux_loss, tokens_per_expert
-from sparsemoe.dispatch import DispatchPlan, resolve_backend
+from sparsemoe.dispatch import DispatchPlan, run_backend
 from sparsemoe.dispatch.grouped import combine
 from sparsemoe.experts import Experts
 from sparsemoe.layer import MoE
@@ -124,10 +124,9 @@ class ExpertParallelMoE(MoE):
         sent_SD = x_TD[plan.token_ids[:S]]
         recv_MD = all_to_all_rows(sent_SD, recv_splits, send_splits, self.ep_group)
         local = _local_plan(recv_RL, sum(recv_splits))
-        backend = resolve_backend(self.config.backend, recv_MD, local)
         # Each received row has one assignment of weight 1, so the backend's float32 output is the
         # expert's output exactly; casting back to the activation dtype loses nothing.
-        out_MD = backend.forward(recv_MD, local, self.experts).to(x_TD.dtype)
+        out_MD = run_backend(self.config.backend, recv_MD, local, self.experts).to(x_TD.dtype)
         back_SD = all_to_all_rows(out_MD, send_splits, recv_splits, self.ep_group)
         rows_ND = torch.cat([back_SD, back_SD.new_zeros(plan.num_rows - S, D)])  # dropped rows: zero
         return combine(rows_ND, plan, D)
