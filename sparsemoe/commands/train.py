@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import signal
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -186,7 +185,9 @@ def run(args) -> int:
             f"run folder {str(run_dir)!r} already holds a checkpoint; pass --resume to continue it, "
             "or choose another --run-dir"
         )
-    stopper = _StopOnSignal()
+    from sparsemoe.train.signals import StopOnSignal
+
+    stopper = StopOnSignal()
     try:
         with stopper:
             summary = run_training(
@@ -211,35 +212,3 @@ def run(args) -> int:
     if summary["stopped_early"]:
         print(f"continue with: sparsemoe train --run-dir {run_dir} --resume")
     return 0
-
-
-class _StopOnSignal:
-    """First Ctrl-C/SIGTERM: finish the current step, save a checkpoint, stop. A second one aborts at once.
-
-    The previous handlers come back on exit, so in-process callers (tests) keep theirs.
-    """
-
-    def __init__(self) -> None:
-        self.trainer = None
-        self.previous: dict[int, Any] = {}
-
-    def attach(self, trainer) -> None:
-        self.trainer = trainer
-
-    def _handle(self, signum, frame) -> None:
-        if self.trainer is None or self.trainer.stop_requested:
-            raise KeyboardInterrupt
-        self.trainer.stop_requested = True
-        print("\nstopping after this step and saving a checkpoint (interrupt again to abort)", flush=True)
-
-    def __enter__(self) -> "_StopOnSignal":
-        import threading
-
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self.previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -38,6 +37,7 @@ from sparsemoe.parallel.state import (
     sync_gradients,
 )
 from sparsemoe.train.checkpoint import load_model_state, save_checkpoint
+from sparsemoe.train.signals import StopOnSignal
 from sparsemoe.train.trainer import Trainer
 
 
@@ -215,7 +215,7 @@ def run_parallel_training(
             f"of each expert shard), {dist.get_backend()}; global batch {B} sequences ({B // W} per process); "
             f"run folder {run_dir}"
         )
-    with _StopOnSignal(trainer):
+    with StopOnSignal(trainer, announce=rank == 0):
         summary = trainer.fit()
     if rank == 0:
         rows = {
@@ -234,30 +234,6 @@ def run_parallel_training(
 
 def _plural(n: int, one: str, many: str) -> str:
     return f"{n} {one if n == 1 else many}"
-
-
-class _StopOnSignal:
-    """Ctrl-C / SIGTERM: ask the trainer to stop after this step (all ranks agree on it) and save."""
-
-    def __init__(self, trainer: Trainer) -> None:
-        self.trainer, self.previous = trainer, {}
-
-    def _handle(self, signum, frame) -> None:
-        if self.trainer.stop_requested:
-            raise KeyboardInterrupt
-        self.trainer.stop_requested = True
-
-    def __enter__(self):
-        import threading
-
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self.previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
