@@ -247,3 +247,14 @@ def test_autocast_runs_experts_in_the_autocast_dtype(backend):
     assert torch.allclose(y, expected, atol=5e-2, rtol=5e-2)  # bf16 expert GEMMs
     assert not torch.equal(y, expected)
     assert x.grad is not None and layer.experts.w_in.grad.dtype == torch.float32
+
+
+def test_compile_fullgraph_inference_with_the_decode_backend():
+    torch._dynamo.reset()
+    layer = _layer(backend="decode", num_experts=8, top_k=2)
+    layer.eval()
+    x = torch.randn(1, 3, 12)  # a decode-sized batch: T*K <= 4E
+    with torch.no_grad():
+        eager = layer(x)
+        compiled = torch.compile(layer, fullgraph=True)(x)
+    assert torch.allclose(compiled, eager, atol=1e-6)
