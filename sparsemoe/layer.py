@@ -176,8 +176,15 @@ class MoE(nn.Module):
         if x.dtype not in _FLOAT_DTYPES:
             raise TypeError(f"MoE expects a floating input (float32, bfloat16, float16), got {x.dtype}")
         w_dtype = self.experts.w_in.dtype
-        if x.dtype != w_dtype:
-            raise TypeError(f"MoE input dtype {x.dtype} differs from the layer's weights ({w_dtype}); cast one with .to()")
+        if x.dtype == w_dtype:
+            return
+        device_type = x.device.type
+        if torch.is_autocast_enabled(device_type) and x.dtype == torch.get_autocast_dtype(device_type):
+            return  # an autocast region's activations: the experts run in that dtype anyway
+        raise TypeError(
+            f"MoE input dtype {x.dtype} differs from the layer's weights ({w_dtype}); cast one with .to() "
+            "or run under torch.autocast"
+        )
 
     def _check_logits(self, logits_TE: Tensor) -> None:
         if not self.config.check_finite or torch.compiler.is_compiling():

@@ -258,3 +258,15 @@ def test_compile_fullgraph_inference_with_the_decode_backend():
         eager = layer(x)
         compiled = torch.compile(layer, fullgraph=True)(x)
     assert torch.allclose(compiled, eager, atol=1e-6)
+
+
+def test_autocast_accepts_inputs_in_the_autocast_dtype():
+    model = torch.nn.Sequential(torch.nn.Linear(12, 12), _layer(backend="grouped"))
+    x = torch.randn(5, 12)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = model(x)  # the Linear hands the MoE a bfloat16 activation
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert model[1].experts.w_out.grad is not None
+    with pytest.raises(TypeError, match="differs from the layer's weights"):
+        model[1](x.to(torch.bfloat16))  # outside autocast the mismatch is still an error
