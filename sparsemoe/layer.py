@@ -16,6 +16,7 @@ from sparsemoe.balancing import (
     AddAuxiliaryLoss,
     balance_losses,
     router_entropy,
+    router_z_loss,
     tokens_per_expert,
     update_expert_bias,
 )
@@ -137,8 +138,7 @@ class MoE(nn.Module):
         """(weighted losses by name, per-expert load for the bias update or None when no update is due)."""
         cfg = self.config
         if routing.expert_choice:  # balanced by construction: only the z-loss applies
-            losses = balance_losses(routing.probs, routing.logits, routing.expert_ids, None, 1, None, 0.0, 0.0, cfg.z_loss_coef)
-            return losses, None
+            return ({"z_loss": cfg.z_loss_coef * router_z_loss(routing.logits)} if cfg.z_loss_coef > 0 else {}), None
         counts = tokens_per_expert(routing.expert_ids, routing.num_experts)
         losses = balance_losses(
             routing.probs,

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
-import sys
 from pathlib import Path
 
 import torch
 
 from sparsemoe.cli import CommandError
+from sparsemoe.commands._measure import command_line, output_dir, positive_int, setup_device
 
 QUICK = dict(configs=("tiny",), tokens=(1, 16, 128), dtypes=("float32",), routings=("random",), repeats=1)
 
@@ -35,13 +34,6 @@ def _csv(kind: str, accepted=None, convert=str):
         return values
 
     return parse
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise ValueError
-    return value
 
 
 def _capacity_factor(text: str):
@@ -65,7 +57,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument("--configs", type=_csv("configs", BENCH_CONFIGS), default=DEFAULT_CONFIGS,
                    help=f"comma-separated: {', '.join(BENCH_CONFIGS)} (default: {','.join(DEFAULT_CONFIGS)})")
-    p.add_argument("--tokens", type=_csv("token counts", convert=_positive_int), default=DEFAULT_TOKENS,
+    p.add_argument("--tokens", type=_csv("token counts", convert=positive_int), default=DEFAULT_TOKENS,
                    help="comma-separated token counts T (default: 1,16,128,2048,8192)")
     p.add_argument("--dtypes", type=_csv("dtypes", DTYPES), default=("float32", "bfloat16"),
                    help="comma-separated: float32, bfloat16, float16 (default: float32,bfloat16)")
@@ -77,8 +69,8 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="only these implementations (shell patterns, e.g. 'sparsemoe*,dense ideal,hf grouped_mm')")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     p.add_argument("--no-recompute", action="store_true", help="leave out the grouped backend with recomputation")
-    p.add_argument("--repeats", type=_positive_int, default=5, help="timed rounds per case (default 5)")
-    p.add_argument("--threads", type=_positive_int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--repeats", type=positive_int, default=5, help="timed rounds per case (default 5)")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                    help="wall time (default), or this process's CPU time: steadier on a machine shared with "
                    "other work, best with --threads 1")
@@ -87,8 +79,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--no-plots", action="store_true", help="do not write PNG plots")
     p.add_argument("--sweep", action="store_true", help="also sweep top-k and capacity factor (utilisation plots)")
     p.add_argument("--sweep-config", default=None, help="config of the sweep (default: the first of --configs)")
-    p.add_argument("--sweep-tokens", type=_positive_int, default=2048, help="T of the sweep (default 2048)")
-    p.add_argument("--sweep-ks", type=_csv("k values", convert=_positive_int), default=(1, 2, 4, 8))
+    p.add_argument("--sweep-tokens", type=positive_int, default=2048, help="T of the sweep (default 2048)")
+    p.add_argument("--sweep-ks", type=_csv("k values", convert=positive_int), default=(1, 2, 4, 8))
     p.add_argument("--sweep-cfs", type=_csv("capacity factors", convert=_capacity_factor),
                    default=(1.0, 1.25, 2.0, None), help="comma-separated; 'dropless' for none (default 1,1.25,2,dropless)")
     p.add_argument("--sweep-routing", choices=ROUTINGS, default="skewed")
@@ -111,15 +103,9 @@ def run(args: argparse.Namespace) -> int:
     from sparsemoe.bench.suite import SuiteOptions, run_suite
     from sparsemoe.bench.sweeps import router_markdown, run_router_bench, run_sweep, sweep_markdown
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = _device(args.device)
-    out = Path(args.out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise CommandError(f"cannot create output folder {out}: {err.strerror}") from None
-    command = "sparsemoe " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["bench"] else "sparsemoe bench"
+    device = setup_device(args.device, args.threads)
+    out = output_dir(args.out)
+    command = command_line("bench")
     opts = SuiteOptions(
         configs=args.configs, tokens=args.tokens, dtypes=args.dtypes, routings=args.routings, modes=args.modes,
         memory=not args.no_memory, impls=args.impls, repeats=args.repeats, device=str(device),
@@ -170,18 +156,6 @@ def run(args: argparse.Namespace) -> int:
         written += _comm_report(out, args.quick)
     print("wrote " + ", ".join(str(p) for p in written))
     return 0
-
-
-def _device(name: str) -> torch.device:
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise CommandError(f"--device {name!r} is not a device; accepted: cpu, cuda") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CommandError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
-    if device.type not in ("cpu", "cuda"):
-        raise CommandError(f"--device {name!r} is not supported; accepted: cpu, cuda")
-    return device
 
 
 def _comm_report(out: Path, quick: bool) -> list[Path]:

@@ -7,14 +7,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
-import sys
-from pathlib import Path
 
-import torch
 
 from sparsemoe.cli import CommandError
-from sparsemoe.commands.bench import _device, _positive_int
+from sparsemoe.commands._measure import command_line, output_dir, positive_int, setup_device
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -27,13 +23,13 @@ def register(subparsers) -> argparse.ArgumentParser:
         description="Profile a forward+backward step of the MoE layer stage by stage; write markdown, JSON and a chart.",
     )
     p.add_argument("--config", choices=sorted(BENCH_CONFIGS), default="mixtral-mini", help="layer shape (default mixtral-mini)")
-    p.add_argument("--tokens", type=_positive_int, default=2048, help="tokens T per step (default 2048)")
+    p.add_argument("--tokens", type=positive_int, default=2048, help="tokens T per step (default 2048)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--backend", default="auto", help="dispatch backend (default auto)")
     p.add_argument("--recompute", action="store_true", help="recompute expert activations in backward")
     p.add_argument("--capacity-factor", type=float, default=None, help="capacity factor (default dropless)")
-    p.add_argument("--steps", type=_positive_int, default=3, help="profiled steps, averaged (default 3)")
-    p.add_argument("--threads", type=_positive_int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--steps", type=positive_int, default=3, help="profiled steps, averaged (default 3)")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--out", default="profile-results", help="output folder (default profile-results)")
     p.add_argument("--quick", action="store_true", help="smoke run: tiny config, T=64, 1 step")
@@ -50,9 +46,7 @@ def run(args: argparse.Namespace) -> int:
     from sparsemoe.dispatch import backend_names
     from sparsemoe.layer import MoE
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = _device(args.device)
+    device = setup_device(args.device, args.threads)
     if args.backend not in backend_names():
         raise CommandError(f"--backend {args.backend!r} is not available here; accepted: {', '.join(backend_names())}")
     name, tokens, steps = ("tiny", 64, 1) if args.quick else (args.config, args.tokens, args.steps)
@@ -61,13 +55,12 @@ def run(args: argparse.Namespace) -> int:
         config = MoEConfig(
             dim=bench_cfg.dim, hidden_dim=bench_cfg.hidden_dim, num_experts=bench_cfg.num_experts,
             top_k=bench_cfg.top_k, activation=bench_cfg.activation, backend=args.backend,
-            capacity_factor=args.capacity_factor,
+            capacity_factor=args.capacity_factor, recompute_activations=args.recompute,
         )
     except ValueError as err:
         raise CommandError(str(err)) from None
     dtype = DTYPES[args.dtype]
     layer = MoE(config, device=device, dtype=dtype)
-    layer.experts.recompute_activations = args.recompute  # read by the grouped backend
     layer.train()
     try:
         result = profile_layer(layer, tokens, dtype, ProfileOptions(steps=steps))
@@ -77,12 +70,8 @@ def run(args: argparse.Namespace) -> int:
         config=bench_cfg.as_dict(), tokens=tokens, dtype=args.dtype, recompute=args.recompute,
         environment=environment_for(device),
     )
-    out = Path(args.out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise CommandError(f"cannot create output folder {out}: {err.strerror}") from None
-    command = "sparsemoe " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["profile"] else "sparsemoe profile"
+    out = output_dir(args.out)
+    command = command_line("profile")
     md = profile_markdown(result, command)
     (out / "profile.md").write_text(md)
     (out / "profile.json").write_text(json.dumps(dict(result, command=command), indent=1))

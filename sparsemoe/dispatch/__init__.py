@@ -7,9 +7,10 @@ Triton is importable); `resolve_backend` turns "auto" into a concrete name for t
 | name      | what it does                                                          | when auto picks it |
 |-----------|-----------------------------------------------------------------------|--------------------|
 | reference | per-token Python loop, the test oracle                                | never              |
-| grouped   | sort by expert, fused expert MLP op (grouped GEMMs, custom backward)  | default            |
+| grouped   | sort by expert, fused expert MLP op (grouped GEMMs, custom backward)  | CPU, T*K > 4E      |
 | decode    | loop over the experts hit, weight-stationary GEMMs (no-grad path)     | CPU, T*K <= 4E     |
-| capacity  | padded [E, C, D] batches and bmm, static shapes (GShard/Switch)       | capacity set, T*K small relative to E*C |
+| capacity  | padded [E, C, D] batches and bmm, static shapes (GShard/Switch)       | never (ask for it) |
+| triton    | Triton kernels (sparsemoe.dispatch.triton_backend), CUDA only         | CUDA with Triton   |
 """
 
 from __future__ import annotations

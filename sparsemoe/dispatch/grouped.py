@@ -32,11 +32,6 @@ def expert_hidden(h_NI: Tensor, experts: Experts) -> Tensor:
     return a_NF
 
 
-def recompute_enabled(experts: Experts) -> bool:
-    """Recompute the in-projection in backward instead of saving it (less memory, one more GEMM)."""
-    return experts.recompute_activations
-
-
 def unfused_forward(x_TD: Tensor, plan: DispatchPlan, experts: Experts) -> Tensor:
     x_ND = x_TD[plan.token_ids]  # rows in expert order; dropped rows sit past offsets[-1] and stay zero
     h_NI = grouped_mm(x_ND, experts.w_in, plan.offsets)
@@ -49,5 +44,5 @@ def grouped_forward(x_TD: Tensor, plan: DispatchPlan, experts: Experts) -> Tenso
         return unfused_forward(x_TD, plan, experts)
     return expert_mlp(
         x_TD, plan.token_ids, plan.weights, plan.offsets, experts.w_in, experts.w_out, experts.activation,
-        recompute=recompute_enabled(experts),
+        recompute=experts.recompute_activations,
     )
