@@ -91,7 +91,7 @@ def register(subparsers) -> argparse.ArgumentParser:
                    "and grouped_mm against the same block patched by sparsemoe.hf.patch_hf_model "
                    "(first of --configs and --dtypes, every --tokens; needs transformers)")
     p.add_argument("--quick", action="store_true",
-                   help="smoke run: tiny config, T=1,16,128, float32, random routing, 1 repeat, small sweep and router bench")
+                   help="smoke run: tiny config, T=1,16,128, float32, random routing, 1 repeat, small sweep, router and HF block bench")
     p.set_defaults(func=run)
     return p
 
