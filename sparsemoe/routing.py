@@ -102,9 +102,7 @@ def _fused_topk_applies(logits_TE: Tensor, cfg: MoEConfig, training: bool, bias_
     """The fused kernel computes plain top-k routing; it does not apply where selection is perturbed."""
     if _fused_topk is None or cfg.router != "topk" or not _fused_topk[1](logits_TE):
         return False
-    if training and (cfg.noise == "gumbel" or cfg.expert_dropout > 0):
-        return False
-    return bias_E is None or cfg.score_func == "sigmoid"  # the kernel adds the bias to the scores
+    return not (training and (cfg.noise == "gumbel" or cfg.expert_dropout > 0))
 
 
 def _scores(logits: Tensor, score_func: str) -> Tensor:

@@ -211,6 +211,8 @@ def test_weight_gradient_kernel_gathers_scales_and_zeroes_empty_groups():
 ROUTER_CASES = [
     dict(score_func="softmax", score_order="before_topk", renormalize=True),
     dict(score_func="softmax", score_order="before_topk", renormalize=False, route_scale=2.5),
+    dict(score_func="softmax", score_order="before_topk", renormalize=True, bias_balancing=True),
+    dict(score_func="softmax", score_order="after_topk", bias_balancing=True),
     dict(score_func="sigmoid", score_order="before_topk", renormalize=True, bias_balancing=True),
     dict(score_func="sigmoid", score_order="before_topk", renormalize=False),
     dict(score_func="softmax", score_order="after_topk"),
@@ -283,6 +285,7 @@ def test_gpu_bench_script_runs_end_to_end_on_tiny_shapes(tmp_path, capsys):
     [
         dict(),
         dict(score_func="sigmoid", bias_balancing=True, route_scale=2.0),
+        dict(bias_balancing=True),  # softmax: the bias moves logits
         dict(score_order="after_topk", renormalize=False),
     ],
 )

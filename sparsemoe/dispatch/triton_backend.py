@@ -222,7 +222,7 @@ _SCORE_MODES = {("softmax", "before_topk"): 0, ("sigmoid", "before_topk"): 1, ("
 def _topk_torch(logits_TE: Tensor, bias_E: Optional[Tensor], top_k: int, mode: int, renormalize: bool, scale: float):
     """The same routing in plain PyTorch (where the kernel cannot run); autograd gives the backward."""
     scores = logits_TE if mode == 2 else (torch.softmax(logits_TE, -1) if mode == 0 else torch.sigmoid(logits_TE))
-    key = scores if bias_E is None else scores + bias_E
+    key = scores if bias_E is None else (scores if mode == 1 else logits_TE) + bias_E  # as sparsemoe.routing
     ids_TK = key.topk(top_k, dim=-1).indices
     chosen = scores.gather(1, ids_TK)
     if mode == 2:
@@ -246,8 +246,8 @@ def fused_topk(
     """Token-choice top-k routing of float32 logits [T, E] -> (ids [T, K] long, weights [T, K] float32).
 
     The same result as `sparsemoe.routing.token_choice` for router="topk" without noise: scores
-    (softmax over E, or sigmoid), selection by score + `bias_E` (the bias never enters the weights),
-    weights renormalised to sum 1 (or a softmax over the K chosen logits with score_order="after_topk"),
+    (softmax over E, or sigmoid), selection by score + `bias_E` (added to sigmoid scores, or to softmax
+    logits; never to the weights), weights renormalised to sum 1 (or a softmax over the K chosen logits with score_order="after_topk"),
     times `route_scale`. One Triton kernel where `available(logits)`, the same math in PyTorch otherwise.
     """
     mode = _SCORE_MODES.get((score_func, score_order))

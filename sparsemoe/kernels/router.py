@@ -58,7 +58,9 @@ def _router_kernel(
         scores = logits
     key = scores
     if HAS_BIAS:
-        key = key + tl.load(bias_ptr + cols, mask=cols < E, other=0.0)[None, :]
+        # As sparsemoe.routing: the bias moves sigmoid scores, but softmax logits (never probabilities).
+        base = scores if SCORE == 1 else logits
+        key = base + tl.load(bias_ptr + cols, mask=cols < E, other=0.0)[None, :]
     key = tl.where(col_ok, key, float("-inf"))
 
     kcols = tl.arange(0, BLOCK_K)
