@@ -9,6 +9,7 @@ from helpers import forward_backward, twin
 
 from sparsemoe import MoE, MoEConfig
 from sparsemoe.dispatch import _auto_name, build_plan, resolve_backend
+from sparsemoe.ops import cpu_kernels
 
 CASES = {
     "swiglu-odd": (dict(dim=19, hidden_dim=13, num_experts=5, top_k=2), (2, 7, 19)),
@@ -71,7 +72,13 @@ def test_recompute_saves_less_for_backward():
 
 @pytest.mark.parametrize("case", sorted(CASES))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_decode_no_grad_matches_reference(case, dtype):
+@pytest.mark.parametrize("native", [True, False], ids=["cpu-kernel", "blas"])
+def test_decode_no_grad_matches_reference(case, dtype, native, monkeypatch):
+    """Both float32 decode paths: the native CPU kernel, and the BLAS loop used without a C compiler."""
+    if native and not cpu_kernels.available():
+        pytest.skip("no C compiler: the native CPU kernel cannot be built (the BLAS case covers this machine)")
+    if not native:
+        monkeypatch.setattr(cpu_kernels, "supports", lambda *args: False)
     fields, shape = CASES[case]
     ref = _ref(fields, dtype=dtype).eval()
     fast = twin(ref, backend="decode").eval()
@@ -82,17 +89,21 @@ def test_decode_no_grad_matches_reference(case, dtype):
     _close(y, y_ref, "output", *tol)
 
 
-def test_auto_picks_decode_for_few_rows_and_grouped_for_many():
+@pytest.mark.parametrize("native", [True, False], ids=["cpu-kernel", "blas"])
+def test_auto_picks_decode_for_few_rows_and_grouped_for_many(native, monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "available", lambda: native)
     cfg = MoEConfig(dim=16, hidden_dim=8, num_experts=8, top_k=2)
     layer = MoE(cfg)
 
-    def plan_for(T):
+    def plan_for(T, dtype=torch.float32):
         x = torch.randn(T, 16)
-        return x, build_plan(layer.router.route(layer.router.logits(x)), None)
+        return x.to(dtype), build_plan(layer.router.route(layer.router.logits(x)), None)
 
+    limit = 128 if native else 16  # rows per expert: 32 with the native kernel (float32), else 4
     assert _auto_name(*plan_for(1)) == "decode"
-    assert _auto_name(*plan_for(16)) == "decode"  # 32 rows over 8 experts: 4 per expert
-    assert _auto_name(*plan_for(17)) == "grouped"
+    assert _auto_name(*plan_for(limit)) == "decode"  # 2 * limit rows over 8 experts
+    assert _auto_name(*plan_for(limit + 1)) == "grouped"
+    assert _auto_name(*plan_for(17, torch.bfloat16)) == "grouped"  # the kernel is float32 only
     x, plan = plan_for(1)
     assert resolve_backend("auto", x, plan).name == "decode"
 

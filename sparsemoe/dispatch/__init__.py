@@ -28,6 +28,7 @@ from sparsemoe.dispatch.decode import decode_forward
 from sparsemoe.dispatch.grouped import grouped_forward
 from sparsemoe.dispatch.plan import DispatchPlan, build_plan
 from sparsemoe.dispatch.reference import reference_forward
+from sparsemoe.ops import cpu_kernels
 
 BackendFn = Callable[[Tensor, DispatchPlan, "object"], Tensor]
 
@@ -81,9 +82,13 @@ def resolve_backend(name: str, x_TD: Tensor, plan: DispatchPlan) -> Backend:
     return backend
 
 
-# Decode when there are at most this many rows per expert on average (N <= 4E): then the expert GEMMs
-# are weight-read bound and the decode path's weight-stationary GEMMs win (measured by `sparsemoe bench`).
+# Decode when there are at most this many rows per expert on average: up to 4 the expert GEMMs are
+# weight-read bound and the decode path's weight-stationary BLAS GEMMs win; in float32 with the native
+# CPU kernel (sparsemoe.ops.cpu_kernels) decode wins up to about 32 (both measured by `sparsemoe bench`
+# forward over T, mixtral-mini and fine-grained; above that the grouped GEMMs are compute bound and BLAS
+# is faster).
 _DECODE_MAX_ROWS_PER_EXPERT = 4
+_KERNEL_DECODE_MAX_ROWS_PER_EXPERT = 32
 
 
 def run_backend(name: str, x_TD: Tensor, plan: DispatchPlan, experts) -> Tensor:
@@ -106,9 +111,12 @@ def _auto_name(x_TD: Tensor, plan: DispatchPlan) -> str:
     triton = _REGISTRY.get("triton")
     if triton is not None and triton.available(x_TD):
         return "triton"
-    if x_TD.device.type == "cpu" and plan.num_rows <= _DECODE_MAX_ROWS_PER_EXPERT * plan.num_experts:
-        return "decode"
-    return "grouped"
+    if x_TD.device.type != "cpu":
+        return "grouped"
+    rows_per_expert = _DECODE_MAX_ROWS_PER_EXPERT
+    if x_TD.dtype == torch.float32 and cpu_kernels.available():
+        rows_per_expert = _KERNEL_DECODE_MAX_ROWS_PER_EXPERT
+    return "decode" if plan.num_rows <= rows_per_expert * plan.num_experts else "grouped"
 
 
 __all__ = [

@@ -1,0 +1,127 @@
+"""The native CPU decode kernel (sparsemoe/ops/csrc/decode_mlp.c) against PyTorch, and its build and fallbacks."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sparsemoe.experts import activate, in_rows
+from sparsemoe.ops import cpu_kernels
+
+needs_kernel = pytest.mark.skipif(
+    not cpu_kernels.available(), reason="no C compiler: the native CPU kernel cannot be built (BLAS fallback in use)"
+)
+
+
+def _reference(x_ND, bounds, w_in, w_out, activation):
+    rows = [
+        activate(x_ND[lo:hi].double() @ w_in[e].double().t(), activation) @ w_out[e].double().t()
+        for e, (lo, hi) in enumerate(zip(bounds[:-1].tolist(), bounds[1:].tolist()))
+    ]
+    return torch.cat(rows).float()
+
+
+def _case(counts, dim, hidden, activation, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    E = len(counts)
+    bounds = torch.tensor([0, *torch.tensor(counts).cumsum(0).tolist()], dtype=torch.int64)
+    x = torch.randn(int(bounds[-1]), dim, generator=gen)
+    w_in = torch.randn(E, in_rows(hidden, activation), dim, generator=gen) / math.sqrt(dim)
+    w_out = torch.randn(E, dim, hidden, generator=gen) / math.sqrt(hidden)
+    return x, bounds, w_in, w_out
+
+
+@needs_kernel
+@settings(max_examples=60, deadline=None)
+@given(
+    counts=st.lists(st.integers(0, 19), min_size=1, max_size=6),  # 0 rows, the 1-4 row path, the tiled path
+    dim=st.integers(1, 70),  # below, at and past the 16-float vector width
+    hidden=st.integers(1, 40),
+    activation=st.sampled_from(sorted(cpu_kernels.ACTIVATION_CODES)),
+    threads=st.sampled_from([1, 2, 3]),
+)
+def test_decode_kernel_matches_pytorch(counts, dim, hidden, activation, threads):
+    x, bounds, w_in, w_out = _case(counts, dim, hidden, activation)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = cpu_kernels.decode_mlp_f32(x, bounds, w_in, w_out, activation)
+    finally:
+        torch.set_num_threads(before)
+    expected = _reference(x, bounds, w_in, w_out, activation)
+    assert out.shape == expected.shape
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+def test_decode_kernel_on_bench_sized_experts():
+    """Rows past a 64-row work block and a model width of 512: the sizes `sparsemoe bench` runs."""
+    x, bounds, w_in, w_out = _case([1, 4, 0, 7, 16, 33], 512, 200, "swiglu", seed=3)
+    torch.testing.assert_close(
+        cpu_kernels.decode_mlp_f32(x, bounds, w_in, w_out, "swiglu"), _reference(x, bounds, w_in, w_out, "swiglu"),
+        rtol=1e-5, atol=1e-5,
+    )
+
+
+@needs_kernel
+@pytest.mark.parametrize("activation", sorted(cpu_kernels.ACTIVATION_CODES))
+def test_decode_kernel_propagates_nan_like_pytorch(activation):
+    x, bounds, w_in, w_out = _case([3, 2], 20, 8, activation)
+    x[1] = float("nan")
+    out = cpu_kernels.decode_mlp_f32(x, bounds, w_in, w_out, activation)
+    assert out[1].isnan().all()
+    assert out[[0, 2, 3, 4]].isfinite().all()
+
+
+@needs_kernel
+def test_decode_kernel_rejects_mismatched_shapes():
+    x, bounds, w_in, w_out = _case([2, 3], 16, 8, "swiglu")
+    with pytest.raises(ValueError, match="do not fit"):
+        cpu_kernels.decode_mlp_f32(x[:, :15], bounds, w_in, w_out, "swiglu")
+    with pytest.raises(ValueError, match="bounds end at 5"):
+        cpu_kernels.decode_mlp_f32(x[:4], bounds, w_in, w_out, "swiglu")
+
+
+def test_supports_only_float32_cpu_contiguous_known_activations():
+    x, _, w_in, w_out = _case([2], 16, 8, "swiglu")
+    ok = cpu_kernels.available()
+    assert cpu_kernels.supports(x, w_in, w_out, "swiglu") == ok
+    assert not cpu_kernels.supports(x.bfloat16(), w_in.bfloat16(), w_out.bfloat16(), "swiglu")
+    assert not cpu_kernels.supports(x, w_in.transpose(1, 2), w_out, "swiglu")
+    assert not cpu_kernels.supports(x, w_in, w_out, "tanh")
+
+
+@needs_kernel
+def test_build_is_cached_and_keyed_by_flags(tmp_path):
+    compiler = cpu_kernels.find_compiler()
+    first = cpu_kernels.build(compiler, tmp_path, ("-O2",))
+    stamp = first.stat().st_mtime_ns
+    assert cpu_kernels.build(compiler, tmp_path, ("-O2",)) == first and first.stat().st_mtime_ns == stamp
+    assert cpu_kernels.build(compiler, tmp_path, ("-O1",)) != first
+    assert sorted(p.suffix for p in tmp_path.iterdir()) == [".so", ".so"]  # no temporary files left
+
+
+def test_failed_build_raises_with_the_compiler_message_and_leaves_nothing(tmp_path):
+    with pytest.raises(RuntimeError, match="failed"):
+        cpu_kernels.build("false", tmp_path, ("-O3",))  # `false` exits 1, like a compiler that rejects the source
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("why", ["switched off", "no compiler", "every build fails"])
+def test_load_falls_back_to_none(why, monkeypatch, tmp_path):
+    monkeypatch.setenv(cpu_kernels.ENV_CACHE, str(tmp_path))
+    if why == "switched off":
+        monkeypatch.setenv(cpu_kernels.ENV_SWITCH, "0")
+    elif why == "no compiler":
+        monkeypatch.setattr(cpu_kernels, "find_compiler", lambda: None)
+    else:
+        monkeypatch.setattr(cpu_kernels, "find_compiler", lambda: "false")
+    cpu_kernels.load.cache_clear()
+    try:
+        assert cpu_kernels.load() is None
+    finally:
+        cpu_kernels.load.cache_clear()  # the next caller rebuilds (or finds) the real library
