@@ -34,11 +34,18 @@ def _close(actual, expected, name, atol=1e-5, rtol=1e-4):
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_recompute_matches_reference_outputs_and_all_gradients(case):
+@pytest.mark.parametrize("recompute", [True, False])
+@pytest.mark.parametrize("native", [True, False], ids=["cpu-kernel", "pytorch"])
+def test_fused_op_matches_reference_outputs_and_all_gradients(case, recompute, native, monkeypatch):
+    """The fused op with and without recomputation, its activations by the native kernel or by PyTorch."""
+    if native and not cpu_kernels.available():
+        pytest.skip("no C compiler: the native CPU kernels cannot be built (the PyTorch case covers this machine)")
+    if not native:
+        monkeypatch.setattr(cpu_kernels, "supports_activation", lambda *args: False)
     fields, shape = CASES[case]
     ref = _ref(fields)
     fast = twin(ref, backend="grouped")
-    fast.experts.recompute_activations = True
+    fast.experts.recompute_activations = recompute
     x = torch.randn(shape)
     y_ref, g_ref = forward_backward(ref, x)
     y, g = forward_backward(fast, x)

@@ -125,3 +125,61 @@ def test_load_falls_back_to_none(why, monkeypatch, tmp_path):
         assert cpu_kernels.load() is None
     finally:
         cpu_kernels.load.cache_clear()  # the next caller rebuilds (or finds) the real library
+
+
+def _activation_reference(h, dA, w, activation):
+    """a = act(h), d_w = <dA, a> per row and dH = d/dh of sum(w * <dA, act(h)>), by autograd in float64."""
+    h64 = h.double().requires_grad_(True)
+    a = activate(h64, activation)
+    (a * dA.double() * w.double()[:, None]).sum().backward()
+    return a.detach().float(), h64.grad.float(), (a.detach() * dA.double()).sum(1).float()
+
+
+@needs_kernel
+@settings(max_examples=60, deadline=None)
+@given(
+    rows=st.integers(1, 9),
+    hidden=st.integers(1, 50),  # vector tails, a single float, several vectors
+    activation=st.sampled_from(sorted(cpu_kernels.ACTIVATION_CODES)),
+    scale=st.sampled_from([0.1, 3.0, 30.0]),  # 30: exp saturates in silu, gelu and their derivatives
+    threads=st.sampled_from([1, 2]),
+)
+def test_activation_kernels_match_autograd(rows, hidden, activation, scale, threads):
+    gen = torch.Generator().manual_seed(rows * 100 + hidden)
+    h = torch.randn(rows, in_rows(hidden, activation), generator=gen) * scale
+    dA = torch.randn(rows, hidden, generator=gen)
+    w = torch.rand(rows, generator=gen)
+    a_ref, dH_ref, dw_ref = _activation_reference(h, dA, w, activation)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        a_fwd = cpu_kernels.activate_f32(h, activation)
+        a, dH, d_w = cpu_kernels.activation_backward_f32(h, dA, w, activation)
+    finally:
+        torch.set_num_threads(before)
+    tol = dict(rtol=2e-5, atol=2e-5 * scale)
+    torch.testing.assert_close(a_fwd, a_ref, **tol)
+    torch.testing.assert_close(a, a_ref, **tol)
+    torch.testing.assert_close(dH, dH_ref, **tol)
+    torch.testing.assert_close(d_w, dw_ref, rtol=2e-5, atol=2e-5 * scale * hidden)
+
+
+@needs_kernel
+@pytest.mark.parametrize("activation", sorted(cpu_kernels.ACTIVATION_CODES))
+def test_activation_kernels_propagate_nan_and_infinity_like_pytorch(activation):
+    h = torch.tensor([[float("nan"), 1.0, -2.0, float("inf"), float("-inf"), 0.5]])
+    if activation in ("swiglu", "geglu"):
+        h = torch.cat([h, torch.ones_like(h)], 1)  # gate | up
+    expected = activate(h, activation)
+    torch.testing.assert_close(cpu_kernels.activate_f32(h, activation), expected, equal_nan=True)
+    a, dH, _ = cpu_kernels.activation_backward_f32(h, torch.ones(1, 6), torch.ones(1), activation)
+    torch.testing.assert_close(a, expected, equal_nan=True)
+    assert dH[0, 0].isnan() or activation == "relu"  # relu passes the gradient of a NaN through, as PyTorch does
+
+
+@needs_kernel
+def test_activation_kernels_reject_bad_shapes():
+    with pytest.raises(ValueError, match="I even"):
+        cpu_kernels.activate_f32(torch.randn(2, 5), "swiglu")
+    with pytest.raises(ValueError, match="do not fit"):
+        cpu_kernels.activation_backward_f32(torch.randn(2, 6), torch.randn(2, 4), torch.rand(2), "swiglu")

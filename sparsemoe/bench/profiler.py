@@ -23,7 +23,7 @@ from sparsemoe.dispatch import build_plan, fused, resolve_backend
 from sparsemoe.layer import MoE
 
 FORWARD_STAGES = ("permute", "gemm_in", "activation", "gemm_out", "combine")
-BACKWARD_STAGES = ("permute", "recompute", "gemm_out", "combine", "activation", "gemm_in")
+BACKWARD_STAGES = ("permute", "recompute", "gemm_out", "activation", "gemm_in")
 
 
 @dataclass
@@ -127,7 +127,7 @@ def _stages(totals: dict[str, float]) -> dict[str, float]:
     for name in BACKWARD_STAGES:
         key = "backward." + name
         if key in totals:
-            label = "backward router weights" if name == "combine" else key.replace(".", " ")
+            label = "backward activation, router weights" if name == "activation" else key.replace(".", " ")
             stages[label] = totals[key]
             inner += totals[key]
     stages["backward other (router, plan, autograd)"] = max(totals.get("backward", 0.0) - inner, 0.0)

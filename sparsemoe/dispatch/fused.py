@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sparsemoe.experts import activate
+from sparsemoe.ops import cpu_kernels
 
 _GATED = ("swiglu", "geglu")
 
@@ -56,6 +57,8 @@ def _bounds(offsets: Tensor) -> list[int]:
 
 
 def _hidden(h_nI: Tensor, activation: str) -> Tensor:
+    if cpu_kernels.supports_activation(h_nI, activation):
+        return cpu_kernels.activate_f32(h_nI, activation)  # one pass instead of three elementwise ops
     return activate(h_nI, activation)
 
 
@@ -198,21 +201,34 @@ def expert_mlp_backward(
                     h_nI = x_cD[lo:hi] @ w_in[e].t()
             else:
                 h_nI = h_NI[start + lo : start + hi]
-            with _stage("backward.activation"):
-                a_nF, act_gate = _hidden_and_gate(h_nI, activation)
+            rows = slice(start + lo, start + hi)
             with _stage("backward.gemm_out"):
                 dAu_nF = g_cD[lo:hi] @ w_out[e]  # gradient w.r.t. a of the expert output before weighting
-                torch.mm(gw_cD[lo:hi].t(), a_nF, out=dw_out[e])
-            with _stage("backward.combine"):  # the router-weight gradient
-                d_weights[start + lo : start + hi] = _row_dot(dAu_nF, a_nF)
             with _stage("backward.activation"):
-                dH_nI = _activation_backward(dAu_nF.mul_(w_N1[start + lo : start + hi]), h_nI, activation, act_gate)
+                a_nF, dH_nI, d_weights[rows] = _activation_and_backward(h_nI, dAu_nF, w_N1[rows], activation)
+            with _stage("backward.gemm_out"):
+                torch.mm(gw_cD[lo:hi].t(), a_nF, out=dw_out[e])
             with _stage("backward.gemm_in"):
                 torch.mm(dH_nI.t(), x_cD[lo:hi], out=dw_in[e])
                 torch.mm(dH_nI, w_in[e], out=dx_cD[lo:hi])
         with _stage("backward.permute"):
             dx_TD.index_add_(0, tok, dx_cD.float())
     return dx_TD.to(dtype), d_weights, dw_in, dw_out
+
+
+def _activation_and_backward(
+    h_nI: Tensor, dAu_nF: Tensor, w_n1: Tensor, activation: str
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(a = act(h) [n, F], dH [n, I], d weights [n] float32) for rows weighted by w, given dAu (see above).
+
+    d weights[r] = <dAu[r], a[r]> and dH = act'(h) * (w dAu): one pass of the native CPU kernel in
+    float32 on the CPU, else PyTorch ops (dAu is overwritten).
+    """
+    if cpu_kernels.supports_activation(h_nI, activation):
+        return cpu_kernels.activation_backward_f32(h_nI, dAu_nF, w_n1.reshape(-1), activation)
+    a_nF, act_gate = _hidden_and_gate(h_nI, activation)
+    d_w = _row_dot(dAu_nF, a_nF)
+    return a_nF, _activation_backward(dAu_nF.mul_(w_n1), h_nI, activation, act_gate), d_w
 
 
 def _row_dot(a_nF: Tensor, b_nF: Tensor) -> Tensor:
@@ -236,10 +252,13 @@ def _setup_context(ctx, inputs, output) -> None:
     x_TD, token_ids, weights, offsets, w_in, w_out, activation, _save_hidden = inputs
     ctx.activation = activation
     ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)  # else autograd zero-fills a gradient [N, I] for the saved h
     ctx.save_for_backward(x_TD, token_ids, weights, offsets, w_in, w_out, output[1])
 
 
 def _backward(ctx, grad_y_TD: Tensor, _grad_h):
+    if grad_y_TD is None:  # gradients are not materialised: y did not reach the loss
+        return (None,) * 8
     x_TD, token_ids, weights, offsets, w_in, w_out, h_NI = ctx.saved_tensors
     dx, d_weights, dw_in, dw_out = expert_mlp_backward(
         grad_y_TD.contiguous(), x_TD, token_ids, weights, offsets, w_in, w_out, h_NI, ctx.activation

@@ -1,20 +1,27 @@
 """Native CPU kernels: built on first use with the system C compiler, cached on disk, called through ctypes.
 
-Legend: N rows sorted by expert, E experts, D model width, F hidden width, I in-projection rows (2F gated).
+Legend: N rows sorted by expert, n rows, E experts, D model width, F hidden width, I in-projection rows
+(2F gated: gate then up).
 
     decode_mlp_f32(x_ND, bounds [E + 1], w_in [E, I, D], w_out [E, D, F], activation) -> o_ND [N, D]
-    o[r] = w_out[e] @ act(w_in[e] @ x[r]) for the rows r in [bounds[e], bounds[e + 1])
+        o[r] = w_out[e] @ act(w_in[e] @ x[r]) for the rows r in [bounds[e], bounds[e + 1])
+    activate_f32(h_nI, activation) -> a_nF = act(h)
+    activation_backward_f32(h_nI, dA_nF, w_n, activation) -> (a_nF, dH_nI, d_w_n)
+        for o = w * (W_out act(h)) with dA = d loss / d act(h) before the weighting: a = act(h),
+        d_w = <dA, a> per row, dH = d loss / d h
 
 Why: with a few rows per expert (decoding) the expert GEMMs are bounded by reading the weights, and BLAS
-GEMMs on 1-16 rows run several times below that bound (`sparsemoe bench` reports the fraction). The C
-source (`csrc/decode_mlp.c`) streams each weight row once and runs the whole expert stage in one call,
-with OpenMP threads sharing the weight rows.
+GEMMs on 1-16 rows run several times below that bound (`sparsemoe bench` reports the fraction); the
+decode kernel (`csrc/decode_mlp.c`) streams each weight row once and runs the whole expert stage in one
+call. The activation kernels (`csrc/activation.c`) do in one pass over each row what takes PyTorch six
+to ten elementwise ops (and as many trips through memory) in the expert backward. All use OpenMP
+threads (`torch.get_num_threads()`) and the same float32 arithmetic as PyTorch up to rounding.
 
 The library is compiled once per source, compiler and CPU into the cache folder (`SPARSEMOE_CACHE_DIR`,
 else `$XDG_CACHE_HOME/sparsemoe`, else `~/.cache/sparsemoe`) with `-O3 -march=native -fopenmp`, falling
 back to plainer flags when the compiler refuses them. Set `SPARSEMOE_CPU_KERNELS=0` to turn it off;
 without a C compiler (`$CC`, `cc`, `gcc` or `clang`), or if the build fails, `available()` is False and
-the callers keep their BLAS path. Nothing is downloaded.
+the callers keep their PyTorch path. Nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -36,7 +43,9 @@ from torch import Tensor
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("csrc") / "decode_mlp.c"
+CSRC = Path(__file__).with_name("csrc")
+SOURCES = (CSRC / "decode_mlp.c", CSRC / "activation.c")
+HEADERS = (CSRC / "vec.h", CSRC / "activation.h")
 ENV_SWITCH = "SPARSEMOE_CPU_KERNELS"
 ENV_CACHE = "SPARSEMOE_CACHE_DIR"
 # Tried in order; the first set the compiler accepts is used.
@@ -85,21 +94,21 @@ def build(compiler: str, out_dir: Path, flags: tuple[str, ...]) -> Path:
 
     Raises RuntimeError with the compiler's message when it fails.
     """
-    source = SOURCE.read_bytes()
+    source = b"".join(p.read_bytes() for p in (*SOURCES, *HEADERS))
     key = hashlib.sha256(
         b"\0".join(
             [source, compiler.encode(), _compiler_version(compiler).encode(), " ".join(flags).encode(),
              _cpu_identity().encode(), platform.machine().encode()]
         )
     ).hexdigest()[:20]
-    path = out_dir / f"decode_mlp-{key}.so"
+    path = out_dir / f"sparsemoe_cpu-{key}.so"
     if path.exists():
         return path
     out_dir.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
     os.close(fd)
     try:
-        cmd = [compiler, *flags, *_COMMON_FLAGS, str(SOURCE), "-o", tmp, "-lm"]
+        cmd = [compiler, *flags, *_COMMON_FLAGS, *map(str, SOURCES), "-o", tmp, "-lm"]
         result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         if result.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{result.stderr.strip()}")
@@ -112,10 +121,15 @@ def build(compiler: str, out_dir: Path, flags: tuple[str, ...]) -> Path:
 
 def _bind(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))  # CDLL releases the GIL during calls
-    fn = lib.sparsemoe_decode_mlp_f32
-    p, i64 = ctypes.c_void_p, ctypes.c_int64
-    fn.argtypes = [p, p, i64, p, p, i64, i64, i64, ctypes.c_int, p, p, p, ctypes.c_int]
-    fn.restype = ctypes.c_int
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    signatures = {
+        "sparsemoe_decode_mlp_f32": ([p, p, i64, p, p, i64, i64, i64, i32, p, p, p, i32], ctypes.c_int),
+        "sparsemoe_activate_f32": ([p, p, i64, i64, i64, i32, i32], None),
+        "sparsemoe_activation_backward_f32": ([p, p, p, p, p, p, i64, i64, i64, i32, i32], None),
+    }
+    for name, (argtypes, restype) in signatures.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = argtypes, restype
     return lib
 
 
@@ -128,12 +142,17 @@ def load() -> Optional[ctypes.CDLL]:
     if compiler is None:
         log.info("sparsemoe CPU kernels: no C compiler found; using BLAS")
         return None
+    error: Exception = RuntimeError("no flags tried")
     for flags in FLAG_SETS:
         try:
             return _bind(build(compiler, cache_dir(), flags))
-        except (RuntimeError, OSError, subprocess.SubprocessError) as err:
+        except (RuntimeError, OSError, AttributeError, subprocess.SubprocessError) as err:
             log.info("sparsemoe CPU kernels: build with %s failed: %s", " ".join(flags), err)
-    log.warning("sparsemoe CPU kernels could not be built; using BLAS (set %s=0 to skip trying)", ENV_SWITCH)
+            error = err
+    log.warning(
+        "sparsemoe CPU kernels could not be built, using PyTorch/BLAS instead (set %s=0 to skip trying): %s",
+        ENV_SWITCH, error,
+    )
     return None
 
 
@@ -143,11 +162,14 @@ def available() -> bool:
     return load() is not None
 
 
+def _native(*tensors: Tensor) -> bool:
+    return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+
+
 def supports(x: Tensor, w_in: Tensor, w_out: Tensor, activation: str) -> bool:
     """Whether `decode_mlp_f32` takes these inputs: float32 CPU tensors, contiguous weights, a known activation."""
     return (
-        x.device.type == "cpu"
-        and all(t.dtype == torch.float32 for t in (x, w_in, w_out))
+        _native(x, w_in, w_out)
         and w_in.is_contiguous()
         and w_out.is_contiguous()
         and activation in ACTIVATION_CODES
@@ -155,11 +177,58 @@ def supports(x: Tensor, w_in: Tensor, w_out: Tensor, activation: str) -> bool:
     )
 
 
-def decode_mlp_f32(x_ND: Tensor, bounds: Tensor, w_in: Tensor, w_out: Tensor, activation: str) -> Tensor:
-    """o [N, D]: each row through its expert's MLP (see the module docstring). Check `supports` first."""
+def supports_activation(h: Tensor, activation: str) -> bool:
+    """Whether `activate_f32` / `activation_backward_f32` take h: float32 on the CPU, a known activation."""
+    return _native(h) and activation in ACTIVATION_CODES and available()
+
+
+def _library() -> ctypes.CDLL:
     lib = load()
     if lib is None:
         raise RuntimeError(f"sparsemoe CPU kernels are not available (C compiler, or {ENV_SWITCH}=0)")
+    return lib
+
+
+def _hidden_width(h_nI: Tensor, activation: str) -> int:
+    gated = activation in ("swiglu", "geglu")
+    if h_nI.dim() != 2 or (gated and h_nI.shape[1] % 2):
+        raise ValueError(f"activation {activation!r}: h must be [n, I] with I even when gated, got {tuple(h_nI.shape)}")
+    return h_nI.shape[1] // 2 if gated else h_nI.shape[1]
+
+
+def activate_f32(h_nI: Tensor, activation: str) -> Tensor:
+    """a [n, F] = act(h) (gated: act(gate) * up), like `sparsemoe.experts.activate`."""
+    lib = _library()
+    h_nI = h_nI.contiguous()
+    n, I = h_nI.shape
+    F = _hidden_width(h_nI, activation)
+    a_nF = h_nI.new_empty(n, F)
+    lib.sparsemoe_activate_f32(
+        h_nI.data_ptr(), a_nF.data_ptr(), n, F, I, ACTIVATION_CODES[activation], torch.get_num_threads()
+    )
+    return a_nF
+
+
+def activation_backward_f32(h_nI: Tensor, dA_nF: Tensor, w_n: Tensor, activation: str) -> tuple[Tensor, Tensor, Tensor]:
+    """(a [n, F], dH [n, I], d_w [n]) for o = w * (W_out act(h)), from dA = d loss / d act(h) before weighting."""
+    lib = _library()
+    h_nI, dA_nF, w_n = h_nI.contiguous(), dA_nF.contiguous(), w_n.contiguous()
+    n, I = h_nI.shape
+    F = _hidden_width(h_nI, activation)
+    if dA_nF.shape != (n, F) or w_n.shape != (n,):
+        raise ValueError(f"activation_backward_f32: h {tuple(h_nI.shape)}, dA {tuple(dA_nF.shape)}, "
+                         f"w {tuple(w_n.shape)} do not fit")
+    a_nF, dH_nI, d_w = h_nI.new_empty(n, F), torch.empty_like(h_nI), h_nI.new_empty(n)
+    lib.sparsemoe_activation_backward_f32(
+        h_nI.data_ptr(), dA_nF.data_ptr(), w_n.data_ptr(), a_nF.data_ptr(), dH_nI.data_ptr(), d_w.data_ptr(),
+        n, F, I, ACTIVATION_CODES[activation], torch.get_num_threads(),
+    )
+    return a_nF, dH_nI, d_w
+
+
+def decode_mlp_f32(x_ND: Tensor, bounds: Tensor, w_in: Tensor, w_out: Tensor, activation: str) -> Tensor:
+    """o [N, D]: each row through its expert's MLP (see the module docstring). Check `supports` first."""
+    lib = _library()
     E, I, D = w_in.shape
     F = w_out.shape[2]
     x_ND = x_ND.contiguous()

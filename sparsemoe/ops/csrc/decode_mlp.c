@@ -11,31 +11,13 @@
  * extensions give AVX-512, AVX2 or NEON code from the same source. No fast-math: the vector sums are
  * written out, so NaN and infinity behave as in PyTorch.
  */
-#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 
-typedef float vf __attribute__((vector_size(64)));
-typedef float vfu __attribute__((vector_size(64), aligned(4))); /* unaligned loads */
-typedef float vf8 __attribute__((vector_size(32)));
-typedef float vf4 __attribute__((vector_size(16)));
-#define VL 16
+#include "activation.h"
+#include "vec.h"
+
 #define ROW_BLOCK 64 /* weight rows per work item */
-
-/* Keep a value in a register: without it GCC reloads the input vectors for every FMA. */
-#if defined(__AVX512F__)
-#define PIN(v) __asm__("" : "+v"(v))
-#else
-#define PIN(v) ((void)0)
-#endif
-
-static inline vf load(const float* p) { return *(const vfu*)p; }
-
-static inline float hsum(vf v) {
-  vf8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) + __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-  vf4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
-  return (b[0] + b[2]) + (b[1] + b[3]);
-}
 
 /* Few rows: one weight row at a time (a single sequential stream) against XB input rows, the k loop
  * unrolled U times so that XB * U accumulators are independent. y[b * ldy] = w . x[j + b].
@@ -137,22 +119,6 @@ static void gemm_nt(const float* W, const float* x, float* y, int64_t K, int64_t
   }
 }
 
-enum { ACT_SWIGLU = 0, ACT_GEGLU = 1, ACT_RELU = 2, ACT_GELU = 3 };
-
-static inline float silu(float v) { return v / (1.0f + expf(-v)); }
-static inline float gelu_tanh(float v) {
-  return 0.5f * v * (1.0f + tanhf(0.7978845608028654f * (v + 0.044715f * v * v * v)));
-}
-
-static void activate_row(const float* h, float* a, int64_t F, int act) {
-  switch (act) {
-    case ACT_SWIGLU: for (int64_t f = 0; f < F; f++) a[f] = silu(h[f]) * h[F + f]; break;
-    case ACT_GEGLU: for (int64_t f = 0; f < F; f++) a[f] = gelu_tanh(h[f]) * h[F + f]; break;
-    case ACT_RELU: for (int64_t f = 0; f < F; f++) a[f] = h[f] > 0.0f ? h[f] : (h[f] != h[f] ? h[f] : 0.0f); break;
-    default: for (int64_t f = 0; f < F; f++) a[f] = gelu_tanh(h[f]); break;
-  }
-}
-
 /* o [N, D] = the expert MLP of each row: o[r] = W_out[e] act(W_in[e] x[r]) for the rows r of expert e,
  * rows [bounds[e], bounds[e + 1]). h [N, I] and a [N, F] are scratch. Work is split over threads by
  * (expert with rows, block of weight rows), so only the experts that got rows are read. Returns 0, or
@@ -176,7 +142,7 @@ int sparsemoe_decode_mlp_f32(const float* x, const int64_t* bounds, int64_t E, c
       gemm_nt(w_in + e * I * D, x + lo * D, h + lo * I, D, i0, i1, bounds[e + 1] - lo, I);
     }
 #pragma omp for schedule(static)
-    for (int64_t r = 0; r < N; r++) activate_row(h + r * I, a + r * F, F, act);
+    for (int64_t r = 0; r < N; r++) sparsemoe_activate_row(h + r * I, a + r * F, F, act);
 #pragma omp for schedule(static)
     for (int64_t item = 0; item < n_used * blocks_out; item++) {
       int64_t e = used[item / blocks_out], d0 = (item % blocks_out) * ROW_BLOCK;

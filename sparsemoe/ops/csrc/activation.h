@@ -1,0 +1,12 @@
+/* Expert activations and their backward, one row at a time (see activation.c). */
+#ifndef SPARSEMOE_ACTIVATION_H
+#define SPARSEMOE_ACTIVATION_H
+
+#include <stdint.h>
+
+enum { ACT_SWIGLU = 0, ACT_GEGLU = 1, ACT_RELU = 2, ACT_GELU = 3 };
+
+/* a [F] = act(h [I]); gated (I = 2F): h = [gate | up], a = act(gate) * up. */
+void sparsemoe_activate_row(const float* h, float* a, int64_t F, int act);
+
+#endif

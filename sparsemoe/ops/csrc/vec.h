@@ -1,0 +1,75 @@
+/* Portable SIMD helpers for the native CPU kernels: GCC/Clang vector extensions, 16 floats per vector
+ * (one AVX-512 register, two AVX2 registers, four NEON registers; the compiler picks). */
+#ifndef SPARSEMOE_VEC_H
+#define SPARSEMOE_VEC_H
+
+#include <stdint.h>
+#include <string.h>
+
+typedef float vf __attribute__((vector_size(64)));
+typedef float vfu __attribute__((vector_size(64), aligned(4))); /* unaligned access */
+typedef int32_t vi __attribute__((vector_size(64)));
+typedef float vf8 __attribute__((vector_size(32)));
+typedef float vf4 __attribute__((vector_size(16)));
+#define VL 16
+
+/* Keep a value in a register: without it GCC reloads loop-invariant vectors from memory for every FMA. */
+#if defined(__AVX512F__)
+#define PIN(v) __asm__("" : "+v"(v))
+#else
+#define PIN(v) ((void)0)
+#endif
+
+static inline vf load(const float* p) { return *(const vfu*)p; }
+static inline void store(float* p, vf v) { *(vfu*)p = v; }
+static inline vf splat(float s) { return (vf){0} + s; }
+
+/* The first n (< VL) floats, the rest zero; and its inverse. For loop tails, so they use the same math. */
+static inline vf load_part(const float* p, int64_t n) {
+  float buf[VL] = {0};
+  memcpy(buf, p, (size_t)n * sizeof(float));
+  return load(buf);
+}
+static inline void store_part(float* p, vf v, int64_t n) {
+  float buf[VL];
+  store(buf, v);
+  memcpy(p, buf, (size_t)n * sizeof(float));
+}
+
+static inline float hsum(vf v) {
+  vf8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) + __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  vf4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  return (b[0] + b[2]) + (b[1] + b[3]);
+}
+
+/* mask ? a : b, lane by lane (mask lanes all ones or all zeros, as comparisons give). */
+static inline vf vselect(vi mask, vf a, vf b) { return (vf)(((vi)a & mask) | ((vi)b & ~mask)); }
+
+/* min/max that keep NaN in x (a comparison with NaN is false, so x is selected). */
+static inline vf clamp_keep_nan(vf x, float lo, float hi) {
+  x = vselect(x > splat(hi), splat(hi), x);
+  return vselect(x < splat(lo), splat(lo), x);
+}
+
+/* exp(x), float32, within 2 ulp: 2^n * p(r) with x = n ln2 + r, |r| <= ln2 / 2 and p the degree-6
+ * minimax polynomial of the Cephes library. Past the float range it gives inf (x > 88.72) and 0
+ * (x < -87.33: below the smallest normal float, denormals are flushed); NaN stays NaN. */
+static inline vf vexp(vf x) {
+  vf xc = clamp_keep_nan(x, -87.33f, 88.37f);
+  const vf magic = splat(12582912.0f); /* 1.5 * 2^23: adding it rounds to an integer */
+  vf n = (xc * splat(1.44269504088896341f) + magic) - magic;
+  vf r = xc - n * splat(0.693359375f) + n * splat(2.12194440e-4f);
+  vf p = splat(1.9875691500e-4f);
+  p = p * r + splat(1.3981999507e-3f);
+  p = p * r + splat(8.3334519073e-3f);
+  p = p * r + splat(4.1665795894e-2f);
+  p = p * r + splat(1.6666665459e-1f);
+  p = p * r + splat(5.0000001201e-1f);
+  p = p * r * r + r + splat(1.0f);
+  vi e = (__builtin_convertvector(n, vi) + 127) << 23; /* 2^n as float bits; n in [-126, 127] */
+  vf y = p * (vf)e;
+  y = vselect(x > splat(88.72f), splat(__builtin_inff()), y);
+  return vselect(x < splat(-87.33f), splat(0.0f), y);
+}
+
+#endif
