@@ -15,6 +15,8 @@ from typing import Callable
 
 import torch
 
+from sparsemoe.ops import cpu_kernels
+
 CLOCKS = {
     # wall time: what a user waits for; the number to quote on an otherwise idle machine.
     "wall": time.perf_counter,
@@ -102,6 +104,7 @@ def environment(device: torch.device) -> dict:
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
         "cpu_count": os.cpu_count(),
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "cpu_kernels": "native" if cpu_kernels.available() else "off (PyTorch/BLAS paths)",
     }
     try:
         import transformers

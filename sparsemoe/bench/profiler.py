@@ -143,7 +143,8 @@ def profile_markdown(result: dict, command: str) -> str:
         "",
         f"Command: `{command}`",
         "",
-        f"torch {env['torch']}; device {env['device']} ({env['device_name']}), {env['threads']} threads; "
+        f"torch {env['torch']}; device {env['device']} ({env['device_name']}), {env['threads']} threads, "
+        f"native CPU kernels {env.get('cpu_kernels', 'off')}; "
         f"layer D={cfg['dim']} F={cfg['hidden_dim']} E={cfg['num_experts']} k={cfg['top_k']} {cfg['activation']}, "
         f"T={result['tokens']}, {result['dtype']}, backend {result['backend']}"
         + (", recomputing activations" if result.get("recompute") else "") + ".",

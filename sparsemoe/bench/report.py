@@ -22,7 +22,8 @@ def header(result: dict, command: str) -> list[str]:
         f"Command: `{command}`",
         "",
         f"torch {env['torch']}, transformers {env.get('transformers') or 'not installed'}, python {env['python']}; "
-        f"device {env['device']} ({env['device_name']}), {env['threads']} threads, {env['cpu_count']} logical CPUs; "
+        f"device {env['device']} ({env['device_name']}), {env['threads']} threads, {env['cpu_count']} logical CPUs, "
+        f"native CPU kernels {env.get('cpu_kernels', 'off')}; "
         f"load average at start {_load(env)}; copy bandwidth {result['copy_bandwidth_gbs']:.1f} GB/s "
         "(read + write, STREAM convention).",
         "",

@@ -1,15 +1,17 @@
-"""The small-batch (decode) backend: a loop over only the experts that got rows, weights stationary.
+"""The small-batch (decode) backend: only the experts that got rows, their weights read once.
 
 Legend: T tokens, D model width, F hidden width, I in-projection rows (2F gated), E experts, N plan rows,
 n rows of one expert (a handful when decoding).
 
 With a few rows per expert the expert GEMMs are bounded by reading the weights, not by arithmetic, and
-a BLAS `x @ W^T` on a few rows reads them several times more slowly than a copy would. Weight-stationary
-`W @ x^T`, with W split into one row block per thread and run as one `bmm` (parallel over the blocks),
-streams them much faster, so experts with up to `_STATIONARY_MAX_ROWS` rows use it. Inputs are
-gathered and outputs combined once for all experts (N is small), which leaves only the GEMMs and the
-activation per expert. In bfloat16/float16 the native grouped GEMM (`sparsemoe::grouped_mm` ->
-`torch._grouped_mm`) is faster than per-expert calls and is used instead.
+a BLAS `x @ W^T` on a few rows reads them several times more slowly than a copy would. In float32 on the
+CPU the whole expert stage runs in one call of the native kernel (`sparsemoe.ops.cpu_kernels`: each
+weight row streamed once against the expert's rows, OpenMP threads over blocks of weight rows), which
+wins up to about 32 rows per expert. Without that kernel (no C compiler) the loop below runs each GEMM
+weight-stationary, `W @ x^T` with W split into one row block per thread as one `bmm`, for experts with
+up to `_STATIONARY_MAX_ROWS` rows. In bfloat16/float16 the native grouped GEMM (`sparsemoe::grouped_mm`
+-> `torch._grouped_mm`) is faster than per-expert calls and is used instead. Inputs are gathered and
+outputs combined once for all experts (N is small).
 Without gradients this path runs as plain tensor code; with gradients it hands over to the fused op
 (`sparsemoe.dispatch.fused`), whose backward is exact and shared with the grouped backend.
 """

@@ -15,6 +15,9 @@ Why one op rather than autograd over gather / grouped GEMM / activation / scatte
   zero-filling) are never made;
 * the router-weight gradient needs no saved expert output: d weight[r] = <dy[t], a_r W_out^T> =
   <dy[t] W_out, a_r>, and dy[t] W_out is the down projection's input gradient, computed anyway.
+* the activation, and in backward the activation's gradient together with the router-weight gradient,
+  are one pass over each row with the native CPU kernels (`sparsemoe.ops.cpu_kernels`) in float32 on
+  the CPU, and PyTorch elementwise ops otherwise.
 The loop runs over experts (never tokens) and skips experts without rows, so a decode step reads only
 the weights of the experts it uses.
 """
