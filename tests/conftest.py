@@ -11,3 +11,15 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(params=["cpu-kernels", "pytorch"])
+def native_kernels(request, monkeypatch) -> bool:
+    """Run a test with the native CPU kernels, and again on the PyTorch/BLAS paths used without a compiler."""
+    from sparsemoe.ops import cpu_kernels
+
+    if request.param == "pytorch":
+        monkeypatch.setattr(cpu_kernels, "available", lambda: False)
+    elif not cpu_kernels.available():
+        pytest.skip("no C compiler: the native CPU kernels cannot be built (the PyTorch case covers this machine)")
+    return request.param == "cpu-kernels"

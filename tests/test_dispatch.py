@@ -61,7 +61,7 @@ def _assert_close(actual, expected, name, atol, rtol):
 
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_backend_matches_reference_float32(backend, case):
+def test_backend_matches_reference_float32(backend, case, native_kernels):
     fields, shape = CASES[case]
     ref = _make(fields)
     x = torch.randn(shape)

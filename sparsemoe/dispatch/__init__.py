@@ -84,11 +84,11 @@ def resolve_backend(name: str, x_TD: Tensor, plan: DispatchPlan) -> Backend:
 
 # Decode when there are at most this many rows per expert on average: up to 4 the expert GEMMs are
 # weight-read bound and the decode path's weight-stationary BLAS GEMMs win; in float32 with the native
-# CPU kernel (sparsemoe.ops.cpu_kernels) decode wins up to about 32 (both measured by `sparsemoe bench`
+# CPU kernel (sparsemoe.ops.cpu_kernels) decode wins up to about 64 (both measured by `sparsemoe bench`
 # forward over T, mixtral-mini and fine-grained; above that the grouped GEMMs are compute bound and BLAS
 # is faster).
 _DECODE_MAX_ROWS_PER_EXPERT = 4
-_KERNEL_DECODE_MAX_ROWS_PER_EXPERT = 32
+_KERNEL_DECODE_MAX_ROWS_PER_EXPERT = 64
 
 
 def run_backend(name: str, x_TD: Tensor, plan: DispatchPlan, experts) -> Tensor:

@@ -7,7 +7,7 @@ With a few rows per expert the expert GEMMs are bounded by reading the weights, 
 a BLAS `x @ W^T` on a few rows reads them several times more slowly than a copy would. In float32 on the
 CPU the whole expert stage runs in one call of the native kernel (`sparsemoe.ops.cpu_kernels`: each
 weight row streamed once against the expert's rows, OpenMP threads over blocks of weight rows), which
-wins up to about 32 rows per expert. Without that kernel (no C compiler) the loop below runs each GEMM
+wins up to about 64 rows per expert. Without that kernel (no C compiler) the loop below runs each GEMM
 weight-stationary, `W @ x^T` with W split into one row block per thread as one `bmm`, for experts with
 up to `_STATIONARY_MAX_ROWS` rows. In bfloat16/float16 the native grouped GEMM (`sparsemoe::grouped_mm`
 -> `torch._grouped_mm`) is faster than per-expert calls and is used instead. Inputs are gathered and
