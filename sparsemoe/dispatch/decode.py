@@ -9,8 +9,8 @@ CPU the whole expert stage runs in one call of the native kernel (`sparsemoe.ops
 weight row streamed once against the expert's rows, OpenMP threads over blocks of weight rows), which
 wins up to about 64 rows per expert. Without that kernel (no C compiler) the loop below runs each GEMM
 weight-stationary, `W @ x^T` with W split into one row block per thread as one `bmm`, for experts with
-up to `_STATIONARY_MAX_ROWS` rows. In bfloat16/float16 the native grouped GEMM (`sparsemoe::grouped_mm`
--> `torch._grouped_mm`) is faster than per-expert calls and is used instead. Inputs are gathered and
+up to `_STATIONARY_MAX_ROWS` rows. In bfloat16/float16 the native grouped GEMM (`torch._grouped_mm`)
+is faster than per-expert calls and is used instead. Inputs are gathered and
 outputs combined once for all experts (N is small).
 Without gradients this path runs as plain tensor code; with gradients it hands over to the fused op
 (`sparsemoe.dispatch.fused`), whose backward is exact and shared with the grouped backend.
@@ -25,7 +25,7 @@ from sparsemoe.dispatch.grouped import grouped_forward
 from sparsemoe.dispatch.plan import DispatchPlan
 from sparsemoe.experts import Experts, activate
 from sparsemoe.ops import cpu_kernels
-from sparsemoe.ops.grouped_mm import grouped_mm, use_native
+from sparsemoe.ops.grouped_mm import native_grouped_mm, use_native
 
 # Up to this many rows per expert the weight-stationary form wins (measured with torch.mm / torch.bmm on
 # the expert shapes of `sparsemoe bench`, 2 threads: at 1-16 rows `x @ W^T` takes 3-6x the time of
@@ -84,8 +84,9 @@ def decode_mlp(
         o_ND = cpu_kernels.decode_mlp_f32(x_ND, bounds_E1, w_in, w_out, activation)
     elif use_native(x_ND, w_in) and use_native(x_ND, w_out):
         # bfloat16/float16: the native grouped kernel beats per-expert BLAS calls at every small T measured.
-        a_NF = activate(grouped_mm(x_ND, w_in, offsets), activation)
-        o_ND = grouped_mm(a_NF, w_out, offsets).float()
+        # x_ND holds exactly the kept rows (offsets[-1] of them), so no row is left past the last group.
+        a_NF = activate(native_grouped_mm(x_ND, w_in, offsets), activation)
+        o_ND = native_grouped_mm(a_NF, w_out, offsets).float()
     else:
         o_ND = torch.empty(kept, D, dtype=torch.float32, device=x_TD.device)
         for e in range(w_in.shape[0]):

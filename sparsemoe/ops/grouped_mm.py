@@ -39,6 +39,15 @@ def use_native(x: Tensor, w: Tensor) -> bool:
     )
 
 
+def native_grouped_mm(x: Tensor, w: Tensor, offsets: Tensor, transpose_w: bool = True) -> Tensor:
+    """`torch._grouped_mm` on nn.Linear-layout weights (check `use_native` first) -> [N, O].
+
+    Rows past offsets[-1] are left uninitialised: call it directly only when offsets[-1] == N.
+    """
+    mat_b = w.transpose(1, 2) if transpose_w else w
+    return torch._grouped_mm(x, mat_b, offs=offsets.to(torch.int32))
+
+
 def _group_bounds(offsets: Tensor) -> list[int]:
     # Device-to-host sync: the per-expert loop needs the group sizes on the host. On the CPU it is free.
     return [0] + offsets.tolist()
@@ -53,8 +62,7 @@ def grouped_mm(x: Tensor, w: Tensor, offsets: Tensor, transpose_w: bool = True) 
     """y[N, O] with y[r] = x[r] @ w[e].T for the rows of group e; rows past offsets[-1] are zero."""
     n_rows, out_dim = x.shape[0], _out_dim(w, transpose_w)
     if use_native(x, w):
-        mat_b = w.transpose(1, 2) if transpose_w else w
-        y = torch._grouped_mm(x, mat_b, offs=offsets.to(torch.int32))
+        y = native_grouped_mm(x, w, offsets, transpose_w)
         # The native kernel leaves rows past the last group uninitialised; zero them without a sync.
         tail = torch.arange(n_rows, device=x.device) >= offsets[-1]
         return y.masked_fill_(tail[:, None], 0)
