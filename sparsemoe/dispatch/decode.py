@@ -10,8 +10,8 @@ weight row streamed once against the expert's rows, OpenMP threads over blocks o
 wins up to about 64 rows per expert. Without that kernel (no C compiler) the loop below runs each GEMM
 weight-stationary, `W @ x^T` with W split into one row block per thread as one `bmm`, for experts with
 up to `_STATIONARY_MAX_ROWS` rows. In bfloat16/float16 the native grouped GEMM (`torch._grouped_mm`)
-is faster than per-expert calls and is used instead. Inputs are gathered and
-outputs combined once for all experts (N is small).
+is faster than per-expert calls and is used instead. Inputs are gathered and outputs combined once for
+all experts (N is small).
 Without gradients this path runs as plain tensor code; with gradients it hands over to the fused op
 (`sparsemoe.dispatch.fused`), whose backward is exact and shared with the grouped backend.
 """
