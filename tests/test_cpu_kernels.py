@@ -128,11 +128,13 @@ def test_load_falls_back_to_none(why, monkeypatch, tmp_path):
 
 
 def _activation_reference(h, dA, w, activation):
-    """a = act(h), d_w = <dA, a> per row and dH = d/dh of sum(w * <dA, act(h)>), by autograd in float64."""
+    """a = act(h), aw = w a, d_w = <dA, a> per row and dH = d/dh of sum(w * <dA, act(h)>), by autograd in
+    float64."""
     h64 = h.double().requires_grad_(True)
     a = activate(h64, activation)
     (a * dA.double() * w.double()[:, None]).sum().backward()
-    return a.detach().float(), h64.grad.float(), (a.detach() * dA.double()).sum(1).float()
+    a = a.detach()
+    return a.float(), (a * w.double()[:, None]).float(), h64.grad.float(), (a * dA.double()).sum(1).float()
 
 
 @needs_kernel
@@ -149,17 +151,17 @@ def test_activation_kernels_match_autograd(rows, hidden, activation, scale, thre
     h = torch.randn(rows, in_rows(hidden, activation), generator=gen) * scale
     dA = torch.randn(rows, hidden, generator=gen)
     w = torch.rand(rows, generator=gen)
-    a_ref, dH_ref, dw_ref = _activation_reference(h, dA, w, activation)
+    a_ref, aw_ref, dH_ref, dw_ref = _activation_reference(h, dA, w, activation)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         a_fwd = cpu_kernels.activate_f32(h, activation)
-        a, dH, d_w = cpu_kernels.activation_backward_f32(h, dA, w, activation)
+        aw, dH, d_w = cpu_kernels.activation_backward_f32(h, dA, w, activation)
     finally:
         torch.set_num_threads(before)
     tol = dict(rtol=2e-5, atol=2e-5 * scale)
     torch.testing.assert_close(a_fwd, a_ref, **tol)
-    torch.testing.assert_close(a, a_ref, **tol)
+    torch.testing.assert_close(aw, aw_ref, **tol)
     torch.testing.assert_close(dH, dH_ref, **tol)
     torch.testing.assert_close(d_w, dw_ref, rtol=2e-5, atol=2e-5 * scale * hidden)
 
@@ -172,8 +174,8 @@ def test_activation_kernels_propagate_nan_and_infinity_like_pytorch(activation):
         h = torch.cat([h, torch.ones_like(h)], 1)  # gate | up
     expected = activate(h, activation)
     torch.testing.assert_close(cpu_kernels.activate_f32(h, activation), expected, equal_nan=True)
-    a, dH, _ = cpu_kernels.activation_backward_f32(h, torch.ones(1, 6), torch.ones(1), activation)
-    torch.testing.assert_close(a, expected, equal_nan=True)
+    aw, dH, _ = cpu_kernels.activation_backward_f32(h, torch.ones(1, 6), torch.ones(1), activation)
+    torch.testing.assert_close(aw, expected, equal_nan=True)  # w = 1
     assert dH[0, 0].isnan() or activation == "relu"  # relu passes the gradient of a NaN through, as PyTorch does
 
 

@@ -196,7 +196,6 @@ def expert_mlp_backward(
         with _stage("backward.permute"):
             x_cD = x_TD.index_select(0, tok)
             g_cD = g_TD.index_select(0, tok)
-        gw_cD = g_cD * w_N1[start:end]  # output gradient of the weighted rows
         dx_cD = x_TD.new_empty(end - start, x_TD.shape[1])
         for e, lo, hi in run:
             if recompute:
@@ -208,9 +207,9 @@ def expert_mlp_backward(
             with _stage("backward.gemm_out"):
                 dAu_nF = g_cD[lo:hi] @ w_out[e]  # gradient w.r.t. a of the expert output before weighting
             with _stage("backward.activation"):
-                a_nF, dH_nI, d_weights[rows] = _activation_and_backward(h_nI, dAu_nF, w_N1[rows], activation)
+                aw_nF, dH_nI, d_weights[rows] = _activation_and_backward(h_nI, dAu_nF, w_N1[rows], activation)
             with _stage("backward.gemm_out"):
-                torch.mm(gw_cD[lo:hi].t(), a_nF, out=dw_out[e])
+                torch.mm(g_cD[lo:hi].t(), aw_nF, out=dw_out[e])  # = (w dy)^T act(h)
             with _stage("backward.gemm_in"):
                 torch.mm(dH_nI.t(), x_cD[lo:hi], out=dw_in[e])
                 torch.mm(dH_nI, w_in[e], out=dx_cD[lo:hi])
@@ -222,16 +221,18 @@ def expert_mlp_backward(
 def _activation_and_backward(
     h_nI: Tensor, dAu_nF: Tensor, w_n1: Tensor, activation: str
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(a = act(h) [n, F], dH [n, I], d weights [n] float32) for rows weighted by w, given dAu (see above).
+    """(aw = w act(h) [n, F], dH [n, I], d weights [n] float32) for rows weighted by w, given dAu (see above).
 
-    d weights[r] = <dAu[r], a[r]> and dH = act'(h) * (w dAu): one pass of the native CPU kernel in
-    float32 on the CPU, else PyTorch ops (dAu is overwritten).
+    aw gives the out-projection's weight gradient dy^T aw; d weights[r] = <dAu[r], act(h[r])>; dH =
+    act'(h) * (w dAu). One pass of the native CPU kernel in float32 on the CPU, else PyTorch ops (dAu is
+    overwritten).
     """
     if cpu_kernels.supports_activation(h_nI, activation):
         return cpu_kernels.activation_backward_f32(h_nI, dAu_nF, w_n1.reshape(-1), activation)
     a_nF, act_gate = _hidden_and_gate(h_nI, activation)
     d_w = _row_dot(dAu_nF, a_nF)
-    return a_nF, _activation_backward(dAu_nF.mul_(w_n1), h_nI, activation, act_gate), d_w
+    dH_nI = _activation_backward(dAu_nF.mul_(w_n1), h_nI, activation, act_gate)
+    return a_nF.mul_(w_n1), dH_nI, d_w
 
 
 def _row_dot(a_nF: Tensor, b_nF: Tensor) -> Tensor:

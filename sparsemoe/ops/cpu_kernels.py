@@ -6,9 +6,9 @@ Legend: N rows sorted by expert, n rows, E experts, D model width, F hidden widt
     decode_mlp_f32(x_ND, bounds [E + 1], w_in [E, I, D], w_out [E, D, F], activation) -> o_ND [N, D]
         o[r] = w_out[e] @ act(w_in[e] @ x[r]) for the rows r in [bounds[e], bounds[e + 1])
     activate_f32(h_nI, activation) -> a_nF = act(h)
-    activation_backward_f32(h_nI, dA_nF, w_n, activation) -> (a_nF, dH_nI, d_w_n)
-        for o = w * (W_out act(h)) with dA = d loss / d act(h) before the weighting: a = act(h),
-        d_w = <dA, a> per row, dH = d loss / d h
+    activation_backward_f32(h_nI, dA_nF, w_n, activation) -> (aw_nF, dH_nI, d_w_n)
+        for o = w * (W_out act(h)) with dA = d loss / d act(h) before the weighting: aw = w act(h)
+        (so that d W_out = dy^T aw), d_w = <dA, act(h)> per row, dH = d loss / d h
 
 Why: with a few rows per expert (decoding) the expert GEMMs are bounded by reading the weights, and BLAS
 GEMMs on 1-16 rows run several times below that bound (`sparsemoe bench` reports the fraction); the
@@ -210,7 +210,8 @@ def activate_f32(h_nI: Tensor, activation: str) -> Tensor:
 
 
 def activation_backward_f32(h_nI: Tensor, dA_nF: Tensor, w_n: Tensor, activation: str) -> tuple[Tensor, Tensor, Tensor]:
-    """(a [n, F], dH [n, I], d_w [n]) for o = w * (W_out act(h)), from dA = d loss / d act(h) before weighting."""
+    """(aw = w act(h) [n, F], dH [n, I], d_w [n]) for o = w * (W_out act(h)), from dA = d loss / d act(h)
+    before weighting (see the module docstring)."""
     lib = _library()
     h_nI, dA_nF, w_n = h_nI.contiguous(), dA_nF.contiguous(), w_n.contiguous()
     n, I = h_nI.shape
@@ -218,12 +219,12 @@ def activation_backward_f32(h_nI: Tensor, dA_nF: Tensor, w_n: Tensor, activation
     if dA_nF.shape != (n, F) or w_n.shape != (n,):
         raise ValueError(f"activation_backward_f32: h {tuple(h_nI.shape)}, dA {tuple(dA_nF.shape)}, "
                          f"w {tuple(w_n.shape)} do not fit")
-    a_nF, dH_nI, d_w = h_nI.new_empty(n, F), torch.empty_like(h_nI), h_nI.new_empty(n)
+    aw_nF, dH_nI, d_w = h_nI.new_empty(n, F), torch.empty_like(h_nI), h_nI.new_empty(n)
     lib.sparsemoe_activation_backward_f32(
-        h_nI.data_ptr(), dA_nF.data_ptr(), w_n.data_ptr(), a_nF.data_ptr(), dH_nI.data_ptr(), d_w.data_ptr(),
+        h_nI.data_ptr(), dA_nF.data_ptr(), w_n.data_ptr(), aw_nF.data_ptr(), dH_nI.data_ptr(), d_w.data_ptr(),
         n, F, I, ACTIVATION_CODES[activation], torch.get_num_threads(),
     )
-    return a_nF, dH_nI, d_w
+    return aw_nF, dH_nI, d_w
 
 
 def decode_mlp_f32(x_ND: Tensor, bounds: Tensor, w_in: Tensor, w_out: Tensor, activation: str) -> Tensor:

@@ -3,7 +3,7 @@
  *
  * Legend: n rows, F hidden width, I in-projection width (2F gated: gate then up), h [n, I] the
  * in-projection output, a [n, F] = act(h), w [n] the router weight of each row, dA [n, F] the gradient
- * with respect to a of the expert output before weighting (dy W_out).
+ * with respect to a of the expert output before weighting (dy W_out), dy the output gradient.
  *
  * The same arithmetic as PyTorch's silu / gelu(approximate="tanh") up to float rounding (exp by vexp).
  */
@@ -74,9 +74,9 @@ void sparsemoe_activate_f32(const float* h, float* a, int64_t n, int64_t F, int6
 }
 
 /* For o[r] = w[r] * (W_out act(h[r])), given dA (see the legend), in one pass per row:
- *   a [n, F] = act(h)  (for the W_out gradient),  d_w [n] = <dA[r], a[r]>,
+ *   aw [n, F] = w[r] act(h[r])  (the W_out gradient is then dy^T aw),  d_w [n] = <dA[r], act(h[r])>,
  *   dH [n, I] = d loss / d h = (w[r] dA[r]) * act'(h[r])  (gated: gate part dA w u f'(g), up part dA w f(g)). */
-void sparsemoe_activation_backward_f32(const float* h, const float* dA, const float* w, float* a, float* dH,
+void sparsemoe_activation_backward_f32(const float* h, const float* dA, const float* w, float* aw, float* dH,
                                        float* d_w, int64_t n, int64_t F, int64_t I, int act, int threads) {
   const int gated = act == ACT_SWIGLU || act == ACT_GEGLU;
 #pragma omp parallel for num_threads(threads) schedule(static)
@@ -84,7 +84,7 @@ void sparsemoe_activation_backward_f32(const float* h, const float* dA, const fl
     const float* hr = h + r * I;
     const float* up = gated ? hr + F : hr;
     const float* dAr = dA + r * F;
-    float* ar = a + r * F;
+    float* awr = aw + r * F;
     float* dHr = dH + r * I;
     vf dot = splat(0.0f), wr = splat(w[r]);
     for (int64_t f = 0; f < F; f += VL) {
@@ -99,11 +99,11 @@ void sparsemoe_activation_backward_f32(const float* h, const float* dA, const fl
       vf dw = d * wr;
       vf d_first = gated ? dw * u * deriv : dw * deriv;
       if (full) {
-        store(ar + f, out);
+        store(awr + f, out * wr);
         store(dHr + f, d_first);
         if (gated) store(dHr + F + f, dw * fg);
       } else {
-        store_part(ar + f, out, m);
+        store_part(awr + f, out * wr, m);
         store_part(dHr + f, d_first, m);
         if (gated) store_part(dHr + F + f, dw * fg, m);
       }
