@@ -33,6 +33,7 @@ from torch import Tensor
 
 from sparsemoe.experts import activate
 from sparsemoe.ops import cpu_kernels
+from sparsemoe.ops.memory import empty_huge
 
 _GATED = ("swiglu", "geglu")
 
@@ -137,7 +138,7 @@ def expert_mlp_forward(
     T, D = x_TD.shape
     N, I = token_ids.shape[0], w_in.shape[1]
     y_TD = x_TD.new_zeros(T, D, dtype=torch.float32)
-    h_NI = x_TD.new_empty(N if save_hidden else 0, I)
+    h_NI = empty_huge(N if save_hidden else 0, I, dtype=x_TD.dtype, device=x_TD.device)
     for start, end, run in _chunks(_bounds(offsets)):
         tok = token_ids[start:end]
         with _stage("permute"):
@@ -183,8 +184,9 @@ def expert_mlp_backward(
     w_N1 = weights.to(dtype).unsqueeze(1)
     dx_TD = torch.zeros(x_TD.shape, dtype=torch.float32, device=x_TD.device)
     d_weights = torch.zeros(token_ids.shape[0], dtype=torch.float32, device=x_TD.device)
-    dw_in = torch.empty_like(w_in)
-    dw_out = torch.empty_like(w_out)
+    # E experts' weight gradients: fresh, large, and written once; huge pages save most of the page faults.
+    dw_in = empty_huge(*w_in.shape, dtype=w_in.dtype, device=w_in.device)
+    dw_out = empty_huge(*w_out.shape, dtype=w_out.dtype, device=w_out.device)
     recompute = h_NI.shape[0] == 0
     bounds = _bounds(offsets)
     for e in range(w_in.shape[0]):
