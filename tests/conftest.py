@@ -21,5 +21,7 @@ def native_kernels(request, monkeypatch) -> bool:
     if request.param == "pytorch":
         monkeypatch.setattr(cpu_kernels, "available", lambda: False)
     elif not cpu_kernels.available():
-        pytest.skip("native CPU kernels unavailable here (no C compiler, or SPARSEMOE_CPU_KERNELS=0); the PyTorch case runs")
+        pytest.skip(
+            "native CPU kernels unavailable here (no C compiler, or SPARSEMOE_CPU_KERNELS=0); the PyTorch case runs"
+        )
     return request.param == "cpu-kernels"
