@@ -13,7 +13,8 @@ from sparsemoe.experts import activate, in_rows
 from sparsemoe.ops import cpu_kernels
 
 needs_kernel = pytest.mark.skipif(
-    not cpu_kernels.available(), reason="native CPU kernels unavailable here (no C compiler, or SPARSEMOE_CPU_KERNELS=0)"
+    not cpu_kernels.available(),
+    reason="native CPU kernels unavailable here (no C compiler, or SPARSEMOE_CPU_KERNELS=0)",
 )
 
 

@@ -56,8 +56,9 @@ DEFINE_ROW_KERNEL(2, 4, 0)
 DEFINE_ROW_KERNEL(4, 2, 1)
 DEFINE_ROW_KERNEL(8, 1, 1)
 
-/* More rows (compute starts to matter): RB weight rows against XB input rows per pass, the input vectors pinned in registers
- * (the empty asm stops the compiler from reloading them), so each weight vector feeds XB FMAs.
+/* More rows (compute starts to matter): RB weight rows against XB input rows per pass, the input vectors
+ * pinned in registers (the empty asm stops the compiler from reloading them), so each weight vector feeds
+ * XB FMAs.
  * Rows past the ends (ri, rj) repeat the last valid row and are not stored. */
 #define DEFINE_TILE_KERNEL(RB, XB)                                                                        \
   static void tile_##RB##_##XB(const float* W, const float* x, float* y, int64_t K, int64_t i, int64_t ri, \
