@@ -200,12 +200,12 @@ def expert_mlp_backward(
             g_cD = g_TD.index_select(0, tok)
         dx_cD = x_TD.new_empty(end - start, x_TD.shape[1])
         for e, lo, hi in run:
+            rows = slice(start + lo, start + hi)  # this expert's plan rows
             if recompute:
                 with _stage("backward.recompute"):
                     h_nI = x_cD[lo:hi] @ w_in[e].t()
             else:
-                h_nI = h_NI[start + lo : start + hi]
-            rows = slice(start + lo, start + hi)
+                h_nI = h_NI[rows]
             with _stage("backward.gemm_out"):
                 dAu_nF = g_cD[lo:hi] @ w_out[e]  # gradient w.r.t. a of the expert output before weighting
             with _stage("backward.activation"):
