@@ -107,13 +107,13 @@ def test_every_pruned_config_list_keeps_one_that_fits_any_gpu():
     """Autotuning skips configs that overflow shared memory, but it needs one that fits: float32 with
     the gated kernel's two weight tiles is the largest case (the small config needs ~36 KB on sm_90)."""
     from sparsemoe.kernels._common import prune_row_blocks
-    from sparsemoe.kernels.expert_mm import _DUAL_CONFIGS, _ROW_CONFIGS
+    from sparsemoe.kernels.expert_mm import _DOWN_BWD_CONFIGS, _DUAL_CONFIGS, _ROW_CONFIGS
 
     def fits(c):  # bytes of one stage of A + two W tiles in float32, times the stages
         k = c.kwargs
         return (k["BLOCK_M"] * k["BLOCK_K"] + 2 * k["BLOCK_K"] * k["BLOCK_N"]) * 4 * c.num_stages <= 96 * 1024
 
-    for candidates in (_ROW_CONFIGS, _DUAL_CONFIGS):
+    for candidates in (_ROW_CONFIGS, _DUAL_CONFIGS, _DOWN_BWD_CONFIGS):
         for bucket in (1, 64, 4096, 1 << 20):
             assert any(fits(c) for c in prune_row_blocks(candidates, {"N_BUCKET": bucket, "E": 128})), bucket
 
@@ -142,20 +142,32 @@ def test_unsupported_activation_is_named():
 
 _ROW = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8)
 _AOT_CASES = {
-    # kernel: (pointer types, constexprs); bf16 activations, fp32 outputs of the atomics and of dy.
+    # kernel: (pointer types, constexprs); bf16 activations, fp32 outputs of the atomics and of dy. Unit
+    # strides are constants, as a launch on contiguous weights specialises them (see sparsemoe.kernels.aot).
     "up-swiglu": ("_up_kernel", dict(x_ptr="bf16", w_ptr="bf16", h_ptr="bf16", a_ptr="bf16"),
-                  dict(ACT=1, GATED=True, STORE_H=True, PRECISION="tf32", BLOCK_E=8, EVEN_K=True, **_ROW)),
+                  dict(ACT=1, GATED=True, STORE_H=True, PRECISION="tf32", BLOCK_E=8, EVEN_K=True, stride_wk=1, **_ROW)),
     "up-gelu-fp32": ("_up_kernel", dict(x_ptr="fp32", w_ptr="fp32", h_ptr="fp32", a_ptr="fp32"),
-                     dict(ACT=4, GATED=False, STORE_H=False, PRECISION="ieee", BLOCK_E=128, EVEN_K=False, **_ROW)),
+                     dict(ACT=4, GATED=False, STORE_H=False, PRECISION="ieee", BLOCK_E=128, EVEN_K=False, stride_wk=1, **_ROW)),
     "scatter": ("_scatter_kernel", dict(a_ptr="bf16", w_ptr="bf16", scale_ptr="fp32", y_ptr="fp32"),
-                dict(HAS_SCALE=True, PRECISION="tf32", BLOCK_E=8, EVEN_K=True, **_ROW)),
+                dict(HAS_SCALE=True, PRECISION="tf32", BLOCK_E=8, EVEN_K=True, stride_wk=1, **_ROW)),
+    "scatter-input-grad": ("_scatter_kernel", dict(a_ptr="bf16", w_ptr="bf16", scale_ptr="bf16", y_ptr="fp32"),
+                           dict(HAS_SCALE=False, PRECISION="tf32", BLOCK_E=8, EVEN_K=False, stride_wn=1, **_ROW)),
     "down-bwd-geglu": ("_down_bwd_kernel", dict(dy_ptr="fp32", w_ptr="bf16", scale_ptr="fp32", h_ptr="bf16", a_ptr="bf16", dh_ptr="bf16", dscale_ptr="fp32"),
-                       dict(ACT=2, GATED=True, PRECISION="tf32", BLOCK_E=8, EVEN_K=False, **_ROW)),
+                       dict(ACT=2, GATED=True, PRECISION="tf32", BLOCK_E=8, EVEN_K=False, stride_wn=1, **_ROW)),
     "wgrad": ("_wgrad_kernel", dict(g_ptr="fp32", x_ptr="bf16", scale_ptr="fp32", dw_ptr="bf16"),
               dict(GATHER_G=True, GATHER_X=True, HAS_SCALE=True, PRECISION="tf32", BLOCK_O=64, BLOCK_I=64, BLOCK_R=32)),
     "router": ("_router_kernel", dict(logits_ptr="fp32", bias_ptr="fp32", weights_ptr="fp32", route_scale="fp32"),
                dict(K=8, SCORE=1, RENORM=True, HAS_BIAS=True, BLOCK_T=4, BLOCK_E=128, BLOCK_K=8)),
 }  # fmt: skip
+
+
+def _compile_or_skip(compile_fn):
+    try:
+        return compile_fn()
+    except RuntimeError as err:  # no CUDA backend / ptxas in this Triton build
+        if "ptxas" in str(err) or "backend" in str(err).lower():
+            pytest.skip(f"this Triton cannot compile for CUDA here: {err}")
+        raise
 
 
 @pytest.mark.skipif(kernels.INTERPRET, reason="the interpreter defines no compilable kernels")
@@ -165,40 +177,45 @@ def test_kernels_compile_for_an_h100_without_one(case):
     """Type-check and lower each kernel to a cubin for an sm_90 (H100) target with Triton's bundled
     ptxas, so a kernel that only the interpreter accepts (it is far more permissive: it let a plain
     float global through) fails here rather than on a GPU. About a second per kernel, then cached."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    from sparsemoe.kernels import expert_mm, router
+    from sparsemoe.kernels.aot import KernelSpec, compile_for_target
 
     name, pointers, constexprs = _AOT_CASES[case]
-    fn = getattr(expert_mm, name, None) or getattr(router, name)
-    while not isinstance(fn, triton.runtime.jit.JITFunction):  # unwrap autotune / heuristics
-        fn = fn.fn
-    signature, attrs = {}, {}
-    for index, arg in enumerate(fn.arg_names):
-        if arg in constexprs:
-            signature[arg] = "constexpr"
-            continue
-        if arg in pointers:
-            signature[arg] = pointers[arg] if arg == "route_scale" else "*" + pointers[arg]
-        else:
-            signature[arg] = "*i64" if arg.endswith("_ptr") else "i32"
-        if arg.endswith("_ptr") or arg.startswith("stride") or arg in ("K_DIM", "N_OUT", "O_DIM", "I_DIM"):
-            # What a launch with aligned tensors and 16-multiple widths specialises on; it enables the
-            # asynchronous, software-pipelined loads, i.e. the code path that matters on the GPU.
-            attrs[(index,)] = [["tt.divisibility", 16]]
-    try:
-        target = GPUTarget("cuda", 90, 32)
-        source = ASTSource(fn, signature, constexprs=constexprs, attrs=attrs)
-        compiled = triton.compile(source, target=target, options={"num_warps": 4, "num_stages": 3})
-    except RuntimeError as err:  # no CUDA backend / ptxas in this Triton build
-        if "ptxas" in str(err) or "backend" in str(err).lower():
-            pytest.skip(f"this Triton cannot compile for CUDA here: {err}")
-        raise
+    spec = KernelSpec(name, pointers, constexprs)
+    compiled = _compile_or_skip(lambda: compile_for_target(spec, num_warps=4, num_stages=3))
     assert compiled.asm.get("cubin")
     if name != "_router_kernel":  # the GEMM main loops are pipelined (cp.async into shared memory)
         assert "async_copy_global_to_local" in compiled.asm["ttgir"]
+        # ... into Hopper's warpgroup MMAs, except exact float32 (PRECISION="ieee"), which has no tensor-core form
+        assert ("wgmma.mma_async" in compiled.asm["ptx"]) == (constexprs["PRECISION"] != "ieee")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(kernels.INTERPRET, reason="the interpreter defines no compilable kernels")
+@pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION")
+def test_no_bfloat16_autotuning_config_spills_registers_on_hopper():
+    """Every config the autotuner may try compiles for sm_90 in bfloat16 without spilling registers to
+    local memory, within Hopper's shared memory, and tiles of 64+ rows use the warpgroup tensor-core
+    instructions (HGMMA). A spilling config costs autotuning time on the GPU and cannot win. (About 40 s:
+    every kernel with every config; `python tools/kernel_audit.py` prints the table.)"""
+    from sparsemoe.kernels.aot import HOPPER_SHARED_BYTES, autotuned_kernels, compile_config, cuobjdump_path, resources
+
+    try:
+        cuobjdump_path()
+    except RuntimeError as err:
+        pytest.skip(str(err))
+    problems = []
+    for label, spec, configs in autotuned_kernels("bf16"):
+        for config in configs:
+            res = resources(_compile_or_skip(lambda: compile_config(spec, config)))  # noqa: B023 - called at once
+            blocks = config.kwargs
+            name = f"{label} {blocks} warps={config.num_warps} stages={config.num_stages}"
+            if res.spills:
+                problems.append(f"{name}: spills ({res.registers} registers, {res.stack_bytes} B stack)")
+            if res.shared_bytes > HOPPER_SHARED_BYTES:
+                problems.append(f"{name}: {res.shared_bytes} B of shared memory")
+            if blocks.get("BLOCK_M", blocks.get("BLOCK_O", 0)) >= 64 and res.instructions["HGMMA"] == 0:
+                problems.append(f"{name}: no HGMMA")
+    assert not problems, "\n".join(problems)
 
 
 # --- GPU: the compiled kernels ----------------------------------------------------------------------------------
