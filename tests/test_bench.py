@@ -48,6 +48,39 @@ def test_every_implementation_computes_the_same_expert_stage(dtype):
     assert dense.shape == (12 * cfg.top_k, cfg.dim)  # T*K rows, same FLOPs
 
 
+def test_only_the_selected_implementations_are_built():
+    cfg = BENCH_CONFIGS["tiny"]
+    ids, w = make_routing("random", 4, cfg.num_experts, cfg.top_k)
+    case = make_case(cfg, 4, torch.float32, torch.device("cpu"), "random", ids, w)
+    wanted = {"sparsemoe grouped", "dense ideal", "hf grouped_mm"}
+    impls, skipped = build_impls(case, wanted=wanted.__contains__)
+    assert {i.name for i in impls} == wanted and not skipped
+
+
+def test_an_implementation_that_computes_something_else_is_flagged(monkeypatch):
+    """Outputs are checked against the oracle before timing: a wrong one is named in the report."""
+    from sparsemoe.bench import suite
+    from sparsemoe.bench.impls import Impl
+
+    def with_a_wrong_one(case, with_recompute=True, wanted=lambda name: True):
+        impls, skipped = build_impls(case, with_recompute, wanted)
+        grouped = next(i for i in impls if i.name == "sparsemoe grouped")
+        return impls + [Impl("off by 1%", lambda: grouped.forward() * 1.01, grouped.leaves)], skipped
+
+    monkeypatch.setattr(suite, "build_impls", with_a_wrong_one)
+    opts = suite.SuiteOptions(configs=("tiny",), tokens=(16,), dtypes=("float32",), routings=("random",),
+                              impls=("sparsemoe grouped", "sparsemoe reference", "off by 1%"), repeats=1,
+                              memory=False, recompute=False, log=lambda line: None)  # fmt: skip
+    result = suite.run_suite(opts)
+    agreement = result["cases"][0]["agreement"]
+    assert agreement["oracle"] == "sparsemoe reference"
+    assert agreement["max_rel_error"]["sparsemoe grouped"] < 1e-5
+    assert 0.005 < agreement["max_rel_error"]["off by 1%"] < 0.02
+    md = markdown(result, "sparsemoe bench")
+    assert "**`off by 1%`'s output differs from `sparsemoe reference`'s**" in md
+    assert "`sparsemoe grouped`'s output differs" not in md
+
+
 def test_peak_memory_sees_a_known_allocation():
     n = 1 << 20  # 4 MiB of float32
 
@@ -115,21 +148,59 @@ def test_profile_quick_smoke(tmp_path):
     "argv, message",
     [
         (["bench", "--device", "cuda:0"], "cuda"),
+        (["bench", "--gpu"], "--gpu needs a CUDA GPU"),
+        (["bench", "--gpu", "--quick"], "two different presets"),
         (["profile", "--backend", "nope"], "--backend 'nope' is not available"),
     ],
 )
 def test_user_mistakes_are_one_line_errors(argv, message, capsys, tmp_path):
-    if "cuda" in argv[-1] and torch.cuda.is_available():
+    if ("cuda" in argv[-1] or argv == ["bench", "--gpu"]) and torch.cuda.is_available():
         pytest.skip("a GPU is present")
     assert main(argv + ["--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize(
+    "argv, want",
+    [
+        (["--quick"], dict(configs=("tiny",), tokens=(1, 16, 128), repeats=1, recompute=True)),
+        (["--quick", "--tokens", "4", "--repeats", "2"], dict(configs=("tiny",), tokens=(4,), repeats=2)),
+        (["--tokens", "8"], dict(configs=("mixtral-mini", "fine-grained"), tokens=(8,), repeats=5, impls=None)),
+    ],
+)
+def test_presets_fill_only_the_options_not_given(argv, want, monkeypatch, tmp_path):
+    from sparsemoe.bench import suite
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def capture(opts):
+        seen.update(opts.__dict__)
+        raise Stop
+
+    monkeypatch.setattr(suite, "run_suite", capture)
+    with pytest.raises(Stop):
+        main(["bench", *argv, "--out", str(tmp_path)])
+    assert {k: seen[k] for k in want} == want
+
+
+def test_the_gpu_preset_covers_full_size_shapes_decode_and_the_peers():
+    from sparsemoe.commands.bench import GPU
+
+    assert {BENCH_CONFIGS[c].dim for c in GPU["configs"]} == {4096}
+    assert (BENCH_CONFIGS["mixtral-8x7b"].hidden_dim, BENCH_CONFIGS["mixtral-8x7b"].num_experts) == (14336, 8)
+    assert (BENCH_CONFIGS["fine-grained-xl"].num_experts, BENCH_CONFIGS["fine-grained-xl"].top_k) == (128, 8)
+    assert GPU["tokens"] == (1, 16, 64, 16384) and GPU["dtypes"] == ("bfloat16",)
+    assert {"sparsemoe triton", "dense ideal", "torch._grouped_mm", "hf grouped_mm"} <= set(GPU["impls"])
+
+
 def test_bad_list_arguments_name_what_is_accepted(capsys):
     with pytest.raises(SystemExit):
         main(["bench", "--configs", "huge"])
-    assert "accepted: mixtral-mini, fine-grained, tiny" in capsys.readouterr().err
+    assert "accepted: mixtral-mini, fine-grained, tiny, mixtral-8x7b, fine-grained-xl" in capsys.readouterr().err
 
 
 def test_comm_flag_calls_the_comm_report_with_the_output_folder(tmp_path, monkeypatch):

@@ -265,19 +265,23 @@ def test_layer_compiles_with_fullgraph_and_matches_eager():
 
 
 @pytest.mark.slow
-def test_gpu_bench_script_runs_end_to_end_on_tiny_shapes(tmp_path, capsys):
-    """The benchmark's own code path (tables, JSON), so a lent GPU's time is not spent on its bugs."""
-    import json
+def test_the_benchmark_times_the_triton_backend_end_to_end():
+    """`sparsemoe bench` with the Triton contender (the code path of `--gpu`: reports, agreement check,
+    memory), so a lent GPU's time is not spent on the harness's bugs."""
+    from sparsemoe.bench.report import markdown
+    from sparsemoe.bench.suite import SuiteOptions, run_suite
 
-    from sparsemoe.kernels import gpu_bench
-
-    out = tmp_path / "bench.json"
-    assert gpu_bench.main(["--tiny", "--repeats", "1", "--warmup", "0", "--out", str(out)]) == 0
-    report = json.loads(out.read_text())
-    impls = {(r["mode"], r["impl"]) for r in report["results"]}
-    assert ("forward+backward", "sparsemoe triton") in impls and ("decode forward", "sparsemoe triton") in impls
-    assert report["environment"]["copy_bandwidth_GBps"] > 0
-    assert "| tiny | 24 | forward+backward | sparsemoe triton |" in capsys.readouterr().out
+    opts = SuiteOptions(configs=("tiny",), tokens=(24,), dtypes=("float32",), routings=("random",),
+                        impls=("sparsemoe triton", "sparsemoe grouped", "dense ideal"), repeats=1, recompute=False,
+                        log=lambda line: None)  # fmt: skip
+    result = run_suite(opts)
+    for case in result["cases"]:
+        assert not case["errors"], case["errors"]
+        assert {"forward", "backward"} == set(case["timings"])
+        assert "sparsemoe triton" in case["timings"]["backward"] and "sparsemoe triton" in case["memory"]
+        assert case["agreement"]["oracle"] == "sparsemoe grouped"
+        assert case["agreement"]["max_rel_error"]["sparsemoe triton"] < 1e-5
+    assert "| sparsemoe triton |" in markdown(result, "sparsemoe bench --gpu")
 
 
 @pytest.mark.parametrize(

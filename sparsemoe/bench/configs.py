@@ -35,6 +35,10 @@ BENCH_CONFIGS = {
     "fine-grained": BenchConfig("fine-grained", dim=512, hidden_dim=256, num_experts=64, top_k=8),
     # A few-millisecond shape for smoke runs (`--quick`) and tests.
     "tiny": BenchConfig("tiny", dim=64, hidden_dim=96, num_experts=8, top_k=2),
+    # Full-size layers for a GPU (`--gpu`): Mixtral 8x7B's experts, and a fine-grained layer of 128 small
+    # experts (DeepSeek/Qwen-MoE style) at the same model width.
+    "mixtral-8x7b": BenchConfig("mixtral-8x7b", dim=4096, hidden_dim=14336, num_experts=8, top_k=2),
+    "fine-grained-xl": BenchConfig("fine-grained-xl", dim=4096, hidden_dim=1024, num_experts=128, top_k=8),
 }
 DEFAULT_CONFIGS = ("mixtral-mini", "fine-grained")
 DEFAULT_TOKENS = (1, 16, 128, 2048, 8192)

@@ -73,12 +73,16 @@ def make_case(config: BenchConfig, tokens: int, dtype: torch.dtype, device: torc
               ids_TK: Tensor, weights_TK: Tensor, seed: int = 0) -> BenchCase:
     gen = torch.Generator().manual_seed(seed)
     E, D, F = config.num_experts, config.dim, config.hidden_dim
-    experts = Experts(E, D, F, config.activation)  # nn.Linear-style initialisation, float32 on the host
+    # nn.Linear-style initialisation in float32, made on the device (billions of weights at full size),
+    # seeded without touching the caller's random state.
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        experts = Experts(E, D, F, config.activation, device=device)
     x_TD = torch.randn(tokens, D, generator=gen)
     return BenchCase(
         config, tokens, dtype, device, routing,
         ids_TK.to(device), weights_TK.to(device),
-        x_TD.to(device, dtype), experts.w_in.detach().to(device, dtype), experts.w_out.detach().to(device, dtype),
+        x_TD.to(device, dtype), experts.w_in.detach().to(dtype), experts.w_out.detach().to(dtype),
     )
 
 
@@ -133,7 +137,8 @@ def _hf(case: BenchCase, implementation: str) -> Optional[Impl]:
         hidden_size=cfg.dim, intermediate_size=cfg.hidden_dim, num_local_experts=cfg.num_experts,
         num_experts_per_tok=cfg.top_k, hidden_act="silu", experts_implementation=implementation,
     )
-    experts = MixtralExperts(hf_config).to(case.device, case.dtype)
+    with torch.device(case.device):  # allocated where it runs, not first on the host
+        experts = MixtralExperts(hf_config).to(case.dtype)
     with torch.no_grad():
         experts.gate_up_proj.copy_(case.w_in)  # same layout: [E, 2F, D], gate rows first
         experts.down_proj.copy_(case.w_out)
@@ -163,13 +168,18 @@ def _torch_grouped_mm(case: BenchCase) -> Optional[Impl]:
     return Impl("torch._grouped_mm", forward, [x, w_TK, w_in, w_out])
 
 
-def build_impls(case: BenchCase, with_recompute: bool = True) -> tuple[list[Impl], dict[str, str]]:
-    """The implementations that apply to this case, and {name: why not} for those skipped."""
+def build_impls(
+    case: BenchCase, with_recompute: bool = True, wanted: Callable[[str], bool] = lambda name: True
+) -> tuple[list[Impl], dict[str, str]]:
+    """The implementations that apply to this case and that `wanted` accepts (each holds its own copy of
+    the weights, so only those are built), and {name: why not} for those skipped."""
     impls: list[Impl] = []
     skipped: dict[str, str] = {}
     cfg = case.config
     for backend in backend_names():
         name = f"sparsemoe {backend}"
+        if not wanted(name):
+            continue
         if backend == "reference" and case.rows > REFERENCE_MAX_ROWS:
             skipped[name] = f"per-token loop, run only up to {REFERENCE_MAX_ROWS} rows"
             continue
@@ -180,21 +190,24 @@ def build_impls(case: BenchCase, with_recompute: bool = True) -> tuple[list[Impl
             impls.append(_ours(case, backend))
         except ValueError as err:  # e.g. a GPU-only kernel on the CPU
             skipped[name] = str(err)
-    if with_recompute:
+    if with_recompute and wanted("sparsemoe grouped +recompute"):
         impls.append(_ours(case, "grouped", recompute=True))
-    impls.append(_dense(case))
-    if cfg.activation == "swiglu":
-        for implementation in ("eager", "grouped_mm"):
-            impl = _hf(case, implementation)
-            if impl is None:
-                skipped[f"hf {implementation}"] = "transformers is not installed"
-            else:
-                impls.append(impl)
-    else:
-        skipped["hf"] = "Mixtral experts are SwiGLU only"
-    impl = _torch_grouped_mm(case)
-    if impl is None:
-        skipped["torch._grouped_mm"] = "not in this torch"
-    else:
-        impls.append(impl)
+    if wanted("dense ideal"):
+        impls.append(_dense(case))
+    for implementation in ("eager", "grouped_mm"):
+        name = f"hf {implementation}"
+        if not wanted(name):
+            continue
+        if cfg.activation != "swiglu":
+            skipped[name] = "Mixtral experts are SwiGLU only"
+        elif (impl := _hf(case, implementation)) is None:
+            skipped[name] = "transformers is not installed"
+        else:
+            impls.append(impl)
+    if wanted("torch._grouped_mm"):
+        impl = _torch_grouped_mm(case)
+        if impl is None:
+            skipped["torch._grouped_mm"] = "not in this torch"
+        else:
+            impls.append(impl)
     return impls, skipped

@@ -45,18 +45,23 @@ def time_interleaved(
     }
 
 
-def peak_memory_bytes(fn: Callable[[], None]) -> int:
-    """Peak of the bytes allocated by `fn` above what was allocated before it (CPU and accelerator).
+def peak_memory_bytes(fn: Callable[[], None], device: torch.device = torch.device("cpu")) -> int:
+    """Peak of the bytes allocated by `fn` above what was allocated before it, on `device`.
 
-    Read from torch.profiler's allocation events, the one source that sees CPU allocations; each event
-    carries a signed size, so the running sum is the live total and its maximum the peak.
+    On a GPU: the caching allocator's own peak statistics. On the CPU: torch.profiler's allocation events,
+    the one source that sees CPU allocations; each event carries a signed size, so the running sum is the
+    live total and its maximum the peak.
     """
+    if device.type == "cuda":
+        synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        synchronize(device)
+        return max(0, torch.cuda.max_memory_allocated(device) - before)
     from torch.profiler import ProfilerActivity, profile
 
-    activities = [ProfilerActivity.CPU]
-    if torch.cuda.is_available():
-        activities.append(ProfilerActivity.CUDA)
-    with profile(activities=activities, profile_memory=True) as prof:
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
     events.sort(key=lambda e: e.start_ns())
@@ -67,18 +72,23 @@ def peak_memory_bytes(fn: Callable[[], None]) -> int:
     return peak
 
 
-def copy_bandwidth(nbytes: int = 256 * 2**20, repeats: int = 5) -> float:
-    """Copy bandwidth in bytes/s, STREAM convention: (bytes read + bytes written) / time, best of `repeats`.
+def copy_bandwidth(device: torch.device = torch.device("cpu"), nbytes: int = 0, repeats: int = 5) -> float:
+    """Copy bandwidth of `device`'s memory in bytes/s, STREAM convention: (bytes read + bytes written) /
+    time, best of `repeats`.
 
-    The buffers are much larger than the caches so that the number is the memory's, not a cache's.
+    The buffers (default 256 MiB on the CPU, 1 GiB on a GPU) are much larger than the caches, so that
+    the number is the memory's, not a cache's.
     """
-    src = torch.ones(nbytes // 4, dtype=torch.float32)
+    nbytes = nbytes or (2**30 if device.type == "cuda" else 256 * 2**20)
+    src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
     dst.copy_(src)
     best = float("inf")
     for _ in range(repeats):
+        synchronize(device)
         start = time.perf_counter()
         dst.copy_(src)
+        synchronize(device)
         best = min(best, time.perf_counter() - start)
     return 2 * src.numel() * 4 / best
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from sparsemoe.bench.measure import environment, peak_memory_bytes
+from sparsemoe.bench.measure import environment, peak_memory_bytes, synchronize
 from sparsemoe.dispatch import build_plan, fused, resolve_backend
 from sparsemoe.layer import MoE
 
@@ -82,9 +82,11 @@ def profile_layer(layer: MoE, tokens: int, dtype: torch.dtype, opts: ProfileOpti
     grad = torch.randn(tokens, layer.config.dim, generator=gen).to(device)
     for _ in range(opts.warmup):
         _step(layer, x, grad)
+    synchronize(device)
     start = time.perf_counter()
     for _ in range(opts.steps):
         _step(layer, x, grad)
+    synchronize(device)
     step_ms = (time.perf_counter() - start) * 1e3 / opts.steps  # unlabelled, unprofiled: the true step time
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -95,7 +97,7 @@ def profile_layer(layer: MoE, tokens: int, dtype: torch.dtype, opts: ProfileOpti
     for event in prof.key_averages():
         if event.key.startswith("sparsemoe."):
             totals[event.key[len("sparsemoe."):]] = event.cpu_time_total / 1e3 / opts.steps
-    peak = peak_memory_bytes(lambda: _step(layer, x, grad))
+    peak = peak_memory_bytes(lambda: _step(layer, x, grad), device)
     return {
         "stages": _stages(totals),
         "step_ms": step_ms,

@@ -30,7 +30,9 @@ def header(result: dict, command: str) -> list[str]:
         f"Times ({env.get('clock', 'wall')} clock) are the minimum over interleaved repeats (median in the JSON). "
         "The expert stage is timed from the "
         "routing (expert ids and weights) to the combined output; `dense ideal` is one expert-shaped MLP over "
-        "T*K rows (same FLOPs, no routing).",
+        "T*K rows (same FLOPs, no routing). Every output is checked against the reference loop's (or the "
+        "grouped backend's) before timing: the largest relative error is in the JSON, and a note flags any above "
+        "the tolerance of the dtype.",
         "",
     ]
     return lines
@@ -148,6 +150,13 @@ def _notes(cases: list[dict]) -> list[str]:
             notes[f"`{name}` not run: {why}"] = None
         for name, err in case["errors"].items():
             notes[f"T={case['tokens']}: `{name}` failed: {err}"] = None
+        agreement = case.get("agreement") or {}
+        for name, err in agreement.get("max_rel_error", {}).items():
+            if not err <= agreement["tolerance"]:  # NaN too
+                notes[
+                    f"T={case['tokens']}: **`{name}`'s output differs from `{agreement['oracle']}`'s** by {err:.2e} "
+                    f"of its largest value (tolerance {agreement['tolerance']:.0e})"
+                ] = None
     return [f"- {n}" for n in notes]
 
 

@@ -62,17 +62,47 @@ def _step(impl: Impl, mode: str, grads: dict, device: torch.device) -> Callable[
     return forward_backward
 
 
-def _output_grads(impls: list[Impl], seed: int) -> dict:
-    """One fixed random output gradient per output shape/dtype (contiguous: some kernels require it)."""
-    grads = {}
+# Largest deviation from the oracle, relative to the oracle's largest output, above which a report
+# flags an implementation as computing something else (bfloat16/float16: rounding of the output alone
+# is 2^-8 / 2^-11 of it, plus accumulation in another order).
+AGREEMENT_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 1e-2}
+ORACLES = ("sparsemoe reference", "sparsemoe grouped")
+
+
+def _first_forwards(impls: list[Impl], seed: int, dtype: torch.dtype, errors: dict) -> tuple[list[Impl], dict, dict]:
+    """One forward of each implementation: (those that ran, a fixed random output gradient per output
+    shape/dtype, {"oracle", "tolerance", "max_rel_error": {name: error}}). One that raises is reported in
+    `errors` and left out.
+
+    Every output is compared with the oracle's (the reference loop where it runs, else the grouped
+    backend, else the first), so a table never times an implementation that computes something else
+    unnoticed. The dense ideal computes another function (T*K rows) and is not compared.
+    """
+    grads: dict = {}
     gen = torch.Generator().manual_seed(seed + 1)
-    for impl in impls:
-        with torch.no_grad():
-            y = impl.forward()
+    comparable = [i for i in impls if i.name != "dense ideal"]
+    oracle = next((i for name in ORACLES for i in comparable if i.name == name), comparable[0] if comparable else None)
+    ordered = ([oracle] if oracle else []) + [i for i in impls if i is not oracle]
+    want, ran = None, []
+    agreement = {"oracle": None, "tolerance": AGREEMENT_TOLERANCE[dtype], "max_rel_error": {}}
+    for impl in ordered:
+        try:
+            with torch.no_grad():
+                y = impl.forward()
+        except Exception as err:  # noqa: BLE001 - a peer's limitation is a result to report
+            errors[impl.name] = f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
+            continue
+        ran.append(impl)
         key = (tuple(y.shape), y.dtype)
         if key not in grads:
             grads[key] = torch.randn(y.shape, generator=gen).to(y.device, y.dtype)
-    return grads
+        if impl is oracle:
+            want, agreement["oracle"] = y.float(), impl.name
+        elif want is not None and impl.name != "dense ideal":
+            error = (y.float() - want).abs().max() / want.abs().max().clamp_min(1e-30)
+            agreement["max_rel_error"][impl.name] = error.item()
+        del y
+    return [i for i in impls if i in ran], grads, agreement
 
 
 def _usable(impls: list[Impl], modes: tuple[str, ...], grads: dict, device, errors: dict) -> list[Impl]:
@@ -90,10 +120,9 @@ def _usable(impls: list[Impl], modes: tuple[str, ...], grads: dict, device, erro
 
 def run_case(case: BenchCase, opts: SuiteOptions, bandwidth: float) -> dict:
     device = case.device
-    impls, skipped = build_impls(case, with_recompute=opts.recompute)
-    impls = [i for i in impls if _selected(i.name, opts.impls)]
+    impls, skipped = build_impls(case, opts.recompute, wanted=lambda name: _selected(name, opts.impls))
     errors: dict[str, str] = {}
-    grads = _output_grads(impls, opts.seed) if impls else {}
+    impls, grads, agreement = _first_forwards(impls, opts.seed, case.dtype, errors)
     impls = _usable(impls, opts.modes, grads, device, errors)
     cfg = case.config
     active = case.active_experts()
@@ -110,6 +139,7 @@ def run_case(case: BenchCase, opts: SuiteOptions, bandwidth: float) -> dict:
         "notes": {i.name: i.note for i in impls if i.note},
         "skipped": skipped,
         "errors": errors,
+        "agreement": agreement,
         "timings": {},
         "memory": {},
     }
@@ -119,7 +149,7 @@ def run_case(case: BenchCase, opts: SuiteOptions, bandwidth: float) -> dict:
     if opts.memory and "backward" in opts.modes:
         for impl in impls:
             impl.clear_grads()
-            peak = peak_memory_bytes(_step(impl, "backward", grads, device))
+            peak = peak_memory_bytes(_step(impl, "backward", grads, device), device)
             grad_bytes = sum(t.grad.numel() * t.grad.element_size() for t in impl.leaves if t.grad is not None)
             result["memory"][impl.name] = {"peak_mb": peak / 2**20, "grads_mb": grad_bytes / 2**20}
             impl.clear_grads()
@@ -132,7 +162,7 @@ def run_suite(opts: SuiteOptions) -> dict:
     for name in opts.configs:
         if name not in BENCH_CONFIGS:
             raise ValueError(f"unknown benchmark config {name!r}; accepted: {', '.join(BENCH_CONFIGS)}")
-    bandwidth = copy_bandwidth()
+    bandwidth = copy_bandwidth(device)
     env = environment(device)
     env["clock"] = opts.clock
     opts.log(

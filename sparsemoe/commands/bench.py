@@ -15,7 +15,15 @@ import torch
 from sparsemoe.cli import CommandError
 from sparsemoe.commands._measure import command_line, output_dir, positive_int, setup_device
 
+# Presets: their values stand where the corresponding option is not given on the command line.
 QUICK = dict(configs=("tiny",), tokens=(1, 16, 128), dtypes=("float32",), routings=("random",), repeats=1)
+# The GPU targets (Triton kernels): full-size layers in bfloat16 beside the dense ideal (cuBLAS on T*K
+# rows), plain torch._grouped_mm and Hugging Face's grouped_mm experts; decode sizes and a large batch.
+GPU = dict(
+    configs=("mixtral-8x7b", "fine-grained-xl"), tokens=(1, 16, 64, 16384), dtypes=("bfloat16",),
+    routings=("random",), repeats=10, recompute=False,
+    impls=("sparsemoe auto", "sparsemoe triton", "sparsemoe grouped", "dense ideal", "torch._grouped_mm", "hf grouped_mm"),
+)  # fmt: skip
 
 
 def _csv(kind: str, accepted=None, convert=str):
@@ -55,13 +63,13 @@ def register(subparsers) -> argparse.ArgumentParser:
         description="Time every dispatch backend, `auto`, the dense ideal, Hugging Face's Mixtral experts "
         "(eager and grouped_mm) and plain torch._grouped_mm on the same inputs; write markdown, JSON and plots.",
     )
-    p.add_argument("--configs", type=_csv("configs", BENCH_CONFIGS), default=DEFAULT_CONFIGS,
+    p.add_argument("--configs", type=_csv("configs", BENCH_CONFIGS), default=None,
                    help=f"comma-separated: {', '.join(BENCH_CONFIGS)} (default: {','.join(DEFAULT_CONFIGS)})")
-    p.add_argument("--tokens", type=_csv("token counts", convert=positive_int), default=DEFAULT_TOKENS,
-                   help="comma-separated token counts T (default: 1,16,128,2048,8192)")
-    p.add_argument("--dtypes", type=_csv("dtypes", DTYPES), default=("float32", "bfloat16"),
+    p.add_argument("--tokens", type=_csv("token counts", convert=positive_int), default=None,
+                   help=f"comma-separated token counts T (default: {','.join(map(str, DEFAULT_TOKENS))})")
+    p.add_argument("--dtypes", type=_csv("dtypes", DTYPES), default=None,
                    help="comma-separated: float32, bfloat16, float16 (default: float32,bfloat16)")
-    p.add_argument("--routings", type=_csv("routings", ROUTINGS), default=ROUTINGS,
+    p.add_argument("--routings", type=_csv("routings", ROUTINGS), default=None,
                    help="comma-separated: balanced, random, skewed (Zipf) (default: all)")
     p.add_argument("--modes", type=_csv("modes", MODES), default=MODES,
                    help="comma-separated: forward, backward (= forward+backward) (default: both)")
@@ -69,7 +77,7 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="only these implementations (shell patterns, e.g. 'sparsemoe*,dense ideal,hf grouped_mm')")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     p.add_argument("--no-recompute", action="store_true", help="leave out the grouped backend with recomputation")
-    p.add_argument("--repeats", type=positive_int, default=5, help="timed rounds per case (default 5)")
+    p.add_argument("--repeats", type=positive_int, default=None, help="timed rounds per case (default 5)")
     p.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                    help="wall time (default), or this process's CPU time: steadier on a machine shared with "
@@ -91,7 +99,12 @@ def register(subparsers) -> argparse.ArgumentParser:
                    "and grouped_mm against the same block patched by sparsemoe.hf.patch_hf_model "
                    "(first of --configs and --dtypes, every --tokens; needs transformers)")
     p.add_argument("--quick", action="store_true",
-                   help="smoke run: tiny config, T=1,16,128, float32, random routing, 1 repeat, small sweep, router and HF block bench")
+                   help="smoke run: tiny config, T=1,16,128, float32, random routing, 1 repeat, small sweep, router and HF "
+                   "block bench (options given on the command line take precedence)")
+    p.add_argument("--gpu", action="store_true",
+                   help="the GPU targets: --device cuda, configs mixtral-8x7b,fine-grained-xl, T=1,16,64,16384, bfloat16, "
+                   "random routing, 10 repeats; sparsemoe auto/triton/grouped, dense ideal, torch._grouped_mm, "
+                   "hf grouped_mm (options given on the command line take precedence)")
     p.set_defaults(func=run)
     return p
 
@@ -103,17 +116,23 @@ def run(args: argparse.Namespace) -> int:
     from sparsemoe.bench.suite import SuiteOptions, run_suite
     from sparsemoe.bench.sweeps import router_markdown, run_router_bench, run_sweep, sweep_markdown
 
-    device = setup_device(args.device, args.threads)
+    if args.quick and args.gpu:
+        raise CommandError("--quick and --gpu are two different presets; pick one")
+    if args.gpu and not torch.cuda.is_available():
+        raise CommandError("--gpu needs a CUDA GPU and none is available here; without --gpu the benchmark runs on the CPU")
+    device = setup_device("cuda" if args.gpu else args.device, args.threads)
     out = output_dir(args.out)
     command = command_line("bench")
+    preset = QUICK if args.quick else GPU if args.gpu else {}
+    defaults = SuiteOptions()
+    chosen = {
+        key: getattr(args, key) if getattr(args, key) is not None else preset.get(key, getattr(defaults, key))
+        for key in ("configs", "tokens", "dtypes", "routings", "repeats", "impls")
+    }
     opts = SuiteOptions(
-        configs=args.configs, tokens=args.tokens, dtypes=args.dtypes, routings=args.routings, modes=args.modes,
-        memory=not args.no_memory, impls=args.impls, repeats=args.repeats, device=str(device),
-        recompute=not args.no_recompute, clock=args.clock,
-    )
-    if args.quick:
-        for key, value in QUICK.items():
-            setattr(opts, key, value)
+        **chosen, modes=args.modes, memory=not args.no_memory, device=str(device),
+        recompute=not args.no_recompute and preset.get("recompute", True), clock=args.clock,
+    )  # fmt: skip
     result = run_suite(opts)
     written = write_reports(result, out, command)
     print((out / "bench.md").read_text())
@@ -121,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
         written += plot_suite(result, out)
     extra_md: list[str] = []
     if args.sweep or args.quick:
-        name = "tiny" if args.quick else (args.sweep_config or args.configs[0])
+        name = args.sweep_config or opts.configs[0]
         if name not in BENCH_CONFIGS:
             raise CommandError(f"--sweep-config {name!r} is not known; accepted: {', '.join(BENCH_CONFIGS)}")
         tokens = 128 if args.quick else args.sweep_tokens
@@ -134,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
         if not args.no_plots:
             written += plot_utilisation(sweep, out)
     if args.router or args.quick:
-        cfg = BENCH_CONFIGS["tiny" if args.quick else args.configs[0]]
+        cfg = BENCH_CONFIGS[opts.configs[0]]
         bench = run_router_bench(cfg, (16, 128) if args.quick else (128, 2048, 8192), repeats=1 if args.quick else 5)
         (out / "router.json").write_text(json.dumps(bench, indent=1))
         extra_md += router_markdown(bench)
@@ -142,7 +161,7 @@ def run(args: argparse.Namespace) -> int:
     if args.hf_block or args.quick:
         from sparsemoe.bench.hf_block import hf_block_markdown, run_hf_block_bench
 
-        cfg = BENCH_CONFIGS["tiny" if args.quick else args.configs[0]]
+        cfg = BENCH_CONFIGS[opts.configs[0]]
         dtype = getattr(torch, opts.dtypes[0])
         block = run_hf_block_bench(cfg, opts.tokens, dtype, repeats=opts.repeats, clock=args.clock)
         (out / "hf_block.json").write_text(json.dumps(block, indent=1))

@@ -1,6 +1,7 @@
 """Triton kernels for the GPU (and the Triton interpreter on the CPU, for tests): `@triton.jit` kernels
 and their host launchers only. The autograd wrappers and custom ops that make them a dispatch backend
-live in `sparsemoe.dispatch.triton_backend`; the GPU benchmark is `python -m sparsemoe.kernels.gpu_bench`.
+live in `sparsemoe.dispatch.triton_backend`; `aot` compiles them for a GPU target without a GPU. The GPU
+benchmark is `sparsemoe bench --gpu`.
 
 Importing this package imports Triton; import it only where Triton is installed.
 """

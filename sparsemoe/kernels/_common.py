@@ -9,6 +9,7 @@ defined; a process that sets the variable later keeps the compiled kernels and m
 
 from __future__ import annotations
 
+import inspect
 import os
 
 import torch
@@ -64,6 +65,10 @@ def dot_precision(dtype: torch.dtype) -> str:
     if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
         return "ieee"
     return "tf32"
+
+
+# Keep the autotuner's winners on disk across processes where this Triton can (`cache_results`, 3.4+).
+AUTOTUNE_CACHE = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
 
 
 def configs(gpu: list[triton.Config], interpreter: triton.Config) -> list[triton.Config]:

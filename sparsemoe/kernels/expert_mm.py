@@ -27,6 +27,7 @@ import triton.language as tl
 from torch import Tensor
 
 from sparsemoe.kernels._common import (
+    AUTOTUNE_CACHE,
     GATED_CODES,
     act_backward,
     act_forward,
@@ -108,6 +109,9 @@ _WGRAD_CONFIGS = [
 ]
 _WGRAD_TINY = triton.Config({"BLOCK_O": 16, "BLOCK_I": 16, "BLOCK_R": 16}, num_warps=1, num_stages=1)
 
+# Autotuning keys: the row-count bucket, the shapes and the GPU model. With AUTOTUNE_CACHE the winner is
+# also written to Triton's cache folder (TRITON_CACHE_DIR, default ~/.triton/cache) under a hash of these
+# keys, the kernel source, the Triton version and the target, so a later process skips the benchmarking.
 _ROW_KEY = ["N_BUCKET", "E", "N_OUT", "K_DIM", "DEVICE_KEY"]
 _EVEN_K = triton.heuristics({"EVEN_K": lambda args: args["K_DIM"] % args["BLOCK_K"] == 0})
 
@@ -182,7 +186,10 @@ def _block_rows_cols(pid_n, row_start, row_end, N_OUT, BLOCK_M: tl.constexpr, BL
 
 
 @triton.autotune(
-    configs=configs(_DUAL_CONFIGS, _TINY), key=_ROW_KEY, prune_configs_by={"early_config_prune": prune_row_blocks}
+    configs=configs(_DUAL_CONFIGS, _TINY),
+    key=_ROW_KEY,
+    prune_configs_by={"early_config_prune": prune_row_blocks},
+    **AUTOTUNE_CACHE,
 )
 @_EVEN_K
 @triton.jit
@@ -275,6 +282,7 @@ def up_projection(
     key=_ROW_KEY,
     prune_configs_by={"early_config_prune": prune_row_blocks},
     reset_to_zero=["y_ptr"],  # atomics accumulate: every benchmark run must start from zeros
+    **AUTOTUNE_CACHE,
 )
 @_EVEN_K
 @triton.jit
@@ -364,6 +372,7 @@ def scatter_projection(
     key=_ROW_KEY,
     prune_configs_by={"early_config_prune": prune_row_blocks},
     reset_to_zero=["dscale_ptr"],
+    **AUTOTUNE_CACHE,
 )
 @_EVEN_K
 @triton.jit
@@ -458,7 +467,9 @@ def down_backward(
 # --- expert weight gradients -------------------------------------------------------------------------------
 
 
-@triton.autotune(configs=configs(_WGRAD_CONFIGS, _WGRAD_TINY), key=["N_BUCKET", "E", "O_DIM", "I_DIM", "DEVICE_KEY"])
+@triton.autotune(
+    configs=configs(_WGRAD_CONFIGS, _WGRAD_TINY), key=["N_BUCKET", "E", "O_DIM", "I_DIM", "DEVICE_KEY"], **AUTOTUNE_CACHE
+)
 @triton.jit
 def _wgrad_kernel(
     g_ptr,
