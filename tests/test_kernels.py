@@ -304,6 +304,32 @@ def test_gpu_dropless_path_never_syncs_and_captures_in_a_cuda_graph():
 
 @pytest.mark.gpu
 @needs_cuda
+def test_gpu_whole_layer_forward_never_syncs_and_captures_in_a_cuda_graph():
+    """The layer as a user calls it (router, fused top-k, plan, kernels, stats, finite check), eval mode."""
+    torch.manual_seed(0)
+    cfg = MoEConfig(dim=128, hidden_dim=256, num_experts=8, top_k=2, backend="triton")
+    model = MoE(cfg, device="cuda", dtype=torch.bfloat16).eval()
+    x = torch.randn(4, 16, 128, device="cuda", dtype=torch.bfloat16)
+    static_x = torch.zeros_like(x)
+    with torch.no_grad():
+        eager = model(x)  # the autotuner benchmarks (and syncs) the first time it sees these shapes
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            model(x)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = model(static_x)
+        static_x.copy_(x)
+        graph.replay()
+        torch.cuda.synchronize()
+    torch.testing.assert_close(captured, eager)
+
+
+@pytest.mark.gpu
+@needs_cuda
 def test_gpu_compile_fullgraph_inductor():
     torch.manual_seed(0)
     model = MoE(MoEConfig(dim=128, hidden_dim=192, num_experts=8, top_k=2, backend="triton"), device="cuda")

@@ -61,40 +61,49 @@ def _mnk(m: int, n: int, k: int, warps: int, stages: int, group_m: int = 8) -> t
 # enough for any case (float32 with the gated kernel's two weight tiles: ~72 KB of shared memory):
 # decode batches prune a list to its BLOCK_M=16 entries, and one of those must fit.
 _ROW_CONFIGS = [
-    _mnk(128, 256, 64, 8, 3),
-    _mnk(128, 128, 64, 8, 3),
-    _mnk(128, 128, 32, 4, 4),
-    _mnk(128, 64, 64, 4, 4),
-    _mnk(64, 128, 64, 4, 4),
-    _mnk(64, 64, 64, 4, 4),
-    _mnk(32, 128, 64, 4, 4),
-    _mnk(16, 128, 64, 4, 4),
-    _mnk(16, 64, 128, 4, 4),
-    _mnk(16, 64, 64, 4, 2),
+    _mnk(*c)
+    for c in [  # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)
+        (128, 256, 64, 8, 3),
+        (128, 128, 64, 8, 3),
+        (128, 128, 32, 4, 4),
+        (128, 64, 64, 4, 4),
+        (64, 128, 64, 4, 4),
+        (64, 64, 64, 4, 4),
+        (32, 128, 64, 4, 4),
+        (16, 128, 64, 4, 4),
+        (16, 64, 128, 4, 4),
+        (16, 64, 64, 4, 2),
+    ]
 ]
 # The gated up-projection keeps two accumulators (gate and up) and the down-projection backward a tile
 # of the hidden activations beside its own: at 4 warps, tiles of 128 rows or 128x128 run out of
 # registers, so their large tiles take 8 warps (two warpgroups).
 _DUAL_CONFIGS = [
-    _mnk(128, 64, 64, 8, 3),
-    _mnk(128, 64, 64, 8, 4),
-    _mnk(64, 128, 64, 8, 3),
-    _mnk(128, 64, 32, 8, 4),
-    _mnk(64, 64, 64, 4, 3),
-    _mnk(32, 64, 64, 4, 4),
-    _mnk(16, 128, 64, 4, 4),
-    _mnk(16, 64, 128, 4, 4),
-    _mnk(16, 64, 64, 4, 2),
+    _mnk(*c)
+    for c in [  # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)
+        (128, 64, 64, 8, 3),
+        (128, 64, 64, 8, 4),
+        (64, 128, 64, 8, 3),
+        (128, 64, 32, 8, 4),
+        (64, 64, 64, 4, 3),
+        (32, 64, 64, 4, 4),
+        (16, 128, 64, 4, 4),
+        (16, 64, 128, 4, 4),
+        (16, 64, 64, 4, 2),
+    ]
 ]
 _DOWN_BWD_CONFIGS = [
-    _mnk(128, 64, 64, 8, 3),
-    _mnk(128, 64, 64, 8, 4),
-    _mnk(64, 128, 64, 8, 3),
-    _mnk(64, 128, 64, 8, 4),
-    _mnk(64, 64, 64, 4, 3),
-    _mnk(32, 128, 64, 4, 4),
-    _mnk(16, 128, 64, 4, 4),
-    _mnk(16, 64, 64, 4, 2),
+    _mnk(*c)
+    for c in [  # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)
+        (128, 64, 64, 8, 3),
+        (128, 64, 64, 8, 4),
+        (64, 128, 64, 8, 3),
+        (64, 128, 64, 8, 4),
+        (64, 64, 64, 4, 3),
+        (32, 128, 64, 4, 4),
+        (16, 128, 64, 4, 4),
+        (16, 64, 64, 4, 2),
+    ]
 ]
 _WGRAD_CONFIGS = [
     triton.Config({"BLOCK_O": o, "BLOCK_I": i, "BLOCK_R": r}, num_warps=w, num_stages=s)
