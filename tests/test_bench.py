@@ -48,6 +48,18 @@ def test_every_implementation_computes_the_same_expert_stage(dtype):
     assert dense.shape == (12 * cfg.top_k, cfg.dim)  # T*K rows, same FLOPs
 
 
+def test_small_batches_can_be_timed_forward_only():
+    from sparsemoe.bench.suite import SuiteOptions, run_suite
+
+    opts = SuiteOptions(configs=("tiny",), tokens=(2, 32), dtypes=("float32",), routings=("random",), repeats=1,
+                        impls=("sparsemoe grouped", "dense ideal"), backward_min_tokens=16, log=lambda line: None)  # fmt: skip
+    result = run_suite(opts)
+    small, large = result["cases"]
+    assert set(small["timings"]) == {"forward"} and not small["memory"]
+    assert "| sparsemoe grouped | – | " in markdown(result, "sparsemoe bench")  # no forward+backward at T=2
+    assert set(large["timings"]) == {"forward", "backward"} and set(large["memory"]) == {"sparsemoe grouped", "dense ideal"}
+
+
 def test_only_the_selected_implementations_are_built():
     cfg = BENCH_CONFIGS["tiny"]
     ids, w = make_routing("random", 4, cfg.num_experts, cfg.top_k)
@@ -167,6 +179,7 @@ def test_user_mistakes_are_one_line_errors(argv, message, capsys, tmp_path):
         (["--quick"], dict(configs=("tiny",), tokens=(1, 16, 128), repeats=1, recompute=True)),
         (["--quick", "--tokens", "4", "--repeats", "2"], dict(configs=("tiny",), tokens=(4,), repeats=2)),
         (["--tokens", "8"], dict(configs=("mixtral-mini", "fine-grained"), tokens=(8,), repeats=5, impls=None)),
+        (["--backward-min-tokens", "64"], dict(backward_min_tokens=64, recompute=True)),
     ],
 )
 def test_presets_fill_only_the_options_not_given(argv, want, monkeypatch, tmp_path):
@@ -194,6 +207,7 @@ def test_the_gpu_preset_covers_full_size_shapes_decode_and_the_peers():
     assert (BENCH_CONFIGS["mixtral-8x7b"].hidden_dim, BENCH_CONFIGS["mixtral-8x7b"].num_experts) == (14336, 8)
     assert (BENCH_CONFIGS["fine-grained-xl"].num_experts, BENCH_CONFIGS["fine-grained-xl"].top_k) == (128, 8)
     assert GPU["tokens"] == (1, 16, 64, 16384) and GPU["dtypes"] == ("bfloat16",)
+    assert 64 < GPU["backward_min_tokens"] <= 16384  # decode sizes forward only, the large batch both
     assert {"sparsemoe triton", "dense ideal", "torch._grouped_mm", "hf grouped_mm"} <= set(GPU["impls"])
 
 

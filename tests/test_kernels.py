@@ -130,6 +130,21 @@ def test_autotuned_winners_are_kept_on_disk_where_triton_can():
         assert getattr(kernel, "cache_results", False) == supported
 
 
+@pytest.mark.skipif(kernels.INTERPRET, reason="the interpreter always runs its one small config")
+def test_autotuning_can_be_switched_off_for_one_mid_sized_tile_per_kernel():
+    code = (
+        "from sparsemoe.kernels import expert_mm as m\n"
+        "for k in (m._up_kernel, m._scatter_kernel, m._down_bwd_kernel, m._wgrad_kernel):\n"
+        "    print(len(k.configs), sorted(k.configs[0].kwargs.items()), k.configs[0].num_warps)\n"
+    )
+    env = {**os.environ, "SPARSEMOE_TRITON_AUTOTUNE": "0"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.strip().splitlines()
+    assert len(lines) == 4 and all(line.startswith("1 ") for line in lines), lines
+    assert "('BLOCK_M', 64), ('BLOCK_N', 64)" in lines[0] and "('BLOCK_O', 64)" in lines[3]
+
+
 def test_unsupported_activation_is_named():
     with pytest.raises(ValueError, match="activation 'tanh' is not supported"):
         kernels.up_projection(torch.randn(2, 4), torch.randn(1, 4, 4), torch.zeros(2, dtype=torch.long), torch.tensor([2]), "tanh", False)

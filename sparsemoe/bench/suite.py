@@ -28,6 +28,7 @@ class SuiteOptions:
     dtypes: tuple[str, ...] = ("float32", "bfloat16")
     routings: tuple[str, ...] = ROUTINGS
     modes: tuple[str, ...] = MODES
+    backward_min_tokens: int = 1  # time forward+backward only for T at or above this (decode sizes: forward only)
     memory: bool = True  # measure peak memory of forward+backward
     impls: Optional[tuple[str, ...]] = None  # shell-style patterns on implementation names; None = all
     repeats: int = 5
@@ -123,7 +124,8 @@ def run_case(case: BenchCase, opts: SuiteOptions, bandwidth: float) -> dict:
     impls, skipped = build_impls(case, opts.recompute, wanted=lambda name: _selected(name, opts.impls))
     errors: dict[str, str] = {}
     impls, grads, agreement = _first_forwards(impls, opts.seed, case.dtype, errors)
-    impls = _usable(impls, opts.modes, grads, device, errors)
+    modes = tuple(m for m in opts.modes if m != "backward" or case.tokens >= opts.backward_min_tokens)
+    impls = _usable(impls, modes, grads, device, errors)
     cfg = case.config
     active = case.active_experts()
     element = torch.empty((), dtype=case.dtype).element_size()
@@ -143,10 +145,10 @@ def run_case(case: BenchCase, opts: SuiteOptions, bandwidth: float) -> dict:
         "timings": {},
         "memory": {},
     }
-    for mode in opts.modes:
+    for mode in modes:
         steps = {impl.name: _step(impl, mode, grads, device) for impl in impls}
         result["timings"][mode] = time_interleaved(steps, opts.repeats, opts.warmup, opts.clock)
-    if opts.memory and "backward" in opts.modes:
+    if opts.memory and "backward" in modes:
         for impl in impls:
             impl.clear_grads()
             peak = peak_memory_bytes(_step(impl, "backward", grads, device), device)

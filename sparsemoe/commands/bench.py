@@ -21,7 +21,7 @@ QUICK = dict(configs=("tiny",), tokens=(1, 16, 128), dtypes=("float32",), routin
 # rows), plain torch._grouped_mm and Hugging Face's grouped_mm experts; decode sizes and a large batch.
 GPU = dict(
     configs=("mixtral-8x7b", "fine-grained-xl"), tokens=(1, 16, 64, 16384), dtypes=("bfloat16",),
-    routings=("random",), repeats=10, recompute=False,
+    routings=("random",), repeats=10, recompute=False, backward_min_tokens=1024,
     impls=("sparsemoe auto", "sparsemoe triton", "sparsemoe grouped", "dense ideal", "torch._grouped_mm", "hf grouped_mm"),
 )  # fmt: skip
 
@@ -73,6 +73,9 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="comma-separated: balanced, random, skewed (Zipf) (default: all)")
     p.add_argument("--modes", type=_csv("modes", MODES), default=MODES,
                    help="comma-separated: forward, backward (= forward+backward) (default: both)")
+    p.add_argument("--backward-min-tokens", type=positive_int, default=None,
+                   help="time forward+backward only for T at or above this; smaller T (decode) forward only "
+                   "(default 1: every T)")
     p.add_argument("--impls", type=_csv("implementation patterns"), default=None,
                    help="only these implementations (shell patterns, e.g. 'sparsemoe*,dense ideal,hf grouped_mm')")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
@@ -103,8 +106,8 @@ def register(subparsers) -> argparse.ArgumentParser:
                    "block bench (options given on the command line take precedence)")
     p.add_argument("--gpu", action="store_true",
                    help="the GPU targets: --device cuda, configs mixtral-8x7b,fine-grained-xl, T=1,16,64,16384, bfloat16, "
-                   "random routing, 10 repeats; sparsemoe auto/triton/grouped, dense ideal, torch._grouped_mm, "
-                   "hf grouped_mm (options given on the command line take precedence)")
+                   "random routing, 10 repeats, forward+backward from T=1024 on; sparsemoe auto/triton/grouped, dense "
+                   "ideal, torch._grouped_mm, hf grouped_mm (options given on the command line take precedence)")
     p.set_defaults(func=run)
     return p
 
@@ -127,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
     defaults = SuiteOptions()
     chosen = {
         key: getattr(args, key) if getattr(args, key) is not None else preset.get(key, getattr(defaults, key))
-        for key in ("configs", "tokens", "dtypes", "routings", "repeats", "impls")
+        for key in ("configs", "tokens", "dtypes", "routings", "repeats", "impls", "backward_min_tokens")
     }
     opts = SuiteOptions(
         **chosen, modes=args.modes, memory=not args.no_memory, device=str(device),

@@ -71,9 +71,22 @@ def dot_precision(dtype: torch.dtype) -> str:
 AUTOTUNE_CACHE = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
 
 
-def configs(gpu: list[triton.Config], interpreter: triton.Config) -> list[triton.Config]:
-    """The autotuning list: the GPU list, or one small config under the interpreter (no benchmarking)."""
-    return [interpreter] if INTERPRET else gpu
+# SPARSEMOE_TRITON_AUTOTUNE=0: each kernel runs one mid-sized tile of its list and nothing is benchmarked
+# (a quick start, e.g. for correctness tests on a GPU); read once, at import, like TRITON_INTERPRET.
+AUTOTUNE = os.environ.get("SPARSEMOE_TRITON_AUTOTUNE", "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+def configs(gpu: list[triton.Config], interpreter: triton.Config, untuned: dict) -> list[triton.Config]:
+    """The autotuning list: the GPU list; only its entry with the `untuned` block sizes when AUTOTUNE is
+    off; one small config under the interpreter (no benchmarking there)."""
+    if INTERPRET:
+        return [interpreter]
+    if AUTOTUNE:
+        return gpu
+    matches = [c for c in gpu if all(c.kwargs.get(k) == v for k, v in untuned.items())]
+    if len(matches) != 1:
+        raise ValueError(f"the untuned config {untuned} must match exactly one entry of the list, not {len(matches)}")
+    return matches
 
 
 def prune_row_blocks(configs_in, named_args, **kwargs):

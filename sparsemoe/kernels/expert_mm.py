@@ -117,6 +117,9 @@ _WGRAD_CONFIGS = [
     ]
 ]
 _WGRAD_TINY = triton.Config({"BLOCK_O": 16, "BLOCK_I": 16, "BLOCK_R": 16}, num_warps=1, num_stages=1)
+# The one tile of each list used with SPARSEMOE_TRITON_AUTOTUNE=0 (see _common.configs).
+_UNTUNED_ROWS = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}
+_UNTUNED_WGRAD = {"BLOCK_O": 64, "BLOCK_I": 64, "BLOCK_R": 32}
 
 # Autotuning keys: the row-count bucket, the shapes and the GPU model. With AUTOTUNE_CACHE the winner is
 # also written to Triton's cache folder (TRITON_CACHE_DIR, default ~/.triton/cache) under a hash of these
@@ -195,7 +198,7 @@ def _block_rows_cols(pid_n, row_start, row_end, N_OUT, BLOCK_M: tl.constexpr, BL
 
 
 @triton.autotune(
-    configs=configs(_DUAL_CONFIGS, _TINY),
+    configs=configs(_DUAL_CONFIGS, _TINY, _UNTUNED_ROWS),
     key=_ROW_KEY,
     prune_configs_by={"early_config_prune": prune_row_blocks},
     **AUTOTUNE_CACHE,
@@ -287,7 +290,7 @@ def up_projection(
 
 
 @triton.autotune(
-    configs=configs(_ROW_CONFIGS, _TINY),
+    configs=configs(_ROW_CONFIGS, _TINY, _UNTUNED_ROWS),
     key=_ROW_KEY,
     prune_configs_by={"early_config_prune": prune_row_blocks},
     reset_to_zero=["y_ptr"],  # atomics accumulate: every benchmark run must start from zeros
@@ -377,7 +380,7 @@ def scatter_projection(
 
 
 @triton.autotune(
-    configs=configs(_DOWN_BWD_CONFIGS, _TINY),
+    configs=configs(_DOWN_BWD_CONFIGS, _TINY, _UNTUNED_ROWS),
     key=_ROW_KEY,
     prune_configs_by={"early_config_prune": prune_row_blocks},
     reset_to_zero=["dscale_ptr"],
@@ -477,7 +480,9 @@ def down_backward(
 
 
 @triton.autotune(
-    configs=configs(_WGRAD_CONFIGS, _WGRAD_TINY), key=["N_BUCKET", "E", "O_DIM", "I_DIM", "DEVICE_KEY"], **AUTOTUNE_CACHE
+    configs=configs(_WGRAD_CONFIGS, _WGRAD_TINY, _UNTUNED_WGRAD),
+    key=["N_BUCKET", "E", "O_DIM", "I_DIM", "DEVICE_KEY"],
+    **AUTOTUNE_CACHE,
 )
 @triton.jit
 def _wgrad_kernel(
