@@ -28,8 +28,10 @@ export TRITON_PRINT_AUTOTUNING=1
     echo "tests exit status: $?"
 } 2>&1 | tee "$OUT/gpu_tests.log"
 
+# The configs of `sparsemoe bench --gpu`, one process each.
+configs=$(python3 -c "from sparsemoe.commands.bench import GPU; print(*GPU['configs'])") || exit 1
 status=0
-for config in mixtral-8x7b fine-grained-xl; do
+for config in $configs; do
     echo "== sparsemoe bench --gpu --configs $config $*"
     timeout "${BENCH_TIMEOUT:-220}" python3 -m sparsemoe bench --gpu --configs "$config" --no-plots \
         --out "$OUT/$config" "$@" > "$OUT/$config.log" 2>&1
@@ -39,7 +41,7 @@ for config in mixtral-8x7b fine-grained-xl; do
 done
 
 grep -E "passed|failed|error|exit status" "$OUT/gpu_tests.log" | tail -n 5
-for config in mixtral-8x7b fine-grained-xl; do
+for config in $configs; do
     [ -f "$OUT/$config/bench.md" ] && sed -n '/^## /,$p' "$OUT/$config/bench.md"
 done
 exit $status

@@ -84,7 +84,7 @@ def _first_forwards(impls: list[Impl], seed: int, dtype: torch.dtype, errors: di
     comparable = [i for i in impls if i.name != "dense ideal"]
     oracle = next((i for name in ORACLES for i in comparable if i.name == name), comparable[0] if comparable else None)
     ordered = ([oracle] if oracle else []) + [i for i in impls if i is not oracle]
-    want, ran = None, []
+    want, failed = None, set()
     agreement = {"oracle": None, "tolerance": AGREEMENT_TOLERANCE[dtype], "max_rel_error": {}}
     for impl in ordered:
         try:
@@ -92,8 +92,8 @@ def _first_forwards(impls: list[Impl], seed: int, dtype: torch.dtype, errors: di
                 y = impl.forward()
         except Exception as err:  # noqa: BLE001 - a peer's limitation is a result to report
             errors[impl.name] = f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
+            failed.add(impl.name)
             continue
-        ran.append(impl)
         key = (tuple(y.shape), y.dtype)
         if key not in grads:
             grads[key] = torch.randn(y.shape, generator=gen).to(y.device, y.dtype)
@@ -103,7 +103,7 @@ def _first_forwards(impls: list[Impl], seed: int, dtype: torch.dtype, errors: di
             error = (y.float() - want).abs().max() / want.abs().max().clamp_min(1e-30)
             agreement["max_rel_error"][impl.name] = error.item()
         del y
-    return [i for i in impls if i in ran], grads, agreement
+    return [i for i in impls if i.name not in failed], grads, agreement
 
 
 def _usable(impls: list[Impl], modes: tuple[str, ...], grads: dict, device, errors: dict) -> list[Impl]:
