@@ -74,7 +74,8 @@ def test_recompute_saves_less_for_backward():
 @pytest.mark.parametrize("case", sorted(CASES))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_decode_no_grad_matches_reference(case, dtype, native_kernels):
-    """Both float32 decode paths: the native CPU kernel, and the BLAS loop used without a C compiler."""
+    """Both decode paths: the native CPU kernel (float32 and bfloat16 weights), and without a C compiler the
+    BLAS loop (float32) or the native grouped GEMM (bfloat16)."""
     fields, shape = CASES[case]
     ref = _ref(fields, dtype=dtype).eval()
     fast = twin(ref, backend="decode").eval()
@@ -94,11 +95,14 @@ def test_auto_picks_decode_for_few_rows_and_grouped_for_many(native_kernels):
         x = torch.randn(T, 16)
         return x.to(dtype), build_plan(layer.router.route(layer.router.logits(x)), None)
 
-    limit = 256 if native else 16  # rows per expert: 64 with the native kernel (float32), else 4
-    assert _auto_name(*plan_for(1)) == "decode"
-    assert _auto_name(*plan_for(limit)) == "decode"  # 2 * limit rows over 8 experts
-    assert _auto_name(*plan_for(limit + 1)) == "grouped"
-    assert _auto_name(*plan_for(17, torch.bfloat16)) == "grouped"  # the kernel is float32 only
+    # Tokens (2 rows each over 8 experts) up to which decode is chosen: rows per expert 64 (float32) and
+    # 8 (bfloat16) with the native kernel, else 4.
+    limits = {torch.float32: 256, torch.bfloat16: 32} if native else {torch.float32: 16, torch.bfloat16: 16}
+    for dtype, limit in limits.items():
+        assert _auto_name(*plan_for(1, dtype)) == "decode"
+        assert _auto_name(*plan_for(limit, dtype)) == "decode"
+        assert _auto_name(*plan_for(limit + 1, dtype)) == "grouped"
+    assert _auto_name(*plan_for(17, torch.float16)) == "grouped"  # the kernel takes float32 and bfloat16
     x, plan = plan_for(1)
     assert resolve_backend("auto", x, plan).name == "decode"
 

@@ -26,14 +26,14 @@ def _reference(x_ND, bounds, w_in, w_out, activation):
     return torch.cat(rows).float()
 
 
-def _case(counts, dim, hidden, activation, seed=0):
+def _case(counts, dim, hidden, activation, seed=0, dtype=torch.float32):
     gen = torch.Generator().manual_seed(seed)
     E = len(counts)
     bounds = torch.tensor([0, *torch.tensor(counts).cumsum(0).tolist()], dtype=torch.int64)
     x = torch.randn(int(bounds[-1]), dim, generator=gen)
     w_in = torch.randn(E, in_rows(hidden, activation), dim, generator=gen) / math.sqrt(dim)
     w_out = torch.randn(E, dim, hidden, generator=gen) / math.sqrt(hidden)
-    return x, bounds, w_in, w_out
+    return x.to(dtype), bounds, w_in.to(dtype), w_out.to(dtype)
 
 
 @needs_kernel
@@ -44,36 +44,41 @@ def _case(counts, dim, hidden, activation, seed=0):
     hidden=st.integers(1, 40),
     activation=st.sampled_from(sorted(cpu_kernels.ACTIVATION_CODES)),
     threads=st.sampled_from([1, 2, 3]),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
 )
-def test_decode_kernel_matches_pytorch(counts, dim, hidden, activation, threads):
-    x, bounds, w_in, w_out = _case(counts, dim, hidden, activation)
+def test_decode_kernel_matches_pytorch(counts, dim, hidden, activation, threads, dtype):
+    """Against float64 on the same values: bfloat16 weights are widened exactly and summed in float32, so
+    the error is float32 rounding in both dtypes."""
+    x, bounds, w_in, w_out = _case(counts, dim, hidden, activation, dtype=dtype)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        out = cpu_kernels.decode_mlp_f32(x, bounds, w_in, w_out, activation)
+        out = cpu_kernels.decode_mlp(x, bounds, w_in, w_out, activation)
     finally:
         torch.set_num_threads(before)
     expected = _reference(x, bounds, w_in, w_out, activation)
-    assert out.shape == expected.shape
+    assert out.shape == expected.shape and out.dtype == torch.float32
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
 @needs_kernel
-def test_decode_kernel_on_bench_sized_experts():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_kernel_on_bench_sized_experts(dtype):
     """Rows past a 64-row work block and a model width of 512: the sizes `sparsemoe bench` runs."""
-    x, bounds, w_in, w_out = _case([1, 4, 0, 7, 16, 33], 512, 200, "swiglu", seed=3)
+    x, bounds, w_in, w_out = _case([1, 4, 0, 7, 16, 33], 512, 200, "swiglu", seed=3, dtype=dtype)
     torch.testing.assert_close(
-        cpu_kernels.decode_mlp_f32(x, bounds, w_in, w_out, "swiglu"), _reference(x, bounds, w_in, w_out, "swiglu"),
+        cpu_kernels.decode_mlp(x, bounds, w_in, w_out, "swiglu"), _reference(x, bounds, w_in, w_out, "swiglu"),
         rtol=1e-5, atol=1e-5,
     )
 
 
 @needs_kernel
 @pytest.mark.parametrize("activation", sorted(cpu_kernels.ACTIVATION_CODES))
-def test_decode_kernel_propagates_nan_like_pytorch(activation):
-    x, bounds, w_in, w_out = _case([3, 2], 20, 8, activation)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_kernel_propagates_nan_like_pytorch(activation, dtype):
+    x, bounds, w_in, w_out = _case([3, 2], 20, 8, activation, dtype=dtype)
     x[1] = float("nan")
-    out = cpu_kernels.decode_mlp_f32(x, bounds, w_in, w_out, activation)
+    out = cpu_kernels.decode_mlp(x, bounds, w_in, w_out, activation)
     assert out[1].isnan().all()
     assert out[[0, 2, 3, 4]].isfinite().all()
 
@@ -82,16 +87,22 @@ def test_decode_kernel_propagates_nan_like_pytorch(activation):
 def test_decode_kernel_rejects_mismatched_shapes():
     x, bounds, w_in, w_out = _case([2, 3], 16, 8, "swiglu")
     with pytest.raises(ValueError, match="do not fit"):
-        cpu_kernels.decode_mlp_f32(x[:, :15], bounds, w_in, w_out, "swiglu")
+        cpu_kernels.decode_mlp(x[:, :15], bounds, w_in, w_out, "swiglu")
     with pytest.raises(ValueError, match="bounds end at 5"):
-        cpu_kernels.decode_mlp_f32(x[:4], bounds, w_in, w_out, "swiglu")
+        cpu_kernels.decode_mlp(x[:4], bounds, w_in, w_out, "swiglu")
+    with pytest.raises(ValueError, match="both be float32 or both bfloat16"):
+        cpu_kernels.decode_mlp(x, bounds, w_in.bfloat16(), w_out, "swiglu")
+    with pytest.raises(ValueError, match="contiguous"):
+        cpu_kernels.decode_mlp(x, bounds, w_in.transpose(1, 2).contiguous().transpose(1, 2), w_out, "swiglu")
 
 
-def test_supports_only_float32_cpu_contiguous_known_activations():
+def test_supports_only_float32_or_bfloat16_cpu_contiguous_known_activations():
     x, _, w_in, w_out = _case([2], 16, 8, "swiglu")
     ok = cpu_kernels.available()
     assert cpu_kernels.supports(x, w_in, w_out, "swiglu") == ok
-    assert not cpu_kernels.supports(x.bfloat16(), w_in.bfloat16(), w_out.bfloat16(), "swiglu")
+    assert cpu_kernels.supports(x.bfloat16(), w_in.bfloat16(), w_out.bfloat16(), "swiglu") == ok
+    assert not cpu_kernels.supports(x.half(), w_in.half(), w_out.half(), "swiglu")
+    assert not cpu_kernels.supports(x, w_in.bfloat16(), w_out, "swiglu")  # one weight dtype for both
     assert not cpu_kernels.supports(x, w_in.transpose(1, 2), w_out, "swiglu")
     assert not cpu_kernels.supports(x, w_in, w_out, "tanh")
 
@@ -104,6 +115,20 @@ def test_build_is_cached_and_keyed_by_flags(tmp_path):
     assert cpu_kernels.build(compiler, tmp_path, ("-O2",)) == first and first.stat().st_mtime_ns == stamp
     assert cpu_kernels.build(compiler, tmp_path, ("-O1",)) != first
     assert sorted(p.suffix for p in tmp_path.iterdir()) == [".so", ".so"]  # no temporary files left
+
+
+def test_every_kernel_source_and_header_is_built_from_and_shipped():
+    """The build hashes and compiles what is in csrc/, and a wheel carries all of it (package-data), so an
+    installed copy can build the kernels too."""
+    import tomllib
+
+    csrc = cpu_kernels.CSRC
+    used = set(cpu_kernels.SOURCES) | set(cpu_kernels.HEADERS)
+    assert used == {f for f in csrc.iterdir() if f.suffix in (".c", ".h")}
+    root = csrc.parents[2]
+    package_data = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    shipped = {f for pattern in package_data["sparsemoe.ops"] for f in csrc.parent.glob(pattern)}
+    assert used <= shipped
 
 
 def test_failed_build_raises_with_the_compiler_message_and_leaves_nothing(tmp_path):

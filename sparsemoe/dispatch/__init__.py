@@ -83,12 +83,13 @@ def resolve_backend(name: str, x_TD: Tensor, plan: DispatchPlan) -> Backend:
 
 
 # Decode when there are at most this many rows per expert on average: up to 4 the expert GEMMs are
-# weight-read bound and the decode path's weight-stationary BLAS GEMMs win; in float32 with the native
-# CPU kernel (sparsemoe.ops.cpu_kernels) decode wins up to about 64 (both measured by `sparsemoe bench`
-# forward over T, mixtral-mini and fine-grained; above that the grouped GEMMs are compute bound and BLAS
-# is faster).
+# weight-read bound and the decode path's weight-stationary BLAS GEMMs win. With the native CPU kernel
+# (sparsemoe.ops.cpu_kernels) decode wins up to about 64 in float32, and up to about 8 in bfloat16 (on
+# a CPU with AVX512-BF16, whose bfloat16 dot products the BLAS GEMMs use while the kernel computes in
+# float32). All measured by `sparsemoe bench` forward over T, mixtral-mini and fine-grained; above that
+# the grouped GEMMs are compute bound and BLAS is faster.
 _DECODE_MAX_ROWS_PER_EXPERT = 4
-_KERNEL_DECODE_MAX_ROWS_PER_EXPERT = 64
+_KERNEL_DECODE_MAX_ROWS_PER_EXPERT = {torch.float32: 64, torch.bfloat16: 8}
 
 
 def run_backend(name: str, x_TD: Tensor, plan: DispatchPlan, experts) -> Tensor:
@@ -114,8 +115,8 @@ def _auto_name(x_TD: Tensor, plan: DispatchPlan) -> str:
     if x_TD.device.type != "cpu":
         return "grouped"
     rows_per_expert = _DECODE_MAX_ROWS_PER_EXPERT
-    if x_TD.dtype == torch.float32 and cpu_kernels.available():
-        rows_per_expert = _KERNEL_DECODE_MAX_ROWS_PER_EXPERT
+    if cpu_kernels.available():
+        rows_per_expert = _KERNEL_DECODE_MAX_ROWS_PER_EXPERT.get(x_TD.dtype, rows_per_expert)
     return "decode" if plan.num_rows <= rows_per_expert * plan.num_experts else "grouped"
 
 

@@ -4,13 +4,14 @@ Legend: T tokens, D model width, F hidden width, I in-projection rows (2F gated)
 n rows of one expert (a handful when decoding).
 
 With a few rows per expert the expert GEMMs are bounded by reading the weights, not by arithmetic, and
-a BLAS `x @ W^T` on a few rows reads them several times more slowly than a copy would. In float32 on the
-CPU the whole expert stage runs in one call of the native kernel (`sparsemoe.ops.cpu_kernels`: each
-weight row streamed once against the expert's rows, OpenMP threads over blocks of weight rows), which
-wins up to about 64 rows per expert. Without that kernel (no C compiler) the loop below runs each GEMM
-weight-stationary, `W @ x^T` with W split into one row block per thread as one `bmm`, for experts with
-up to `_STATIONARY_MAX_ROWS` rows. In bfloat16/float16 the native grouped GEMM (`torch._grouped_mm`)
-is faster than per-expert calls and is used instead. Inputs are gathered and outputs combined once for
+a BLAS `x @ W^T` on a few rows reads them several times more slowly than a copy would. In float32 and
+bfloat16 on the CPU the whole expert stage runs in one call of the native kernel
+(`sparsemoe.ops.cpu_kernels`: each weight row streamed once against the expert's rows, OpenMP threads
+over blocks of weight rows; bfloat16 weights read as they are and widened in registers). Without that
+kernel (no C compiler), in bfloat16/float16 the native grouped GEMM (`torch._grouped_mm`) is faster
+than per-expert calls and is used; in float32 the loop below runs each GEMM weight-stationary,
+`W @ x^T` with W split into one row block per thread as one `bmm`, for experts with up to
+`_STATIONARY_MAX_ROWS` rows. Inputs are gathered and outputs combined once for
 all experts (N is small).
 Without gradients this path runs as plain tensor code; with gradients it hands over to the fused op
 (`sparsemoe.dispatch.fused`), whose backward is exact and shared with the grouped backend.
@@ -79,9 +80,9 @@ def decode_mlp(
     x_ND = x_TD.index_select(0, token_ids[:kept])
     y_TD = torch.zeros(T, D, dtype=torch.float32, device=x_TD.device)
     if cpu_kernels.supports(x_ND, w_in, w_out, activation):
-        # float32: the native CPU kernel runs every expert in one call at close to the weight-read bound.
+        # float32 / bfloat16: the native CPU kernel runs every expert in one call, close to the weight-read bound.
         bounds_E1 = torch.cat([offsets.new_zeros(1), offsets])
-        o_ND = cpu_kernels.decode_mlp_f32(x_ND, bounds_E1, w_in, w_out, activation)
+        o_ND = cpu_kernels.decode_mlp(x_ND, bounds_E1, w_in, w_out, activation)
     elif use_native(x_ND, w_in) and use_native(x_ND, w_out):
         # bfloat16/float16: the native grouped kernel beats per-expert BLAS calls at every small T measured.
         # x_ND holds exactly the kept rows (offsets[-1] of them), so no row is left past the last group.

@@ -3,8 +3,9 @@
 Legend: N rows sorted by expert, n rows, E experts, D model width, F hidden width, I in-projection rows
 (2F gated: gate then up).
 
-    decode_mlp_f32(x_ND, bounds [E + 1], w_in [E, I, D], w_out [E, D, F], activation) -> o_ND [N, D]
-        o[r] = w_out[e] @ act(w_in[e] @ x[r]) for the rows r in [bounds[e], bounds[e + 1])
+    decode_mlp(x_ND, bounds [E + 1], w_in [E, I, D], w_out [E, D, F], activation) -> o_ND [N, D] float32
+        o[r] = w_out[e] @ act(w_in[e] @ x[r]) for the rows r in [bounds[e], bounds[e + 1]); weights float32
+        or bfloat16 (read as they are, widened to float32 in registers), sums and activations in float32
     activate_f32(h_nI, activation) -> a_nF = act(h)
     activation_backward_f32(h_nI, dA_nF, w_n, activation) -> (aw_nF, dH_nI, d_w_n)
         for o = w * (W_out act(h)) with dA = d loss / d act(h) before the weighting: aw = w act(h)
@@ -15,7 +16,9 @@ GEMMs on 1-16 rows run several times below that bound (`sparsemoe bench` reports
 decode kernel (`csrc/decode_mlp.c`) streams each weight row once and runs the whole expert stage in one
 call. The activation kernels (`csrc/activation.c`) do in one pass over each row what takes PyTorch six
 to ten elementwise ops (and as many trips through memory) in the expert backward. All use OpenMP
-threads (`torch.get_num_threads()`) and the same float32 arithmetic as PyTorch up to rounding.
+threads (`torch.get_num_threads()`) and the same float32 arithmetic as PyTorch up to rounding (with
+bfloat16 weights the decode kernel keeps h and act(h) in float32 where PyTorch rounds them to bfloat16,
+so it is the more exact of the two).
 
 The library is compiled once per source, compiler and CPU into the cache folder (`SPARSEMOE_CACHE_DIR`,
 else `$XDG_CACHE_HOME/sparsemoe`, else `~/.cache/sparsemoe`) with `-O3 -march=native -fopenmp`, falling
@@ -45,7 +48,7 @@ log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = (CSRC / "decode_mlp.c", CSRC / "activation.c")
-HEADERS = (CSRC / "vec.h", CSRC / "activation.h")
+HEADERS = (CSRC / "vec.h", CSRC / "activation.h", CSRC / "decode_gemm.h")
 ENV_SWITCH = "SPARSEMOE_CPU_KERNELS"
 ENV_CACHE = "SPARSEMOE_CACHE_DIR"
 # Tried in order; the first set the compiler accepts is used.
@@ -124,6 +127,7 @@ def _bind(path: Path) -> ctypes.CDLL:
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     signatures = {
         "sparsemoe_decode_mlp_f32": ([p, p, i64, p, p, i64, i64, i64, i32, p, p, p, i32], ctypes.c_int),
+        "sparsemoe_decode_mlp_bf16": ([p, p, i64, p, p, i64, i64, i64, i32, p, p, p, i32], ctypes.c_int),
         "sparsemoe_activate_f32": ([p, p, i64, i64, i64, i32, i32], None),
         "sparsemoe_activation_backward_f32": ([p, p, p, p, p, p, i64, i64, i64, i32, i32], None),
     }
@@ -166,10 +170,18 @@ def _native(*tensors: Tensor) -> bool:
     return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
 
 
+# The weight dtypes of the decode kernel, by the suffix of its C function.
+DECODE_WEIGHT_DTYPES = {torch.float32: "f32", torch.bfloat16: "bf16"}
+
+
 def supports(x: Tensor, w_in: Tensor, w_out: Tensor, activation: str) -> bool:
-    """Whether `decode_mlp_f32` takes these inputs: float32 CPU tensors, contiguous weights, a known activation."""
+    """Whether `decode_mlp` takes these inputs: CPU tensors, float32 or bfloat16 (weights of one dtype),
+    contiguous weights, a known activation."""
     return (
-        _native(x, w_in, w_out)
+        all(t.device.type == "cpu" for t in (x, w_in, w_out))
+        and x.dtype in DECODE_WEIGHT_DTYPES
+        and w_in.dtype == w_out.dtype
+        and w_in.dtype in DECODE_WEIGHT_DTYPES
         and w_in.is_contiguous()
         and w_out.is_contiguous()
         and activation in ACTIVATION_CODES
@@ -227,26 +239,33 @@ def activation_backward_f32(h_nI: Tensor, dA_nF: Tensor, w_n: Tensor, activation
     return aw_nF, dH_nI, d_w
 
 
-def decode_mlp_f32(x_ND: Tensor, bounds: Tensor, w_in: Tensor, w_out: Tensor, activation: str) -> Tensor:
-    """o [N, D]: each row through its expert's MLP (see the module docstring). Check `supports` first."""
+def decode_mlp(x_ND: Tensor, bounds: Tensor, w_in: Tensor, w_out: Tensor, activation: str) -> Tensor:
+    """o [N, D] float32: each row through its expert's MLP (see the module docstring). Check `supports` first."""
     lib = _library()
+    if w_in.dtype != w_out.dtype or w_in.dtype not in DECODE_WEIGHT_DTYPES:
+        raise ValueError(
+            f"decode_mlp: weights must both be float32 or both bfloat16, got {w_in.dtype} and {w_out.dtype}"
+        )
+    if not (w_in.is_contiguous() and w_out.is_contiguous()):
+        raise ValueError("decode_mlp: the expert weights must be contiguous")
     E, I, D = w_in.shape
     F = w_out.shape[2]
-    x_ND = x_ND.contiguous()
+    kernel = getattr(lib, f"sparsemoe_decode_mlp_{DECODE_WEIGHT_DTYPES[w_in.dtype]}")
+    x_ND = x_ND.float().contiguous()  # N is small: widening a bfloat16 input costs nothing next to the weights
     bounds = bounds.to(torch.int64).contiguous()
     if bounds.shape != (E + 1,) or x_ND.shape[1] != D or w_out.shape[:2] != (E, D):
-        raise ValueError(f"decode_mlp_f32: shapes x {tuple(x_ND.shape)}, bounds {tuple(bounds.shape)}, "
+        raise ValueError(f"decode_mlp: shapes x {tuple(x_ND.shape)}, bounds {tuple(bounds.shape)}, "
                          f"w_in {tuple(w_in.shape)}, w_out {tuple(w_out.shape)} do not fit")
     N = x_ND.shape[0]
     if int(bounds[-1]) != N:  # host read: free on the CPU
-        raise ValueError(f"decode_mlp_f32: bounds end at {int(bounds[-1])}, x has {N} rows")
+        raise ValueError(f"decode_mlp: bounds end at {int(bounds[-1])}, x has {N} rows")
     h_NI = x_ND.new_empty(N, I)
     a_NF = x_ND.new_empty(N, F)
     o_ND = x_ND.new_empty(N, D)
-    status = lib.sparsemoe_decode_mlp_f32(
+    status = kernel(
         x_ND.data_ptr(), bounds.data_ptr(), E, w_in.data_ptr(), w_out.data_ptr(), D, F, I,
         ACTIVATION_CODES[activation], h_NI.data_ptr(), a_NF.data_ptr(), o_ND.data_ptr(), torch.get_num_threads(),
     )
     if status != 0:
-        raise MemoryError("sparsemoe_decode_mlp_f32: out of memory")
+        raise MemoryError(f"{kernel.__name__}: out of memory")
     return o_ND

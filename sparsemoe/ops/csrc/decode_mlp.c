@@ -1,8 +1,10 @@
-/* The expert MLP for a handful of rows per expert (decoding), float32, on the CPU.
+/* The expert MLP for a handful of rows per expert (decoding) on the CPU, with float32 or bfloat16 weights.
  *
  * With 1-16 rows per expert the expert GEMMs are bounded by reading the weights; BLAS GEMMs with so few
  * rows run several times below that bound. These kernels stream each weight row once per block of rows
- * and keep the few input rows in L1: `y = x W^T` with W [O, K] row-major (nn.Linear's layout).
+ * and keep the few input rows in L1: `y = x W^T` with W [O, K] row-major (nn.Linear's layout). Inputs,
+ * sums, the hidden activations and the output are float32; bfloat16 weights are widened to float32 as
+ * they are loaded (exact: a bfloat16 is the top half of a float32), so they are read at half the bytes.
  *
  * Legend: N rows (sorted by expert), E experts, D model width, F hidden width, I in-projection rows
  * (2F gated: gate rows then up rows), n rows of one expert, K the reduction width of a GEMM.
@@ -10,6 +12,8 @@
  * Built on first use by sparsemoe/ops/cpu_kernels.py with the system C compiler; GCC/Clang vector
  * extensions give AVX-512, AVX2 or NEON code from the same source. No fast-math: the vector sums are
  * written out, so NaN and infinity behave as in PyTorch.
+ *
+ * Exported: sparsemoe_decode_mlp_f32 and sparsemoe_decode_mlp_bf16 (see decode_gemm.h for the arguments).
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -17,140 +21,25 @@
 #include "activation.h"
 #include "vec.h"
 
-#define ROW_BLOCK 64 /* weight rows per work item */
+#define ROW_BLOCK 64        /* weight rows per work item */
+#define PREFETCH_BYTES 2048 /* how far ahead of the weight stream the row kernels prefetch */
 
-/* Few rows: one weight row at a time (a single sequential stream) against XB input rows, the k loop
- * unrolled U times so that XB * U accumulators are independent. y[b * ldy] = w . x[j + b].
- * With PF the weights are prefetched PREFETCH_AHEAD floats ahead: the hardware prefetcher stops at page
- * boundaries, and with 4+ rows there is enough arithmetic per weight to hide the extra instructions. */
-#define PREFETCH_AHEAD 512
-#define DEFINE_ROW_KERNEL(XB, U, PF)                                                                        \
-  static void row_##XB(const float* w, const float* x, float* y, int64_t K, int64_t j, int64_t rj,        \
-                       int64_t ldy) {                                                                     \
-    const float* xs[XB];                                                                                  \
-    for (int b = 0; b < XB; b++) xs[b] = x + (j + (b < rj ? b : 0)) * K;                                  \
-    vf acc[XB][U];                                                                                        \
-    for (int b = 0; b < XB; b++)                                                                          \
-      for (int u = 0; u < U; u++) acc[b][u] = (vf){0};                                                    \
-    int64_t k = 0;                                                                                        \
-    for (; k + U * VL <= K; k += U * VL)                                                                  \
-      for (int u = 0; u < U; u++) {                                                                       \
-        vf wv = load(w + k + u * VL);                                                                     \
-        if (PF) __builtin_prefetch(w + k + u * VL + PREFETCH_AHEAD);                                      \
-        for (int b = 0; b < XB; b++) acc[b][u] += wv * load(xs[b] + k + u * VL);                          \
-      }                                                                                                   \
-    for (; k + VL <= K; k += VL) {                                                                        \
-      vf wv = load(w + k);                                                                                \
-      for (int b = 0; b < XB; b++) acc[b][0] += wv * load(xs[b] + k);                                     \
-    }                                                                                                     \
-    for (int b = 0; b < rj; b++) {                                                                        \
-      vf s = acc[b][0];                                                                                   \
-      for (int u = 1; u < U; u++) s += acc[b][u];                                                         \
-      float t = hsum(s);                                                                                  \
-      for (int64_t kk = k; kk < K; kk++) t += w[kk] * xs[b][kk];                                          \
-      y[(j + b) * ldy] = t;                                                                               \
-    }                                                                                                     \
-  }
-DEFINE_ROW_KERNEL(1, 8, 0)
-DEFINE_ROW_KERNEL(2, 4, 0)
-DEFINE_ROW_KERNEL(4, 2, 1)
-DEFINE_ROW_KERNEL(8, 1, 1)
+#define WT float
+#define WNAME(name) name##_f32
+#define WLOAD(p) load(p)
+#define WGET(p) (*(p))
+#include "decode_gemm.h"
+#undef WT
+#undef WNAME
+#undef WLOAD
+#undef WGET
 
-/* More rows (compute starts to matter): RB weight rows against XB input rows per pass, the input vectors
- * pinned in registers (the empty asm stops the compiler from reloading them), so each weight vector feeds
- * XB FMAs.
- * Rows past the ends (ri, rj) repeat the last valid row and are not stored. */
-#define DEFINE_TILE_KERNEL(RB, XB)                                                                        \
-  static void tile_##RB##_##XB(const float* W, const float* x, float* y, int64_t K, int64_t i, int64_t ri, \
-                               int64_t j, int64_t rj, int64_t ldy) {                                      \
-    const float* w[RB];                                                                                   \
-    const float* xs[XB];                                                                                  \
-    for (int a = 0; a < RB; a++) w[a] = W + (i + (a < ri ? a : ri - 1)) * K;                              \
-    for (int b = 0; b < XB; b++) xs[b] = x + (j + (b < rj ? b : rj - 1)) * K;                             \
-    vf acc[RB][XB];                                                                                       \
-    for (int a = 0; a < RB; a++)                                                                          \
-      for (int b = 0; b < XB; b++) acc[a][b] = (vf){0};                                                   \
-    int64_t k = 0;                                                                                        \
-    for (; k + VL <= K; k += VL) {                                                                        \
-      vf xv[XB];                                                                                          \
-      for (int b = 0; b < XB; b++) {                                                                      \
-        xv[b] = load(xs[b] + k);                                                                          \
-        PIN(xv[b]);                                                                                       \
-      }                                                                                                   \
-      for (int a = 0; a < RB; a++) {                                                                      \
-        vf wv = load(w[a] + k);                                                                           \
-        for (int b = 0; b < XB; b++) acc[a][b] += wv * xv[b];                                             \
-      }                                                                                                   \
-    }                                                                                                     \
-    for (int a = 0; a < ri; a++)                                                                          \
-      for (int b = 0; b < rj; b++) {                                                                      \
-        float t = hsum(acc[a][b]);                                                                        \
-        for (int64_t kk = k; kk < K; kk++) t += w[a][kk] * xs[b][kk];                                     \
-        y[(j + b) * ldy + i + a] = t;                                                                     \
-      }                                                                                                   \
-  }
-DEFINE_TILE_KERNEL(4, 4)
-DEFINE_TILE_KERNEL(4, 3)
-DEFINE_TILE_KERNEL(8, 2)
-DEFINE_TILE_KERNEL(8, 1)
-
-/* y[j * ldy + i] = sum_k W[i * K + k] * x[j * K + k]  for weight rows i in [i0, i1), input rows j < n. */
-static void gemm_nt(const float* W, const float* x, float* y, int64_t K, int64_t i0, int64_t i1, int64_t n,
-                    int64_t ldy) {
-  if (n <= 8) { /* weights streamed from memory one row at a time: the fastest way to read them */
-    for (int64_t i = i0; i < i1; i++) {
-      const float* w = W + i * K;
-      if (n >= 5) row_8(w, x, y + i, K, 0, n, ldy);
-      else if (n >= 3) row_4(w, x, y + i, K, 0, n, ldy);
-      else if (n == 2) row_2(w, x, y + i, K, 0, n, ldy);
-      else row_1(w, x, y + i, K, 0, n, ldy);
-    }
-    return;
-  }
-  for (int64_t j = 0; j < n; j += 4) { /* the [i0, i1) block of W stays in L2 across the passes */
-    int64_t rj = n - j < 4 ? n - j : 4;
-    int64_t rb = rj >= 3 ? 4 : 8;
-    for (int64_t i = i0; i < i1; i += rb) {
-      int64_t ri = i1 - i < rb ? i1 - i : rb;
-      if (rj == 4) tile_4_4(W, x, y, K, i, ri, j, rj, ldy);
-      else if (rj == 3) tile_4_3(W, x, y, K, i, ri, j, rj, ldy);
-      else if (rj == 2) tile_8_2(W, x, y, K, i, ri, j, rj, ldy);
-      else tile_8_1(W, x, y, K, i, ri, j, rj, ldy);
-    }
-  }
-}
-
-/* o [N, D] = the expert MLP of each row: o[r] = W_out[e] act(W_in[e] x[r]) for the rows r of expert e,
- * rows [bounds[e], bounds[e + 1]). h [N, I] and a [N, F] are scratch. Work is split over threads by
- * (expert with rows, block of weight rows), so only the experts that got rows are read. Returns 0, or
- * -1 when out of memory. */
-int sparsemoe_decode_mlp_f32(const float* x, const int64_t* bounds, int64_t E, const float* w_in,
-                             const float* w_out, int64_t D, int64_t F, int64_t I, int act, float* h, float* a,
-                             float* o, int threads) {
-  int64_t* used = malloc((size_t)(E > 0 ? E : 1) * sizeof(int64_t));
-  if (!used) return -1;
-  int64_t n_used = 0;
-  for (int64_t e = 0; e < E; e++)
-    if (bounds[e + 1] > bounds[e]) used[n_used++] = e;
-  const int64_t blocks_in = (I + ROW_BLOCK - 1) / ROW_BLOCK, blocks_out = (D + ROW_BLOCK - 1) / ROW_BLOCK;
-  const int64_t N = bounds[E];
-#pragma omp parallel num_threads(threads)
-  {
-#pragma omp for schedule(static)
-    for (int64_t item = 0; item < n_used * blocks_in; item++) {
-      int64_t e = used[item / blocks_in], i0 = (item % blocks_in) * ROW_BLOCK;
-      int64_t i1 = i0 + ROW_BLOCK < I ? i0 + ROW_BLOCK : I, lo = bounds[e];
-      gemm_nt(w_in + e * I * D, x + lo * D, h + lo * I, D, i0, i1, bounds[e + 1] - lo, I);
-    }
-#pragma omp for schedule(static)
-    for (int64_t r = 0; r < N; r++) sparsemoe_activate_row(h + r * I, a + r * F, F, act);
-#pragma omp for schedule(static)
-    for (int64_t item = 0; item < n_used * blocks_out; item++) {
-      int64_t e = used[item / blocks_out], d0 = (item % blocks_out) * ROW_BLOCK;
-      int64_t d1 = d0 + ROW_BLOCK < D ? d0 + ROW_BLOCK : D, lo = bounds[e];
-      gemm_nt(w_out + e * D * F, a + lo * F, o + lo * D, F, d0, d1, bounds[e + 1] - lo, D);
-    }
-  }
-  free(used);
-  return 0;
-}
+#define WT uint16_t
+#define WNAME(name) name##_bf16
+#define WLOAD(p) load_bf16(p)
+#define WGET(p) bf16_to_float(*(p))
+#include "decode_gemm.h"
+#undef WT
+#undef WNAME
+#undef WLOAD
+#undef WGET

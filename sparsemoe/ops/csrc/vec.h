@@ -24,6 +24,17 @@ static inline vf load(const float* p) { return *(const vfu*)p; }
 static inline void store(float* p, vf v) { *(vfu*)p = v; }
 static inline vf splat(float s) { return (vf){0} + s; }
 
+/* bfloat16 (the top 16 bits of a float32, stored as uint16_t) widened to float32: exact. */
+typedef uint16_t vbf16u __attribute__((vector_size(32), aligned(2))); /* VL bfloat16, unaligned */
+typedef uint32_t vu __attribute__((vector_size(64)));
+static inline vf load_bf16(const uint16_t* p) { return (vf)(__builtin_convertvector(*(const vbf16u*)p, vu) << 16); }
+static inline float bf16_to_float(uint16_t b) {
+  uint32_t bits = (uint32_t)b << 16;
+  float f;
+  memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
 /* The first n (< VL) floats, the rest zero; and its inverse. For loop tails, so they use the same math. */
 static inline vf load_part(const float* p, int64_t n) {
   float buf[VL] = {0};
