@@ -25,7 +25,8 @@
     for (; k + U * VL <= K; k += U * VL)                                                                  \
       for (int u = 0; u < U; u++) {                                                                       \
         vf wv = WLOAD(w + k + u * VL);                                                                    \
-        if (PF) __builtin_prefetch((const char*)(w + k + u * VL) + PREFETCH_BYTES);                       \
+        if (PF && u * VL * sizeof(WT) % 64 == 0) /* once per 64-byte line */                             \
+          __builtin_prefetch((const char*)(w + k + u * VL) + PREFETCH_BYTES);                             \
         for (int b = 0; b < XB; b++) acc[b][u] += wv * load(xs[b] + k + u * VL);                          \
       }                                                                                                   \
     for (; k + VL <= K; k += VL) {                                                                        \
