@@ -171,36 +171,60 @@ def _activation_reference(h, dA, w, activation):
     activation=st.sampled_from(sorted(cpu_kernels.ACTIVATION_CODES)),
     scale=st.sampled_from([0.1, 3.0, 30.0]),  # 30: exp saturates in silu, gelu and their derivatives
     threads=st.sampled_from([1, 2]),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
 )
-def test_activation_kernels_match_autograd(rows, hidden, activation, scale, threads):
+def test_activation_kernels_match_autograd(rows, hidden, activation, scale, threads, dtype):
+    """Against float64 autograd on the same values. bfloat16 outputs are float32 results rounded once, so
+    they are within one bfloat16 rounding (2^-8 relative, with float32's error on top); d_w stays float32."""
     gen = torch.Generator().manual_seed(rows * 100 + hidden)
-    h = torch.randn(rows, in_rows(hidden, activation), generator=gen) * scale
-    dA = torch.randn(rows, hidden, generator=gen)
+    h = (torch.randn(rows, in_rows(hidden, activation), generator=gen) * scale).to(dtype)
+    dA = torch.randn(rows, hidden, generator=gen).to(dtype)
     w = torch.rand(rows, generator=gen)
     a_ref, aw_ref, dH_ref, dw_ref = _activation_reference(h, dA, w, activation)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        a_fwd = cpu_kernels.activate_f32(h, activation)
-        aw, dH, d_w = cpu_kernels.activation_backward_f32(h, dA, w, activation)
+        a_fwd = cpu_kernels.activate(h, activation)
+        aw, dH, d_w = cpu_kernels.activation_backward(h, dA, w, activation)
     finally:
         torch.set_num_threads(before)
-    tol = dict(rtol=2e-5, atol=2e-5 * scale)
-    torch.testing.assert_close(a_fwd, a_ref, **tol)
-    torch.testing.assert_close(aw, aw_ref, **tol)
-    torch.testing.assert_close(dH, dH_ref, **tol)
+    assert a_fwd.dtype == aw.dtype == dH.dtype == dtype and d_w.dtype == torch.float32
+    rtol = 2e-5 if dtype == torch.float32 else 2**-8
+    tol = dict(rtol=rtol, atol=2e-5 * scale)
+    torch.testing.assert_close(a_fwd.float(), a_ref, **tol)
+    torch.testing.assert_close(aw.float(), aw_ref, **tol)
+    torch.testing.assert_close(dH.float(), dH_ref, **tol)
     torch.testing.assert_close(d_w, dw_ref, rtol=2e-5, atol=2e-5 * scale * hidden)
 
 
 @needs_kernel
+def test_bfloat16_outputs_are_rounded_to_nearest_even_like_pytorch():
+    """aw = w relu(h) is one float32 product per value: rounded once, it must equal PyTorch's bit for bit,
+    ties (to even) and overflow to infinity included."""
+    gen = torch.Generator().manual_seed(0)
+    h = torch.randn(64, 37, generator=gen).bfloat16()
+    h[0, :4] = torch.tensor([float("nan"), float("inf"), 3.0e38, 1.0])
+    w = torch.rand(64, generator=gen)
+    w[1] = 1 + 2**-8  # 1.0 * w lands exactly halfway between two bfloat16 values: a tie
+    w[0] = 2.0  # 3e38 * 2 overflows to inf
+    aw, _, _ = cpu_kernels.activation_backward(h, torch.ones_like(h), w, "relu")
+    expected = (h.float().relu() * w[:, None]).bfloat16()
+    assert expected[1].float().sub(h[1].float().relu()).abs().max() > 0  # the tie rounded somewhere
+    nan = expected.isnan()
+    assert torch.equal(aw.isnan(), nan)  # NaN stays NaN (its bits carry no meaning)
+    assert torch.equal(aw[~nan].view(torch.int16), expected[~nan].view(torch.int16))
+
+
+@needs_kernel
 @pytest.mark.parametrize("activation", sorted(cpu_kernels.ACTIVATION_CODES))
-def test_activation_kernels_propagate_nan_and_infinity_like_pytorch(activation):
-    h = torch.tensor([[float("nan"), 1.0, -2.0, float("inf"), float("-inf"), 0.5]])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_activation_kernels_propagate_nan_and_infinity_like_pytorch(activation, dtype):
+    h = torch.tensor([[float("nan"), 1.0, -2.0, float("inf"), float("-inf"), 0.5]], dtype=dtype)
     if activation in ("swiglu", "geglu"):
         h = torch.cat([h, torch.ones_like(h)], 1)  # gate | up
     expected = activate(h, activation)
-    torch.testing.assert_close(cpu_kernels.activate_f32(h, activation), expected, equal_nan=True)
-    aw, dH, _ = cpu_kernels.activation_backward_f32(h, torch.ones(1, 6), torch.ones(1), activation)
+    torch.testing.assert_close(cpu_kernels.activate(h, activation), expected, equal_nan=True)
+    aw, dH, _ = cpu_kernels.activation_backward(h, torch.ones(1, 6, dtype=dtype), torch.ones(1), activation)
     torch.testing.assert_close(aw, expected, equal_nan=True)  # w = 1
     assert dH[0, 0].isnan() or activation == "relu"  # relu passes the gradient of a NaN through, as PyTorch does
 
@@ -208,6 +232,10 @@ def test_activation_kernels_propagate_nan_and_infinity_like_pytorch(activation):
 @needs_kernel
 def test_activation_kernels_reject_bad_shapes():
     with pytest.raises(ValueError, match="I even"):
-        cpu_kernels.activate_f32(torch.randn(2, 5), "swiglu")
+        cpu_kernels.activate(torch.randn(2, 5), "swiglu")
     with pytest.raises(ValueError, match="do not fit"):
-        cpu_kernels.activation_backward_f32(torch.randn(2, 6), torch.randn(2, 4), torch.rand(2), "swiglu")
+        cpu_kernels.activation_backward(torch.randn(2, 6), torch.randn(2, 4), torch.rand(2), "swiglu")
+    with pytest.raises(ValueError, match="do not fit"):  # dA in another dtype than h
+        cpu_kernels.activation_backward(torch.randn(2, 6).bfloat16(), torch.randn(2, 3), torch.rand(2), "swiglu")
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        cpu_kernels.activate(torch.randn(2, 6).half(), "swiglu")

@@ -80,7 +80,8 @@ def test_backend_matches_reference_float32(backend, case, native_kernels):
 
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
 @pytest.mark.parametrize("case", ["mixtral-like", "capacity-position", "sigmoid-groups-shared", "odd-D-E3-k1"])
-def test_backend_matches_reference_bfloat16(backend, case):
+def test_backend_matches_reference_bfloat16(backend, case, native_kernels):
+    """With the native CPU kernels (decode and activations in bfloat16) and without them (PyTorch ops)."""
     fields, shape = CASES[case]
     ref = _make(fields, dtype=torch.bfloat16)
     x = torch.randn(shape, dtype=torch.bfloat16)

@@ -62,7 +62,7 @@ def _bounds(offsets: Tensor) -> list[int]:
 
 def _hidden(h_nI: Tensor, activation: str) -> Tensor:
     if cpu_kernels.supports_activation(h_nI, activation):
-        return cpu_kernels.activate_f32(h_nI, activation)  # one pass instead of three elementwise ops
+        return cpu_kernels.activate(h_nI, activation)  # one pass instead of three elementwise ops
     return activate(h_nI, activation)
 
 
@@ -226,11 +226,11 @@ def _activation_and_backward(
     """(aw = w act(h) [n, F], dH [n, I], d weights [n] float32) for rows weighted by w, given dAu (see above).
 
     aw gives the out-projection's weight gradient dy^T aw; d weights[r] = <dAu[r], act(h[r])>; dH =
-    act'(h) * (w dAu). One pass of the native CPU kernel in float32 on the CPU, else PyTorch ops (dAu is
-    overwritten).
+    act'(h) * (w dAu). One pass of the native CPU kernel in float32 and bfloat16 on the CPU, else PyTorch
+    ops (dAu is overwritten).
     """
     if cpu_kernels.supports_activation(h_nI, activation):
-        return cpu_kernels.activation_backward_f32(h_nI, dAu_nF, w_n1.reshape(-1), activation)
+        return cpu_kernels.activation_backward(h_nI, dAu_nF, w_n1.reshape(-1), activation)
     a_nF, act_gate = _hidden_and_gate(h_nI, activation)
     d_w = _row_dot(dAu_nF, a_nF)
     dH_nI = _activation_backward(dAu_nF.mul_(w_n1), h_nI, activation, act_gate)

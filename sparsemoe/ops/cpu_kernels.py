@@ -6,19 +6,20 @@ Legend: N rows sorted by expert, n rows, E experts, D model width, F hidden widt
     decode_mlp(x_ND, bounds [E + 1], w_in [E, I, D], w_out [E, D, F], activation) -> o_ND [N, D] float32
         o[r] = w_out[e] @ act(w_in[e] @ x[r]) for the rows r in [bounds[e], bounds[e + 1]); weights float32
         or bfloat16 (read as they are, widened to float32 in registers), sums and activations in float32
-    activate_f32(h_nI, activation) -> a_nF = act(h)
-    activation_backward_f32(h_nI, dA_nF, w_n, activation) -> (aw_nF, dH_nI, d_w_n)
+    activate(h_nI, activation) -> a_nF = act(h)
+    activation_backward(h_nI, dA_nF, w_n, activation) -> (aw_nF, dH_nI, d_w_n float32)
         for o = w * (W_out act(h)) with dA = d loss / d act(h) before the weighting: aw = w act(h)
         (so that d W_out = dy^T aw), d_w = <dA, act(h)> per row, dH = d loss / d h
+        h, dA, a, aw, dH float32 or bfloat16 (computed in float32, rounded once when stored)
 
 Why: with a few rows per expert (decoding) the expert GEMMs are bounded by reading the weights, and BLAS
 GEMMs on 1-16 rows run several times below that bound (`sparsemoe bench` reports the fraction); the
 decode kernel (`csrc/decode_mlp.c`) streams each weight row once and runs the whole expert stage in one
 call. The activation kernels (`csrc/activation.c`) do in one pass over each row what takes PyTorch six
 to ten elementwise ops (and as many trips through memory) in the expert backward. All use OpenMP
-threads (`torch.get_num_threads()`) and the same float32 arithmetic as PyTorch up to rounding (with
-bfloat16 weights the decode kernel keeps h and act(h) in float32 where PyTorch rounds them to bfloat16,
-so it is the more exact of the two).
+threads (`torch.get_num_threads()`) and the same float32 arithmetic as PyTorch up to rounding. In
+bfloat16 they round less often than PyTorch, whose bfloat16 ops each round their result: the decode
+kernel keeps h and act(h) in float32, and the activation kernels round each output once.
 
 The library is compiled once per source, compiler and CPU into the cache folder (`SPARSEMOE_CACHE_DIR`,
 else `$XDG_CACHE_HOME/sparsemoe`, else `~/.cache/sparsemoe`) with `-O3 -march=native -fopenmp`, falling
@@ -48,7 +49,7 @@ log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = (CSRC / "decode_mlp.c", CSRC / "activation.c")
-HEADERS = (CSRC / "vec.h", CSRC / "activation.h", CSRC / "decode_gemm.h")
+HEADERS = (CSRC / "vec.h", CSRC / "activation.h", CSRC / "activation_rows.h", CSRC / "decode_gemm.h")
 ENV_SWITCH = "SPARSEMOE_CPU_KERNELS"
 ENV_CACHE = "SPARSEMOE_CACHE_DIR"
 # Tried in order; the first set the compiler accepts is used.
@@ -129,7 +130,9 @@ def _bind(path: Path) -> ctypes.CDLL:
         "sparsemoe_decode_mlp_f32": ([p, p, i64, p, p, i64, i64, i64, i32, p, p, p, i32], ctypes.c_int),
         "sparsemoe_decode_mlp_bf16": ([p, p, i64, p, p, i64, i64, i64, i32, p, p, p, i32], ctypes.c_int),
         "sparsemoe_activate_f32": ([p, p, i64, i64, i64, i32, i32], None),
+        "sparsemoe_activate_bf16": ([p, p, i64, i64, i64, i32, i32], None),
         "sparsemoe_activation_backward_f32": ([p, p, p, p, p, p, i64, i64, i64, i32, i32], None),
+        "sparsemoe_activation_backward_bf16": ([p, p, p, p, p, p, i64, i64, i64, i32, i32], None),
     }
     for name, (argtypes, restype) in signatures.items():
         fn = getattr(lib, name)
@@ -166,12 +169,9 @@ def available() -> bool:
     return load() is not None
 
 
-def _native(*tensors: Tensor) -> bool:
-    return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
-
-
-# The weight dtypes of the decode kernel, by the suffix of its C function.
-DECODE_WEIGHT_DTYPES = {torch.float32: "f32", torch.bfloat16: "bf16"}
+# The tensor dtypes the kernels take (weights of the decode kernel; h and its kin for the activation
+# kernels), by the suffix of their C functions.
+KERNEL_DTYPES = {torch.float32: "f32", torch.bfloat16: "bf16"}
 
 
 def supports(x: Tensor, w_in: Tensor, w_out: Tensor, activation: str) -> bool:
@@ -179,9 +179,9 @@ def supports(x: Tensor, w_in: Tensor, w_out: Tensor, activation: str) -> bool:
     contiguous weights, a known activation."""
     return (
         all(t.device.type == "cpu" for t in (x, w_in, w_out))
-        and x.dtype in DECODE_WEIGHT_DTYPES
+        and x.dtype in KERNEL_DTYPES
         and w_in.dtype == w_out.dtype
-        and w_in.dtype in DECODE_WEIGHT_DTYPES
+        and w_in.dtype in KERNEL_DTYPES
         and w_in.is_contiguous()
         and w_out.is_contiguous()
         and activation in ACTIVATION_CODES
@@ -190,8 +190,8 @@ def supports(x: Tensor, w_in: Tensor, w_out: Tensor, activation: str) -> bool:
 
 
 def supports_activation(h: Tensor, activation: str) -> bool:
-    """Whether `activate_f32` / `activation_backward_f32` take h: float32 on the CPU, a known activation."""
-    return _native(h) and activation in ACTIVATION_CODES and available()
+    """Whether `activate` / `activation_backward` take h: float32 or bfloat16 on the CPU, a known activation."""
+    return h.device.type == "cpu" and h.dtype in KERNEL_DTYPES and activation in ACTIVATION_CODES and available()
 
 
 def _library() -> ctypes.CDLL:
@@ -208,31 +208,39 @@ def _hidden_width(h_nI: Tensor, activation: str) -> int:
     return h_nI.shape[1] // 2 if gated else h_nI.shape[1]
 
 
-def activate_f32(h_nI: Tensor, activation: str) -> Tensor:
-    """a [n, F] = act(h) (gated: act(gate) * up), like `sparsemoe.experts.activate`."""
-    lib = _library()
+def _kernel(name: str, dtype: torch.dtype):
+    """The C function `name` for tensors of `dtype` (sparsemoe_<name>_f32 / _bf16)."""
+    if dtype not in KERNEL_DTYPES:
+        raise ValueError(f"{name}: float32 or bfloat16 tensors expected, got {dtype}")
+    return getattr(_library(), f"sparsemoe_{name}_{KERNEL_DTYPES[dtype]}")
+
+
+def activate(h_nI: Tensor, activation: str) -> Tensor:
+    """a [n, F] = act(h) (gated: act(gate) * up) in h's dtype, like `sparsemoe.experts.activate`."""
+    kernel = _kernel("activate", h_nI.dtype)
     h_nI = h_nI.contiguous()
     n, I = h_nI.shape
     F = _hidden_width(h_nI, activation)
     a_nF = h_nI.new_empty(n, F)
-    lib.sparsemoe_activate_f32(
+    kernel(
         h_nI.data_ptr(), a_nF.data_ptr(), n, F, I, ACTIVATION_CODES[activation], torch.get_num_threads()
     )
     return a_nF
 
 
-def activation_backward_f32(h_nI: Tensor, dA_nF: Tensor, w_n: Tensor, activation: str) -> tuple[Tensor, Tensor, Tensor]:
-    """(aw = w act(h) [n, F], dH [n, I], d_w [n]) for o = w * (W_out act(h)), from dA = d loss / d act(h)
-    before weighting (see the module docstring)."""
-    lib = _library()
-    h_nI, dA_nF, w_n = h_nI.contiguous(), dA_nF.contiguous(), w_n.contiguous()
+def activation_backward(h_nI: Tensor, dA_nF: Tensor, w_n: Tensor, activation: str) -> tuple[Tensor, Tensor, Tensor]:
+    """(aw = w act(h) [n, F], dH [n, I] in h's dtype, d_w [n] float32) for o = w * (W_out act(h)), from
+    dA = d loss / d act(h) before weighting (see the module docstring)."""
+    kernel = _kernel("activation_backward", h_nI.dtype)
+    h_nI, dA_nF, w_n = h_nI.contiguous(), dA_nF.contiguous(), w_n.float().contiguous()
     n, I = h_nI.shape
     F = _hidden_width(h_nI, activation)
-    if dA_nF.shape != (n, F) or w_n.shape != (n,):
-        raise ValueError(f"activation_backward_f32: h {tuple(h_nI.shape)}, dA {tuple(dA_nF.shape)}, "
-                         f"w {tuple(w_n.shape)} do not fit")
-    aw_nF, dH_nI, d_w = h_nI.new_empty(n, F), torch.empty_like(h_nI), h_nI.new_empty(n)
-    lib.sparsemoe_activation_backward_f32(
+    if dA_nF.shape != (n, F) or w_n.shape != (n,) or dA_nF.dtype != h_nI.dtype:
+        raise ValueError(f"activation_backward: h {tuple(h_nI.shape)} {h_nI.dtype}, dA {tuple(dA_nF.shape)} "
+                         f"{dA_nF.dtype}, w {tuple(w_n.shape)} do not fit")
+    aw_nF, dH_nI = h_nI.new_empty(n, F), torch.empty_like(h_nI)
+    d_w = h_nI.new_empty(n, dtype=torch.float32)
+    kernel(
         h_nI.data_ptr(), dA_nF.data_ptr(), w_n.data_ptr(), aw_nF.data_ptr(), dH_nI.data_ptr(), d_w.data_ptr(),
         n, F, I, ACTIVATION_CODES[activation], torch.get_num_threads(),
     )
@@ -241,8 +249,7 @@ def activation_backward_f32(h_nI: Tensor, dA_nF: Tensor, w_n: Tensor, activation
 
 def decode_mlp(x_ND: Tensor, bounds: Tensor, w_in: Tensor, w_out: Tensor, activation: str) -> Tensor:
     """o [N, D] float32: each row through its expert's MLP (see the module docstring). Check `supports` first."""
-    lib = _library()
-    if w_in.dtype != w_out.dtype or w_in.dtype not in DECODE_WEIGHT_DTYPES:
+    if w_in.dtype != w_out.dtype or w_in.dtype not in KERNEL_DTYPES:
         raise ValueError(
             f"decode_mlp: weights must both be float32 or both bfloat16, got {w_in.dtype} and {w_out.dtype}"
         )
@@ -250,7 +257,7 @@ def decode_mlp(x_ND: Tensor, bounds: Tensor, w_in: Tensor, w_out: Tensor, activa
         raise ValueError("decode_mlp: the expert weights must be contiguous")
     E, I, D = w_in.shape
     F = w_out.shape[2]
-    kernel = getattr(lib, f"sparsemoe_decode_mlp_{DECODE_WEIGHT_DTYPES[w_in.dtype]}")
+    kernel = _kernel("decode_mlp", w_in.dtype)
     x_ND = x_ND.float().contiguous()  # N is small: widening a bfloat16 input costs nothing next to the weights
     bounds = bounds.to(torch.int64).contiguous()
     if bounds.shape != (E + 1,) or x_ND.shape[1] != D or w_out.shape[:2] != (E, D):

@@ -1,11 +1,16 @@
-/* Expert activations (SwiGLU, GEGLU, ReLU, GELU with the tanh approximation) and their backward, float32,
- * vectorised, one pass over each row.
+/* Expert activations (SwiGLU, GEGLU, ReLU, GELU with the tanh approximation) and their backward,
+ * vectorised, one pass over each row, on float32 or bfloat16 tensors (computed in float32 either way).
  *
  * Legend: n rows, F hidden width, I in-projection width (2F gated: gate then up), h [n, I] the
  * in-projection output, a [n, F] = act(h), w [n] the router weight of each row, dA [n, F] the gradient
  * with respect to a of the expert output before weighting (dy W_out), dy the output gradient.
  *
  * The same arithmetic as PyTorch's silu / gelu(approximate="tanh") up to float rounding (exp by vexp).
+ * bfloat16 rows are widened as they are loaded and rounded to nearest-even once as they are stored,
+ * where PyTorch's bfloat16 ops round after every op.
+ *
+ * Exported, for T in {f32, bf16}: sparsemoe_activate_T, sparsemoe_activation_backward_T (see
+ * activation_rows.h), and sparsemoe_activate_row_f32 for the decode kernel.
  */
 #include "activation.h"
 
@@ -54,60 +59,18 @@ static inline vf act_forward(vf g, vf u, int act, vf* deriv, vf* fg) {
   }
 }
 
-void sparsemoe_activate_row(const float* h, float* a, int64_t F, int act) {
-  const int gated = act == ACT_SWIGLU || act == ACT_GEGLU;
-  const float* up = gated ? h + F : h;
-  for (int64_t f = 0; f < F; f += VL) {
-    int64_t m = F - f < VL ? F - f : VL;
-    vf g = m == VL ? load(h + f) : load_part(h + f, m);
-    vf u = gated ? (m == VL ? load(up + f) : load_part(up + f, m)) : g;
-    vf out = act_forward(g, u, act, 0, 0);
-    if (m == VL) store(a + f, out);
-    else store_part(a + f, out, m);
-  }
-}
+#define IO float
+#define WNAME(name) name##_f32
+#define IO_LOAD(p) load(p)
+#define IO_LOAD_PART(p, m) load_part(p, m)
+#define IO_STORE(p, v) store(p, v)
+#define IO_STORE_PART(p, v, m) store_part(p, v, m)
+#include "activation_rows.h"
 
-/* a [n, F] = act(h [n, I]). */
-void sparsemoe_activate_f32(const float* h, float* a, int64_t n, int64_t F, int64_t I, int act, int threads) {
-#pragma omp parallel for num_threads(threads) schedule(static)
-  for (int64_t r = 0; r < n; r++) sparsemoe_activate_row(h + r * I, a + r * F, F, act);
-}
-
-/* For o[r] = w[r] * (W_out act(h[r])), given dA (see the legend), in one pass per row:
- *   aw [n, F] = w[r] act(h[r])  (the W_out gradient is then dy^T aw),  d_w [n] = <dA[r], act(h[r])>,
- *   dH [n, I] = d loss / d h = (w[r] dA[r]) * act'(h[r])  (gated: gate part dA w u f'(g), up part dA w f(g)). */
-void sparsemoe_activation_backward_f32(const float* h, const float* dA, const float* w, float* aw, float* dH,
-                                       float* d_w, int64_t n, int64_t F, int64_t I, int act, int threads) {
-  const int gated = act == ACT_SWIGLU || act == ACT_GEGLU;
-#pragma omp parallel for num_threads(threads) schedule(static)
-  for (int64_t r = 0; r < n; r++) {
-    const float* hr = h + r * I;
-    const float* up = gated ? hr + F : hr;
-    const float* dAr = dA + r * F;
-    float* awr = aw + r * F;
-    float* dHr = dH + r * I;
-    vf dot = splat(0.0f), wr = splat(w[r]);
-    for (int64_t f = 0; f < F; f += VL) {
-      int64_t m = F - f < VL ? F - f : VL;
-      int full = m == VL;
-      vf g = full ? load(hr + f) : load_part(hr + f, m);
-      vf u = gated ? (full ? load(up + f) : load_part(up + f, m)) : g;
-      vf d = full ? load(dAr + f) : load_part(dAr + f, m);
-      vf deriv, fg = splat(0.0f);
-      vf out = act_forward(g, u, act, &deriv, &fg);
-      dot += d * out; /* zero-padded tails add nothing */
-      vf dw = d * wr;
-      vf d_first = gated ? dw * u * deriv : dw * deriv;
-      if (full) {
-        store(awr + f, out * wr);
-        store(dHr + f, d_first);
-        if (gated) store(dHr + F + f, dw * fg);
-      } else {
-        store_part(awr + f, out * wr, m);
-        store_part(dHr + f, d_first, m);
-        if (gated) store_part(dHr + F + f, dw * fg, m);
-      }
-    }
-    d_w[r] = hsum(dot);
-  }
-}
+#define IO uint16_t
+#define WNAME(name) name##_bf16
+#define IO_LOAD(p) load_bf16(p)
+#define IO_LOAD_PART(p, m) load_part_bf16(p, m)
+#define IO_STORE(p, v) store_bf16(p, v)
+#define IO_STORE_PART(p, v, m) store_part_bf16(p, v, m)
+#include "activation_rows.h"

@@ -6,7 +6,7 @@
 
 enum { ACT_SWIGLU = 0, ACT_GEGLU = 1, ACT_RELU = 2, ACT_GELU = 3 };
 
-/* a [F] = act(h [I]); gated (I = 2F): h = [gate | up], a = act(gate) * up. */
-void sparsemoe_activate_row(const float* h, float* a, int64_t F, int act);
+/* a [F] = act(h [I]); gated (I = 2F): h = [gate | up], a = act(gate) * up. float32 (activation_rows.h). */
+void sparsemoe_activate_row_f32(const float* h, float* a, int64_t F, int act);
 
 #endif

@@ -1,5 +1,6 @@
 /* The decode GEMM `y = x W^T` for a handful of input rows, for one weight type: included once per type by
- * decode_mlp.c, like a C++ template (no include guard on purpose). Before including, define
+ * decode_mlp.c, like a C++ template (no include guard on purpose). Before including, define (it
+ * undefines them at its end)
  *   WT          the weight element type (float, or uint16_t holding bfloat16 bits)
  *   WNAME(f)    the name of function f for this type (f_f32, f_bf16)
  *   WLOAD(p)    VL weights from p as a float vector
@@ -135,7 +136,7 @@ int WNAME(sparsemoe_decode_mlp)(const float* x, const int64_t* bounds, int64_t E
       WNAME(gemm_nt)(w_in + e * I * D, x + lo * D, h + lo * I, D, i0, i1, bounds[e + 1] - lo, I);
     }
 #pragma omp for schedule(static)
-    for (int64_t r = 0; r < N; r++) sparsemoe_activate_row(h + r * I, a + r * F, F, act);
+    for (int64_t r = 0; r < N; r++) sparsemoe_activate_row_f32(h + r * I, a + r * F, F, act);
 #pragma omp for schedule(static)
     for (int64_t item = 0; item < n_used * blocks_out; item++) {
       int64_t e = used[item / blocks_out], d0 = (item % blocks_out) * ROW_BLOCK;
@@ -146,3 +147,9 @@ int WNAME(sparsemoe_decode_mlp)(const float* x, const int64_t* bounds, int64_t E
   free(used);
   return 0;
 }
+
+/* The parameters are this instantiation's only: the next one defines its own. */
+#undef WT
+#undef WNAME
+#undef WLOAD
+#undef WGET

@@ -29,17 +29,9 @@
 #define WLOAD(p) load(p)
 #define WGET(p) (*(p))
 #include "decode_gemm.h"
-#undef WT
-#undef WNAME
-#undef WLOAD
-#undef WGET
 
 #define WT uint16_t
 #define WNAME(name) name##_bf16
 #define WLOAD(p) load_bf16(p)
 #define WGET(p) bf16_to_float(*(p))
 #include "decode_gemm.h"
-#undef WT
-#undef WNAME
-#undef WLOAD
-#undef WGET

@@ -24,18 +24,44 @@ static inline vf load(const float* p) { return *(const vfu*)p; }
 static inline void store(float* p, vf v) { *(vfu*)p = v; }
 static inline vf splat(float s) { return (vf){0} + s; }
 
-/* bfloat16 (the top 16 bits of a float32, stored as uint16_t) widened to float32: exact. With AVX-512 one
- * zero-extending load and a shift (GCC lowers the generic form to six instructions there). */
+/* bfloat16 values (the top 16 bits of a float32, stored as uint16_t): widened to float32 exactly; stored
+ * rounded to nearest-even as PyTorch's conversion does, NaN -> 0x7FC0. With AVX-512 each direction is one
+ * conversion instruction and a shift or the rounding (GCC lowers the generic forms to six or more). */
+typedef uint32_t vu32 __attribute__((vector_size(64)));
+typedef uint16_t vbf16 __attribute__((vector_size(32)));
+typedef uint16_t vbf16u __attribute__((vector_size(32), aligned(2))); /* unaligned */
+
+static inline vu32 bf16_bits(vf v) {
+  vu32 bits = (vu32)v;
+  vu32 rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+  vu32 nan = (vu32)(v != v);
+  return (rounded & ~nan) | (0x7FC0u & nan);
+}
 #if defined(__AVX512F__)
 #include <immintrin.h>
 static inline vf load_bf16(const uint16_t* p) {
   return (vf)_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16);
 }
+static inline void store_bf16(uint16_t* p, vf v) {
+  _mm256_storeu_si256((__m256i*)p, _mm512_cvtepi32_epi16((__m512i)bf16_bits(v)));
+}
 #else
-typedef uint16_t vbf16u __attribute__((vector_size(32), aligned(2))); /* VL bfloat16, unaligned */
-typedef uint32_t vu __attribute__((vector_size(64)));
-static inline vf load_bf16(const uint16_t* p) { return (vf)(__builtin_convertvector(*(const vbf16u*)p, vu) << 16); }
+static inline vf load_bf16(const uint16_t* p) { return (vf)(__builtin_convertvector(*(const vbf16u*)p, vu32) << 16); }
+static inline void store_bf16(uint16_t* p, vf v) { *(vbf16u*)p = __builtin_convertvector(bf16_bits(v), vbf16); }
 #endif
+
+/* The first n (< VL) values, the rest zero; and its inverse. For loop tails. */
+static inline vf load_part_bf16(const uint16_t* p, int64_t n) {
+  uint16_t buf[VL] = {0};
+  memcpy(buf, p, (size_t)n * sizeof(uint16_t));
+  return load_bf16(buf);
+}
+static inline void store_part_bf16(uint16_t* p, vf v, int64_t n) {
+  uint16_t buf[VL];
+  store_bf16(buf, v);
+  memcpy(p, buf, (size_t)n * sizeof(uint16_t));
+}
+
 static inline float bf16_to_float(uint16_t b) {
   uint32_t bits = (uint32_t)b << 16;
   float f;
