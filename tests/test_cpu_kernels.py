@@ -117,6 +117,31 @@ def test_build_is_cached_and_keyed_by_flags(tmp_path):
     assert sorted(p.suffix for p in tmp_path.iterdir()) == [".so", ".so"]  # no temporary files left
 
 
+@needs_kernel
+def test_portable_build_computes_what_the_native_build_does(tmp_path, monkeypatch):
+    """Without -march=native (no AVX-512) the bfloat16 loads and stores take the generic vector code: the
+    same results up to float32 rounding (FMA contraction differs), so within one bfloat16 rounding."""
+    x, bounds, w_in, w_out = _case([1, 3, 0, 9, 17], 45, 21, "swiglu", dtype=torch.bfloat16)
+    gen = torch.Generator().manual_seed(1)
+    h = (torch.randn(7, 2 * 37, generator=gen) * 3).bfloat16()
+    dA, w = torch.randn(7, 37, generator=gen).bfloat16(), torch.rand(7, generator=gen)
+
+    def run():
+        return (
+            cpu_kernels.decode_mlp(x, bounds, w_in, w_out, "swiglu"),
+            cpu_kernels.activate(h, "geglu"),
+            *cpu_kernels.activation_backward(h, dA, w, "swiglu"),
+        )
+
+    native = run()
+    portable = cpu_kernels._bind(cpu_kernels.build(cpu_kernels.find_compiler(), tmp_path, ("-O3",)))
+    monkeypatch.setattr(cpu_kernels, "load", lambda: portable)
+    for got, expected in zip(run(), native):
+        assert got.dtype == expected.dtype
+        rtol = 2**-8 if got.dtype == torch.bfloat16 else 1e-5
+        torch.testing.assert_close(got.float(), expected.float(), rtol=rtol, atol=1e-5)
+
+
 def test_every_kernel_source_and_header_is_built_from_and_shipped():
     """The build hashes and compiles what is in csrc/, and a wheel carries all of it (package-data), so an
     installed copy can build the kernels too."""
