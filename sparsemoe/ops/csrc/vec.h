@@ -50,18 +50,6 @@ static inline vf load_bf16(const uint16_t* p) { return (vf)(__builtin_convertvec
 static inline void store_bf16(uint16_t* p, vf v) { *(vbf16u*)p = __builtin_convertvector(bf16_bits(v), vbf16); }
 #endif
 
-/* The first n (< VL) values, the rest zero; and its inverse. For loop tails. */
-static inline vf load_part_bf16(const uint16_t* p, int64_t n) {
-  uint16_t buf[VL] = {0};
-  memcpy(buf, p, (size_t)n * sizeof(uint16_t));
-  return load_bf16(buf);
-}
-static inline void store_part_bf16(uint16_t* p, vf v, int64_t n) {
-  uint16_t buf[VL];
-  store_bf16(buf, v);
-  memcpy(p, buf, (size_t)n * sizeof(uint16_t));
-}
-
 static inline float bf16_to_float(uint16_t b) {
   uint32_t bits = (uint32_t)b << 16;
   float f;
@@ -69,17 +57,22 @@ static inline float bf16_to_float(uint16_t b) {
   return f;
 }
 
-/* The first n (< VL) floats, the rest zero; and its inverse. For loop tails, so they use the same math. */
-static inline vf load_part(const float* p, int64_t n) {
-  float buf[VL] = {0};
-  memcpy(buf, p, (size_t)n * sizeof(float));
-  return load(buf);
-}
-static inline void store_part(float* p, vf v, int64_t n) {
-  float buf[VL];
-  store(buf, v);
-  memcpy(p, buf, (size_t)n * sizeof(float));
-}
+/* The first n (< VL) values, the rest zero; and its inverse. For loop tails, so they use the same math:
+ * load_part / store_part (float) and load_part_bf16 / store_part_bf16, through a VL-value buffer. */
+#define DEFINE_PARTIAL_ACCESS(T, SUFFIX)                                        \
+  static inline vf load_part##SUFFIX(const T* p, int64_t n) {                   \
+    T buf[VL] = {0};                                                            \
+    memcpy(buf, p, (size_t)n * sizeof(T));                                      \
+    return load##SUFFIX(buf);                                                   \
+  }                                                                             \
+  static inline void store_part##SUFFIX(T* p, vf v, int64_t n) {                \
+    T buf[VL];                                                                  \
+    store##SUFFIX(buf, v);                                                      \
+    memcpy(p, buf, (size_t)n * sizeof(T));                                      \
+  }
+DEFINE_PARTIAL_ACCESS(float, )
+DEFINE_PARTIAL_ACCESS(uint16_t, _bf16)
+#undef DEFINE_PARTIAL_ACCESS
 
 static inline float hsum(vf v) {
   vf8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
