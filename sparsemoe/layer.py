@@ -7,7 +7,7 @@ Legend: T tokens (all leading dimensions flattened), D model width, E experts, K
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -56,7 +56,9 @@ class MoE(nn.Module):
       * `aux_loss`: the sum of the weighted balancing losses (0-dim float32). With
         aux_loss_mode="inject" it is detached (its gradient was already injected); with "return" it
         carries the graph and must be added to the training loss.
-      * `stats`: a `MoEStats`.
+      * `stats`: a `MoEStats`. After a forward without gradients (inference) it is computed when first
+        read, so a decode step that never reads it does not pay for it; with gradients, and under
+        torch.compile, it is computed in the forward.
     `aux_loss_scale` multiplies the injected gradient (set it to 1/n under n-step gradient accumulation).
     """
 
@@ -85,7 +87,8 @@ class MoE(nn.Module):
             )
         self.aux_loss_scale = 1.0
         self.aux_loss: Tensor = torch.zeros(())
-        self.stats: Optional[MoEStats] = None
+        # The last forward's MoEStats, or what they are computed from until first read (see `stats`).
+        self._stats_state: Union[MoEStats, tuple[RoutingResult, DispatchPlan, dict[str, Tensor]], None] = None
         # Hook for expert parallelism: reduces per-expert counts across ranks before the bias update.
         self.reduce_counts = None
 
@@ -115,13 +118,17 @@ class MoE(nn.Module):
         y = y_TD.to(x.dtype).reshape(*lead_shape, cfg.dim)
 
         losses, load_E = self._balance(routing, seq_len)
-        total = sum(losses.values()) if losses else logits_TE.new_zeros(())
+        terms = list(losses.values())
+        total = sum(terms[1:], terms[0]) if terms else logits_TE.new_zeros(())
         if cfg.aux_loss_mode == "inject" and total.requires_grad:
             y = AddAuxiliaryLoss.apply(y, total, self.aux_loss_scale)
             total = total.detach()
             losses = {k: v.detach() for k, v in losses.items()}
         self.aux_loss = total
-        self.stats = self._stats(routing, plan, losses)
+        # Without gradients, computed on first read (inference steps rarely read them); with gradients now,
+        # so that the layer never holds on to the autograd graph; under the compiler now.
+        lazy = not (routing.probs.requires_grad or torch.compiler.is_compiling())
+        self._stats_state = (routing, plan, losses) if lazy else self._compute_stats(routing, plan, losses)
         if load_E is not None:
             update_expert_bias(self.router.expert_bias, load_E, cfg.bias_update_rate)
         return y
@@ -156,7 +163,14 @@ class MoE(nn.Module):
             load_E = counts.detach() if self.reduce_counts is None else self.reduce_counts(counts.detach())
         return losses, load_E
 
-    def _stats(self, routing: RoutingResult, plan: DispatchPlan, losses: dict[str, Tensor]) -> MoEStats:
+    @property
+    def stats(self) -> Optional[MoEStats]:
+        """Statistics of the last forward (None before the first); detached, no device sync."""
+        if isinstance(self._stats_state, tuple):
+            self._stats_state = self._compute_stats(*self._stats_state)
+        return self._stats_state
+
+    def _compute_stats(self, routing: RoutingResult, plan: DispatchPlan, losses: dict[str, Tensor]) -> MoEStats:
         with torch.no_grad():
             counts = plan.counts.float()
             return MoEStats(
@@ -190,8 +204,8 @@ class MoE(nn.Module):
         if not self.config.check_finite or torch.compiler.is_compiling():
             return
         if logits_TE.device.type == "cpu":
-            bad = (~torch.isfinite(logits_TE).all(dim=-1)).sum().item()  # host tensor: no device sync
-            if bad:
+            if not torch.isfinite(logits_TE).all().item():  # host tensor: no device sync
+                bad = (~torch.isfinite(logits_TE).all(dim=-1)).sum().item()
                 raise ValueError(
                     f"MoE router logits are not finite (NaN or inf) for {bad} of {logits_TE.shape[0]} tokens; "
                     "check the input and the router weights"

@@ -65,7 +65,10 @@ class Router(nn.Module):
 
     def logits(self, x_TD: Tensor) -> Tensor:
         """Router logits [T, E] in float32, with the training-time noise that acts on logits or input."""
-        with torch.autocast(x_TD.device.type, enabled=False):  # router math stays float32 under autocast
+        device_type = x_TD.device.type
+        if not torch.is_autocast_enabled(device_type):  # entering the context costs a decode step ~10 us
+            return self._logits_fp32(x_TD)
+        with torch.autocast(device_type, enabled=False):  # router math stays float32 under autocast
             return self._logits_fp32(x_TD)
 
     def _logits_fp32(self, x_TD: Tensor) -> Tensor:
@@ -109,12 +112,16 @@ def _scores(logits: Tensor, score_func: str) -> Tensor:
     return torch.softmax(logits, dim=-1) if score_func == "softmax" else torch.sigmoid(logits)
 
 
-def normalised_probs(logits_TE: Tensor, score_func: str) -> Tensor:
-    """Per-token scores over all experts that sum to 1: softmax, or sigmoid scores normalised."""
+def normalised_probs(logits_TE: Tensor, score_func: str, scores_TE: Optional[Tensor] = None) -> Tensor:
+    """Per-token scores over all experts that sum to 1: softmax, or sigmoid scores normalised.
+
+    scores_TE: the softmax or sigmoid of logits_TE when the caller has it already.
+    """
+    if scores_TE is None:
+        scores_TE = _scores(logits_TE, score_func)
     if score_func == "softmax":
-        return torch.softmax(logits_TE, dim=-1)
-    scores = torch.sigmoid(logits_TE)
-    return scores / scores.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+        return scores_TE
+    return scores_TE / scores_TE.sum(dim=-1, keepdim=True).clamp_min(1e-20)
 
 
 def expert_dropout_mask(num_experts: int, top_k: int, p: float, device) -> Tensor:
@@ -186,19 +193,25 @@ def token_choice(logits_TE: Tensor, cfg: MoEConfig, training: bool, bias_E: Opti
     if cfg.route_scale != 1.0:
         weights_TK = weights_TK * cfg.route_scale
 
-    return _token_choice_result(logits, expert_ids_TK, weights_TK, cfg, raw_logits_TE=logits_TE)
+    scores = weight_src if cfg.score_order == "before_topk" else None  # the scores of `logits`: reused
+    return _token_choice_result(logits, expert_ids_TK, weights_TK, cfg, raw_logits_TE=logits_TE, scores_TE=scores)
 
 
 def _token_choice_result(
-    logits_TE: Tensor, ids_TK: Tensor, weights_TK: Tensor, cfg: MoEConfig, raw_logits_TE: Optional[Tensor] = None
+    logits_TE: Tensor,
+    ids_TK: Tensor,
+    weights_TK: Tensor,
+    cfg: MoEConfig,
+    raw_logits_TE: Optional[Tensor] = None,
+    scores_TE: Optional[Tensor] = None,
 ) -> RoutingResult:
-    """Flatten [T, K] choices token-major; probs from the (possibly expert-dropped) logits."""
+    """Flatten [T, K] choices token-major; probs from the (possibly expert-dropped) logits, or their scores."""
     T, K = ids_TK.shape
     return RoutingResult(
         token_ids=torch.arange(T, device=logits_TE.device).repeat_interleave(K),
         expert_ids=ids_TK.reshape(-1),
         weights=weights_TK.reshape(-1),
-        probs=normalised_probs(logits_TE, cfg.score_func),
+        probs=normalised_probs(logits_TE, cfg.score_func, scores_TE),
         logits=logits_TE if raw_logits_TE is None else raw_logits_TE,
         top_k=K,
         expert_choice=False,

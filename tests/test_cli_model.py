@@ -1,6 +1,7 @@
 """`sparsemoe train` / `generate` / `inspect` end to end, in-process, on the tiny preset, and their errors."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -82,8 +83,14 @@ def test_generate_streams_a_continuation(run_dir, capsys):
         )
         == 0
     )
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
     assert out.startswith("def main(") and len(out.encode()) >= len("def main(") + 1
+    assert re.fullmatch(
+        r"20 tokens: the first after [\d.]+ ms \(prompt of 9 tokens\), then [\d.]+ ms per token \(\d+ tokens/s\); "
+        r"\d+ threads\n",
+        captured.err,
+    )
     assert (
         main(
             [

@@ -18,22 +18,34 @@ needs_kernel = pytest.mark.skipif(
 )
 
 
-def _reference(x_ND, bounds, w_in, w_out, activation):
-    rows = [
-        activate(x_ND[lo:hi].double() @ w_in[e].double().t(), activation) @ w_out[e].double().t()
-        for e, (lo, hi) in enumerate(zip(bounds[:-1].tolist(), bounds[1:].tolist()))
-    ]
-    return torch.cat(rows).float()
+def _reference(x_TD, token_ids, weights, offsets, w_in, w_out, activation):
+    """The decode step in float64, row by row: y[tok[r]] += weights[r] * expert_e(x[tok[r]])."""
+    y = torch.zeros(x_TD.shape, dtype=torch.float64)
+    lo = 0
+    for e, hi in enumerate(offsets.tolist()):
+        for r in range(lo, hi):
+            t = int(token_ids[r])
+            h = x_TD[t].double() @ w_in[e].double().t()
+            y[t] += float(weights[r]) * (activate(h[None], activation)[0] @ w_out[e].double().t())
+        lo = hi
+    return y.float()
 
 
-def _case(counts, dim, hidden, activation, seed=0, dtype=torch.float32):
+def _case(counts, dim, hidden, activation, seed=0, dtype=torch.float32, tokens=None, dropped=0):
+    """A decode step: `counts` kept rows per expert (rows sorted by expert), then `dropped` rows past the
+    last offset; token ids drawn from `tokens` (default: as many as kept rows), combine weights in [0, 1).
+
+    Returns (x_TD, token_ids, weights, offsets, w_in, w_out)."""
     gen = torch.Generator().manual_seed(seed)
-    E = len(counts)
-    bounds = torch.tensor([0, *torch.tensor(counts).cumsum(0).tolist()], dtype=torch.int64)
-    x = torch.randn(int(bounds[-1]), dim, generator=gen)
+    E, kept = len(counts), sum(counts)
+    T = tokens or max(kept, 1)
+    token_ids = torch.randint(0, T, (kept + dropped,), generator=gen)
+    weights = torch.rand(kept + dropped, generator=gen)
+    offsets = torch.tensor(counts, dtype=torch.int64).cumsum(0)
+    x = torch.randn(T, dim, generator=gen)
     w_in = torch.randn(E, in_rows(hidden, activation), dim, generator=gen) / math.sqrt(dim)
     w_out = torch.randn(E, dim, hidden, generator=gen) / math.sqrt(hidden)
-    return x.to(dtype), bounds, w_in.to(dtype), w_out.to(dtype)
+    return x.to(dtype), token_ids, weights, offsets, w_in.to(dtype), w_out.to(dtype)
 
 
 @needs_kernel
@@ -45,18 +57,20 @@ def _case(counts, dim, hidden, activation, seed=0, dtype=torch.float32):
     activation=st.sampled_from(sorted(cpu_kernels.ACTIVATION_CODES)),
     threads=st.sampled_from([1, 2, 3]),
     dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    tokens=st.integers(1, 12),  # tokens with several rows, and tokens with none
+    dropped=st.integers(0, 3),
 )
-def test_decode_kernel_matches_pytorch(counts, dim, hidden, activation, threads, dtype):
+def test_decode_kernel_matches_pytorch(counts, dim, hidden, activation, threads, dtype, tokens, dropped):
     """Against float64 on the same values: bfloat16 weights are widened exactly and summed in float32, so
-    the error is float32 rounding in both dtypes."""
-    x, bounds, w_in, w_out = _case(counts, dim, hidden, activation, dtype=dtype)
+    the error is float32 rounding in both dtypes. Rows past the last offset (dropped) add nothing."""
+    case = _case(counts, dim, hidden, activation, dtype=dtype, tokens=tokens, dropped=dropped)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        out = cpu_kernels.decode_mlp(x, bounds, w_in, w_out, activation)
+        out = cpu_kernels.decode_mlp(*case, activation)
     finally:
         torch.set_num_threads(before)
-    expected = _reference(x, bounds, w_in, w_out, activation)
+    expected = _reference(*case, activation)
     assert out.shape == expected.shape and out.dtype == torch.float32
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
@@ -65,10 +79,9 @@ def test_decode_kernel_matches_pytorch(counts, dim, hidden, activation, threads,
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_decode_kernel_on_bench_sized_experts(dtype):
     """Rows past a 64-row work block and a model width of 512: the sizes `sparsemoe bench` runs."""
-    x, bounds, w_in, w_out = _case([1, 4, 0, 7, 16, 33], 512, 200, "swiglu", seed=3, dtype=dtype)
+    case = _case([1, 4, 0, 7, 16, 33], 512, 200, "swiglu", seed=3, dtype=dtype, tokens=40)
     torch.testing.assert_close(
-        cpu_kernels.decode_mlp(x, bounds, w_in, w_out, "swiglu"), _reference(x, bounds, w_in, w_out, "swiglu"),
-        rtol=1e-5, atol=1e-5,
+        cpu_kernels.decode_mlp(*case, "swiglu"), _reference(*case, "swiglu"), rtol=1e-5, atol=1e-5
     )
 
 
@@ -76,33 +89,52 @@ def test_decode_kernel_on_bench_sized_experts(dtype):
 @pytest.mark.parametrize("activation", sorted(cpu_kernels.ACTIVATION_CODES))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_decode_kernel_propagates_nan_like_pytorch(activation, dtype):
-    x, bounds, w_in, w_out = _case([3, 2], 20, 8, activation, dtype=dtype)
+    x, token_ids, weights, offsets, w_in, w_out = _case([3, 2], 20, 8, activation, dtype=dtype)
+    token_ids = torch.tensor([0, 1, 2, 3, 1])  # token 4 has no rows: its output is 0
     x[1] = float("nan")
-    out = cpu_kernels.decode_mlp(x, bounds, w_in, w_out, activation)
+    out = cpu_kernels.decode_mlp(x, token_ids, weights, offsets, w_in, w_out, activation)
     assert out[1].isnan().all()
-    assert out[[0, 2, 3, 4]].isfinite().all()
+    assert out[[0, 2, 3]].isfinite().all() and (out[4] == 0).all()
 
 
 @needs_kernel
-def test_decode_kernel_rejects_mismatched_shapes():
-    x, bounds, w_in, w_out = _case([2, 3], 16, 8, "swiglu")
+def test_decode_kernel_rejects_bad_inputs_before_reading_memory():
+    x, tok, w, offsets, w_in, w_out = _case([2, 3], 16, 8, "swiglu", tokens=4, dropped=1)
+
+    def call(**change):
+        args = dict(x_TD=x, token_ids=tok, weights=w, offsets=offsets, w_in=w_in, w_out=w_out)
+        return cpu_kernels.decode_mlp(**{**args, **change}, activation="swiglu")
+
     with pytest.raises(ValueError, match="do not fit"):
-        cpu_kernels.decode_mlp(x[:, :15], bounds, w_in, w_out, "swiglu")
-    with pytest.raises(ValueError, match="bounds end at 5"):
-        cpu_kernels.decode_mlp(x[:4], bounds, w_in, w_out, "swiglu")
-    with pytest.raises(ValueError, match="both be float32 or both bfloat16"):
-        cpu_kernels.decode_mlp(x, bounds, w_in.bfloat16(), w_out, "swiglu")
+        call(x_TD=x[:, :15])
+    with pytest.raises(ValueError, match="do not fit"):
+        call(weights=w[:-1])
+    with pytest.raises(ValueError, match="token id is outside"):
+        call(x_TD=x[:2])  # tokens 2 and 3 do not exist
+    with pytest.raises(ValueError, match="token id is outside"):
+        call(token_ids=torch.where(tok == tok[0], -1, tok))
+    with pytest.raises(ValueError, match="offsets decrease or pass"):
+        call(offsets=torch.tensor([3, 2]))
+    with pytest.raises(ValueError, match="offsets decrease or pass"):
+        call(offsets=torch.tensor([2, 7]))  # 6 rows
+    with pytest.raises(ValueError, match="int64"):
+        call(token_ids=tok.int())
+    with pytest.raises(ValueError, match="share one dtype"):
+        call(w_in=w_in.bfloat16())
+    with pytest.raises(ValueError, match="share one dtype"):
+        call(w_in=w_in.bfloat16(), w_out=w_out.bfloat16())  # float32 input, bfloat16 weights
     with pytest.raises(ValueError, match="contiguous"):
-        cpu_kernels.decode_mlp(x, bounds, w_in.transpose(1, 2).contiguous().transpose(1, 2), w_out, "swiglu")
+        call(w_in=w_in.transpose(1, 2).contiguous().transpose(1, 2))
 
 
 def test_supports_only_float32_or_bfloat16_cpu_contiguous_known_activations():
-    x, _, w_in, w_out = _case([2], 16, 8, "swiglu")
+    x, _, _, _, w_in, w_out = _case([2], 16, 8, "swiglu")
     ok = cpu_kernels.available()
     assert cpu_kernels.supports(x, w_in, w_out, "swiglu") == ok
     assert cpu_kernels.supports(x.bfloat16(), w_in.bfloat16(), w_out.bfloat16(), "swiglu") == ok
     assert not cpu_kernels.supports(x.half(), w_in.half(), w_out.half(), "swiglu")
-    assert not cpu_kernels.supports(x, w_in.bfloat16(), w_out, "swiglu")  # one weight dtype for both
+    assert not cpu_kernels.supports(x, w_in.bfloat16(), w_out, "swiglu")  # one dtype for all three
+    assert not cpu_kernels.supports(x, w_in.bfloat16(), w_out.bfloat16(), "swiglu")
     assert not cpu_kernels.supports(x, w_in.transpose(1, 2), w_out, "swiglu")
     assert not cpu_kernels.supports(x, w_in, w_out, "tanh")
 
@@ -121,14 +153,14 @@ def test_build_is_cached_and_keyed_by_flags(tmp_path):
 def test_portable_build_computes_what_the_native_build_does(tmp_path, monkeypatch):
     """Without -march=native (no AVX-512) the bfloat16 loads and stores take the generic vector code: the
     same results up to float32 rounding (FMA contraction differs), so within one bfloat16 rounding."""
-    x, bounds, w_in, w_out = _case([1, 3, 0, 9, 17], 45, 21, "swiglu", dtype=torch.bfloat16)
+    case = _case([1, 3, 0, 9, 17], 45, 21, "swiglu", dtype=torch.bfloat16, tokens=20, dropped=2)
     gen = torch.Generator().manual_seed(1)
     h = (torch.randn(7, 2 * 37, generator=gen) * 3).bfloat16()
     dA, w = torch.randn(7, 37, generator=gen).bfloat16(), torch.rand(7, generator=gen)
 
     def run():
         return (
-            cpu_kernels.decode_mlp(x, bounds, w_in, w_out, "swiglu"),
+            cpu_kernels.decode_mlp(*case, "swiglu"),
             cpu_kernels.activate(h, "geglu"),
             *cpu_kernels.activation_backward(h, dA, w, "swiglu"),
         )

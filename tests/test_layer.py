@@ -224,6 +224,7 @@ def test_compile_fullgraph_matches_eager(fields):
     x = torch.randn(2, 7, 12)
     y_eager, g_eager = forward_backward(layer, x)
     g_eager = {k: v.clone() for k, v in g_eager.items()}
+    aux_eager, stats_eager = layer.aux_loss.clone(), layer.stats
     layer.zero_grad()
     compiled = torch.compile(layer, fullgraph=True)
     y_comp, g_comp = forward_backward(compiled, x)
@@ -231,7 +232,10 @@ def test_compile_fullgraph_matches_eager(fields):
     assert torch.allclose(y_comp, y_eager, atol=1e-5)
     for name in g_eager:
         assert torch.allclose(g_comp[name], g_eager[name], atol=1e-5), name
-    assert torch.allclose(compiled.aux_loss, layer.aux_loss)
+    assert layer.stats is not stats_eager  # the compiled forward's own statistics
+    assert torch.allclose(layer.aux_loss, aux_eager)
+    torch.testing.assert_close(layer.stats.tokens_per_expert, stats_eager.tokens_per_expert)
+    torch.testing.assert_close(layer.stats.router_entropy, stats_eager.router_entropy)
 
 
 @pytest.mark.parametrize("backend", ["auto", "grouped", "capacity", "decode", "reference"])
@@ -258,6 +262,70 @@ def test_compile_fullgraph_inference_with_the_decode_backend():
         eager = layer(x)
         compiled = torch.compile(layer, fullgraph=True)(x)
     assert torch.allclose(compiled, eager, atol=1e-6)
+
+
+def test_decode_backend_under_fake_tensors_runs_the_ops_fake_implementation():
+    """Tracing with fake tensors (as torch.export and the compiler do) must not reach the native kernel."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    layer = _layer(backend="decode", num_experts=8, top_k=2, check_finite=False)
+    layer.eval()
+    with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        y = layer(mode.from_tensor(torch.randn(1, 3, 12)))
+    assert y.shape == (1, 3, 12) and type(y) is not torch.Tensor
+
+
+def test_stats_are_computed_when_read_from_the_last_forward():
+    """Statistics are computed on first read: reading them late gives the last forward's, and a value
+    read earlier is not changed by later forwards."""
+    layer = _layer(num_experts=4, top_k=2, capacity_factor=0.5)
+    layer.eval()
+    x_a, x_b = torch.randn(20, 12), torch.randn(6, 12)
+    with torch.inference_mode():
+        layer(x_a)
+        stats_a = layer.stats
+        counts_a = stats_a.tokens_per_expert.clone()
+        layer(x_b)
+        layer(x_a)
+        layer(x_b)  # never read in between
+        late_b = layer.stats
+        layer(x_b)
+        fresh_b = layer.stats
+    assert torch.equal(stats_a.tokens_per_expert, counts_a)
+    assert late_b is not fresh_b and late_b.as_floats() == fresh_b.as_floats()
+    assert torch.equal(late_b.tokens_per_expert, fresh_b.tokens_per_expert)
+    assert late_b.tokens_per_expert.sum() == round(6 * 2 * (1 - late_b.dropped_fraction.item()))
+    assert not torch.equal(counts_a, late_b.tokens_per_expert)
+
+
+def _graph_holders(obj, path: str, seen: set) -> list[str]:
+    """Paths of the tensors reachable from obj's attributes that carry an autograd graph."""
+    if id(obj) in seen:
+        return []
+    seen.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        return [path] if obj.grad_fn is not None else []
+    if isinstance(obj, dict):
+        items = obj.items()
+    elif isinstance(obj, (list, tuple)):
+        items = enumerate(obj)
+    elif hasattr(obj, "__dict__"):
+        items = vars(obj).items()
+    else:
+        return []
+    return [p for key, value in items for p in _graph_holders(value, f"{path}.{key}", seen)]
+
+
+@pytest.mark.parametrize("grad", [True, False])
+def test_the_layer_holds_no_autograd_graph_after_a_forward(grad):
+    """With or without gradients, what the layer keeps after a forward (aux_loss, statistics or what they
+    are computed from) holds no graph, so a forward whose output is dropped frees its activations."""
+    layer = _layer(num_experts=4, top_k=2)
+    with torch.set_grad_enabled(grad):
+        y = layer(torch.randn(9, 12, requires_grad=True))
+    assert y.requires_grad == grad
+    assert _graph_holders(layer, "layer", set()) == []
+    assert layer.stats.tokens_per_expert.sum() == 18
 
 
 def test_autocast_accepts_inputs_in_the_autocast_dtype():

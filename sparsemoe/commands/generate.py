@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import codecs
 import sys
+import time
 
 from sparsemoe.cli import CommandError
 
@@ -14,7 +15,7 @@ def register(subparsers) -> argparse.ArgumentParser:
         "generate",
         help="continue a prompt with a trained checkpoint",
         description="Sample a continuation of --prompt from a checkpoint written by `sparsemoe train`, "
-        "printing bytes as they are generated.",
+        "printing bytes as they are generated; the time to the first token and per token after it go to stderr.",
     )
     p.add_argument(
         "--checkpoint", required=True, metavar="RUN", help="run folder (its latest checkpoint) or a checkpoint folder"
@@ -83,7 +84,13 @@ def run(args) -> int:
     out = sys.stdout
     out.write(prompt)
     emit, finish = _streamer(tokenizer, out)
+    token_times: list[float] = []
 
+    def on_token(token) -> None:
+        token_times.append(time.perf_counter())
+        emit(token)
+
+    start = time.perf_counter()
     generate(
         model,
         ids,
@@ -93,10 +100,23 @@ def run(args) -> int:
         top_p=args.top_p,
         use_cache=not args.no_cache,
         generator=generator,
-        on_token=emit,
+        on_token=on_token,
     )
     finish()
+    print(_speed_line(start, token_times, ids.numel(), torch.get_num_threads()), file=sys.stderr)
     return 0
+
+
+def _speed_line(start: float, token_times: list[float], prompt_tokens: int, threads: int) -> str:
+    """How long the first token took (the prompt's forward) and each token after it, for stderr."""
+    if not token_times:
+        return "no tokens generated"
+    first_ms = 1e3 * (token_times[0] - start)
+    line = f"{len(token_times)} tokens: the first after {first_ms:.1f} ms (prompt of {prompt_tokens} tokens)"
+    if len(token_times) > 1:
+        per_token = (token_times[-1] - token_times[0]) / (len(token_times) - 1)
+        line += f", then {1e3 * per_token:.2f} ms per token ({1 / per_token:.0f} tokens/s)"
+    return f"{line}; {threads} threads"
 
 
 def _tokenizer(args):

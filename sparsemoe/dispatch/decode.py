@@ -5,9 +5,11 @@ n rows of one expert (a handful when decoding).
 
 With a few rows per expert the expert GEMMs are bounded by reading the weights, not by arithmetic, and
 a BLAS `x @ W^T` on a few rows reads them several times more slowly than a copy would. In float32 and
-bfloat16 on the CPU the whole expert stage runs in one call of the native kernel
-(`sparsemoe.ops.cpu_kernels`: each weight row streamed once against the expert's rows, OpenMP threads
-over blocks of weight rows; bfloat16 weights read as they are and widened in registers). Without that
+bfloat16 on the CPU the whole expert stage (gather, every expert, weighted combine) runs in one call of
+the native kernel (`sparsemoe.ops.cpu_kernels`: each weight row streamed once against the expert's rows,
+OpenMP threads over blocks of weight rows; bfloat16 weights read as they are and widened in registers).
+In plain eager mode the op's function is called directly: the `torch.library` dispatcher costs a
+visible share of a one-token step, and only the compiler and dispatch modes need the op. Without that
 kernel (no C compiler), in bfloat16/float16 the native grouped GEMM (`torch._grouped_mm`) is faster
 than per-expert calls and is used; in float32 the loop below runs each GEMM weight-stationary,
 `W @ x^T` with W split into one row block per thread as one `bmm`, for experts with up to
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from sparsemoe.dispatch.grouped import grouped_forward
 from sparsemoe.dispatch.plan import DispatchPlan
@@ -62,28 +65,27 @@ def decode_forward(x_TD: Tensor, plan: DispatchPlan, experts: Experts) -> Tensor
     )
     if needs_grad or (experts.dropout > 0 and experts.training):
         return grouped_forward(x_TD, plan, experts)  # the same exact backward as `grouped`
-    return decode_mlp(
+    op = _decode_mlp if _plain_eager(x_TD) else decode_mlp
+    return op(
         x_TD.contiguous(), plan.token_ids, plan.weights, plan.offsets, experts.w_in, experts.w_out, experts.activation
     )
 
 
-# An opaque op (with a fake implementation for the compiler): the loop's bounds come from the data.
-@torch.library.custom_op("sparsemoe::decode_mlp", mutates_args=())
-def decode_mlp(
+def _decode_mlp(
     x_TD: Tensor, token_ids: Tensor, weights: Tensor, offsets: Tensor, w_in: Tensor, w_out: Tensor, activation: str
 ) -> Tensor:
     """Forward only: y [T, D] float32 from the expert-sorted plan rows (rows past offsets[-1] dropped)."""
+    if cpu_kernels.supports(x_TD, w_in, w_out, activation):
+        # float32 / bfloat16: the native CPU kernel runs the whole stage in one call (gather, every expert,
+        # combine), close to the weight-read bound.
+        return cpu_kernels.decode_mlp(x_TD, token_ids, weights, offsets, w_in, w_out, activation)
     T, D = x_TD.shape
     # Device-to-host sync: the loop needs the group bounds on the host; free on the CPU.
     bounds = [0] + offsets.tolist()
     kept = bounds[-1]
     x_ND = x_TD.index_select(0, token_ids[:kept])
     y_TD = torch.zeros(T, D, dtype=torch.float32, device=x_TD.device)
-    if cpu_kernels.supports(x_ND, w_in, w_out, activation):
-        # float32 / bfloat16: the native CPU kernel runs every expert in one call, close to the weight-read bound.
-        bounds_E1 = torch.cat([offsets.new_zeros(1), offsets])
-        o_ND = cpu_kernels.decode_mlp(x_ND, bounds_E1, w_in, w_out, activation)
-    elif use_native(x_ND, w_in) and use_native(x_ND, w_out):
+    if use_native(x_ND, w_in) and use_native(x_ND, w_out):
         # bfloat16/float16: the native grouped kernel beats per-expert BLAS calls at every small T measured.
         # x_ND holds exactly the kept rows (offsets[-1] of them), so no row is left past the last group.
         a_NF = activate(native_grouped_mm(x_ND, w_in, offsets), activation)
@@ -97,6 +99,24 @@ def decode_mlp(
     return y_TD.index_add_(0, token_ids[:kept], o_ND.mul_(weights[:kept, None]))
 
 
+# The same function as an opaque op (with a fake implementation) for the compiler: its loop's bounds come
+# from the data.
+decode_mlp = torch.library.custom_op("sparsemoe::decode_mlp", _decode_mlp, mutates_args=())
+
+
 @decode_mlp.register_fake
 def _decode_mlp_fake(x_TD, token_ids, weights, offsets, w_in, w_out, activation):
     return x_TD.new_empty(x_TD.shape, dtype=torch.float32)
+
+
+def _plain_eager(x_TD: Tensor) -> bool:
+    """Whether the op's function can be called directly: a plain CPU tensor, no compiler or dispatch mode.
+
+    Then the op adds only the dispatcher's overhead, which is a noticeable share of a one-token step.
+    """
+    return (
+        type(x_TD) is Tensor
+        and x_TD.device.type == "cpu"
+        and not torch.compiler.is_compiling()
+        and _get_current_dispatch_mode() is None
+    )

@@ -55,14 +55,15 @@ def _priority_order(routing: RoutingResult, priority: str) -> Tensor:
     return torch.arange(N, device=routing.expert_ids.device).view(N // K, K).t().reshape(-1)
 
 
-def _segment_positions(sorted_expert_ids: Tensor, num_experts: int) -> tuple[Tensor, Tensor]:
-    """For rows sorted by expert: (position of each row within its expert, rows per expert [E])."""
+def _segment_positions(sorted_expert_ids: Tensor, num_experts: int) -> tuple[Tensor, Tensor, Tensor]:
+    """For rows sorted by expert: (position of each row within its expert, rows per expert [E], the end of
+    each expert's rows [E])."""
     N = sorted_expert_ids.shape[0]
     counts = torch.zeros(num_experts + 1, device=sorted_expert_ids.device, dtype=torch.long)
     counts.scatter_add_(0, sorted_expert_ids, torch.ones_like(sorted_expert_ids))
-    starts = counts.cumsum(0) - counts
-    positions = torch.arange(N, device=sorted_expert_ids.device) - starts[sorted_expert_ids]
-    return positions, counts[:num_experts]
+    ends = counts.cumsum(0)
+    positions = torch.arange(N, device=sorted_expert_ids.device) - (ends - counts)[sorted_expert_ids]
+    return positions, counts[:num_experts], ends[:num_experts]
 
 
 def build_plan(routing: RoutingResult, capacity: Optional[int], priority: str = "position") -> DispatchPlan:
@@ -74,7 +75,7 @@ def build_plan(routing: RoutingResult, capacity: Optional[int], priority: str = 
     by_expert = torch.sort(ids, stable=True).indices
     order = by_expert if order is None else order[by_expert]
     expert_ids = routing.expert_ids[order]
-    slots, counts = _segment_positions(expert_ids, E)
+    slots, counts, offsets = _segment_positions(expert_ids, E)
     keep = None
     if dropping:
         keep = slots < capacity
@@ -83,6 +84,7 @@ def build_plan(routing: RoutingResult, capacity: Optional[int], priority: str = 
         regroup = torch.sort(marked, stable=True).indices
         order, expert_ids, slots, keep = order[regroup], marked[regroup], slots[regroup], keep[regroup]
         counts = counts.clamp(max=capacity)
+        offsets = counts.cumsum(0)
     weights = routing.weights[order]
     if keep is not None:
         weights = weights * keep
@@ -92,7 +94,7 @@ def build_plan(routing: RoutingResult, capacity: Optional[int], priority: str = 
         weights=weights,
         slots=slots,
         counts=counts,
-        offsets=counts.cumsum(0),
+        offsets=offsets,
         num_tokens=routing.num_tokens,
         num_experts=E,
         capacity=capacity,

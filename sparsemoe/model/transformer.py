@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sparsemoe.experts import in_rows, mlp
-from sparsemoe.layer import MoE, moe_layers
+from sparsemoe.layer import MoE
 from sparsemoe.model.attention import Attention, KVCache, RMSNorm, rope_table
 from sparsemoe.model.config import ModelConfig
 
@@ -143,7 +143,8 @@ class MoETransformer(nn.Module):
 
     @property
     def moe_layers(self) -> list[MoE]:
-        return moe_layers(self)
+        """The blocks' MoE layers, in order (read from the blocks: cheaper than walking every module)."""
+        return [block.ffn for block in self.layers if isinstance(block.ffn, MoE)]
 
     def forward(
         self,
@@ -185,9 +186,12 @@ class MoETransformer(nn.Module):
         return ModelOutput(logits=logits, loss=loss, aux_loss=self._aux_loss(x))
 
     def _aux_loss(self, x: Tensor) -> Tensor:
-        total = x.new_zeros((), dtype=torch.float32)
-        for layer in self.moe_layers:
-            total = total + layer.aux_loss.to(total.device)
+        losses = [layer.aux_loss.to(x.device) for layer in self.moe_layers]
+        if not losses:
+            return x.new_zeros((), dtype=torch.float32)
+        total = losses[0]
+        for loss in losses[1:]:
+            total = total + loss
         return total
 
     # --- sizes -------------------------------------------------------------------------------------

@@ -3,9 +3,12 @@
 Legend: N rows sorted by expert, n rows, E experts, D model width, F hidden width, I in-projection rows
 (2F gated: gate then up).
 
-    decode_mlp(x_ND, bounds [E + 1], w_in [E, I, D], w_out [E, D, F], activation) -> o_ND [N, D] float32
-        o[r] = w_out[e] @ act(w_in[e] @ x[r]) for the rows r in [bounds[e], bounds[e + 1]); weights float32
-        or bfloat16 (read as they are, widened to float32 in registers), sums and activations in float32
+    decode_mlp(x_TD, token_ids [N], weights [N], offsets [E], w_in [E, I, D], w_out [E, D, F], activation)
+        -> y_TD [T, D] float32, the whole expert stage of a decode step (gather, both GEMMs, activation,
+        weighted combine): y[t] = sum over the kept rows r of token t of weights[r] w_out[e] act(w_in[e] x[t]),
+        rows sorted by expert (expert e: rows [offsets[e - 1], offsets[e])), rows past offsets[-1] ignored;
+        x and the weights float32 or bfloat16 (read as they are, widened to float32 in registers), sums and
+        activations in float32
     activate(h_nI, activation) -> a_nF = act(h)
     activation_backward(h_nI, dA_nF, w_n, activation) -> (aw_nF, dH_nI, d_w_n float32)
         for o = w * (W_out act(h)) with dA = d loss / d act(h) before the weighting: aw = w act(h)
@@ -127,8 +130,8 @@ def _bind(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))  # CDLL releases the GIL during calls
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     signatures = {
-        "sparsemoe_decode_mlp_f32": ([p, p, i64, p, p, i64, i64, i64, i32, p, p, p, i32], ctypes.c_int),
-        "sparsemoe_decode_mlp_bf16": ([p, p, i64, p, p, i64, i64, i64, i32, p, p, p, i32], ctypes.c_int),
+        "sparsemoe_decode_mlp_f32": ([p, p, p, i64, p, i64, p, p, i64, i64, i64, i64, i32, p, i32], ctypes.c_int),
+        "sparsemoe_decode_mlp_bf16": ([p, p, p, i64, p, i64, p, p, i64, i64, i64, i64, i32, p, i32], ctypes.c_int),
         "sparsemoe_activate_f32": ([p, p, i64, i64, i64, i32, i32], None),
         "sparsemoe_activate_bf16": ([p, p, i64, i64, i64, i32, i32], None),
         "sparsemoe_activation_backward_f32": ([p, p, p, p, p, p, i64, i64, i64, i32, i32], None),
@@ -175,13 +178,12 @@ KERNEL_DTYPES = {torch.float32: "f32", torch.bfloat16: "bf16"}
 
 
 def supports(x: Tensor, w_in: Tensor, w_out: Tensor, activation: str) -> bool:
-    """Whether `decode_mlp` takes these inputs: CPU tensors, float32 or bfloat16 (weights of one dtype),
-    contiguous weights, a known activation."""
+    """Whether `decode_mlp` takes these inputs: CPU tensors, float32 or bfloat16 (input and weights of one
+    dtype), contiguous weights, a known activation."""
     return (
         all(t.device.type == "cpu" for t in (x, w_in, w_out))
+        and x.dtype == w_in.dtype == w_out.dtype
         and x.dtype in KERNEL_DTYPES
-        and w_in.dtype == w_out.dtype
-        and w_in.dtype in KERNEL_DTYPES
         and w_in.is_contiguous()
         and w_out.is_contiguous()
         and activation in ACTIVATION_CODES
@@ -247,32 +249,45 @@ def activation_backward(h_nI: Tensor, dA_nF: Tensor, w_n: Tensor, activation: st
     return aw_nF, dH_nI, d_w
 
 
-def decode_mlp(x_ND: Tensor, bounds: Tensor, w_in: Tensor, w_out: Tensor, activation: str) -> Tensor:
-    """o [N, D] float32: each row through its expert's MLP (see the module docstring). Check `supports` first."""
-    if w_in.dtype != w_out.dtype or w_in.dtype not in KERNEL_DTYPES:
-        raise ValueError(
-            f"decode_mlp: weights must both be float32 or both bfloat16, got {w_in.dtype} and {w_out.dtype}"
-        )
+_DECODE_ERRORS = {
+    -1: (MemoryError, "out of memory"),
+    -2: (ValueError, "a kept row's token id is outside [0, T)"),
+    -3: (ValueError, "the offsets decrease or pass the number of rows"),
+}
+
+
+def decode_mlp(
+    x_TD: Tensor, token_ids: Tensor, weights: Tensor, offsets: Tensor, w_in: Tensor, w_out: Tensor, activation: str
+) -> Tensor:
+    """y [T, D] float32: the expert stage of a decode step in one call (see the module docstring).
+
+    Check `supports` first; token_ids int64 and offsets int64 as a `DispatchPlan` holds them.
+    """
+    kernel = _kernel("decode_mlp", w_in.dtype)
+    if not x_TD.dtype == w_in.dtype == w_out.dtype:
+        raise ValueError(f"decode_mlp: the input and both weights must share one dtype (float32 or bfloat16), "
+                         f"got {x_TD.dtype}, {w_in.dtype} and {w_out.dtype}")
     if not (w_in.is_contiguous() and w_out.is_contiguous()):
         raise ValueError("decode_mlp: the expert weights must be contiguous")
     E, I, D = w_in.shape
     F = w_out.shape[2]
-    kernel = _kernel("decode_mlp", w_in.dtype)
-    x_ND = x_ND.float().contiguous()  # N is small: widening a bfloat16 input costs nothing next to the weights
-    bounds = bounds.to(torch.int64).contiguous()
-    if bounds.shape != (E + 1,) or x_ND.shape[1] != D or w_out.shape[:2] != (E, D):
-        raise ValueError(f"decode_mlp: shapes x {tuple(x_ND.shape)}, bounds {tuple(bounds.shape)}, "
-                         f"w_in {tuple(w_in.shape)}, w_out {tuple(w_out.shape)} do not fit")
-    N = x_ND.shape[0]
-    if int(bounds[-1]) != N:  # host read: free on the CPU
-        raise ValueError(f"decode_mlp: bounds end at {int(bounds[-1])}, x has {N} rows")
-    h_NI = x_ND.new_empty(N, I)
-    a_NF = x_ND.new_empty(N, F)
-    o_ND = x_ND.new_empty(N, D)
+    N = token_ids.shape[0]
+    if (x_TD.dim() != 2 or x_TD.shape[1] != D or w_out.shape[:2] != (E, D) or offsets.shape != (E,)
+            or token_ids.shape != (N,) or weights.shape != (N,)):
+        raise ValueError(f"decode_mlp: shapes x {tuple(x_TD.shape)}, token_ids {tuple(token_ids.shape)}, weights "
+                         f"{tuple(weights.shape)}, offsets {tuple(offsets.shape)}, w_in {tuple(w_in.shape)}, "
+                         f"w_out {tuple(w_out.shape)} do not fit")
+    if token_ids.dtype != torch.int64 or offsets.dtype != torch.int64:
+        raise ValueError(f"decode_mlp: token_ids and offsets must be int64, got {token_ids.dtype}, {offsets.dtype}")
+    x_TD, token_ids, offsets = x_TD.contiguous(), token_ids.contiguous(), offsets.contiguous()
+    weights = weights.float().contiguous()
+    T = x_TD.shape[0]
+    y_TD = x_TD.new_empty(T, D, dtype=torch.float32)
     status = kernel(
-        x_ND.data_ptr(), bounds.data_ptr(), E, w_in.data_ptr(), w_out.data_ptr(), D, F, I,
-        ACTIVATION_CODES[activation], h_NI.data_ptr(), a_NF.data_ptr(), o_ND.data_ptr(), torch.get_num_threads(),
+        x_TD.data_ptr(), token_ids.data_ptr(), weights.data_ptr(), N, offsets.data_ptr(), E, w_in.data_ptr(),
+        w_out.data_ptr(), T, D, F, I, ACTIVATION_CODES[activation], y_TD.data_ptr(), torch.get_num_threads(),
     )
     if status != 0:
-        raise MemoryError(f"{kernel.__name__}: out of memory")
-    return o_ND
+        error, why = _DECODE_ERRORS[status]
+        raise error(f"{kernel.__name__}: {why}")
+    return y_TD

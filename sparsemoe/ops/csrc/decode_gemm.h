@@ -113,38 +113,69 @@ static void WNAME(gemm_nt)(const WT* W, const float* x, float* y, int64_t K, int
   }
 }
 
-/* o [N, D] = the expert MLP of each row: o[r] = W_out[e] act(W_in[e] x[r]) for the rows r of expert e,
- * rows [bounds[e], bounds[e + 1]). h [N, I] and a [N, F] are float32 scratch. Work is split over threads
- * by (expert with rows, block of weight rows), so only the experts that got rows are read. Returns 0, or
- * -1 when out of memory. */
-int WNAME(sparsemoe_decode_mlp)(const float* x, const int64_t* bounds, int64_t E, const WT* w_in,
-                                const WT* w_out, int64_t D, int64_t F, int64_t I, int act, float* h, float* a,
-                                float* o, int threads) {
-  int64_t* used = malloc((size_t)(E > 0 ? E : 1) * sizeof(int64_t));
-  if (!used) return -1;
-  int64_t n_used = 0;
-  for (int64_t e = 0; e < E; e++)
+/* y [T, D] float32 = the expert stage of a decode step: for each kept row r (rows sorted by expert, rows
+ * [offsets[e - 1], offsets[e]) for expert e, offsets[-1] = 0), y[tok[r]] += wts[r] * W_out[e] act(W_in[e]
+ * x[tok[r]]); rows past offsets[E - 1] (dropped) are ignored. x [T, D] is in the weights' type. The rows are
+ * gathered (and widened to float32), run through their experts, and combined into y in row order, all in
+ * one parallel region: work is split over threads by (expert with rows, block of weight rows), so only the
+ * experts that got rows are read, and the combine by blocks of columns of y. Returns 0, -1 when out of
+ * memory, -2 when a token id is outside [0, T), -3 when the offsets decrease or pass N. */
+int WNAME(sparsemoe_decode_mlp)(const WT* x, const int64_t* tok, const float* wts, int64_t N,
+                                const int64_t* offsets, int64_t E, const WT* w_in, const WT* w_out, int64_t T,
+                                int64_t D, int64_t F, int64_t I, int act, float* y, int threads) {
+  int64_t prev = 0;
+  for (int64_t e = 0; e < E; e++) {
+    if (offsets[e] < prev || offsets[e] > N) return -3;
+    prev = offsets[e];
+  }
+  const int64_t kept = prev;
+  for (int64_t r = 0; r < kept; r++)
+    if (tok[r] < 0 || tok[r] >= T) return -2;
+  int64_t* bounds = malloc((size_t)(2 * E + 1) * sizeof(int64_t)); /* bounds [E + 1], then used [E] */
+  float* xs = malloc((size_t)(kept * (2 * D + I + F) + 1) * sizeof(float)); /* x rows, h, a, o */
+  if (!bounds || !xs) {
+    free(bounds);
+    free(xs);
+    return -1;
+  }
+  int64_t *used = bounds + E + 1, n_used = 0;
+  bounds[0] = 0;
+  for (int64_t e = 0; e < E; e++) {
+    bounds[e + 1] = offsets[e];
     if (bounds[e + 1] > bounds[e]) used[n_used++] = e;
+  }
+  float *h = xs + kept * D, *a = h + kept * I, *o = a + kept * F;
   const int64_t blocks_in = (I + ROW_BLOCK - 1) / ROW_BLOCK, blocks_out = (D + ROW_BLOCK - 1) / ROW_BLOCK;
-  const int64_t N = bounds[E];
 #pragma omp parallel num_threads(threads)
   {
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < kept; r++)
+      for (int64_t k = 0; k < D; k++) xs[r * D + k] = WGET(x + tok[r] * D + k);
 #pragma omp for schedule(static)
     for (int64_t item = 0; item < n_used * blocks_in; item++) {
       int64_t e = used[item / blocks_in], i0 = (item % blocks_in) * ROW_BLOCK;
       int64_t i1 = i0 + ROW_BLOCK < I ? i0 + ROW_BLOCK : I, lo = bounds[e];
-      WNAME(gemm_nt)(w_in + e * I * D, x + lo * D, h + lo * I, D, i0, i1, bounds[e + 1] - lo, I);
+      WNAME(gemm_nt)(w_in + e * I * D, xs + lo * D, h + lo * I, D, i0, i1, bounds[e + 1] - lo, I);
     }
 #pragma omp for schedule(static)
-    for (int64_t r = 0; r < N; r++) sparsemoe_activate_row_f32(h + r * I, a + r * F, F, act);
+    for (int64_t r = 0; r < kept; r++) sparsemoe_activate_row_f32(h + r * I, a + r * F, F, act);
 #pragma omp for schedule(static)
     for (int64_t item = 0; item < n_used * blocks_out; item++) {
       int64_t e = used[item / blocks_out], d0 = (item % blocks_out) * ROW_BLOCK;
       int64_t d1 = d0 + ROW_BLOCK < D ? d0 + ROW_BLOCK : D, lo = bounds[e];
       WNAME(gemm_nt)(w_out + e * D * F, a + lo * F, o + lo * D, F, d0, d1, bounds[e + 1] - lo, D);
     }
+#pragma omp for schedule(static)
+    for (int64_t block = 0; block < blocks_out; block++) { /* each thread owns columns [d0, d1) of y */
+      int64_t d0 = block * ROW_BLOCK, d1 = d0 + ROW_BLOCK < D ? d0 + ROW_BLOCK : D;
+      for (int64_t t = 0; t < T; t++)
+        for (int64_t d = d0; d < d1; d++) y[t * D + d] = 0.0f;
+      for (int64_t r = 0; r < kept; r++)
+        for (int64_t d = d0; d < d1; d++) y[tok[r] * D + d] += wts[r] * o[r * D + d];
+    }
   }
-  free(used);
+  free(bounds);
+  free(xs);
   return 0;
 }
 
