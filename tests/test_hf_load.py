@@ -63,6 +63,11 @@ FAMILIES = {
             tie_word_embeddings=True,
         ),
     ),
+    "olmoe": (
+        "OlmoeConfig",
+        "OlmoeForCausalLM",
+        dict(intermediate_size=16, num_experts=6, num_experts_per_tok=3, norm_topk_prob=False),
+    ),
     "deepseek_v2": (
         "DeepseekV2Config",
         "DeepseekV2ForCausalLM",
@@ -126,12 +131,15 @@ def hf_greedy(model, ids, n):
     return out[:, ids.shape[1] :]
 
 
-# Both key layouts for Mixtral (the two that exist in the wild); one each for the other families, alternating.
+# Both key layouts for Mixtral and OLMoE (the released checkpoints of both are per-expert); one each for the
+# other families, alternating.
 CASES = [
     ("mixtral", True),
     ("mixtral", False),
     ("qwen2_moe", True),
     ("qwen3_moe", False),
+    ("olmoe", True),
+    ("olmoe", False),
     ("deepseek_v2", True),
     ("deepseek_v3", False),
 ]
@@ -161,7 +169,10 @@ def test_routing_fields_per_family(tmp_path):
     expect = {
         "mixtral": dict(score_func="softmax", renormalize=True, num_shared_experts=0, moe_layers=[0, 1, 2]),
         "qwen2_moe": dict(score_func="softmax", renormalize=False, shared_expert_gate=True, moe_layers=[1, 2]),
-        "qwen3_moe": dict(score_func="softmax", renormalize=True, qk_norm=True, moe_layers=[1]),
+        "qwen3_moe": dict(score_func="softmax", renormalize=True, qk_norm=True, qk_norm_scope="head", moe_layers=[1]),
+        "olmoe": dict(
+            score_func="softmax", renormalize=False, qk_norm=True, qk_norm_scope="full", moe_layers=[0, 1, 2]
+        ),
         "deepseek_v2": dict(
             router="group_limited", group_score="max", route_scale=1.5, num_shared_experts=2, moe_layers=[1, 2]
         ),
@@ -249,6 +260,13 @@ def test_unmappable_configs_name_the_key():
         map_config({**base, "rope_parameters": {"rope_type": "dynamic", "factor": 2.0}})
     with pytest.raises(HFFormatError, match="hidden_act"):
         map_config({**base, "hidden_act": "relu"})
+    olmoe = tiny_hf_model("olmoe").config.to_dict()
+    with pytest.raises(HFFormatError, match="clip_qkv"):
+        map_config({**olmoe, "clip_qkv": 8.0})
+    with pytest.raises(HFFormatError, match="attention_bias"):
+        map_config({**olmoe, "attention_bias": True})
+    with pytest.raises(HFFormatError, match="head_dim"):
+        map_config({**olmoe, "head_dim": 16})
     with pytest.raises(HFFormatError, match="unsupported architecture LlamaForCausalLM"):
         map_config({"model_type": "llama", "architectures": ["LlamaForCausalLM"]})
 

@@ -32,6 +32,7 @@ def test_patched_model_matches_original_and_shares_weights(family):
             "MixtralSparseMoeBlock",
             "Qwen2MoeSparseMoeBlock",
             "Qwen3MoeSparseMoeBlock",
+            "OlmoeSparseMoeBlock",
             "DeepseekV2Moe",
             "DeepseekV3MoE",
         )
@@ -96,16 +97,20 @@ def test_report_says_what_was_not_patched_and_why():
 
 
 def test_unsupported_model_type_is_reported():
-    config = transformers.OlmoeConfig(
+    config = transformers.Glm4MoeConfig(
         vocab_size=VOCAB,
         hidden_size=32,
         num_hidden_layers=2,
         num_attention_heads=4,
+        num_key_value_heads=4,
         intermediate_size=16,
-        num_experts=4,
+        moe_intermediate_size=16,
+        n_routed_experts=4,
         num_experts_per_tok=2,
+        first_k_dense_replace=0,
+        pad_token_id=0,
     )
-    hf = transformers.OlmoeForCausalLM(config).eval()
+    hf = transformers.Glm4MoeForCausalLM(config).eval()
     report = patch_hf_model(hf)
     assert not report.patched and len(report.skipped) == 2  # every MoE block, each with the reason
-    assert all("model_type 'olmoe' is not supported" in e.reason for e in report.skipped)
+    assert all("model_type 'glm4_moe' is not supported" in e.reason for e in report.skipped)

@@ -43,6 +43,7 @@ def test_presets_build_and_mixtral_has_mixtral_shape():
         ("moe_backend", "nope", "ModelConfig.moe_backend='nope'"),
         ("router", "expert_choice", "not causal"),
         ("qk_norm", "yes", "ModelConfig.qk_norm='yes'"),
+        ("qk_norm_scope", "layer", "ModelConfig.qk_norm_scope='layer'"),
     ],
 )
 def test_config_errors_name_the_field(field, value, expected):

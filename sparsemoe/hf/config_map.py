@@ -1,6 +1,6 @@
 """Hugging Face `config.json` -> sparsemoe `ModelConfig`, per model family.
 
-Supported families (`model_type`): mixtral, qwen2_moe, qwen3_moe, deepseek_v2, deepseek_v3. The
+Supported families (`model_type`): mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v2, deepseek_v3. The
 config is read as plain JSON, so loading and converting need no `transformers` install; defaults for
 keys a config leaves out are those of the transformers config classes.
 
@@ -11,6 +11,7 @@ How each family routes, and the MoEConfig fields it maps to:
 | mixtral     | softmax | top-k                            | renormalised                      | none             |
 | qwen2_moe   | softmax | top-k                            | renormalised iff norm_topk_prob   | 1, sigmoid-gated |
 | qwen3_moe   | softmax | top-k                            | renormalised iff norm_topk_prob   | none             |
+| olmoe       | softmax | top-k                            | renormalised iff norm_topk_prob   | none             |
 | deepseek_v2 | softmax | top-k, or groups ranked by max   | x routed_scaling_factor           | n_shared_experts |
 | deepseek_v3 | sigmoid | score + e_score_correction_bias, | renormalised iff norm_topk_prob,  | n_shared_experts |
 |             |         | groups ranked by top-2 sum       | x routed_scaling_factor           |                  |
@@ -31,7 +32,7 @@ from typing import Any, Optional, Union
 from sparsemoe.hf.io import HFFormatError
 from sparsemoe.model.mla import YARN_KEYS
 
-FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3")
+FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3")
 
 # Expert activations: Hugging Face hidden_act -> sparsemoe activation (both gated).
 _ACTIVATIONS = {"silu": "swiglu", "swish": "swiglu", "gelu_pytorch_tanh": "geglu", "gelu_new": "geglu"}
@@ -177,7 +178,7 @@ def _qwen_sparse_layers(cfg: dict[str, Any], n_layers: int) -> dict[str, Any]:
 
 def _attention(cfg: dict[str, Any], family: str, base: dict[str, Any], notes: list[str]) -> None:
     """The attention-side fields of the ModelConfig (`base`), per family."""
-    sliding = family == "mixtral" or (family.startswith("qwen") and bool(cfg.get("use_sliding_window")))
+    sliding = family in ("mixtral", "olmoe") or (family.startswith("qwen") and bool(cfg.get("use_sliding_window")))
     base["max_seq_len"] = _window(cfg, base["max_seq_len"], sliding, notes)
     if family == "qwen2_moe":
         base["qkv_bias"] = bool(_get(cfg, "qkv_bias", True))
@@ -185,6 +186,15 @@ def _attention(cfg: dict[str, Any], family: str, base: dict[str, Any], notes: li
         if cfg.get("attention_bias"):
             raise _unsupported("attention_bias", True, "attention without biases (qwen3_moe also biases o_proj)")
         base["qk_norm"] = True
+    elif family == "olmoe":
+        if cfg.get("attention_bias"):
+            raise _unsupported("attention_bias", True, "attention without biases (olmoe also biases o_proj)")
+        if cfg.get("clip_qkv") is not None:
+            raise _unsupported("clip_qkv", cfg["clip_qkv"], "None (no clamping of q, k and v)")
+        # OLMoE normalises the whole q and k projections, its k norm sized for heads of hidden_size / heads.
+        if base["head_dim"] not in (None, base["dim"] // base["n_heads"]):
+            raise _unsupported("head_dim", base["head_dim"], "hidden_size / num_attention_heads for olmoe")
+        base.update(qk_norm=True, qk_norm_scope="full")
     elif family.startswith("deepseek"):
         if cfg.get("attention_bias"):
             raise _unsupported("attention_bias", True, "Multi-head Latent Attention without biases")
@@ -241,6 +251,18 @@ def _qwen(cfg: dict[str, Any], n_layers: int, notes: list[str], family: str) -> 
     return out
 
 
+def _olmoe(cfg: dict[str, Any], n_layers: int, notes: list[str], family: str) -> dict[str, Any]:
+    return dict(
+        num_experts=int(_get(cfg, "num_experts")),
+        top_k=int(_get(cfg, "num_experts_per_tok")),
+        moe_hidden_dim=int(_get(cfg, "intermediate_size")),
+        router="topk",
+        score_func="softmax",
+        renormalize=bool(_get(cfg, "norm_topk_prob", False)),
+        aux_loss_coef=float(_get(cfg, "router_aux_loss_coef", 0.01)),
+    )
+
+
 def _deepseek(cfg: dict[str, Any], n_layers: int, notes: list[str], family: str) -> dict[str, Any]:
     if cfg.get("mlp_bias"):
         raise _unsupported("mlp_bias", True, "MLPs without biases")
@@ -292,6 +314,7 @@ _ROUTING = {
     "mixtral": _mixtral,
     "qwen2_moe": _qwen,
     "qwen3_moe": _qwen,
+    "olmoe": _olmoe,
     "deepseek_v2": _deepseek,
     "deepseek_v3": _deepseek,
 }
@@ -326,7 +349,7 @@ def map_config(cfg: dict[str, Any], max_seq_len: Optional[int] = None) -> Mapped
     family = family_of(cfg)
     notes: list[str] = []
     theta = 1e6 if family == "mixtral" else 1e4
-    base = _common(cfg, theta, 1e-5 if family == "mixtral" else 1e-6, max_seq_len)
+    base = _common(cfg, theta, 1e-5 if family in ("mixtral", "olmoe") else 1e-6, max_seq_len)
     _attention(cfg, family, base, notes)
     moe = _ROUTING[family](cfg, base["n_layers"], notes, family)
     interleaved = family == "deepseek_v2" or (family == "deepseek_v3" and bool(cfg.get("rope_interleave", True)))

@@ -11,8 +11,8 @@ the layer's `router.expert_bias`. Shared experts stay the Hugging Face modules, 
 So an optimizer built before or after patching trains the same tensors.
 
 Supported blocks (transformers 5 fused expert tensors): MixtralSparseMoeBlock, Qwen2MoeSparseMoeBlock,
-Qwen3MoeSparseMoeBlock, DeepseekV2Moe, DeepseekV3MoE. Older transformers keep one nn.Linear per expert;
-those cannot be stacked without a copy, and are reported as not patched.
+Qwen3MoeSparseMoeBlock, OlmoeSparseMoeBlock, DeepseekV2Moe, DeepseekV3MoE. Older transformers keep one
+nn.Linear per expert; those cannot be stacked without a copy, and are reported as not patched.
 
 Behaviour differences, all outside inference: the patched layers add no balancing loss unless
 `aux_loss_coef` is given (transformers computes its own from router logits, which patched blocks do not
@@ -36,6 +36,7 @@ SUPPORTED_BLOCKS = {
     "MixtralSparseMoeBlock": ("mixtral", None, None),
     "Qwen2MoeSparseMoeBlock": ("qwen2_moe", "shared_expert", "shared_expert_gate"),
     "Qwen3MoeSparseMoeBlock": ("qwen3_moe", None, None),
+    "OlmoeSparseMoeBlock": ("olmoe", None, None),
     "DeepseekV2Moe": ("deepseek_v2", "shared_experts", None),
     "DeepseekV3MoE": ("deepseek_v3", "shared_experts", None),
 }

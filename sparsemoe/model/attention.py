@@ -81,7 +81,7 @@ class KVCache:
 
 class Attention(nn.Module):
     """Parameters: q_proj [H*Hd, D], k_proj/v_proj [G*Hd, D] (+ biases when qkv_bias), o_proj [D, H*Hd],
-    q_norm/k_norm [Hd] when qk_norm."""
+    q_norm/k_norm when qk_norm: [Hd] each (qk_norm_scope "head"), or [H*Hd] and [G*Hd] (scope "full")."""
 
     def __init__(self, config: ModelConfig, layer_id: int) -> None:
         super().__init__()
@@ -92,16 +92,21 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(D, self.n_kv_heads * Hd, bias=config.qkv_bias)
         self.v_proj = nn.Linear(D, self.n_kv_heads * Hd, bias=config.qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * Hd, D, bias=False)
-        self.q_norm = RMSNorm(Hd, config.norm_eps) if config.qk_norm else None
-        self.k_norm = RMSNorm(Hd, config.norm_eps) if config.qk_norm else None
+        self.norm_full_width = config.qk_norm_scope == "full"
+        q_width, k_width = (self.n_heads * Hd, self.n_kv_heads * Hd) if self.norm_full_width else (Hd, Hd)
+        self.q_norm = RMSNorm(q_width, config.norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(k_width, config.norm_eps) if config.qk_norm else None
         self.dropout = config.dropout
 
     def forward(self, x_BSD: Tensor, cos_Sd: Tensor, sin_Sd: Tensor, cache: Optional[KVCache] = None) -> Tensor:
         B, S, _ = x_BSD.shape
-        q = self.q_proj(x_BSD).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x_BSD).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = self.q_proj(x_BSD), self.k_proj(x_BSD)
+        if self.q_norm is not None and self.norm_full_width:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(B, S, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x_BSD).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        if self.q_norm is not None:
+        if self.q_norm is not None and not self.norm_full_width:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos_Sd, sin_Sd), apply_rope(k, cos_Sd, sin_Sd)
 

@@ -67,7 +67,8 @@ class ModelConfig:
     #   "original_max_position_embeddings": >= 1, optional beta_fast, beta_slow, mscale, mscale_all_dim}
     norm_eps: float = 1e-5  # RMSNorm epsilon; > 0
     qkv_bias: bool = False  # biases on q/k/v projections (Qwen2)
-    qk_norm: bool = False  # RMSNorm on q and k per head before RoPE (Qwen3)
+    qk_norm: bool = False  # RMSNorm on q and k before RoPE (Qwen3, OLMoE)
+    qk_norm_scope: str = "head"  # head: per head, over Hd (Qwen3) | full: over all of q and all of k (OLMoE)
     tie_embeddings: bool = False  # lm_head shares the embedding matrix
     init_std: float = 0.02  # std of the normal init of embeddings and projections; > 0
     attention: str = "gqa"  # gqa | mla (DeepSeek Multi-head Latent Attention; head_dim is then the RoPE width)
@@ -151,6 +152,8 @@ class ModelConfig:
             _fail("rope_scaling", scaling, accepted)
         if self.attention not in ("gqa", "mla"):
             _fail("attention", self.attention, "'gqa' or 'mla'")
+        if self.qk_norm_scope not in ("head", "full"):
+            _fail("qk_norm_scope", self.qk_norm_scope, "'head' or 'full'")
         if self.attention == "mla":
             for name in ("kv_lora_rank", "qk_nope_head_dim", "v_head_dim"):
                 _int_at_least(name, getattr(self, name), 1)

@@ -10,8 +10,8 @@ State-dict layout (stable; Hugging Face conversion maps onto these names):
     layers.{i}.attn.k_proj.weight         [G*Hd, D]   (+ .bias when qkv_bias)
     layers.{i}.attn.v_proj.weight         [G*Hd, D]   (+ .bias when qkv_bias)
     layers.{i}.attn.o_proj.weight         [D, H*Hd]
-    layers.{i}.attn.q_norm.weight         [Hd]        (qk_norm only)
-    layers.{i}.attn.k_norm.weight         [Hd]        (qk_norm only)
+    layers.{i}.attn.q_norm.weight         [Hd]        (qk_norm only; [H*Hd] with qk_norm_scope "full")
+    layers.{i}.attn.k_norm.weight         [Hd]        (qk_norm only; [G*Hd] with qk_norm_scope "full")
     layers.{i}.ffn_norm.weight            [D]
     MoE block (sparsemoe.MoE):
     layers.{i}.ffn.router.weight          [E, D]
