@@ -96,6 +96,8 @@ def test_export_refuses_models_mixtral_cannot_express(tmp_path):
         export_hf_mixtral(tiny_model(score_func="sigmoid"), tmp_path)
     with pytest.raises(HFFormatError, match="every block must be MoE"):
         export_hf_mixtral(tiny_model(first_dense_layers=1), tmp_path)
+    with pytest.raises(HFFormatError, match="rotary_dim="):
+        export_hf_mixtral(tiny_model(rotary_dim=4), tmp_path)
     assert not list(tmp_path.iterdir())  # nothing written
 
 

@@ -102,6 +102,25 @@ FAMILIES = {
             q_lora_rank=24,
         ),
     ),
+    "glm4_moe": (
+        "Glm4MoeConfig",
+        "Glm4MoeForCausalLM",
+        dict(
+            intermediate_size=40,
+            moe_intermediate_size=16,
+            n_routed_experts=8,
+            n_shared_experts=1,
+            num_experts_per_tok=2,
+            n_group=4,
+            topk_group=2,
+            first_k_dense_replace=1,
+            routed_scaling_factor=2.5,
+            attention_bias=True,
+            use_qk_norm=True,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
+            pad_token_id=0,
+        ),
+    ),
 }
 
 
@@ -142,6 +161,7 @@ CASES = [
     ("olmoe", False),
     ("deepseek_v2", True),
     ("deepseek_v3", False),
+    ("glm4_moe", True),
 ]
 
 
@@ -178,6 +198,10 @@ def test_routing_fields_per_family(tmp_path):
         ),
         "deepseek_v3": dict(
             score_func="sigmoid", bias_balancing=True, group_score="top2_sum", route_scale=2.5, moe_layers=[1, 2]
+        ),
+        "glm4_moe": dict(
+            score_func="sigmoid", bias_balancing=True, group_score="top2_sum", route_scale=2.5, moe_layers=[1, 2],
+            attention="gqa", qkv_bias=True, qk_norm=True, qk_norm_scope="head", head_dim=8, rotary_dim=4,
         ),
     }
     for family, fields in expect.items():

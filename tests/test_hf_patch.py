@@ -35,6 +35,7 @@ def test_patched_model_matches_original_and_shares_weights(family):
             "OlmoeSparseMoeBlock",
             "DeepseekV2Moe",
             "DeepseekV3MoE",
+            "Glm4MoeMoE",
         )
     }
     params_before = {id(p) for p in hf.parameters()}
@@ -48,7 +49,7 @@ def test_patched_model_matches_original_and_shares_weights(family):
         assert patched.moe.router.weight is block.gate.weight  # the same Parameter: no copy
         assert patched.moe.experts.w_in is block.experts.gate_up_proj
         assert patched.moe.experts.w_out is block.experts.down_proj
-        if family == "deepseek_v3":
+        if family in ("deepseek_v3", "glm4_moe"):
             assert patched.moe.router.expert_bias is block.gate.e_score_correction_bias
     assert {id(p) for p in hf.parameters()} == params_before  # nothing added, nothing copied
     with torch.no_grad():
@@ -97,20 +98,18 @@ def test_report_says_what_was_not_patched_and_why():
 
 
 def test_unsupported_model_type_is_reported():
-    config = transformers.Glm4MoeConfig(
+    config = transformers.FlexOlmoConfig(
         vocab_size=VOCAB,
         hidden_size=32,
         num_hidden_layers=2,
         num_attention_heads=4,
-        num_key_value_heads=4,
         intermediate_size=16,
-        moe_intermediate_size=16,
-        n_routed_experts=4,
+        num_experts=4,
         num_experts_per_tok=2,
-        first_k_dense_replace=0,
         pad_token_id=0,
+        eos_token_id=1,
     )
-    hf = transformers.Glm4MoeForCausalLM(config).eval()
+    hf = transformers.FlexOlmoForCausalLM(config).eval()
     report = patch_hf_model(hf)
     assert not report.patched and len(report.skipped) == 2  # every MoE block, each with the reason
-    assert all("model_type 'glm4_moe' is not supported" in e.reason for e in report.skipped)
+    assert all("model_type 'flex_olmo' is not supported" in e.reason for e in report.skipped)

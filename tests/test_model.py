@@ -44,6 +44,8 @@ def test_presets_build_and_mixtral_has_mixtral_shape():
         ("router", "expert_choice", "not causal"),
         ("qk_norm", "yes", "ModelConfig.qk_norm='yes'"),
         ("qk_norm_scope", "layer", "ModelConfig.qk_norm_scope='layer'"),
+        ("rotary_dim", 3, "ModelConfig.rotary_dim=3"),
+        ("rotary_dim", 64, "ModelConfig.rotary_dim=64"),
     ],
 )
 def test_config_errors_name_the_field(field, value, expected):

@@ -24,8 +24,8 @@ def register(subparsers) -> argparse.ArgumentParser:
         "convert",
         help="convert a Hugging Face MoE model to a sparsemoe checkpoint, or back to Hugging Face Mixtral",
         description="Convert between Hugging Face MoE folders (config.json + safetensors) and sparsemoe checkpoints. "
-        "HF -> sparsemoe reads Mixtral, Qwen2-MoE, Qwen3-MoE, DeepSeek-V2 and DeepSeek-V3 folders and writes a "
-        "checkpoint that `sparsemoe generate --checkpoint OUT` runs. sparsemoe -> HF writes a Mixtral folder that "
+        "HF -> sparsemoe reads Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V2, DeepSeek-V3 and GLM-4.5 folders "
+        "and writes a checkpoint that `sparsemoe generate --checkpoint OUT` runs. sparsemoe -> HF writes a Mixtral folder that "
         "transformers loads. The direction is taken from SRC (a folder with config.json is Hugging Face) unless "
         "--to is given. Tensors are read and written one at a time.",
     )

@@ -1,6 +1,6 @@
 """Hugging Face `config.json` -> sparsemoe `ModelConfig`, per model family.
 
-Supported families (`model_type`): mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v2, deepseek_v3. The
+Supported families (`model_type`): mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v2, deepseek_v3, glm4_moe. The
 config is read as plain JSON, so loading and converting need no `transformers` install; defaults for
 keys a config leaves out are those of the transformers config classes.
 
@@ -15,8 +15,10 @@ How each family routes, and the MoEConfig fields it maps to:
 | deepseek_v2 | softmax | top-k, or groups ranked by max   | x routed_scaling_factor           | n_shared_experts |
 | deepseek_v3 | sigmoid | score + e_score_correction_bias, | renormalised iff norm_topk_prob,  | n_shared_experts |
 |             |         | groups ranked by top-2 sum       | x routed_scaling_factor           |                  |
+| glm4_moe    | as deepseek_v3 (GLM-4.5 routes as DeepSeek-V3 does; its attention is GQA, not MLA)                |
 
-RoPE: plain, or YaRN (`rope_type` "yarn", DeepSeek's context extension) as `ModelConfig.rope_scaling`.
+RoPE: plain, or YaRN (`rope_type` "yarn", DeepSeek's context extension) as `ModelConfig.rope_scaling`;
+a `partial_rotary_factor` (GLM-4.5 rotates half of each head) as `ModelConfig.rotary_dim`.
 Anything a family does that sparsemoe's model cannot reproduce (other RoPE scalings, biases sparsemoe's
 attention lacks, dense layers that are not a prefix, ...) raises `HFFormatError` naming the config key,
 instead of loading a model that would silently compute something else.
@@ -32,7 +34,7 @@ from typing import Any, Optional, Union
 from sparsemoe.hf.io import HFFormatError
 from sparsemoe.model.mla import YARN_KEYS
 
-FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3")
+FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe")
 
 # Expert activations: Hugging Face hidden_act -> sparsemoe activation (both gated).
 _ACTIVATIONS = {"silu": "swiglu", "swish": "swiglu", "gelu_pytorch_tanh": "geglu", "gelu_new": "geglu"}
@@ -128,6 +130,19 @@ def _rope(cfg: dict[str, Any], default_theta: float) -> dict[str, Any]:
     return {"rope_theta": theta, "rope_scaling": {"type": "yarn", **yarn}}
 
 
+def _rotary_dim(cfg: dict[str, Any], head_dim: int) -> Optional[int]:
+    """Rotated width per head from `partial_rotary_factor` (transformers 5's rope_parameters or a top-level
+    key), as transformers computes it; None when the whole head rotates."""
+    factor = (cfg.get("rope_parameters") or {}).get("partial_rotary_factor", cfg.get("partial_rotary_factor"))
+    if factor is None or float(factor) == 1.0:
+        return None
+    width = int(head_dim * float(factor))
+    if not 0 < float(factor) < 1 or width < 2 or width % 2:
+        accepted = f"a factor in (0, 1] that rotates an even number of head_dim={head_dim} dims"
+        raise _unsupported("partial_rotary_factor", factor, accepted)
+    return width
+
+
 def _window(cfg: dict[str, Any], max_seq_len: int, sliding: bool, notes: list[str]) -> int:
     """Sliding-window attention equals full attention on sequences no longer than the window: cap there."""
     window = cfg.get("sliding_window")
@@ -142,13 +157,15 @@ def _common(
 ) -> dict[str, Any]:
     heads = int(_get(cfg, "num_attention_heads"))
     longest = int(_get(cfg, "max_position_embeddings"))
+    head_dim = cfg.get("head_dim")
     return dict(
         vocab_size=int(_get(cfg, "vocab_size")),
         dim=int(_get(cfg, "hidden_size")),
         n_layers=int(_get(cfg, "num_hidden_layers")),
         n_heads=heads,
         n_kv_heads=int(_get(cfg, "num_key_value_heads", heads)),
-        head_dim=cfg.get("head_dim"),
+        head_dim=head_dim,
+        rotary_dim=_rotary_dim(cfg, int(head_dim or int(_get(cfg, "hidden_size")) // heads)),
         max_seq_len=min(longest, max_seq_len) if max_seq_len else longest,
         **_rope(cfg, default_theta),
         norm_eps=float(_get(cfg, "rms_norm_eps", default_eps)),
@@ -195,9 +212,13 @@ def _attention(cfg: dict[str, Any], family: str, base: dict[str, Any], notes: li
         if base["head_dim"] not in (None, base["dim"] // base["n_heads"]):
             raise _unsupported("head_dim", base["head_dim"], "hidden_size / num_attention_heads for olmoe")
         base.update(qk_norm=True, qk_norm_scope="full")
+    elif family == "glm4_moe":
+        base.update(qkv_bias=bool(_get(cfg, "attention_bias", False)), qk_norm=bool(_get(cfg, "use_qk_norm", False)))
     elif family.startswith("deepseek"):
         if cfg.get("attention_bias"):
             raise _unsupported("attention_bias", True, "Multi-head Latent Attention without biases")
+        if base["rotary_dim"] is not None:
+            raise _unsupported("partial_rotary_factor", cfg.get("partial_rotary_factor"), "1.0 with MLA")
         base.update(
             attention="mla",
             n_kv_heads=base["n_heads"],
@@ -317,6 +338,7 @@ _ROUTING = {
     "olmoe": _olmoe,
     "deepseek_v2": _deepseek,
     "deepseek_v3": _deepseek,
+    "glm4_moe": _deepseek,  # DeepSeek-V3's routing (sigmoid, selection bias, groups) under GQA attention
 }
 
 # ModelConfig fields that describe the model around the MoE blocks, not the blocks themselves.
@@ -349,7 +371,7 @@ def map_config(cfg: dict[str, Any], max_seq_len: Optional[int] = None) -> Mapped
     family = family_of(cfg)
     notes: list[str] = []
     theta = 1e6 if family == "mixtral" else 1e4
-    base = _common(cfg, theta, 1e-5 if family in ("mixtral", "olmoe") else 1e-6, max_seq_len)
+    base = _common(cfg, theta, 1e-5 if family in ("mixtral", "olmoe", "glm4_moe") else 1e-6, max_seq_len)
     _attention(cfg, family, base, notes)
     moe = _ROUTING[family](cfg, base["n_layers"], notes, family)
     interleaved = family == "deepseek_v2" or (family == "deepseek_v3" and bool(cfg.get("rope_interleave", True)))

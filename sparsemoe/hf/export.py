@@ -35,6 +35,8 @@ def mixtral_incompatibilities(model: nn.Module) -> list[str]:
         problems.append(f"attention={c.attention!r} (Mixtral has grouped-query attention)")
     if c.qkv_bias or c.qk_norm:
         problems.append("qkv_bias/qk_norm must be False")
+    if c.rotary_dim != c.head_dim:
+        problems.append(f"rotary_dim={c.rotary_dim} (Mixtral rotates the whole head, head_dim={c.head_dim})")
     if c.activation not in _HIDDEN_ACT:
         problems.append(f"activation={c.activation!r} (Mixtral experts are gated: swiglu or geglu)")
     if c.router != "topk" or c.score_func != "softmax":

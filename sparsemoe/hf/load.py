@@ -58,7 +58,7 @@ def empty_model(config, dtype: torch.dtype, device: Union[str, torch.device]) ->
             layer.router.expert_bias = layer.router.expert_bias.float()  # router math stays float32
     model.to_empty(device=device)
     # The only non-persistent state: RoPE tables derived from the config; recompute them for real.
-    cos, sin = rope_table(config.head_dim, config.max_seq_len, config.rope_theta, config.rope_scaling)
+    cos, sin = rope_table(config.rotary_dim, config.max_seq_len, config.rope_theta, config.rope_scaling)
     model.rope_cos, model.rope_sin = cos.to(device), sin.to(device)
     return model
 
@@ -87,7 +87,7 @@ def load_hf(
     backend: Optional[str] = None,
     strict: bool = True,
 ) -> LoadedModel:
-    """Load a Hugging Face Mixtral / Qwen2-MoE / Qwen3-MoE / DeepSeek-V2 / DeepSeek-V3 folder.
+    """Load a Hugging Face Mixtral / Qwen2-MoE / Qwen3-MoE / OLMoE / DeepSeek-V2 / DeepSeek-V3 / GLM-4.5 folder.
 
     dtype: "float32" (default), "bfloat16", "float16" or "auto" (the checkpoint's dtype).
     max_seq_len: cap the model's context (and its RoPE table / KV cache) below max_position_embeddings.

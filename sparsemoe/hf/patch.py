@@ -6,17 +6,17 @@
 
 No weight is copied: the sparsemoe layer's `router.weight`, `experts.w_in` and `experts.w_out` are the
 very Parameter objects of the Hugging Face block (`gate.weight`, `experts.gate_up_proj` [E, 2F, D],
-`experts.down_proj` [E, D, F], the same layout), and DeepSeek-V3's `e_score_correction_bias` becomes
+`experts.down_proj` [E, D, F], the same layout), and DeepSeek-V3's (GLM-4.5's) `e_score_correction_bias` becomes
 the layer's `router.expert_bias`. Shared experts stay the Hugging Face modules, called as before.
 So an optimizer built before or after patching trains the same tensors.
 
 Supported blocks (transformers 5 fused expert tensors): MixtralSparseMoeBlock, Qwen2MoeSparseMoeBlock,
-Qwen3MoeSparseMoeBlock, OlmoeSparseMoeBlock, DeepseekV2Moe, DeepseekV3MoE. Older transformers keep one
-nn.Linear per expert; those cannot be stacked without a copy, and are reported as not patched.
+Qwen3MoeSparseMoeBlock, OlmoeSparseMoeBlock, DeepseekV2Moe, DeepseekV3MoE, Glm4MoeMoE. Older transformers
+keep one nn.Linear per expert; those cannot be stacked without a copy, and are reported as not patched.
 
 Behaviour differences, all outside inference: the patched layers add no balancing loss unless
 `aux_loss_coef` is given (transformers computes its own from router logits, which patched blocks do not
-record); in training, DeepSeek-V3 layers update their selection bias (aux-loss-free balancing).
+record); in training, DeepSeek-V3 and GLM-4.5 layers update their selection bias (aux-loss-free balancing).
 """
 
 from __future__ import annotations
@@ -39,7 +39,10 @@ SUPPORTED_BLOCKS = {
     "OlmoeSparseMoeBlock": ("olmoe", None, None),
     "DeepseekV2Moe": ("deepseek_v2", "shared_experts", None),
     "DeepseekV3MoE": ("deepseek_v3", "shared_experts", None),
+    "Glm4MoeMoE": ("glm4_moe", "shared_experts", None),
 }
+# Families whose router holds a selection bias (`gate.e_score_correction_bias`), DeepSeek-V3 style.
+_SELECTION_BIAS = ("deepseek_v3", "glm4_moe")
 
 
 class PatchedMoeBlock(nn.Module):
@@ -117,7 +120,7 @@ def _why_not(module: nn.Module, moe_cfg, family: str, model_family: str) -> str:
     gate_weight = getattr(module.gate, "weight", None)
     if not isinstance(gate_weight, nn.Parameter) or tuple(gate_weight.shape) != (E, D):
         return f"router weight is not an [E, D] = {(E, D)} parameter"
-    if family == "deepseek_v3" and getattr(module.gate, "e_score_correction_bias", None) is None:
+    if family in _SELECTION_BIAS and getattr(module.gate, "e_score_correction_bias", None) is None:
         return "router has no e_score_correction_bias"
     return ""
 
@@ -130,7 +133,7 @@ def _sparsemoe_layer(module: nn.Module, moe_cfg, family: str) -> MoE:
     moe.experts.w_in = module.experts.gate_up_proj
     moe.experts.w_out = module.experts.down_proj
     weight = module.gate.weight
-    if family == "deepseek_v3":
+    if family in _SELECTION_BIAS:
         moe.router.expert_bias = module.gate.e_score_correction_bias  # same tensor: no copy
     else:
         moe.router.expert_bias = torch.zeros(moe_cfg.num_experts, device=weight.device, dtype=torch.float32)

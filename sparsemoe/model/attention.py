@@ -32,23 +32,28 @@ class RMSNorm(nn.Module):
         return (y * self.weight.float()).to(x.dtype)
 
 
-def rope_table(head_dim: int, max_len: int, theta: float, scaling: Optional[dict] = None) -> tuple[Tensor, Tensor]:
-    """cos, sin [max_len, head_dim] for the rotate-half layout, in float32; `scaling` = ModelConfig.rope_scaling."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+def rope_table(width: int, max_len: int, theta: float, scaling: Optional[dict] = None) -> tuple[Tensor, Tensor]:
+    """cos, sin [max_len, width] for the rotate-half layout over the `width` rotated dims of a head
+    (ModelConfig.rotary_dim), in float32; `scaling` = ModelConfig.rope_scaling."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, width, 2, dtype=torch.float64) / width)
     factor = 1.0
     if scaling is not None:
         from sparsemoe.model.mla import yarn_frequencies
 
-        inv_freq, factor = yarn_frequencies(head_dim, theta, scaling)
+        inv_freq, factor = yarn_frequencies(width, theta, scaling)
     angles = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)
     angles = torch.cat([angles, angles], dim=-1)
     return (angles.cos() * factor).float(), (angles.sin() * factor).float()
 
 
-def apply_rope(x_BHSd: Tensor, cos_Sd: Tensor, sin_Sd: Tensor) -> Tensor:
-    half = x_BHSd.shape[-1] // 2
+def apply_rope(x_BHSd: Tensor, cos_Sr: Tensor, sin_Sr: Tensor) -> Tensor:
+    """Rotate the first r = cos_Sr.shape[-1] dims of each head (rotate-half pairs); the rest pass through."""
+    r = cos_Sr.shape[-1]
+    if r < x_BHSd.shape[-1]:  # partial rotary (GLM-4.5)
+        return torch.cat([apply_rope(x_BHSd[..., :r], cos_Sr, sin_Sr), x_BHSd[..., r:]], dim=-1)
+    half = r // 2
     rotated = torch.cat([-x_BHSd[..., half:], x_BHSd[..., :half]], dim=-1)
-    return (x_BHSd.float() * cos_Sd + rotated.float() * sin_Sd).to(x_BHSd.dtype)
+    return (x_BHSd.float() * cos_Sr + rotated.float() * sin_Sr).to(x_BHSd.dtype)
 
 
 class KVCache:

@@ -60,6 +60,7 @@ class ModelConfig:
     n_heads: int = 4  # query heads; >= 1
     n_kv_heads: Optional[int] = None  # key/value heads (grouped-query attention); divides n_heads; None = n_heads
     head_dim: Optional[int] = None  # per-head width; None = dim // n_heads (Qwen3 sets it explicitly)
+    rotary_dim: Optional[int] = None  # RoPE rotates each head's first rotary_dim dims; even; None = head_dim
     max_seq_len: int = 256  # longest sequence the model takes (RoPE table, KV cache); >= 1
     dropout: float = 0.0  # dropout on attention weights and residual branches (training only); [0, 1)
     rope_theta: float = 10000.0  # RoPE base; > 0 (Mixtral 1e6)
@@ -130,6 +131,11 @@ class ModelConfig:
         _int_at_least("head_dim", self.head_dim, 2)
         if self.head_dim % 2:
             _fail("head_dim", self.head_dim, "an even integer (RoPE rotates pairs)")
+        if self.rotary_dim is None:
+            self.rotary_dim = self.head_dim
+        _int_at_least("rotary_dim", self.rotary_dim, 2)
+        if self.rotary_dim % 2 or self.rotary_dim > self.head_dim:
+            _fail("rotary_dim", self.rotary_dim, f"an even integer <= head_dim={self.head_dim}")
         if not (_number(self.dropout) and 0 <= self.dropout < 1):
             _fail("dropout", self.dropout, "a probability in [0, 1)")
         for name in ("rope_theta", "norm_eps", "init_std"):
@@ -157,6 +163,8 @@ class ModelConfig:
         if self.attention == "mla":
             for name in ("kv_lora_rank", "qk_nope_head_dim", "v_head_dim"):
                 _int_at_least(name, getattr(self, name), 1)
+            if self.rotary_dim != self.head_dim:
+                _fail("rotary_dim", self.rotary_dim, f"head_dim={self.head_dim} (with mla head_dim is the RoPE width)")
             if self.q_lora_rank is not None:
                 _int_at_least("q_lora_rank", self.q_lora_rank, 1)
         if self.router == "expert_choice":

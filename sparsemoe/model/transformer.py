@@ -106,7 +106,7 @@ class MoETransformer(nn.Module):
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.lm_head = None if config.tie_embeddings else nn.Linear(config.dim, config.vocab_size, bias=False)
-        cos, sin = rope_table(config.head_dim, config.max_seq_len, config.rope_theta, config.rope_scaling)
+        cos, sin = rope_table(config.rotary_dim, config.max_seq_len, config.rope_theta, config.rope_scaling)
         # Not persistent: derived from the config, so they stay out of checkpoints.
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
