@@ -121,6 +121,22 @@ FAMILIES = {
             pad_token_id=0,
         ),
     ),
+    "dots1": (
+        "Dots1Config",
+        "Dots1ForCausalLM",
+        dict(
+            intermediate_size=40,
+            moe_intermediate_size=16,
+            n_routed_experts=6,
+            n_shared_experts=2,
+            num_experts_per_tok=2,
+            n_group=2,
+            topk_group=1,
+            first_k_dense_replace=1,
+            routed_scaling_factor=1.5,
+            norm_topk_prob=True,
+        ),
+    ),
 }
 
 
@@ -162,6 +178,7 @@ CASES = [
     ("deepseek_v2", True),
     ("deepseek_v3", False),
     ("glm4_moe", True),
+    ("dots1", False),
 ]
 
 
@@ -202,6 +219,10 @@ def test_routing_fields_per_family(tmp_path):
         "glm4_moe": dict(
             score_func="sigmoid", bias_balancing=True, group_score="top2_sum", route_scale=2.5, moe_layers=[1, 2],
             attention="gqa", qkv_bias=True, qk_norm=True, qk_norm_scope="head", head_dim=8, rotary_dim=4,
+        ),
+        "dots1": dict(
+            score_func="sigmoid", bias_balancing=True, renormalize=True, num_groups=2, route_scale=1.5,
+            num_shared_experts=2, qk_norm=True, moe_layers=[1, 2],
         ),
     }
     for family, fields in expect.items():
@@ -267,8 +288,12 @@ def test_yarn_rope_matches_beyond_the_original_context(family, extra, tmp_path):
         torch.testing.assert_close(model(x).logits, hf(x).logits, atol=2e-5, rtol=1e-4)
 
 
-def test_sliding_window_caps_context(tmp_path):
-    save_hf(tiny_hf_model("mixtral", sliding_window=16), tmp_path)
+@pytest.mark.parametrize(
+    "family,extra",
+    [("mixtral", {}), ("dots1", {"layer_types": ["full_attention", "sliding_attention", "full_attention"]})],
+)
+def test_sliding_window_caps_context(family, extra, tmp_path):
+    save_hf(tiny_hf_model(family, sliding_window=16, **extra), tmp_path)
     loaded = load_hf(tmp_path)
     assert loaded.model.config.max_seq_len == 16
     assert any("sliding_window=16" in note for note in loaded.mapped.notes)

@@ -36,6 +36,7 @@ def test_patched_model_matches_original_and_shares_weights(family):
             "DeepseekV2Moe",
             "DeepseekV3MoE",
             "Glm4MoeMoE",
+            "Dots1MoE",
         )
     }
     params_before = {id(p) for p in hf.parameters()}
@@ -49,7 +50,7 @@ def test_patched_model_matches_original_and_shares_weights(family):
         assert patched.moe.router.weight is block.gate.weight  # the same Parameter: no copy
         assert patched.moe.experts.w_in is block.experts.gate_up_proj
         assert patched.moe.experts.w_out is block.experts.down_proj
-        if family in ("deepseek_v3", "glm4_moe"):
+        if family in ("deepseek_v3", "glm4_moe", "dots1"):
             assert patched.moe.router.expert_bias is block.gate.e_score_correction_bias
     assert {id(p) for p in hf.parameters()} == params_before  # nothing added, nothing copied
     with torch.no_grad():

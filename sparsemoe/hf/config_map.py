@@ -1,6 +1,7 @@
 """Hugging Face `config.json` -> sparsemoe `ModelConfig`, per model family.
 
-Supported families (`model_type`): mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v2, deepseek_v3, glm4_moe. The
+Supported families (`model_type`): mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v2, deepseek_v3, glm4_moe,
+dots1. The
 config is read as plain JSON, so loading and converting need no `transformers` install; defaults for
 keys a config leaves out are those of the transformers config classes.
 
@@ -16,6 +17,7 @@ How each family routes, and the MoEConfig fields it maps to:
 | deepseek_v3 | sigmoid | score + e_score_correction_bias, | renormalised iff norm_topk_prob,  | n_shared_experts |
 |             |         | groups ranked by top-2 sum       | x routed_scaling_factor           |                  |
 | glm4_moe    | as deepseek_v3 (GLM-4.5 routes as DeepSeek-V3 does; its attention is GQA, not MLA)                |
+| dots1       | as deepseek_v3 (dots.llm1; GQA attention with Qwen3's per-head q/k norm)                           |
 
 RoPE: plain, or YaRN (`rope_type` "yarn", DeepSeek's context extension) as `ModelConfig.rope_scaling`;
 a `partial_rotary_factor` (GLM-4.5 rotates half of each head) as `ModelConfig.rotary_dim`.
@@ -34,7 +36,7 @@ from typing import Any, Optional, Union
 from sparsemoe.hf.io import HFFormatError
 from sparsemoe.model.mla import YARN_KEYS
 
-FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe")
+FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe", "dots1")
 
 # Expert activations: Hugging Face hidden_act -> sparsemoe activation (both gated).
 _ACTIVATIONS = {"silu": "swiglu", "swish": "swiglu", "gelu_pytorch_tanh": "geglu", "gelu_new": "geglu"}
@@ -195,7 +197,11 @@ def _qwen_sparse_layers(cfg: dict[str, Any], n_layers: int) -> dict[str, Any]:
 
 def _attention(cfg: dict[str, Any], family: str, base: dict[str, Any], notes: list[str]) -> None:
     """The attention-side fields of the ModelConfig (`base`), per family."""
-    sliding = family in ("mixtral", "olmoe") or (family.startswith("qwen") and bool(cfg.get("use_sliding_window")))
+    sliding = (
+        family in ("mixtral", "olmoe")
+        or (family.startswith("qwen") and bool(cfg.get("use_sliding_window")))
+        or "sliding_attention" in (cfg.get("layer_types") or ())  # dots1: some layers slide
+    )
     base["max_seq_len"] = _window(cfg, base["max_seq_len"], sliding, notes)
     if family == "qwen2_moe":
         base["qkv_bias"] = bool(_get(cfg, "qkv_bias", True))
@@ -214,6 +220,10 @@ def _attention(cfg: dict[str, Any], family: str, base: dict[str, Any], notes: li
         base.update(qk_norm=True, qk_norm_scope="full")
     elif family == "glm4_moe":
         base.update(qkv_bias=bool(_get(cfg, "attention_bias", False)), qk_norm=bool(_get(cfg, "use_qk_norm", False)))
+    elif family == "dots1":
+        if cfg.get("attention_bias"):
+            raise _unsupported("attention_bias", True, "attention without biases (dots1 also biases o_proj)")
+        base["qk_norm"] = True
     elif family.startswith("deepseek"):
         if cfg.get("attention_bias"):
             raise _unsupported("attention_bias", True, "Multi-head Latent Attention without biases")
@@ -339,6 +349,7 @@ _ROUTING = {
     "deepseek_v2": _deepseek,
     "deepseek_v3": _deepseek,
     "glm4_moe": _deepseek,  # DeepSeek-V3's routing (sigmoid, selection bias, groups) under GQA attention
+    "dots1": _deepseek,  # likewise
 }
 
 # ModelConfig fields that describe the model around the MoE blocks, not the blocks themselves.

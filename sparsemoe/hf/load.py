@@ -87,7 +87,7 @@ def load_hf(
     backend: Optional[str] = None,
     strict: bool = True,
 ) -> LoadedModel:
-    """Load a Hugging Face Mixtral / Qwen2-MoE / Qwen3-MoE / OLMoE / DeepSeek-V2 / DeepSeek-V3 / GLM-4.5 folder.
+    """Load a Hugging Face MoE model folder (any family of `sparsemoe.hf.config_map.FAMILIES`).
 
     dtype: "float32" (default), "bfloat16", "float16" or "auto" (the checkpoint's dtype).
     max_seq_len: cap the model's context (and its RoPE table / KV cache) below max_position_embeddings.

@@ -11,8 +11,9 @@ the layer's `router.expert_bias`. Shared experts stay the Hugging Face modules, 
 So an optimizer built before or after patching trains the same tensors.
 
 Supported blocks (transformers 5 fused expert tensors): MixtralSparseMoeBlock, Qwen2MoeSparseMoeBlock,
-Qwen3MoeSparseMoeBlock, OlmoeSparseMoeBlock, DeepseekV2Moe, DeepseekV3MoE, Glm4MoeMoE. Older transformers
-keep one nn.Linear per expert; those cannot be stacked without a copy, and are reported as not patched.
+Qwen3MoeSparseMoeBlock, OlmoeSparseMoeBlock, DeepseekV2Moe, DeepseekV3MoE, Glm4MoeMoE, Dots1MoE. Older
+transformers keep one nn.Linear per expert; those cannot be stacked without a copy, and are reported as not
+patched.
 
 Behaviour differences, all outside inference: the patched layers add no balancing loss unless
 `aux_loss_coef` is given (transformers computes its own from router logits, which patched blocks do not
@@ -40,9 +41,10 @@ SUPPORTED_BLOCKS = {
     "DeepseekV2Moe": ("deepseek_v2", "shared_experts", None),
     "DeepseekV3MoE": ("deepseek_v3", "shared_experts", None),
     "Glm4MoeMoE": ("glm4_moe", "shared_experts", None),
+    "Dots1MoE": ("dots1", "shared_experts", None),
 }
 # Families whose router holds a selection bias (`gate.e_score_correction_bias`), DeepSeek-V3 style.
-_SELECTION_BIAS = ("deepseek_v3", "glm4_moe")
+_SELECTION_BIAS = ("deepseek_v3", "glm4_moe", "dots1")
 
 
 class PatchedMoeBlock(nn.Module):
