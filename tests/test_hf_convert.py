@@ -1,4 +1,4 @@
-"""sparsemoe <-> Hugging Face: Mixtral export, exact round trips, `sparsemoe convert`, and clear errors."""
+"""sparsemoe <-> Hugging Face: Mixtral and GLM-4.5 export, exact round trips, `sparsemoe convert`, clear errors."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from test_hf_load import VOCAB, hf_greedy, save_hf, tiny_hf_model  # noqa: E402
 
 from sparsemoe.cli import main  # noqa: E402
 from sparsemoe.hf import HFFormatError, load_hf, write_safetensors  # noqa: E402
-from sparsemoe.hf.export import export_hf_mixtral  # noqa: E402
+from sparsemoe.hf.export import export_hf, export_hf_mixtral  # noqa: E402
 from sparsemoe.model import ModelConfig, MoETransformer  # noqa: E402
 from sparsemoe.train.checkpoint import load_model  # noqa: E402
 
@@ -54,20 +54,77 @@ def test_export_loads_in_transformers_and_round_trips_exactly(fused, shard_bytes
     )
     export_hf_mixtral(model, tmp_path / "hf", fused=fused, max_shard_bytes=shard_bytes)
     assert (tmp_path / "hf" / "model.safetensors.index.json").is_file() == fused
+    assert type(_matches_in_transformers_and_round_trips(model, tmp_path)).__name__ == "MixtralForCausalLM"
+
+
+def _matches_in_transformers_and_round_trips(model, tmp_path):
+    """transformers' model of the export in tmp_path/hf computes `model`'s logits, and loading the export
+    back (as written, and as transformers re-saves it) gives the same tensors, config and logits."""
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     x = ids()
     with torch.no_grad():
         torch.testing.assert_close(hf(x).logits, model(x).logits, atol=2e-5, rtol=1e-4)
-    # Back from our export, and from transformers re-saving it: the same tensors, config and logits.
     hf.save_pretrained(tmp_path / "resaved")
     for folder in ("hf", "resaved"):
         back = load_hf(tmp_path / folder).model
         state, back_state = model.state_dict(), back.state_dict()
         assert state.keys() == back_state.keys()
         assert all(torch.equal(state[k], back_state[k]) for k in state)
-        assert back.config == model.config
+        assert back.config == model.config  # training settings included
         with torch.no_grad():
             assert torch.equal(back(x).logits, model(x).logits)
+    return hf
+
+
+# Models only GLM-4.5 can express: DeepSeek-V3 routing (sigmoid, selection bias, groups, scale), shared experts,
+# dense first blocks, q/k/v biases, per-head q/k norms, RoPE on part of each head.
+GLM_MODELS = {
+    "grouped-biased-shared": dict(
+        n_layers=3, score_func="sigmoid", router="group_limited", num_groups=2, topk_groups=1, route_scale=2.0,
+        bias_balancing=True, num_shared_experts=1, first_dense_layers=1, qkv_bias=True, qk_norm=True, rotary_dim=4,
+        z_loss_coef=1e-3,
+    ),
+    "topk-unbiased-tied": dict(score_func="sigmoid", renormalize=False, tie_embeddings=True, dense_hidden_dim=40),
+}
+
+
+@pytest.mark.parametrize("name,fused,shard_bytes", [("grouped-biased-shared", False, 5 << 30),
+                                                    ("topk-unbiased-tied", True, 20_000)])
+def test_glm4_export_loads_in_transformers_and_round_trips_exactly(name, fused, shard_bytes, tmp_path):
+    model = tiny_model(**GLM_MODELS[name])
+    if model.config.bias_balancing:
+        with torch.no_grad():
+            for layer in model.moe_layers:
+                layer.router.expert_bias.normal_(0, 0.1)  # a trained selection bias
+    export_hf(model, tmp_path / "hf", fused=fused, max_shard_bytes=shard_bytes)  # auto: Mixtral cannot, GLM can
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["model_type"] == "glm4_moe"
+    assert type(_matches_in_transformers_and_round_trips(model, tmp_path)).__name__ == "Glm4MoeForCausalLM"
+
+
+def test_glm4_export_keeps_the_selection_bias_in_float32_and_refuses_a_bias_its_settings_ignore(tmp_path):
+    export_hf(tiny_model(**GLM_MODELS["grouped-biased-shared"]), tmp_path / "bf16", dtype=torch.bfloat16)
+    with safe_open(str(tmp_path / "bf16" / "model.safetensors"), "pt") as f:
+        assert f.get_tensor("model.layers.1.mlp.gate.e_score_correction_bias").dtype == torch.float32
+        assert f.get_tensor("model.layers.1.mlp.gate.weight").dtype == torch.bfloat16
+    export_hf(tiny_model(**GLM_MODELS["topk-unbiased-tied"]), tmp_path / "glm")  # bias_balancing=False, zero bias
+    path = tmp_path / "glm" / "model.safetensors"
+    _rewrite(path, replace={"model.layers.0.mlp.gate.e_score_correction_bias": torch.full((4,), 0.5)})
+    with pytest.raises(HFFormatError, match="non-zero e_score_correction_bias.*turn bias balancing off"):
+        load_hf(tmp_path / "glm")
+
+
+def test_export_picks_mixtral_when_it_can_and_lists_every_reason_when_nothing_can(tmp_path):
+    export_hf(tiny_model(), tmp_path / "plain")
+    assert json.loads((tmp_path / "plain" / "config.json").read_text())["model_type"] == "mixtral"
+    both = "as mixtral: .*num_shared_experts=1.* / as glm4_moe: .*score_func='softmax'"
+    with pytest.raises(HFFormatError, match=both):
+        export_hf(tiny_model(num_shared_experts=1), tmp_path / "none")
+    with pytest.raises(HFFormatError, match="cannot be exported as glm4_moe: .*shared_expert_gate"):
+        export_hf(tiny_model(score_func="sigmoid", num_shared_experts=1, shared_expert_gate=True), tmp_path / "x",
+                  family="glm4_moe")
+    with pytest.raises(HFFormatError, match="cannot export as 'qwen3_moe'"):
+        export_hf(tiny_model(), tmp_path / "y", family="qwen3_moe")
+    assert not (tmp_path / "none").exists() and not (tmp_path / "x").exists()
 
 
 def test_saved_settings_yield_to_edited_hf_keys(tmp_path):
@@ -132,9 +189,25 @@ def test_cli_convert_both_ways_and_generate(tmp_path, capsys):
     assert printed[len(prompt) :].rstrip("\n") == bytes(expected).decode("utf-8", errors="replace")
 
     assert main(["convert", str(tmp_path / "run"), str(tmp_path / "hf2"), "--dtype", "bfloat16"]) == 0
+    assert "wrote Hugging Face mixtral folder" in capsys.readouterr().out
     again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf2")
     assert again.dtype == torch.bfloat16
     assert torch.equal(again.model.embed_tokens.weight, hf.model.embed_tokens.weight.to(torch.bfloat16))
+
+
+def test_cli_converts_glm4_both_ways(tmp_path, capsys):
+    hf = tiny_hf_model("glm4_moe")
+    assert main(["convert", str(save_hf(hf, tmp_path / "hf")), str(tmp_path / "run")]) == 0
+    capsys.readouterr()
+    assert main(["convert", str(tmp_path / "run"), str(tmp_path / "back")]) == 0
+    assert "wrote Hugging Face glm4_moe folder" in capsys.readouterr().out
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back").eval()
+    x = ids()
+    with torch.no_grad():
+        torch.testing.assert_close(again(x).logits, hf(x).logits, atol=2e-5, rtol=1e-4)
+    err = _cli_error(capsys, tmp_path / "run", tmp_path / "as-mixtral", "--hf-format", "mixtral")
+    assert "cannot be exported as mixtral" in err and "score_func='sigmoid'" in err
+    assert not (tmp_path / "as-mixtral").exists()
 
 
 # --- errors: each one line from the CLI (exit 2), a named HFFormatError from the library ----------------

@@ -22,11 +22,12 @@ def _size(text: str) -> int:
 def register(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "convert",
-        help="convert a Hugging Face MoE model to a sparsemoe checkpoint, or back to Hugging Face Mixtral",
+        help="convert a Hugging Face MoE model to a sparsemoe checkpoint, or back to Hugging Face",
         description="Convert between Hugging Face MoE folders (config.json + safetensors) and sparsemoe checkpoints. "
         "HF -> sparsemoe reads Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V2, DeepSeek-V3, GLM-4.5 and dots.llm1 "
         "folders and writes a checkpoint that `sparsemoe generate --checkpoint OUT` runs. sparsemoe -> HF writes a "
-        "Mixtral folder that transformers loads. The direction is taken from SRC (a folder with config.json is "
+        "Mixtral folder, or a GLM-4.5 one for what Mixtral cannot express (sigmoid routing, a selection bias, "
+        "shared experts, dense first blocks), that transformers loads. The direction is taken from SRC (a folder with config.json is "
         "Hugging Face) unless --to is given. Tensors are read and written one at a time.",
     )
     p.add_argument("src", metavar="SRC", help="Hugging Face model folder, or sparsemoe run/checkpoint folder")
@@ -51,10 +52,17 @@ def register(subparsers) -> argparse.ArgumentParser:
         "does not account for instead of refusing the checkpoint",
     )
     p.add_argument(
+        "--hf-format",
+        choices=("auto", "mixtral", "glm4_moe"),
+        default="auto",
+        help="sparsemoe -> HF: the Hugging Face model to write (default auto: Mixtral when it can express the "
+        "model, else GLM-4.5)",
+    )
+    p.add_argument(
         "--fused",
         action="store_true",
         help="sparsemoe -> HF: write transformers 5's fused 3-D expert "
-        "tensors instead of the per-expert Mixtral layout every transformers version reads",
+        "tensors instead of the per-expert layout every transformers version reads",
     )
     p.add_argument(
         "--max-shard-size",
@@ -95,15 +103,16 @@ def run(args) -> int:
                 print(f"note: {note}")
             print(f"wrote sparsemoe checkpoint {ckpt}")
         else:
-            out = sparsemoe_to_hf(
+            out, family = sparsemoe_to_hf(
                 args.src,
                 args.out,
                 dtype=args.dtype,
+                family=args.hf_format,
                 fused=args.fused,
                 max_shard_bytes=args.max_shard_size,
                 overwrite=args.overwrite,
             )
-            print(f"wrote Hugging Face Mixtral folder {out}")
+            print(f"wrote Hugging Face {family} folder {out}")
     except HFFormatError as err:
         raise CommandError(str(err)) from None
     sys.stdout.flush()

@@ -6,12 +6,20 @@ torch; patching works on a live transformers model (the `hf` extra).
 
 from sparsemoe.hf.config_map import FAMILIES, MappedConfig, map_config, map_moe_config, read_hf_config
 from sparsemoe.hf.convert import hf_to_sparsemoe, read_sparsemoe_checkpoint, sparsemoe_to_hf
-from sparsemoe.hf.export import export_hf_mixtral, mixtral_incompatibilities
+from sparsemoe.hf.export import (
+    EXPORT_FAMILIES,
+    export_family,
+    export_hf,
+    export_hf_mixtral,
+    glm4_incompatibilities,
+    mixtral_incompatibilities,
+)
 from sparsemoe.hf.io import CheckpointFiles, HFFormatError, write_safetensors
 from sparsemoe.hf.load import LoadedModel, load_hf, load_hf_model
 from sparsemoe.hf.patch import PatchedMoeBlock, PatchReport, patch_hf_model, unpatch_hf_model
 
 __all__ = [
+    "EXPORT_FAMILIES",
     "FAMILIES",
     "CheckpointFiles",
     "HFFormatError",
@@ -19,7 +27,10 @@ __all__ = [
     "MappedConfig",
     "PatchReport",
     "PatchedMoeBlock",
+    "export_family",
+    "export_hf",
     "export_hf_mixtral",
+    "glm4_incompatibilities",
     "hf_to_sparsemoe",
     "load_hf",
     "load_hf_model",

@@ -425,7 +425,14 @@ def _saved_settings(cfg: dict[str, Any], mapped, notes: list[str]):
     except (TypeError, ValueError) as err:
         notes.append(f"ignored {SAVED_KEY}: {err}")
         return mapped
-    differs = sorted(set(config.diff(mapped)) - set(TRAINING_ONLY))
+    differs = set(config.diff(mapped)) - set(TRAINING_ONLY)
+    if config.moe_config().shared_dim == mapped.moe_config().shared_dim:
+        differs.discard("shared_hidden_dim")  # the same width, spelt explicitly or as the default
+    if not config.bias_balancing:
+        # Formats with a selection bias (GLM-4.5) always map to bias_balancing=True; a zero bias routes as
+        # none, which the loader checks once the bias is read (sparsemoe.hf.load).
+        differs.discard("bias_balancing")
+    differs = sorted(differs)
     if differs:
         notes.append(f"ignored {SAVED_KEY}: it disagrees with the Hugging Face keys on {differs}")
         return mapped

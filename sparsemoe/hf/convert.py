@@ -21,7 +21,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-from sparsemoe.hf.export import export_hf_mixtral, mixtral_incompatibilities
+from sparsemoe.hf.export import export_family, export_hf
 from sparsemoe.hf.io import INDEX_FILE, CheckpointFiles, HFFormatError, write_safetensors
 from sparsemoe.hf.load import LoadedModel, empty_model, load_hf, resolve_dtype
 from sparsemoe.hf.tokenizer import TOKENIZER_DIR, copy_tokenizer_files
@@ -154,16 +154,18 @@ def sparsemoe_to_hf(
     out_dir: Union[str, Path],
     *,
     dtype: Union[str, torch.dtype, None] = None,
+    family: str = "auto",
     fused: bool = False,
     max_shard_bytes: int = 5 * 2**30,
     overwrite: bool = False,
-) -> Path:
-    """Convert a sparsemoe run or checkpoint folder to a Hugging Face Mixtral folder."""
+) -> tuple[Path, str]:
+    """Convert a sparsemoe run or checkpoint folder to a Hugging Face folder -> (folder, format written).
+
+    family: "mixtral", "glm4_moe" or "auto" (the first that expresses the model; see sparsemoe.hf.export).
+    """
     model = read_sparsemoe_checkpoint(src)
-    problems = mixtral_incompatibilities(model)
-    if problems:  # checked before the output folder is touched
-        raise HFFormatError("this model cannot be exported as Mixtral: " + "; ".join(problems))
+    family = export_family(model, family)  # checked before the output folder is touched
     out = Path(out_dir)
     _fresh_dir(out, overwrite)
     cast = None if dtype in (None, "auto") else resolve_dtype(dtype)
-    return export_hf_mixtral(model, out, dtype=cast, fused=fused, max_shard_bytes=max_shard_bytes)
+    return export_hf(model, out, family=family, dtype=cast, fused=fused, max_shard_bytes=max_shard_bytes), family

@@ -1,12 +1,18 @@
-"""Export a sparsemoe `MoETransformer` to a Hugging Face Mixtral folder (config.json + safetensors).
+"""Export a sparsemoe `MoETransformer` to a Hugging Face folder (config.json + safetensors), as Mixtral or
+as GLM-4.5 (`glm4_moe`), whichever can express the model.
 
-The weights are written in the per-expert layout of the original Mixtral checkpoints
-(`block_sparse_moe.experts.{j}.w1/w2/w3`), which every transformers version loads (transformers 5
-fuses them on load), or with `fused=True` in transformers 5's 3-D layout. Tensors are written one at a
-time (see `sparsemoe.hf.io.write_safetensors`), sharded above `max_shard_bytes` with an index file.
+* Mixtral: softmax top-k routing with renormalised weights, every block MoE, no shared experts, plain
+  GQA attention with RoPE over the whole head.
+* GLM-4.5: DeepSeek-V3's routing (sigmoid scores, a selection bias, optional group-limited selection by
+  top-2 sums, optional renormalisation and a route scale), shared experts, a prefix of dense blocks, GQA
+  attention with optional q/k/v biases, per-head q/k norms and RoPE over part of each head.
 
-Mixtral computes softmax top-k routing with renormalised weights, every block MoE, no shared experts,
-plain GQA attention; a model outside that is refused with the reasons, not exported approximately.
+A model neither can express is refused with the reasons for both, never exported approximately.
+The weights are written in the per-expert layout of the published checkpoints (Mixtral's
+`block_sparse_moe.experts.{j}.w1/w2/w3`, GLM's `mlp.experts.{j}.gate_proj/up_proj/down_proj`), which every
+transformers version loads (transformers 5 fuses them on load), or with `fused=True` in transformers 5's
+3-D layout. Tensors are written one at a time (see `sparsemoe.hf.io.write_safetensors`), sharded above
+`max_shard_bytes` with an index file; the selection bias stays float32 whatever `dtype` is.
 """
 
 from __future__ import annotations
@@ -23,22 +29,34 @@ from sparsemoe.hf.io import INDEX_FILE, HFFormatError, write_safetensors
 from sparsemoe.hf.weights import Layout, model_pieces
 
 _HIDDEN_ACT = {"swiglu": "silu", "geglu": "gelu_pytorch_tanh"}
+EXPORT_FAMILIES = ("mixtral", "glm4_moe")
+
+
+def _shared_incompatibilities(model: nn.Module, family: str) -> list[str]:
+    """What neither export format can hold."""
+    c = model.config
+    problems = []
+    if getattr(c, "attention", "gqa") != "gqa":
+        problems.append(f"attention={c.attention!r} ({family} has grouped-query attention)")
+    if c.activation not in _HIDDEN_ACT:
+        problems.append(f"activation={c.activation!r} ({family} experts are gated: swiglu or geglu)")
+    if c.moe_config().capacity_factor_for(training=False) is not None:
+        problems.append("a capacity in evaluation drops tokens (set eval_capacity_factor=float('inf'))")
+    if c.noise == "gaussian":
+        problems.append(f"noise='gaussian' has learned noise weights {family} cannot hold")
+    return problems
 
 
 def mixtral_incompatibilities(model: nn.Module) -> list[str]:
     """Why `model` cannot be written as Mixtral (empty when it can)."""
     c = model.config
-    problems = []
+    problems = _shared_incompatibilities(model, "Mixtral")
     if c.dense or c.moe_layer_ids != list(range(c.n_layers)):
         problems.append("every block must be MoE (dense=False, first_dense_layers=0, moe_every=1)")
-    if getattr(c, "attention", "gqa") != "gqa":
-        problems.append(f"attention={c.attention!r} (Mixtral has grouped-query attention)")
     if c.qkv_bias or c.qk_norm:
         problems.append("qkv_bias/qk_norm must be False")
     if c.rotary_dim != c.head_dim:
         problems.append(f"rotary_dim={c.rotary_dim} (Mixtral rotates the whole head, head_dim={c.head_dim})")
-    if c.activation not in _HIDDEN_ACT:
-        problems.append(f"activation={c.activation!r} (Mixtral experts are gated: swiglu or geglu)")
     if c.router != "topk" or c.score_func != "softmax":
         problems.append(f"router={c.router!r}, score_func={c.score_func!r} (Mixtral: 'topk', 'softmax')")
     # after_topk (softmax over the k chosen logits) equals renormalised softmax probabilities.
@@ -48,10 +66,6 @@ def mixtral_incompatibilities(model: nn.Module) -> list[str]:
         problems.append(f"route_scale={c.route_scale} (Mixtral: 1.0)")
     if c.num_shared_experts:
         problems.append(f"num_shared_experts={c.num_shared_experts} (Mixtral has none)")
-    if c.moe_config().capacity_factor_for(training=False) is not None:
-        problems.append("a capacity in evaluation drops tokens (set eval_capacity_factor=float('inf'))")
-    if c.noise == "gaussian":
-        problems.append("noise='gaussian' has learned noise weights Mixtral cannot hold")
     for i, layer in enumerate(getattr(model, "moe_layers", [])):
         if c.bias_balancing and bool(layer.router.expert_bias.ne(0).any()):
             problems.append(f"MoE layer {i} has a non-zero selection bias (bias_balancing), which Mixtral lacks")
@@ -59,18 +73,62 @@ def mixtral_incompatibilities(model: nn.Module) -> list[str]:
     return problems
 
 
-def mixtral_config_json(c, dtype: torch.dtype) -> dict[str, Any]:
-    jitter = c.noise_eps if c.noise == "jitter" else 0.0
+def glm4_incompatibilities(model: nn.Module) -> list[str]:
+    """Why `model` cannot be written as GLM-4.5 (`glm4_moe`; empty when it can)."""
+    c = model.config
+    problems = _shared_incompatibilities(model, "GLM-4.5")
+    if c.dense or c.moe_layer_ids != list(range(c.first_dense_layers, c.n_layers)):
+        problems.append("the MoE blocks must follow a prefix of dense blocks (dense=False, moe_every=1)")
+    if c.qk_norm and c.qk_norm_scope != "head":
+        problems.append("qk_norm_scope='full' (GLM-4.5 normalises q and k per head)")
+    if c.rope_scaling is not None:
+        problems.append("rope_scaling (YaRN) is not written for GLM-4.5")
+    if c.score_func != "sigmoid" or c.score_order != "before_topk":
+        problems.append(
+            f"score_func={c.score_func!r}, score_order={c.score_order!r} (GLM-4.5: 'sigmoid', 'before_topk')"
+        )
+    if c.router == "group_limited" and c.num_groups > 1 and c.group_score != "top2_sum":
+        problems.append(f"group_score={c.group_score!r} (GLM-4.5 ranks groups by their top-2 sum)")
+    if c.num_shared_experts and c.shared_expert_gate:
+        problems.append("shared_expert_gate=True (GLM-4.5's shared experts are not gated)")
+    if c.num_shared_experts and c.moe_config().shared_dim != c.num_shared_experts * c.moe_hidden_dim:
+        problems.append(
+            f"shared_hidden_dim={c.shared_hidden_dim} (GLM-4.5's shared MLP is num_shared_experts * moe_hidden_dim "
+            f"= {c.num_shared_experts * c.moe_hidden_dim} wide)"
+        )
+    return problems
+
+
+_INCOMPATIBILITIES = {"mixtral": mixtral_incompatibilities, "glm4_moe": glm4_incompatibilities}
+
+
+def export_family(model: nn.Module, family: str = "auto") -> str:
+    """The format to write `model` as: `family` ("mixtral" or "glm4_moe") if it expresses the model, or for
+    "auto" the first of EXPORT_FAMILIES that does. HFFormatError with every reason otherwise."""
+    if family != "auto" and family not in _INCOMPATIBILITIES:
+        raise HFFormatError(f"cannot export as {family!r}; formats: auto, {', '.join(EXPORT_FAMILIES)}")
+    candidates = EXPORT_FAMILIES if family == "auto" else (family,)
+    reasons = {name: _INCOMPATIBILITIES[name](model) for name in candidates}
+    for name, problems in reasons.items():
+        if not problems:
+            return name
+    if family != "auto":
+        raise HFFormatError(f"this model cannot be exported as {family}: " + "; ".join(reasons[family]))
+    raise HFFormatError(
+        "this model cannot be exported to Hugging Face: "
+        + " / ".join(f"as {name}: " + "; ".join(problems) for name, problems in reasons.items())
+    )
+
+
+def _config_json_common(c, dtype: torch.dtype) -> dict[str, Any]:
+    """The keys both formats share (the model around its MoE blocks)."""
     rope_extra = {}
     if c.rope_scaling is not None:  # YaRN: same keys in transformers' rope_parameters
         rope_extra = {k: v for k, v in c.rope_scaling.items() if k != "type"}
         rope_extra["rope_type"] = "yarn"
     return {
-        "architectures": ["MixtralForCausalLM"],
-        "model_type": "mixtral",
         "vocab_size": c.vocab_size,
         "hidden_size": c.dim,
-        "intermediate_size": c.moe_hidden_dim,
         "num_hidden_layers": c.n_layers,
         "num_attention_heads": c.n_heads,
         "num_key_value_heads": c.n_kv_heads,
@@ -80,12 +138,7 @@ def mixtral_config_json(c, dtype: torch.dtype) -> dict[str, Any]:
         "rms_norm_eps": c.norm_eps,
         "rope_theta": c.rope_theta,  # read by transformers 4.x
         "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta, **rope_extra},  # transformers 5
-        "rope_scaling": {"type": "yarn", **c.rope_scaling} if c.rope_scaling else None,  # transformers 4.x
-        "sliding_window": None,
-        "num_local_experts": c.num_experts,
         "num_experts_per_tok": c.top_k,
-        "router_aux_loss_coef": c.aux_loss_coef,
-        "router_jitter_noise": jitter,
         "output_router_logits": False,
         "tie_word_embeddings": c.tie_embeddings,
         "attention_dropout": 0.0,
@@ -93,17 +146,67 @@ def mixtral_config_json(c, dtype: torch.dtype) -> dict[str, Any]:
         "use_cache": True,
         "dtype": str(dtype).removeprefix("torch."),
         "torch_dtype": str(dtype).removeprefix("torch."),
-        SAVED_KEY: c.to_dict(),  # training settings Mixtral has no key for; read back by sparsemoe.hf
+        SAVED_KEY: c.to_dict(),  # training settings the format has no key for; read back by sparsemoe.hf
     }
 
 
+def mixtral_config_json(c, dtype: torch.dtype) -> dict[str, Any]:
+    jitter = c.noise_eps if c.noise == "jitter" else 0.0
+    return {
+        "architectures": ["MixtralForCausalLM"],
+        "model_type": "mixtral",
+        "intermediate_size": c.moe_hidden_dim,
+        "rope_scaling": {"type": "yarn", **c.rope_scaling} if c.rope_scaling else None,  # transformers 4.x
+        "sliding_window": None,
+        "num_local_experts": c.num_experts,
+        "router_aux_loss_coef": c.aux_loss_coef,
+        "router_jitter_noise": jitter,
+        **_config_json_common(c, dtype),
+    }
+
+
+def glm4_config_json(c, dtype: torch.dtype) -> dict[str, Any]:
+    out = _config_json_common(c, dtype)
+    partial = c.rotary_dim / c.head_dim
+    out["rope_parameters"]["partial_rotary_factor"] = partial
+    grouped = c.router == "group_limited"
+    return {
+        "architectures": ["Glm4MoeForCausalLM"],
+        "model_type": "glm4_moe",
+        "intermediate_size": c.dense_hidden_dim,
+        "moe_intermediate_size": c.moe_hidden_dim,
+        "partial_rotary_factor": partial,  # transformers 4.x
+        "attention_bias": c.qkv_bias,
+        "use_qk_norm": c.qk_norm,
+        "n_routed_experts": c.num_experts,
+        "n_shared_experts": c.num_shared_experts,
+        "n_group": c.num_groups if grouped else 1,
+        "topk_group": c.topk_groups if grouped else 1,
+        "norm_topk_prob": c.renormalize,
+        "routed_scaling_factor": c.route_scale,
+        "first_k_dense_replace": c.first_dense_layers,
+        "num_nextn_predict_layers": 0,
+        **out,
+    }
+
+
+_CONFIG_JSON = {"mixtral": mixtral_config_json, "glm4_moe": glm4_config_json}
+# Written in its own dtype (float32): the selection bias is compared across experts at full precision.
+_KEEP_DTYPE = (".gate.e_score_correction_bias",)
+
+
+def _stored_bytes(name: str, t: torch.Tensor, dtype: torch.dtype) -> int:
+    kept = name.endswith(_KEEP_DTYPE) or not t.is_floating_point()
+    return t.numel() * (t.element_size() if kept else torch.empty((), dtype=dtype).element_size())
+
+
 def _shards(
-    items: list[tuple[str, torch.Tensor]], max_bytes: int, itemsize: int
+    items: list[tuple[str, torch.Tensor]], max_bytes: int, dtype: torch.dtype
 ) -> list[list[tuple[str, torch.Tensor]]]:
     shards: list[list[tuple[str, torch.Tensor]]] = [[]]
     size = 0
     for name, t in items:
-        nbytes = t.numel() * itemsize
+        nbytes = _stored_bytes(name, t, dtype)
         if shards[-1] and size + nbytes > max_bytes:
             shards.append([])
             size = 0
@@ -112,46 +215,53 @@ def _shards(
     return shards
 
 
-def export_hf_mixtral(
+def export_hf(
     model: nn.Module,
     out_dir: Union[str, Path],
     *,
+    family: str = "auto",
     dtype: Optional[torch.dtype] = None,
     fused: bool = False,
     max_shard_bytes: int = 5 * 2**30,
 ) -> Path:
-    """Write `model` (a sparsemoe MoETransformer) as a Hugging Face Mixtral folder; returns the folder.
+    """Write `model` (a sparsemoe MoETransformer) as a Hugging Face folder; returns the folder.
 
+    family: "mixtral", "glm4_moe", or "auto" (the first of those that expresses the model).
     dtype: cast each tensor while writing (default: the model's own dtype).
     fused: write transformers 5's fused expert tensors instead of the per-expert layout.
     """
-    problems = mixtral_incompatibilities(model)
-    if problems:
-        raise HFFormatError("this model cannot be exported as Mixtral: " + "; ".join(problems))
+    family = export_family(model, family)
     c = model.config
     dtype = dtype or model.embed.weight.dtype
-    layout = Layout(prefix="model.", mixtral_block="mlp" if fused else "block_sparse_moe", fused_experts=fused)
+    block = "block_sparse_moe" if family == "mixtral" and not fused else "mlp"
+    layout = Layout(prefix="model.", mixtral_block=block, fused_experts=fused)
     state = model.state_dict()
     items = []
-    for piece in model_pieces(MappedConfig("mixtral", c), layout):
+    for piece in model_pieces(MappedConfig(family, c), layout):
         t = state[piece.dst]
         items.append((piece.src, (t[piece.index] if piece.index else t).detach()))  # views: no copy yet
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    shards = _shards(items, max_shard_bytes, itemsize)
+    shards = _shards(items, max_shard_bytes, dtype)
     meta = {"format": "pt"}
+    keep = [name for name, _ in items if name.endswith(_KEEP_DTYPE)]
     if len(shards) == 1:
-        write_safetensors(out / "model.safetensors", shards[0], meta, dtype)
+        write_safetensors(out / "model.safetensors", shards[0], meta, dtype, keep_dtype=keep)
     else:
         weight_map, total = {}, 0
         for n, shard in enumerate(shards, 1):
             name = f"model-{n:05d}-of-{len(shards):05d}.safetensors"
-            write_safetensors(out / name, shard, meta, dtype)
+            write_safetensors(out / name, shard, meta, dtype, keep_dtype=keep)
             for key, t in shard:
                 weight_map[key] = name
-                total += t.numel() * itemsize
+                total += _stored_bytes(key, t, dtype)
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (out / INDEX_FILE).write_text(json.dumps(index, indent=2), encoding="utf-8")
-    (out / "config.json").write_text(json.dumps(mixtral_config_json(c, dtype), indent=2) + "\n", encoding="utf-8")
+    config = _CONFIG_JSON[family](c, dtype)
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     return out
+
+
+def export_hf_mixtral(model: nn.Module, out_dir: Union[str, Path], **kwargs) -> Path:
+    """`export_hf(model, out_dir, family="mixtral", ...)`: refuse anything Mixtral cannot express."""
+    return export_hf(model, out_dir, family="mixtral", **kwargs)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Iterable, Optional, Union
+from typing import Collection, Iterable, Optional, Union
 
 import torch
 from torch import Tensor
@@ -190,20 +190,24 @@ def write_safetensors(
     tensors: Iterable[tuple[str, Tensor]],
     metadata: Optional[dict[str, str]] = None,
     dtype: Optional[torch.dtype] = None,
+    keep_dtype: Collection[str] = (),
 ) -> int:
     """Write named tensors to a safetensors file, one tensor at a time. Returns the file size in bytes.
 
     `tensors` may hold views (e.g. one expert's slice of a stacked parameter); each is made contiguous,
-    and cast to `dtype` if given, only while it is written. The file is written under a temporary name
-    and renamed when complete, so an interrupted write never leaves a valid-looking partial file.
+    and cast to `dtype` if given (floating tensors not named in `keep_dtype`), only while it is written.
+    The file is written under a temporary name and renamed when complete, so an interrupted write never
+    leaves a valid-looking partial file.
     """
     items = list(tensors)
     header: dict[str, object] = {}
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    keep = set(keep_dtype)
+    cast = [dtype is not None and t.is_floating_point() and name not in keep for name, t in items]
     offset = 0
-    for name, t in items:
-        out_dtype = dtype if dtype is not None and t.is_floating_point() else t.dtype
+    for (name, t), cast_it in zip(items, cast):
+        out_dtype = dtype if cast_it else t.dtype
         if out_dtype not in _DTYPE_NAMES:
             raise HFFormatError(f"cannot save {name!r}: dtype {out_dtype} has no safetensors equivalent")
         size = t.numel() * torch.empty((), dtype=out_dtype).element_size()
@@ -220,9 +224,9 @@ def write_safetensors(
     with open(tmp, "wb") as fh:
         fh.write(len(blob).to_bytes(8, "little"))
         fh.write(blob)
-        for _, t in items:
+        for (_, t), cast_it in zip(items, cast):
             if t.numel():
-                fh.write(_tensor_bytes(t if dtype is None or not t.is_floating_point() else t.to(dtype)).data)
+                fh.write(_tensor_bytes(t.to(dtype) if cast_it else t).data)
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)

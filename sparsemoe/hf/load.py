@@ -8,6 +8,7 @@ plus at most the largest single tensor; the checkpoint is never held in memory b
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional, Union
@@ -15,7 +16,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from sparsemoe.hf.config_map import MappedConfig, map_config, read_hf_config
+from sparsemoe.hf.config_map import SAVED_KEY, MappedConfig, map_config, read_hf_config
 from sparsemoe.hf.io import CheckpointFiles, HFFormatError
 from sparsemoe.hf.weights import Piece, detect_layout, ignorable, model_pieces
 
@@ -119,7 +120,8 @@ def load_hf(
             f"tensors of layers beyond num_hidden_layers={config.n_layers} (DeepSeek's multi-token-prediction "
             "module) are not loaded; transformers skips them too"
         )
-    unexpected = sorted(k for k in files.keys() - used - set(skipped))
+    # Empty tensors carry nothing: transformers writes a zero-width shared MLP for GLM-4.5 without shared experts.
+    unexpected = sorted(k for k in files.keys() - used - set(skipped) if math.prod(files.shape(k)) > 0)
     if config.tie_embeddings and "lm_head.weight" in unexpected:
         unexpected.remove("lm_head.weight")  # some tied checkpoints store the shared matrix twice
     if any(k.endswith("_scale_inv") for k in unexpected):
@@ -146,8 +148,23 @@ def load_hf(
         with torch.no_grad():
             state[name].zero_()
     files.close()
+    _check_selection_bias(model, directory)
     model.eval()
     return LoadedModel(model, mapped, "fused" if layout.fused_experts else "per-expert")
+
+
+def _check_selection_bias(model: nn.Module, directory: Path) -> None:
+    """A selection bias in the checkpoint that the model's settings would ignore is refused, not dropped."""
+    from sparsemoe.layer import moe_layers
+
+    if model.config.bias_balancing:
+        return
+    if any(bool(layer.router.expert_bias.ne(0).any()) for layer in moe_layers(model)):
+        raise HFFormatError(
+            f"checkpoint in {str(directory)!r} has a non-zero e_score_correction_bias, but the sparsemoe settings "
+            f"saved in its config.json ({SAVED_KEY}) turn bias balancing off; remove that key to load the "
+            "checkpoint's own routing"
+        )
 
 
 def load_hf_model(path: Union[str, Path], **kwargs) -> nn.Module:
