@@ -122,9 +122,14 @@ def test_export_picks_mixtral_when_it_can_and_lists_every_reason_when_nothing_ca
     with pytest.raises(HFFormatError, match="cannot be exported as glm4_moe: .*shared_expert_gate"):
         export_hf(tiny_model(score_func="sigmoid", num_shared_experts=1, shared_expert_gate=True), tmp_path / "x",
                   family="glm4_moe")
+    ignored_bias = tiny_model(score_func="sigmoid")  # bias_balancing=False, yet a bias (set by hand)
+    with torch.no_grad():
+        ignored_bias.moe_layers[0].router.expert_bias.fill_(0.5)
+    with pytest.raises(HFFormatError, match="selection bias that bias_balancing=False ignores"):
+        export_hf(ignored_bias, tmp_path / "z", family="glm4_moe")
     with pytest.raises(HFFormatError, match="cannot export as 'qwen3_moe'"):
         export_hf(tiny_model(), tmp_path / "y", family="qwen3_moe")
-    assert not (tmp_path / "none").exists() and not (tmp_path / "x").exists()
+    assert not any((tmp_path / name).exists() for name in ("none", "x", "y", "z"))
 
 
 def test_saved_settings_yield_to_edited_hf_keys(tmp_path):

@@ -66,11 +66,13 @@ def mixtral_incompatibilities(model: nn.Module) -> list[str]:
         problems.append(f"route_scale={c.route_scale} (Mixtral: 1.0)")
     if c.num_shared_experts:
         problems.append(f"num_shared_experts={c.num_shared_experts} (Mixtral has none)")
-    for i, layer in enumerate(getattr(model, "moe_layers", [])):
-        if c.bias_balancing and bool(layer.router.expert_bias.ne(0).any()):
-            problems.append(f"MoE layer {i} has a non-zero selection bias (bias_balancing), which Mixtral lacks")
-            break
+    if c.bias_balancing and _has_selection_bias(model):
+        problems.append("a non-zero selection bias (bias_balancing), which Mixtral lacks")
     return problems
+
+
+def _has_selection_bias(model: nn.Module) -> bool:
+    return any(bool(layer.router.expert_bias.ne(0).any()) for layer in getattr(model, "moe_layers", []))
 
 
 def glm4_incompatibilities(model: nn.Module) -> list[str]:
@@ -89,6 +91,8 @@ def glm4_incompatibilities(model: nn.Module) -> list[str]:
         )
     if c.router == "group_limited" and c.num_groups > 1 and c.group_score != "top2_sum":
         problems.append(f"group_score={c.group_score!r} (GLM-4.5 ranks groups by their top-2 sum)")
+    if not c.bias_balancing and _has_selection_bias(model):
+        problems.append("a non-zero selection bias that bias_balancing=False ignores (GLM-4.5 would apply it)")
     if c.num_shared_experts and c.shared_expert_gate:
         problems.append("shared_expert_gate=True (GLM-4.5's shared experts are not gated)")
     if c.num_shared_experts and c.moe_config().shared_dim != c.num_shared_experts * c.moe_hidden_dim:
