@@ -101,6 +101,25 @@ def test_glm4_export_loads_in_transformers_and_round_trips_exactly(name, fused, 
     assert type(_matches_in_transformers_and_round_trips(model, tmp_path)).__name__ == "Glm4MoeForCausalLM"
 
 
+# Softmax models only a Qwen or OLMoE config can express (each fails Mixtral and the formats tried before it).
+SOFTMAX_MODELS = {
+    "qwen2_moe": dict(
+        n_layers=3, first_dense_layers=1, num_shared_experts=1, shared_expert_gate=True, shared_hidden_dim=20,
+        qkv_bias=True, renormalize=False, dense_hidden_dim=36,
+    ),
+    "qwen3_moe": dict(n_layers=4, moe_every=2, qk_norm=True, head_dim=16, tie_embeddings=True, z_loss_coef=1e-3),
+    "olmoe": dict(qk_norm=True, qk_norm_scope="full", renormalize=False, top_k=3),
+}
+
+
+@pytest.mark.parametrize("family", list(SOFTMAX_MODELS))
+def test_softmax_formats_export_load_in_transformers_and_round_trip_exactly(family, tmp_path):
+    model = tiny_model(**SOFTMAX_MODELS[family])
+    export_hf(model, tmp_path / "hf")  # auto
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["model_type"] == family
+    _matches_in_transformers_and_round_trips(model, tmp_path)
+
+
 def test_glm4_export_keeps_the_selection_bias_in_float32_and_refuses_a_bias_its_settings_ignore(tmp_path):
     export_hf(tiny_model(**GLM_MODELS["grouped-biased-shared"]), tmp_path / "bf16", dtype=torch.bfloat16)
     with safe_open(str(tmp_path / "bf16" / "model.safetensors"), "pt") as f:
@@ -127,8 +146,8 @@ def test_export_picks_mixtral_when_it_can_and_lists_every_reason_when_nothing_ca
         ignored_bias.moe_layers[0].router.expert_bias.fill_(0.5)
     with pytest.raises(HFFormatError, match="selection bias that bias_balancing=False ignores"):
         export_hf(ignored_bias, tmp_path / "z", family="glm4_moe")
-    with pytest.raises(HFFormatError, match="cannot export as 'qwen3_moe'"):
-        export_hf(tiny_model(), tmp_path / "y", family="qwen3_moe")
+    with pytest.raises(HFFormatError, match="cannot export as 'deepseek_v3'"):
+        export_hf(tiny_model(), tmp_path / "y", family="deepseek_v3")
     assert not any((tmp_path / name).exists() for name in ("none", "x", "y", "z"))
 
 
@@ -198,6 +217,13 @@ def test_cli_convert_both_ways_and_generate(tmp_path, capsys):
     again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf2")
     assert again.dtype == torch.bfloat16
     assert torch.equal(again.model.embed_tokens.weight, hf.model.embed_tokens.weight.to(torch.bfloat16))
+
+
+def test_cli_offers_every_export_format():
+    from sparsemoe.commands.convert import HF_FORMATS
+    from sparsemoe.hf.export import EXPORT_FAMILIES
+
+    assert HF_FORMATS == ("auto", *EXPORT_FAMILIES)
 
 
 def test_cli_converts_glm4_both_ways(tmp_path, capsys):

@@ -19,6 +19,10 @@ def _size(text: str) -> int:
     return max(1, int(float(match.group(1)) * scale))
 
 
+# sparsemoe.hf.export.EXPORT_FAMILIES, spelt out so that `sparsemoe --help` need not import torch (a test checks).
+HF_FORMATS = ("auto", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "glm4_moe")
+
+
 def register(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "convert",
@@ -26,8 +30,8 @@ def register(subparsers) -> argparse.ArgumentParser:
         description="Convert between Hugging Face MoE folders (config.json + safetensors) and sparsemoe checkpoints. "
         "HF -> sparsemoe reads Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V2, DeepSeek-V3, GLM-4.5 and dots.llm1 "
         "folders and writes a checkpoint that `sparsemoe generate --checkpoint OUT` runs. sparsemoe -> HF writes a "
-        "Mixtral folder, or a GLM-4.5 one for what Mixtral cannot express (sigmoid routing, a selection bias, "
-        "shared experts, dense first blocks), that transformers loads. The direction is taken from SRC (a folder with config.json is "
+        "Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE or GLM-4.5 folder (the first that expresses the model) that "
+        "transformers loads. The direction is taken from SRC (a folder with config.json is "
         "Hugging Face) unless --to is given. Tensors are read and written one at a time.",
     )
     p.add_argument("src", metavar="SRC", help="Hugging Face model folder, or sparsemoe run/checkpoint folder")
@@ -53,10 +57,11 @@ def register(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--hf-format",
-        choices=("auto", "mixtral", "glm4_moe"),
+        choices=HF_FORMATS,
         default="auto",
-        help="sparsemoe -> HF: the Hugging Face model to write (default auto: Mixtral when it can express the "
-        "model, else GLM-4.5)",
+        help="sparsemoe -> HF: the Hugging Face model type to write (default auto: the first of "
+        + ", ".join(HF_FORMATS[1:])
+        + " that expresses the model)",
     )
     p.add_argument(
         "--fused",

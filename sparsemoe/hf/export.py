@@ -1,15 +1,19 @@
-"""Export a sparsemoe `MoETransformer` to a Hugging Face folder (config.json + safetensors), as Mixtral or
-as GLM-4.5 (`glm4_moe`), whichever can express the model.
+"""Export a sparsemoe `MoETransformer` to a Hugging Face folder (config.json + safetensors), in the first of
+these formats that expresses the model (or the one asked for):
 
 * Mixtral: softmax top-k routing with renormalised weights, every block MoE, no shared experts, plain
-  GQA attention with RoPE over the whole head.
+  GQA attention.
+* Qwen2-MoE: softmax top-k (renormalised or not), one sigmoid-gated shared expert, dense blocks as a
+  prefix plus every n-th, optional q/k/v biases.
+* Qwen3-MoE: softmax top-k, no shared experts, dense blocks as Qwen2-MoE, q/k norms per head.
+* OLMoE: softmax top-k, every block MoE, no shared experts, q/k norms over the whole projections.
 * GLM-4.5: DeepSeek-V3's routing (sigmoid scores, a selection bias, optional group-limited selection by
-  top-2 sums, optional renormalisation and a route scale), shared experts, a prefix of dense blocks, GQA
-  attention with optional q/k/v biases, per-head q/k norms and RoPE over part of each head.
-
-A model neither can express is refused with the reasons for both, never exported approximately.
+  top-2 sums, optional renormalisation and a route scale), ungated shared experts, a prefix of dense
+  blocks, optional q/k/v biases and per-head q/k norms, RoPE over part of each head.
+All have GQA attention with RoPE (over the whole head but for GLM-4.5), gated experts and no capacity in
+evaluation. A model none can express is refused with every format's reasons, never exported approximately.
 The weights are written in the per-expert layout of the published checkpoints (Mixtral's
-`block_sparse_moe.experts.{j}.w1/w2/w3`, GLM's `mlp.experts.{j}.gate_proj/up_proj/down_proj`), which every
+`block_sparse_moe.experts.{j}.w1/w2/w3`, the others' `mlp.experts.{j}.gate_proj/up_proj/down_proj`), which every
 transformers version loads (transformers 5 fuses them on load), or with `fused=True` in transformers 5's
 3-D layout. Tensors are written one at a time (see `sparsemoe.hf.io.write_safetensors`), sharded above
 `max_shard_bytes` with an index file; the selection bias stays float32 whatever `dtype` is.
@@ -18,6 +22,8 @@ transformers version loads (transformers 5 fuses them on load), or with `fused=T
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -29,7 +35,8 @@ from sparsemoe.hf.io import INDEX_FILE, HFFormatError, write_safetensors
 from sparsemoe.hf.weights import Layout, model_pieces
 
 _HIDDEN_ACT = {"swiglu": "silu", "geglu": "gelu_pytorch_tanh"}
-EXPORT_FAMILIES = ("mixtral", "glm4_moe")
+# In the order `export_family` tries them.
+EXPORT_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "glm4_moe")
 
 
 def _shared_incompatibilities(model: nn.Module, family: str) -> list[str]:
@@ -47,32 +54,68 @@ def _shared_incompatibilities(model: nn.Module, family: str) -> list[str]:
     return problems
 
 
-def mixtral_incompatibilities(model: nn.Module) -> list[str]:
-    """Why `model` cannot be written as Mixtral (empty when it can)."""
+@dataclass(frozen=True)
+class _SoftmaxFormat:
+    """What a softmax top-k format (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE) can hold besides its routing."""
+
+    name: str  # as the reasons name it
+    dense_blocks: bool = False  # dense blocks (Qwen's mlp_only_layers / decoder_sparse_step)
+    gated_shared_expert: bool = False  # exactly one sigmoid-gated shared expert (Qwen2-MoE), instead of none
+    qkv_bias: bool = False  # optional q/k/v biases
+    qk_norm: Optional[str] = None  # the q/k norm every layer has: None, "head" or "full"
+    renormalizes: bool = False  # the top-k weights are always renormalised (Mixtral)
+    head_dim_from_width: bool = False  # head_dim must be dim / n_heads (OLMoE's k norm assumes it)
+
+
+def _softmax_incompatibilities(model: nn.Module, f: _SoftmaxFormat) -> list[str]:
     c = model.config
-    problems = _shared_incompatibilities(model, "Mixtral")
-    if c.dense or c.moe_layer_ids != list(range(c.n_layers)):
+    problems = _shared_incompatibilities(model, f.name)
+    if c.dense or (not f.dense_blocks and c.moe_layer_ids != list(range(c.n_layers))):
         problems.append("every block must be MoE (dense=False, first_dense_layers=0, moe_every=1)")
-    if c.qkv_bias or c.qk_norm:
-        problems.append("qkv_bias/qk_norm must be False")
+    if c.qkv_bias and not f.qkv_bias:
+        problems.append(f"qkv_bias=True ({f.name} has no q/k/v biases)")
+    if (c.qk_norm_scope if c.qk_norm else None) != f.qk_norm:
+        has = {None: "no q/k norms", "head": "q/k norms per head", "full": "q/k norms over the whole projections"}
+        problems.append(f"qk_norm={c.qk_norm}, qk_norm_scope={c.qk_norm_scope!r} ({f.name} has {has[f.qk_norm]})")
+    if f.head_dim_from_width and c.head_dim * c.n_heads != c.dim:
+        problems.append(f"head_dim={c.head_dim} ({f.name} needs dim / n_heads = {c.dim / c.n_heads:g})")
     if c.rotary_dim != c.head_dim:
-        problems.append(f"rotary_dim={c.rotary_dim} (Mixtral rotates the whole head, head_dim={c.head_dim})")
+        problems.append(f"rotary_dim={c.rotary_dim} ({f.name} rotates the whole head, head_dim={c.head_dim})")
     if c.router != "topk" or c.score_func != "softmax":
-        problems.append(f"router={c.router!r}, score_func={c.score_func!r} (Mixtral: 'topk', 'softmax')")
+        problems.append(f"router={c.router!r}, score_func={c.score_func!r} ({f.name}: 'topk', 'softmax')")
     # after_topk (softmax over the k chosen logits) equals renormalised softmax probabilities.
-    if not c.renormalize and c.score_order == "before_topk" and c.top_k > 1:
-        problems.append("renormalize=False (Mixtral renormalises the top-k weights)")
+    if f.renormalizes and not c.renormalize and c.score_order == "before_topk" and c.top_k > 1:
+        problems.append(f"renormalize=False ({f.name} renormalises the top-k weights)")
     if c.route_scale != 1.0:
-        problems.append(f"route_scale={c.route_scale} (Mixtral: 1.0)")
-    if c.num_shared_experts:
-        problems.append(f"num_shared_experts={c.num_shared_experts} (Mixtral has none)")
+        problems.append(f"route_scale={c.route_scale} ({f.name}: 1.0)")
+    if f.gated_shared_expert:
+        if c.num_shared_experts != 1 or not c.shared_expert_gate:
+            problems.append(
+                f"num_shared_experts={c.num_shared_experts}, shared_expert_gate={c.shared_expert_gate} "
+                f"({f.name} has one sigmoid-gated shared expert)"
+            )
+    elif c.num_shared_experts:
+        problems.append(f"num_shared_experts={c.num_shared_experts} ({f.name} has none)")
     if c.bias_balancing and _has_selection_bias(model):
-        problems.append("a non-zero selection bias (bias_balancing), which Mixtral lacks")
+        problems.append(f"a non-zero selection bias (bias_balancing), which {f.name} lacks")
     return problems
 
 
 def _has_selection_bias(model: nn.Module) -> bool:
     return any(bool(layer.router.expert_bias.ne(0).any()) for layer in getattr(model, "moe_layers", []))
+
+
+_SOFTMAX_FORMATS = {
+    "mixtral": _SoftmaxFormat("Mixtral", renormalizes=True),
+    "qwen2_moe": _SoftmaxFormat("Qwen2-MoE", dense_blocks=True, gated_shared_expert=True, qkv_bias=True),
+    "qwen3_moe": _SoftmaxFormat("Qwen3-MoE", dense_blocks=True, qk_norm="head"),
+    "olmoe": _SoftmaxFormat("OLMoE", qk_norm="full", head_dim_from_width=True),
+}
+
+
+def mixtral_incompatibilities(model: nn.Module) -> list[str]:
+    """Why `model` cannot be written as Mixtral (empty when it can)."""
+    return _softmax_incompatibilities(model, _SOFTMAX_FORMATS["mixtral"])
 
 
 def glm4_incompatibilities(model: nn.Module) -> list[str]:
@@ -103,7 +146,10 @@ def glm4_incompatibilities(model: nn.Module) -> list[str]:
     return problems
 
 
-_INCOMPATIBILITIES = {"mixtral": mixtral_incompatibilities, "glm4_moe": glm4_incompatibilities}
+_INCOMPATIBILITIES = {
+    **{name: partial(_softmax_incompatibilities, f=f) for name, f in _SOFTMAX_FORMATS.items()},
+    "glm4_moe": glm4_incompatibilities,
+}
 
 
 def export_family(model: nn.Module, family: str = "auto") -> str:
@@ -169,6 +215,51 @@ def mixtral_config_json(c, dtype: torch.dtype) -> dict[str, Any]:
     }
 
 
+def _qwen_layers(c) -> dict[str, Any]:
+    """Qwen's spelling of which blocks are dense: a prefix (mlp_only_layers) and every decoder_sparse_step-th."""
+    return {"mlp_only_layers": list(range(c.first_dense_layers)), "decoder_sparse_step": c.moe_every}
+
+
+def _softmax_routing_json(c) -> dict[str, Any]:
+    # after_topk (softmax over the k chosen logits) is the renormalised softmax probabilities.
+    return {
+        "num_experts": c.num_experts,
+        "norm_topk_prob": c.renormalize or c.score_order == "after_topk",
+        "router_aux_loss_coef": c.aux_loss_coef,
+    }
+
+
+def qwen_moe_config_json(c, dtype: torch.dtype, family: str) -> dict[str, Any]:
+    """Qwen2-MoE (one gated shared expert, optional q/k/v biases) or Qwen3-MoE (per-head q/k norms)."""
+    if family == "qwen2_moe":
+        specific = {"shared_expert_intermediate_size": c.moe_config().shared_dim, "qkv_bias": c.qkv_bias}
+    else:
+        specific = {"attention_bias": False}
+    return {
+        "architectures": ["Qwen2MoeForCausalLM" if family == "qwen2_moe" else "Qwen3MoeForCausalLM"],
+        "model_type": family,
+        "intermediate_size": c.dense_hidden_dim,
+        "moe_intermediate_size": c.moe_hidden_dim,
+        "use_sliding_window": False,
+        **specific,
+        **_qwen_layers(c),
+        **_softmax_routing_json(c),
+        **_config_json_common(c, dtype),
+    }
+
+
+def olmoe_config_json(c, dtype: torch.dtype) -> dict[str, Any]:
+    return {
+        "architectures": ["OlmoeForCausalLM"],
+        "model_type": "olmoe",
+        "intermediate_size": c.moe_hidden_dim,
+        "attention_bias": False,
+        "clip_qkv": None,
+        **_softmax_routing_json(c),
+        **_config_json_common(c, dtype),
+    }
+
+
 def glm4_config_json(c, dtype: torch.dtype) -> dict[str, Any]:
     out = _config_json_common(c, dtype)
     partial = c.rotary_dim / c.head_dim
@@ -194,7 +285,13 @@ def glm4_config_json(c, dtype: torch.dtype) -> dict[str, Any]:
     }
 
 
-_CONFIG_JSON = {"mixtral": mixtral_config_json, "glm4_moe": glm4_config_json}
+_CONFIG_JSON = {
+    "mixtral": mixtral_config_json,
+    "qwen2_moe": partial(qwen_moe_config_json, family="qwen2_moe"),
+    "qwen3_moe": partial(qwen_moe_config_json, family="qwen3_moe"),
+    "olmoe": olmoe_config_json,
+    "glm4_moe": glm4_config_json,
+}
 # Written in its own dtype (float32): the selection bias is compared across experts at full precision.
 _KEEP_DTYPE = (".gate.e_score_correction_bias",)
 
