@@ -86,19 +86,37 @@ GLM_MODELS = {
     ),
     "topk-unbiased-tied": dict(score_func="sigmoid", renormalize=False, tie_embeddings=True, dense_hidden_dim=40),
 }
+MLA = dict(attention="mla", head_dim=8, kv_lora_rank=16, qk_nope_head_dim=8, v_head_dim=12)
+# The same routing under Multi-head Latent Attention: only DeepSeek-V3 expresses these.
+DEEPSEEK_MODELS = {
+    "grouped-biased-shared": dict(GLM_MODELS["grouped-biased-shared"], **MLA, qkv_bias=False, qk_norm=False,
+                                  rotary_dim=None, q_lora_rank=24),
+    "yarn-full-rank-q": dict(
+        MLA, score_func="sigmoid", bias_balancing=True,
+        rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "mscale": 0.707,
+                      "mscale_all_dim": 0.707},
+    ),
+}
 
 
-@pytest.mark.parametrize("name,fused,shard_bytes", [("grouped-biased-shared", False, 5 << 30),
-                                                    ("topk-unbiased-tied", True, 20_000)])
-def test_glm4_export_loads_in_transformers_and_round_trips_exactly(name, fused, shard_bytes, tmp_path):
-    model = tiny_model(**GLM_MODELS[name])
+@pytest.mark.parametrize(
+    "family,name,fused,shard_bytes",
+    [
+        ("glm4_moe", "grouped-biased-shared", False, 5 << 30),
+        ("glm4_moe", "topk-unbiased-tied", True, 20_000),
+        ("deepseek_v3", "grouped-biased-shared", False, 5 << 30),
+        ("deepseek_v3", "yarn-full-rank-q", True, 20_000),
+    ],
+)
+def test_sigmoid_export_loads_in_transformers_and_round_trips_exactly(family, name, fused, shard_bytes, tmp_path):
+    model = tiny_model(**(GLM_MODELS if family == "glm4_moe" else DEEPSEEK_MODELS)[name])
     if model.config.bias_balancing:
         with torch.no_grad():
             for layer in model.moe_layers:
                 layer.router.expert_bias.normal_(0, 0.1)  # a trained selection bias
-    export_hf(model, tmp_path / "hf", fused=fused, max_shard_bytes=shard_bytes)  # auto: Mixtral cannot, GLM can
-    assert json.loads((tmp_path / "hf" / "config.json").read_text())["model_type"] == "glm4_moe"
-    assert type(_matches_in_transformers_and_round_trips(model, tmp_path)).__name__ == "Glm4MoeForCausalLM"
+    export_hf(model, tmp_path / "hf", fused=fused, max_shard_bytes=shard_bytes)  # auto: no softmax format can
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["model_type"] == family
+    _matches_in_transformers_and_round_trips(model, tmp_path)
 
 
 # Softmax models only a Qwen or OLMoE config can express (each fails Mixtral and the formats tried before it).
@@ -146,8 +164,8 @@ def test_export_picks_mixtral_when_it_can_and_lists_every_reason_when_nothing_ca
         ignored_bias.moe_layers[0].router.expert_bias.fill_(0.5)
     with pytest.raises(HFFormatError, match="selection bias that bias_balancing=False ignores"):
         export_hf(ignored_bias, tmp_path / "z", family="glm4_moe")
-    with pytest.raises(HFFormatError, match="cannot export as 'deepseek_v3'"):
-        export_hf(tiny_model(), tmp_path / "y", family="deepseek_v3")
+    with pytest.raises(HFFormatError, match="cannot export as 'deepseek_v2'"):
+        export_hf(tiny_model(), tmp_path / "y", family="deepseek_v2")
     assert not any((tmp_path / name).exists() for name in ("none", "x", "y", "z"))
 
 

@@ -428,6 +428,8 @@ def _saved_settings(cfg: dict[str, Any], mapped, notes: list[str]):
     differs = set(config.diff(mapped)) - set(TRAINING_ONLY)
     if config.moe_config().shared_dim == mapped.moe_config().shared_dim:
         differs.discard("shared_hidden_dim")  # the same width, spelt explicitly or as the default
+    if config.attention == "mla":
+        differs.discard("n_kv_heads")  # unused by latent attention
     if not config.bias_balancing:
         # Formats with a selection bias (GLM-4.5) always map to bias_balancing=True; a zero bias routes as
         # none, which the loader checks once the bias is read (sparsemoe.hf.load).

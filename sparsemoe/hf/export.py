@@ -10,13 +10,15 @@ these formats that expresses the model (or the one asked for):
 * GLM-4.5: DeepSeek-V3's routing (sigmoid scores, a selection bias, optional group-limited selection by
   top-2 sums, optional renormalisation and a route scale), ungated shared experts, a prefix of dense
   blocks, optional q/k/v biases and per-head q/k norms, RoPE over part of each head.
-All have GQA attention with RoPE (over the whole head but for GLM-4.5), gated experts and no capacity in
-evaluation. A model none can express is refused with every format's reasons, never exported approximately.
-The weights are written in the per-expert layout of the published checkpoints (Mixtral's
-`block_sparse_moe.experts.{j}.w1/w2/w3`, the others' `mlp.experts.{j}.gate_proj/up_proj/down_proj`), which every
-transformers version loads (transformers 5 fuses them on load), or with `fused=True` in transformers 5's
-3-D layout. Tensors are written one at a time (see `sparsemoe.hf.io.write_safetensors`), sharded above
-`max_shard_bytes` with an index file; the selection bias stays float32 whatever `dtype` is.
+* DeepSeek-V3: the same routing and blocks under Multi-head Latent Attention (YaRN included), written with
+  `rope_interleave=False` so that q and k rows need no permutation.
+All but DeepSeek-V3 have GQA attention; all have gated experts and no capacity in evaluation. A model none
+can express is refused with every format's reasons, never exported approximately. The weights are written
+in the per-expert layout of the published checkpoints (Mixtral's `block_sparse_moe.experts.{j}.w1/w2/w3`,
+the others' `mlp.experts.{j}.gate_proj/up_proj/down_proj`), which every transformers version loads
+(transformers 5 fuses them on load), or with `fused=True` in transformers 5's 3-D layout. Tensors are
+written one at a time (see `sparsemoe.hf.io.write_safetensors`), sharded above `max_shard_bytes` with an
+index file; the selection bias stays float32 whatever `dtype` is.
 """
 
 from __future__ import annotations
@@ -36,15 +38,16 @@ from sparsemoe.hf.weights import Layout, model_pieces
 
 _HIDDEN_ACT = {"swiglu": "silu", "geglu": "gelu_pytorch_tanh"}
 # In the order `export_family` tries them.
-EXPORT_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "glm4_moe")
+EXPORT_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "glm4_moe", "deepseek_v3")
 
 
-def _shared_incompatibilities(model: nn.Module, family: str) -> list[str]:
-    """What neither export format can hold."""
+def _shared_incompatibilities(model: nn.Module, family: str, attention: str = "gqa") -> list[str]:
+    """What no export format can hold, and the attention (gqa or mla) that `family` has."""
     c = model.config
     problems = []
-    if getattr(c, "attention", "gqa") != "gqa":
-        problems.append(f"attention={c.attention!r} ({family} has grouped-query attention)")
+    if getattr(c, "attention", "gqa") != attention:
+        kind = "grouped-query attention" if attention == "gqa" else "Multi-head Latent Attention"
+        problems.append(f"attention={c.attention!r} ({family} has {kind}, attention={attention!r})")
     if c.activation not in _HIDDEN_ACT:
         problems.append(f"activation={c.activation!r} ({family} experts are gated: swiglu or geglu)")
     if c.moe_config().capacity_factor_for(training=False) is not None:
@@ -118,37 +121,50 @@ def mixtral_incompatibilities(model: nn.Module) -> list[str]:
     return _softmax_incompatibilities(model, _SOFTMAX_FORMATS["mixtral"])
 
 
-def glm4_incompatibilities(model: nn.Module) -> list[str]:
-    """Why `model` cannot be written as GLM-4.5 (`glm4_moe`; empty when it can)."""
+def _sigmoid_incompatibilities(model: nn.Module, name: str, attention: str) -> list[str]:
+    """Why `model` cannot be written in a format with DeepSeek-V3's routing: GLM-4.5 (GQA) or DeepSeek-V3 (MLA)."""
     c = model.config
-    problems = _shared_incompatibilities(model, "GLM-4.5")
+    problems = _shared_incompatibilities(model, name, attention)
     if c.dense or c.moe_layer_ids != list(range(c.first_dense_layers, c.n_layers)):
         problems.append("the MoE blocks must follow a prefix of dense blocks (dense=False, moe_every=1)")
+    if attention == "mla" and (c.qkv_bias or c.qk_norm):
+        problems.append(f"qkv_bias={c.qkv_bias}, qk_norm={c.qk_norm} ({name}'s latent attention has neither)")
     if c.qk_norm and c.qk_norm_scope != "head":
-        problems.append("qk_norm_scope='full' (GLM-4.5 normalises q and k per head)")
-    if c.rope_scaling is not None:
-        problems.append("rope_scaling (YaRN) is not written for GLM-4.5")
+        problems.append(f"qk_norm_scope='full' ({name} normalises q and k per head)")
+    if c.rope_scaling is not None and attention == "gqa":
+        problems.append(f"rope_scaling (YaRN) is not written for {name}")
     if c.score_func != "sigmoid" or c.score_order != "before_topk":
         problems.append(
-            f"score_func={c.score_func!r}, score_order={c.score_order!r} (GLM-4.5: 'sigmoid', 'before_topk')"
+            f"score_func={c.score_func!r}, score_order={c.score_order!r} ({name}: 'sigmoid', 'before_topk')"
         )
     if c.router == "group_limited" and c.num_groups > 1 and c.group_score != "top2_sum":
-        problems.append(f"group_score={c.group_score!r} (GLM-4.5 ranks groups by their top-2 sum)")
+        problems.append(f"group_score={c.group_score!r} ({name} ranks groups by their top-2 sum)")
     if not c.bias_balancing and _has_selection_bias(model):
-        problems.append("a non-zero selection bias that bias_balancing=False ignores (GLM-4.5 would apply it)")
+        problems.append(f"a non-zero selection bias that bias_balancing=False ignores ({name} would apply it)")
     if c.num_shared_experts and c.shared_expert_gate:
-        problems.append("shared_expert_gate=True (GLM-4.5's shared experts are not gated)")
+        problems.append(f"shared_expert_gate=True ({name}'s shared experts are not gated)")
     if c.num_shared_experts and c.moe_config().shared_dim != c.num_shared_experts * c.moe_hidden_dim:
         problems.append(
-            f"shared_hidden_dim={c.shared_hidden_dim} (GLM-4.5's shared MLP is num_shared_experts * moe_hidden_dim "
+            f"shared_hidden_dim={c.shared_hidden_dim} ({name}'s shared MLP is num_shared_experts * moe_hidden_dim "
             f"= {c.num_shared_experts * c.moe_hidden_dim} wide)"
         )
     return problems
 
 
+def glm4_incompatibilities(model: nn.Module) -> list[str]:
+    """Why `model` cannot be written as GLM-4.5 (`glm4_moe`; empty when it can)."""
+    return _sigmoid_incompatibilities(model, "GLM-4.5", "gqa")
+
+
+def deepseek_v3_incompatibilities(model: nn.Module) -> list[str]:
+    """Why `model` cannot be written as DeepSeek-V3 (`deepseek_v3`; empty when it can)."""
+    return _sigmoid_incompatibilities(model, "DeepSeek-V3", "mla")
+
+
 _INCOMPATIBILITIES = {
     **{name: partial(_softmax_incompatibilities, f=f) for name, f in _SOFTMAX_FORMATS.items()},
     "glm4_moe": glm4_incompatibilities,
+    "deepseek_v3": deepseek_v3_incompatibilities,
 }
 
 
@@ -260,19 +276,12 @@ def olmoe_config_json(c, dtype: torch.dtype) -> dict[str, Any]:
     }
 
 
-def glm4_config_json(c, dtype: torch.dtype) -> dict[str, Any]:
-    out = _config_json_common(c, dtype)
-    partial = c.rotary_dim / c.head_dim
-    out["rope_parameters"]["partial_rotary_factor"] = partial
+def _sigmoid_routing_json(c) -> dict[str, Any]:
+    """DeepSeek-V3's routing keys (GLM-4.5 has the same), and the blocks around it."""
     grouped = c.router == "group_limited"
     return {
-        "architectures": ["Glm4MoeForCausalLM"],
-        "model_type": "glm4_moe",
         "intermediate_size": c.dense_hidden_dim,
         "moe_intermediate_size": c.moe_hidden_dim,
-        "partial_rotary_factor": partial,  # transformers 4.x
-        "attention_bias": c.qkv_bias,
-        "use_qk_norm": c.qk_norm,
         "n_routed_experts": c.num_experts,
         "n_shared_experts": c.num_shared_experts,
         "n_group": c.num_groups if grouped else 1,
@@ -281,6 +290,40 @@ def glm4_config_json(c, dtype: torch.dtype) -> dict[str, Any]:
         "routed_scaling_factor": c.route_scale,
         "first_k_dense_replace": c.first_dense_layers,
         "num_nextn_predict_layers": 0,
+    }
+
+
+def glm4_config_json(c, dtype: torch.dtype) -> dict[str, Any]:
+    out = _config_json_common(c, dtype)
+    partial_rotary = c.rotary_dim / c.head_dim
+    out["rope_parameters"]["partial_rotary_factor"] = partial_rotary
+    return {
+        "architectures": ["Glm4MoeForCausalLM"],
+        "model_type": "glm4_moe",
+        "partial_rotary_factor": partial_rotary,  # transformers 4.x
+        "attention_bias": c.qkv_bias,
+        "use_qk_norm": c.qk_norm,
+        **_sigmoid_routing_json(c),
+        **out,
+    }
+
+
+def deepseek_v3_config_json(c, dtype: torch.dtype) -> dict[str, Any]:
+    out = _config_json_common(c, dtype)
+    out["num_key_value_heads"] = c.n_heads  # latent attention: every head reads the shared latent
+    return {
+        "architectures": ["DeepseekV3ForCausalLM"],
+        "model_type": "deepseek_v3",
+        "topk_method": "noaux_tc",
+        "q_lora_rank": c.q_lora_rank,
+        "kv_lora_rank": c.kv_lora_rank,
+        "qk_rope_head_dim": c.head_dim,
+        "qk_nope_head_dim": c.qk_nope_head_dim,
+        "v_head_dim": c.v_head_dim,
+        "rope_interleave": False,  # sparsemoe's rotate-half pairs as they are: no permutation of q or k rows
+        "rope_scaling": {"type": "yarn", **c.rope_scaling} if c.rope_scaling else None,  # transformers 4.x
+        "attention_bias": False,
+        **_sigmoid_routing_json(c),
         **out,
     }
 
@@ -291,6 +334,7 @@ _CONFIG_JSON = {
     "qwen3_moe": partial(qwen_moe_config_json, family="qwen3_moe"),
     "olmoe": olmoe_config_json,
     "glm4_moe": glm4_config_json,
+    "deepseek_v3": deepseek_v3_config_json,
 }
 # Written in its own dtype (float32): the selection bias is compared across experts at full precision.
 _KEEP_DTYPE = (".gate.e_score_correction_bias",)
