@@ -37,6 +37,8 @@ from sparsemoe.hf.io import HFFormatError
 from sparsemoe.model.mla import YARN_KEYS
 
 FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe", "dots1")
+# Families whose router holds a selection bias (`gate.e_score_correction_bias`), DeepSeek-V3 style.
+SELECTION_BIAS_FAMILIES = ("deepseek_v3", "glm4_moe", "dots1")
 
 # Expert activations: Hugging Face hidden_act -> sparsemoe activation (both gated).
 _ACTIVATIONS = {"silu": "swiglu", "swish": "swiglu", "gelu_pytorch_tanh": "geglu", "gelu_new": "geglu"}

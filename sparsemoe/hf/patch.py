@@ -6,8 +6,8 @@
 
 No weight is copied: the sparsemoe layer's `router.weight`, `experts.w_in` and `experts.w_out` are the
 very Parameter objects of the Hugging Face block (`gate.weight`, `experts.gate_up_proj` [E, 2F, D],
-`experts.down_proj` [E, D, F], the same layout), and DeepSeek-V3's (GLM-4.5's) `e_score_correction_bias` becomes
-the layer's `router.expert_bias`. Shared experts stay the Hugging Face modules, called as before.
+`experts.down_proj` [E, D, F], the same layout), and the `e_score_correction_bias` of DeepSeek-V3, GLM-4.5
+and dots.llm1 becomes the layer's `router.expert_bias`. Shared experts stay the Hugging Face modules, called as before.
 So an optimizer built before or after patching trains the same tensors.
 
 Supported blocks (transformers 5 fused expert tensors): MixtralSparseMoeBlock, Qwen2MoeSparseMoeBlock,
@@ -17,7 +17,7 @@ patched.
 
 Behaviour differences, all outside inference: the patched layers add no balancing loss unless
 `aux_loss_coef` is given (transformers computes its own from router logits, which patched blocks do not
-record); in training, DeepSeek-V3 and GLM-4.5 layers update their selection bias (aux-loss-free balancing).
+record); in training, layers with a selection bias update it (aux-loss-free balancing).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from sparsemoe.hf.config_map import FAMILIES, map_moe_config
+from sparsemoe.hf.config_map import FAMILIES, SELECTION_BIAS_FAMILIES, map_moe_config
 from sparsemoe.hf.io import HFFormatError
 from sparsemoe.layer import MoE
 
@@ -43,8 +43,6 @@ SUPPORTED_BLOCKS = {
     "Glm4MoeMoE": ("glm4_moe", "shared_experts", None),
     "Dots1MoE": ("dots1", "shared_experts", None),
 }
-# Families whose router holds a selection bias (`gate.e_score_correction_bias`), DeepSeek-V3 style.
-_SELECTION_BIAS = ("deepseek_v3", "glm4_moe", "dots1")
 
 
 class PatchedMoeBlock(nn.Module):
@@ -122,7 +120,7 @@ def _why_not(module: nn.Module, moe_cfg, family: str, model_family: str) -> str:
     gate_weight = getattr(module.gate, "weight", None)
     if not isinstance(gate_weight, nn.Parameter) or tuple(gate_weight.shape) != (E, D):
         return f"router weight is not an [E, D] = {(E, D)} parameter"
-    if family in _SELECTION_BIAS and getattr(module.gate, "e_score_correction_bias", None) is None:
+    if family in SELECTION_BIAS_FAMILIES and getattr(module.gate, "e_score_correction_bias", None) is None:
         return "router has no e_score_correction_bias"
     return ""
 
@@ -135,7 +133,7 @@ def _sparsemoe_layer(module: nn.Module, moe_cfg, family: str) -> MoE:
     moe.experts.w_in = module.experts.gate_up_proj
     moe.experts.w_out = module.experts.down_proj
     weight = module.gate.weight
-    if family in _SELECTION_BIAS:
+    if family in SELECTION_BIAS_FAMILIES:
         moe.router.expert_bias = module.gate.e_score_correction_bias  # same tensor: no copy
     else:
         moe.router.expert_bias = torch.zeros(moe_cfg.num_experts, device=weight.device, dtype=torch.float32)

@@ -18,7 +18,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from sparsemoe.hf.config_map import MappedConfig
+from sparsemoe.hf.config_map import SELECTION_BIAS_FAMILIES, MappedConfig
 
 
 @dataclass(frozen=True)
@@ -125,7 +125,7 @@ def _moe_block(src: str, dst: str, mapped: MappedConfig, layout: Layout) -> list
         src = src.rsplit(".", 1)[0] + "." + layout.mixtral_block
     pieces = [Piece(f"{src}.gate.weight", f"{dst}.router.weight")]
     pieces += _experts(f"{src}.experts", f"{dst}.experts", family, E, F, layout.fused_experts)
-    if family in ("deepseek_v3", "glm4_moe", "dots1"):
+    if family in SELECTION_BIAS_FAMILIES:
         pieces.append(Piece(f"{src}.gate.e_score_correction_bias", f"{dst}.router.expert_bias"))
     if c.num_shared_experts:
         Fs = c.shared_hidden_dim or c.num_shared_experts * F
