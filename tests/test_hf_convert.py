@@ -87,15 +87,21 @@ GLM_MODELS = {
     "topk-unbiased-tied": dict(score_func="sigmoid", renormalize=False, tie_embeddings=True, dense_hidden_dim=40),
 }
 MLA = dict(attention="mla", head_dim=8, kv_lora_rank=16, qk_nope_head_dim=8, v_head_dim=12)
-# The same routing under Multi-head Latent Attention: only DeepSeek-V3 expresses these.
+YARN_MLA = dict(type="yarn", factor=4.0, original_max_position_embeddings=16, mscale=0.707, mscale_all_dim=0.707)
+# Under Multi-head Latent Attention: DeepSeek-V3 (GLM-4.5's routing) and DeepSeek-V2 (softmax) express these.
 DEEPSEEK_MODELS = {
     "grouped-biased-shared": dict(GLM_MODELS["grouped-biased-shared"], **MLA, qkv_bias=False, qk_norm=False,
                                   rotary_dim=None, q_lora_rank=24),
     "yarn-full-rank-q": dict(
         MLA, score_func="sigmoid", bias_balancing=True,
-        rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "mscale": 0.707,
-                      "mscale_all_dim": 0.707},
+        rope_scaling=YARN_MLA,
     ),
+    # DeepSeek-V2: softmax without renormalisation, groups ranked by their best expert, interleaved RoPE.
+    "v2-grouped-shared": dict(
+        MLA, n_layers=3, router="group_limited", num_groups=2, topk_groups=1, group_score="max", renormalize=False,
+        route_scale=1.5, num_shared_experts=2, first_dense_layers=1, q_lora_rank=24,
+    ),
+    "v2-yarn": dict(MLA, renormalize=False, rope_scaling=YARN_MLA),
 }
 
 
@@ -106,9 +112,12 @@ DEEPSEEK_MODELS = {
         ("glm4_moe", "topk-unbiased-tied", True, 20_000),
         ("deepseek_v3", "grouped-biased-shared", False, 5 << 30),
         ("deepseek_v3", "yarn-full-rank-q", True, 20_000),
+        ("deepseek_v2", "v2-grouped-shared", False, 5 << 30),
+        ("deepseek_v2", "v2-yarn", True, 20_000),
     ],
 )
-def test_sigmoid_export_loads_in_transformers_and_round_trips_exactly(family, name, fused, shard_bytes, tmp_path):
+def test_deepseek_style_export_loads_in_transformers_and_round_trips_exactly(family, name, fused, shard_bytes,
+                                                                            tmp_path):
     model = tiny_model(**(GLM_MODELS if family == "glm4_moe" else DEEPSEEK_MODELS)[name])
     if model.config.bias_balancing:
         with torch.no_grad():
@@ -164,8 +173,8 @@ def test_export_picks_mixtral_when_it_can_and_lists_every_reason_when_nothing_ca
         ignored_bias.moe_layers[0].router.expert_bias.fill_(0.5)
     with pytest.raises(HFFormatError, match="selection bias that bias_balancing=False ignores"):
         export_hf(ignored_bias, tmp_path / "z", family="glm4_moe")
-    with pytest.raises(HFFormatError, match="cannot export as 'deepseek_v2'"):
-        export_hf(tiny_model(), tmp_path / "y", family="deepseek_v2")
+    with pytest.raises(HFFormatError, match="cannot export as 'dots1'"):  # read, never written
+        export_hf(tiny_model(), tmp_path / "y", family="dots1")
     assert not any((tmp_path / name).exists() for name in ("none", "x", "y", "z"))
 
 

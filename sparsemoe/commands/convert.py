@@ -20,7 +20,7 @@ def _size(text: str) -> int:
 
 
 # sparsemoe.hf.export.EXPORT_FAMILIES, spelt out so that `sparsemoe --help` need not import torch (a test checks).
-HF_FORMATS = ("auto", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "glm4_moe", "deepseek_v3")
+HF_FORMATS = ("auto", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "glm4_moe", "deepseek_v3", "deepseek_v2")
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -30,8 +30,8 @@ def register(subparsers) -> argparse.ArgumentParser:
         description="Convert between Hugging Face MoE folders (config.json + safetensors) and sparsemoe checkpoints. "
         "HF -> sparsemoe reads Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V2, DeepSeek-V3, GLM-4.5 and dots.llm1 "
         "folders and writes a checkpoint that `sparsemoe generate --checkpoint OUT` runs. sparsemoe -> HF writes a "
-        "Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GLM-4.5 or DeepSeek-V3 folder (the first that expresses the model) "
-        "that transformers loads. The direction is taken from SRC (a folder with config.json is "
+        "Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GLM-4.5, DeepSeek-V3 or DeepSeek-V2 folder (the first that "
+        "expresses the model) that transformers loads. The direction is taken from SRC (a folder with config.json is "
         "Hugging Face) unless --to is given. Tensors are read and written one at a time.",
     )
     p.add_argument("src", metavar="SRC", help="Hugging Face model folder, or sparsemoe run/checkpoint folder")

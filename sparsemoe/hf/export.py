@@ -12,7 +12,10 @@ these formats that expresses the model (or the one asked for):
   blocks, optional q/k/v biases and per-head q/k norms, RoPE over part of each head.
 * DeepSeek-V3: the same routing and blocks under Multi-head Latent Attention (YaRN included), written with
   `rope_interleave=False` so that q and k rows need no permutation.
-All but DeepSeek-V3 have GQA attention; all have gated experts and no capacity in evaluation. A model none
+* DeepSeek-V2: softmax top-k without renormalisation (a route scale, groups ranked by their best expert)
+  with DeepSeek's blocks under latent attention; its RoPE pairs are interleaved, so the q and k rows are
+  permuted back from sparsemoe's rotate-half pairs.
+All but the DeepSeek formats have GQA attention; all have gated experts and no capacity in evaluation. A model none
 can express is refused with every format's reasons, never exported approximately. The weights are written
 in the per-expert layout of the published checkpoints (Mixtral's `block_sparse_moe.experts.{j}.w1/w2/w3`,
 the others' `mlp.experts.{j}.gate_proj/up_proj/down_proj`), which every transformers version loads
@@ -38,7 +41,7 @@ from sparsemoe.hf.weights import Layout, model_pieces
 
 _HIDDEN_ACT = {"swiglu": "silu", "geglu": "gelu_pytorch_tanh"}
 # In the order `export_family` tries them.
-EXPORT_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "glm4_moe", "deepseek_v3")
+EXPORT_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "glm4_moe", "deepseek_v3", "deepseek_v2")
 
 
 def _shared_incompatibilities(model: nn.Module, family: str, attention: str = "gqa") -> list[str]:
@@ -121,26 +124,48 @@ def mixtral_incompatibilities(model: nn.Module) -> list[str]:
     return _softmax_incompatibilities(model, _SOFTMAX_FORMATS["mixtral"])
 
 
-def _sigmoid_incompatibilities(model: nn.Module, name: str, attention: str) -> list[str]:
-    """Why `model` cannot be written in a format with DeepSeek-V3's routing: GLM-4.5 (GQA) or DeepSeek-V3 (MLA)."""
+@dataclass(frozen=True)
+class _DeepSeekFormat:
+    """A format with DeepSeek's blocks (ungated shared experts, a prefix of dense blocks) and its routing."""
+
+    name: str
+    attention: str  # gqa (GLM-4.5) or mla (DeepSeek)
+    score_func: str  # sigmoid (DeepSeek-V3, GLM-4.5) or softmax (DeepSeek-V2)
+    group_score: str  # how groups are ranked for group-limited selection
+    selection_bias: bool  # the router has e_score_correction_bias (and may renormalise); else it never renormalises
+
+
+_DEEPSEEK_FORMATS = {
+    "glm4_moe": _DeepSeekFormat("GLM-4.5", "gqa", "sigmoid", "top2_sum", selection_bias=True),
+    "deepseek_v3": _DeepSeekFormat("DeepSeek-V3", "mla", "sigmoid", "top2_sum", selection_bias=True),
+    "deepseek_v2": _DeepSeekFormat("DeepSeek-V2", "mla", "softmax", "max", selection_bias=False),
+}
+
+
+def _deepseek_incompatibilities(model: nn.Module, f: _DeepSeekFormat) -> list[str]:
     c = model.config
-    problems = _shared_incompatibilities(model, name, attention)
+    name = f.name
+    problems = _shared_incompatibilities(model, name, f.attention)
     if c.dense or c.moe_layer_ids != list(range(c.first_dense_layers, c.n_layers)):
         problems.append("the MoE blocks must follow a prefix of dense blocks (dense=False, moe_every=1)")
-    if attention == "mla" and (c.qkv_bias or c.qk_norm):
+    if f.attention == "mla" and (c.qkv_bias or c.qk_norm):
         problems.append(f"qkv_bias={c.qkv_bias}, qk_norm={c.qk_norm} ({name}'s latent attention has neither)")
     if c.qk_norm and c.qk_norm_scope != "head":
         problems.append(f"qk_norm_scope='full' ({name} normalises q and k per head)")
-    if c.rope_scaling is not None and attention == "gqa":
+    if c.rope_scaling is not None and f.attention == "gqa":
         problems.append(f"rope_scaling (YaRN) is not written for {name}")
-    if c.score_func != "sigmoid" or c.score_order != "before_topk":
+    if c.score_func != f.score_func or c.score_order != "before_topk":
         problems.append(
-            f"score_func={c.score_func!r}, score_order={c.score_order!r} ({name}: 'sigmoid', 'before_topk')"
+            f"score_func={c.score_func!r}, score_order={c.score_order!r} ({name}: {f.score_func!r}, 'before_topk')"
         )
-    if c.router == "group_limited" and c.num_groups > 1 and c.group_score != "top2_sum":
-        problems.append(f"group_score={c.group_score!r} ({name} ranks groups by their top-2 sum)")
-    if not c.bias_balancing and _has_selection_bias(model):
+    if c.router == "group_limited" and c.num_groups > 1 and c.group_score != f.group_score:
+        problems.append(f"group_score={c.group_score!r} ({name} ranks groups by {f.group_score!r})")
+    if f.selection_bias and not c.bias_balancing and _has_selection_bias(model):
         problems.append(f"a non-zero selection bias that bias_balancing=False ignores ({name} would apply it)")
+    if not f.selection_bias and c.bias_balancing and _has_selection_bias(model):
+        problems.append(f"a non-zero selection bias (bias_balancing), which {name} lacks")
+    if not f.selection_bias and c.renormalize and c.top_k > 1:
+        problems.append(f"renormalize=True ({name} does not renormalise the top-k weights)")
     if c.num_shared_experts and c.shared_expert_gate:
         problems.append(f"shared_expert_gate=True ({name}'s shared experts are not gated)")
     if c.num_shared_experts and c.moe_config().shared_dim != c.num_shared_experts * c.moe_hidden_dim:
@@ -153,18 +178,12 @@ def _sigmoid_incompatibilities(model: nn.Module, name: str, attention: str) -> l
 
 def glm4_incompatibilities(model: nn.Module) -> list[str]:
     """Why `model` cannot be written as GLM-4.5 (`glm4_moe`; empty when it can)."""
-    return _sigmoid_incompatibilities(model, "GLM-4.5", "gqa")
-
-
-def deepseek_v3_incompatibilities(model: nn.Module) -> list[str]:
-    """Why `model` cannot be written as DeepSeek-V3 (`deepseek_v3`; empty when it can)."""
-    return _sigmoid_incompatibilities(model, "DeepSeek-V3", "mla")
+    return _deepseek_incompatibilities(model, _DEEPSEEK_FORMATS["glm4_moe"])
 
 
 _INCOMPATIBILITIES = {
     **{name: partial(_softmax_incompatibilities, f=f) for name, f in _SOFTMAX_FORMATS.items()},
-    "glm4_moe": glm4_incompatibilities,
-    "deepseek_v3": deepseek_v3_incompatibilities,
+    **{name: partial(_deepseek_incompatibilities, f=f) for name, f in _DEEPSEEK_FORMATS.items()},
 }
 
 
@@ -276,8 +295,8 @@ def olmoe_config_json(c, dtype: torch.dtype) -> dict[str, Any]:
     }
 
 
-def _sigmoid_routing_json(c) -> dict[str, Any]:
-    """DeepSeek-V3's routing keys (GLM-4.5 has the same), and the blocks around it."""
+def _deepseek_routing_json(c) -> dict[str, Any]:
+    """DeepSeek's routing keys (GLM-4.5 has the same), and the blocks around it."""
     grouped = c.router == "group_limited"
     return {
         "intermediate_size": c.dense_hidden_dim,
@@ -303,27 +322,34 @@ def glm4_config_json(c, dtype: torch.dtype) -> dict[str, Any]:
         "partial_rotary_factor": partial_rotary,  # transformers 4.x
         "attention_bias": c.qkv_bias,
         "use_qk_norm": c.qk_norm,
-        **_sigmoid_routing_json(c),
+        **_deepseek_routing_json(c),
         **out,
     }
 
 
-def deepseek_v3_config_json(c, dtype: torch.dtype) -> dict[str, Any]:
+def deepseek_config_json(c, dtype: torch.dtype, family: str) -> dict[str, Any]:
+    """DeepSeek-V3 (sigmoid routing, selection bias) or DeepSeek-V2 (softmax routing): latent attention."""
     out = _config_json_common(c, dtype)
     out["num_key_value_heads"] = c.n_heads  # latent attention: every head reads the shared latent
+    if family == "deepseek_v3":
+        # sparsemoe's rotate-half pairs as they are: no permutation of q or k rows
+        specific = {"topk_method": "noaux_tc", "rope_interleave": False}
+    else:  # DeepSeek-V2 always pairs RoPE dims interleaved: the exporter permutes q and k rows back
+        grouped = c.router == "group_limited" and c.num_groups > 1
+        specific = {"topk_method": "group_limited_greedy" if grouped else "greedy", "moe_layer_freq": 1,
+                    "aux_loss_alpha": c.aux_loss_coef}
     return {
-        "architectures": ["DeepseekV3ForCausalLM"],
-        "model_type": "deepseek_v3",
-        "topk_method": "noaux_tc",
+        "architectures": ["DeepseekV3ForCausalLM" if family == "deepseek_v3" else "DeepseekV2ForCausalLM"],
+        "model_type": family,
         "q_lora_rank": c.q_lora_rank,
         "kv_lora_rank": c.kv_lora_rank,
         "qk_rope_head_dim": c.head_dim,
         "qk_nope_head_dim": c.qk_nope_head_dim,
         "v_head_dim": c.v_head_dim,
-        "rope_interleave": False,  # sparsemoe's rotate-half pairs as they are: no permutation of q or k rows
         "rope_scaling": {"type": "yarn", **c.rope_scaling} if c.rope_scaling else None,  # transformers 4.x
         "attention_bias": False,
-        **_sigmoid_routing_json(c),
+        **specific,
+        **_deepseek_routing_json(c),
         **out,
     }
 
@@ -334,7 +360,8 @@ _CONFIG_JSON = {
     "qwen3_moe": partial(qwen_moe_config_json, family="qwen3_moe"),
     "olmoe": olmoe_config_json,
     "glm4_moe": glm4_config_json,
-    "deepseek_v3": deepseek_v3_config_json,
+    "deepseek_v3": partial(deepseek_config_json, family="deepseek_v3"),
+    "deepseek_v2": partial(deepseek_config_json, family="deepseek_v2"),
 }
 # Written in its own dtype (float32): the selection bias is compared across experts at full precision.
 _KEEP_DTYPE = (".gate.e_score_correction_bias",)
@@ -382,9 +409,12 @@ def export_hf(
     layout = Layout(prefix="model.", mixtral_block=block, fused_experts=fused)
     state = model.state_dict()
     items = []
-    for piece in model_pieces(MappedConfig(family, c), layout):
+    # DeepSeek-V2 pairs RoPE dims interleaved: its q and k rows are permuted back from rotate-half.
+    mapped = MappedConfig(family, c, rope_interleaved=family == "deepseek_v2")
+    for piece in model_pieces(mapped, layout):
         t = state[piece.dst]
-        items.append((piece.src, (t[piece.index] if piece.index else t).detach()))  # views: no copy yet
+        t = (t[piece.index] if piece.index else t).detach()  # a view: no copy yet
+        items.append((piece.src, piece.to_hf(t) if piece.to_hf else t))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     shards = _shards(items, max_shard_bytes, dtype)

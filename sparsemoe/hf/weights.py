@@ -27,6 +27,7 @@ class Piece:
     dst: str  # sparsemoe state-dict key
     index: tuple = ()  # the part of dst that src fills; () = all of it
     transform: Optional[Callable[[Tensor], Tensor]] = None  # applied to src when loading
+    to_hf: Optional[Callable[[Tensor], Tensor]] = None  # its inverse, applied to dst's part when exporting
 
 
 def interleaved_to_half(rows: int) -> Tensor:
@@ -38,9 +39,12 @@ def interleaved_to_half(rows: int) -> Tensor:
     return torch.cat([torch.arange(0, rows, 2), torch.arange(1, rows, 2)])
 
 
-def _permute_rope_rows(heads: int, nope: int, rope: int) -> Callable[[Tensor], Tensor]:
-    """Permute the rotary rows of each head's block [nope | rope] of a projection weight [heads*(nope+rope), in]."""
+def _permute_rope_rows(heads: int, nope: int, rope: int, inverse: bool = False) -> Callable[[Tensor], Tensor]:
+    """Permute the rotary rows of each head's block [nope | rope] of a projection weight [heads*(nope+rope), in]:
+    interleaved -> rotate-half pairs, or back with `inverse`."""
     order = interleaved_to_half(rope)
+    if inverse:
+        order = torch.argsort(order)
 
     def apply(w: Tensor) -> Tensor:
         per_head = w.view(heads, nope + rope, *w.shape[1:])
@@ -98,20 +102,21 @@ def _attention(src: str, dst: str, mapped: MappedConfig) -> list[Piece]:
             pieces += [Piece(f"{src}.{n}_norm.weight", f"{dst}.{n}_norm.weight") for n in "qk"]
         return pieces
     rope = c.head_dim
-    q_fix = kv_fix = None
+    q_fix = kv_fix = q_back = kv_back = None
     if mapped.rope_interleaved:
-        q_fix = _permute_rope_rows(c.n_heads, c.qk_nope_head_dim, rope)
-        kv_fix = _permute_rope_rows(1, c.kv_lora_rank, rope)  # the single shared rotary key follows the latent
+        q_fix, q_back = (_permute_rope_rows(c.n_heads, c.qk_nope_head_dim, rope, inv) for inv in (False, True))
+        # the single shared rotary key follows the latent
+        kv_fix, kv_back = (_permute_rope_rows(1, c.kv_lora_rank, rope, inv) for inv in (False, True))
     if c.q_lora_rank is None:
-        pieces = [Piece(f"{src}.q_proj.weight", f"{dst}.q_proj.weight", (), q_fix)]
+        pieces = [Piece(f"{src}.q_proj.weight", f"{dst}.q_proj.weight", (), q_fix, q_back)]
     else:
         pieces = [
             Piece(f"{src}.q_a_proj.weight", f"{dst}.q_a_proj.weight"),
             Piece(f"{src}.q_a_layernorm.weight", f"{dst}.q_a_norm.weight"),
-            Piece(f"{src}.q_b_proj.weight", f"{dst}.q_b_proj.weight", (), q_fix),
+            Piece(f"{src}.q_b_proj.weight", f"{dst}.q_b_proj.weight", (), q_fix, q_back),
         ]
     return pieces + [
-        Piece(f"{src}.kv_a_proj_with_mqa.weight", f"{dst}.kv_a_proj.weight", (), kv_fix),
+        Piece(f"{src}.kv_a_proj_with_mqa.weight", f"{dst}.kv_a_proj.weight", (), kv_fix, kv_back),
         Piece(f"{src}.kv_a_layernorm.weight", f"{dst}.kv_a_norm.weight"),
         Piece(f"{src}.kv_b_proj.weight", f"{dst}.kv_b_proj.weight"),
         Piece(f"{src}.o_proj.weight", f"{dst}.o_proj.weight"),
