@@ -299,6 +299,13 @@ def test_sliding_window_caps_context(family, extra, tmp_path):
     assert any("sliding_window=16" in note for note in loaded.mapped.notes)
 
 
+def test_dots1_sliding_layers_derived_as_transformers_does_without_layer_types():
+    cfg = {k: v for k, v in tiny_hf_model("dots1").config.to_dict().items() if k != "layer_types"}
+    assert map_config({**cfg, "sliding_window": 16, "max_window_layers": 2}).model_config.max_seq_len == 16
+    assert map_config({**cfg, "sliding_window": 16, "max_window_layers": 3}).model_config.max_seq_len == 64
+    assert map_config({**cfg, "sliding_window": None, "max_window_layers": 0}).model_config.max_seq_len == 64
+
+
 def test_unmappable_configs_name_the_key():
     base = tiny_hf_model("qwen2_moe").config.to_dict()
     with pytest.raises(HFFormatError, match="mlp_only_layers"):

@@ -147,9 +147,9 @@ def _rotary_dim(cfg: dict[str, Any], head_dim: int) -> Optional[int]:
     return width
 
 
-def _window(cfg: dict[str, Any], max_seq_len: int, sliding: bool, notes: list[str]) -> int:
+def _window(cfg: dict[str, Any], max_seq_len: int, sliding: bool, notes: list[str], default: Any = None) -> int:
     """Sliding-window attention equals full attention on sequences no longer than the window: cap there."""
-    window = cfg.get("sliding_window")
+    window = cfg.get("sliding_window", default)
     if sliding and window and window < max_seq_len:
         notes.append(f"sliding_window={window}: max_seq_len capped at {window}, where full attention is exact")
         return int(window)
@@ -197,14 +197,29 @@ def _qwen_sparse_layers(cfg: dict[str, Any], n_layers: int) -> dict[str, Any]:
     )
 
 
+# transformers' Dots1Config defaults, which apply when config.json leaves the keys out.
+_DOTS1_WINDOW, _DOTS1_MAX_WINDOW_LAYERS = 4096, 62
+
+
+def _dots1_slides(cfg: dict[str, Any], n_layers: int) -> bool:
+    """Whether some dots1 layer attends through the sliding window: its layer_types, or as transformers
+    derives them when absent (layers from max_window_layers on, when sliding_window is set)."""
+    types = cfg.get("layer_types")
+    if types is not None:
+        return "sliding_attention" in types
+    window = cfg.get("sliding_window", _DOTS1_WINDOW)
+    return window is not None and int(cfg.get("max_window_layers", _DOTS1_MAX_WINDOW_LAYERS)) < n_layers
+
+
 def _attention(cfg: dict[str, Any], family: str, base: dict[str, Any], notes: list[str]) -> None:
     """The attention-side fields of the ModelConfig (`base`), per family."""
     sliding = (
         family in ("mixtral", "olmoe")
         or (family.startswith("qwen") and bool(cfg.get("use_sliding_window")))
-        or "sliding_attention" in (cfg.get("layer_types") or ())  # dots1: some layers slide
+        or (family == "dots1" and _dots1_slides(cfg, base["n_layers"]))
     )
-    base["max_seq_len"] = _window(cfg, base["max_seq_len"], sliding, notes)
+    default_window = _DOTS1_WINDOW if family == "dots1" else None
+    base["max_seq_len"] = _window(cfg, base["max_seq_len"], sliding, notes, default_window)
     if family == "qwen2_moe":
         base["qkv_bias"] = bool(_get(cfg, "qkv_bias", True))
     elif family == "qwen3_moe":
