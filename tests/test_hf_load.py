@@ -28,6 +28,17 @@ COMMON = dict(
     initializer_range=0.2,  # large init: routing far from uniform, so it is tested
 )
 MLA = dict(num_key_value_heads=4, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=12)
+# DeepSeek-V3's blocks and routing groups, which GLM-4.5 shares.
+DEEPSEEK_BLOCKS = dict(
+    intermediate_size=40,
+    moe_intermediate_size=16,
+    n_routed_experts=8,
+    n_shared_experts=1,
+    num_experts_per_tok=2,
+    n_group=4,
+    topk_group=2,
+    first_k_dense_replace=1,
+)
 
 # name -> (transformers config class, model class, config kwargs)
 FAMILIES = {
@@ -89,31 +100,13 @@ FAMILIES = {
     "deepseek_v3": (
         "DeepseekV3Config",
         "DeepseekV3ForCausalLM",
-        dict(
-            MLA,
-            intermediate_size=40,
-            moe_intermediate_size=16,
-            n_routed_experts=8,
-            n_shared_experts=1,
-            num_experts_per_tok=2,
-            n_group=4,
-            topk_group=2,
-            first_k_dense_replace=1,
-            q_lora_rank=24,
-        ),
+        dict(MLA, **DEEPSEEK_BLOCKS, q_lora_rank=24),
     ),
     "glm4_moe": (
         "Glm4MoeConfig",
         "Glm4MoeForCausalLM",
         dict(
-            intermediate_size=40,
-            moe_intermediate_size=16,
-            n_routed_experts=8,
-            n_shared_experts=1,
-            num_experts_per_tok=2,
-            n_group=4,
-            topk_group=2,
-            first_k_dense_replace=1,
+            DEEPSEEK_BLOCKS,
             routed_scaling_factor=2.5,
             attention_bias=True,
             use_qk_norm=True,

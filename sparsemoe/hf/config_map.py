@@ -276,17 +276,22 @@ def _mixtral(cfg: dict[str, Any], n_layers: int, notes: list[str], family: str) 
     )
 
 
-def _qwen(cfg: dict[str, Any], n_layers: int, notes: list[str], family: str) -> dict[str, Any]:
-    experts = int(_get(cfg, "num_experts"))
-    out: dict[str, Any] = dict(
+def _softmax_topk(cfg: dict[str, Any], expert_width_key: str, aux_default: float) -> dict[str, Any]:
+    """Plain softmax top-k routing, as Qwen and OLMoE spell it."""
+    return dict(
         top_k=int(_get(cfg, "num_experts_per_tok")),
-        moe_hidden_dim=int(_get(cfg, "moe_intermediate_size")),
-        dense_hidden_dim=int(_get(cfg, "intermediate_size")),
+        moe_hidden_dim=int(_get(cfg, expert_width_key)),
         router="topk",
         score_func="softmax",
         renormalize=bool(_get(cfg, "norm_topk_prob", False)),
-        aux_loss_coef=float(_get(cfg, "router_aux_loss_coef", 0.001)),
+        aux_loss_coef=float(_get(cfg, "router_aux_loss_coef", aux_default)),
     )
+
+
+def _qwen(cfg: dict[str, Any], n_layers: int, notes: list[str], family: str) -> dict[str, Any]:
+    experts = int(_get(cfg, "num_experts"))
+    out = _softmax_topk(cfg, "moe_intermediate_size", 0.001)
+    out["dense_hidden_dim"] = int(_get(cfg, "intermediate_size"))
     if experts == 0:
         out.update(dense=True, top_k=1)
     else:
@@ -300,15 +305,7 @@ def _qwen(cfg: dict[str, Any], n_layers: int, notes: list[str], family: str) -> 
 
 
 def _olmoe(cfg: dict[str, Any], n_layers: int, notes: list[str], family: str) -> dict[str, Any]:
-    return dict(
-        num_experts=int(_get(cfg, "num_experts")),
-        top_k=int(_get(cfg, "num_experts_per_tok")),
-        moe_hidden_dim=int(_get(cfg, "intermediate_size")),
-        router="topk",
-        score_func="softmax",
-        renormalize=bool(_get(cfg, "norm_topk_prob", False)),
-        aux_loss_coef=float(_get(cfg, "router_aux_loss_coef", 0.01)),
-    )
+    return dict(_softmax_topk(cfg, "intermediate_size", 0.01), num_experts=int(_get(cfg, "num_experts")))
 
 
 def _deepseek(cfg: dict[str, Any], n_layers: int, notes: list[str], family: str) -> dict[str, Any]:
