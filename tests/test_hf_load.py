@@ -114,6 +114,14 @@ FAMILIES = {
             pad_token_id=0,
         ),
     ),
+    "minimax_m2": (
+        "MiniMaxM2Config",
+        "MiniMaxM2ForCausalLM",
+        dict(
+            head_dim=8, intermediate_size=16, num_local_experts=6, num_experts_per_tok=2, rotary_dim=4,
+            pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        ),
+    ),
     "dots1": (
         "Dots1Config",
         "Dots1ForCausalLM",
@@ -172,6 +180,8 @@ CASES = [
     ("deepseek_v3", False),
     ("glm4_moe", True),
     ("dots1", False),
+    ("minimax_m2", True),
+    ("minimax_m2", False),
 ]
 
 
@@ -216,6 +226,10 @@ def test_routing_fields_per_family(tmp_path):
         "dots1": dict(
             score_func="sigmoid", bias_balancing=True, renormalize=True, num_groups=2, route_scale=1.5,
             num_shared_experts=2, qk_norm=True, moe_layers=[1, 2],
+        ),
+        "minimax_m2": dict(
+            score_func="sigmoid", bias_balancing=True, renormalize=True, num_shared_experts=0, qk_norm=True,
+            qk_norm_scope="full", head_dim=8, rotary_dim=4, moe_layers=[0, 1, 2],
         ),
     }
     for family, fields in expect.items():

@@ -37,6 +37,7 @@ def test_patched_model_matches_original_and_shares_weights(family):
             "DeepseekV3MoE",
             "Glm4MoeMoE",
             "Dots1MoE",
+            "MiniMaxM2SparseMoeBlock",
         )
     }
     params_before = {id(p) for p in hf.parameters()}
@@ -52,6 +53,8 @@ def test_patched_model_matches_original_and_shares_weights(family):
         assert patched.moe.experts.w_out is block.experts.down_proj
         if family in ("deepseek_v3", "glm4_moe", "dots1"):
             assert patched.moe.router.expert_bias is block.gate.e_score_correction_bias
+        if family == "minimax_m2":
+            assert patched.moe.router.expert_bias is block.e_score_correction_bias
     assert {id(p) for p in hf.parameters()} == params_before  # nothing added, nothing copied
     with torch.no_grad():
         torch.testing.assert_close(hf(x).logits, expected, atol=2e-5, rtol=1e-4)

@@ -1,4 +1,4 @@
-"""Hugging Face interop: load, convert, export and patch Mixtral, Qwen-MoE, OLMoE, DeepSeek, GLM-4.5, dots.llm1.
+"""Hugging Face interop: load, convert, export and patch MoE models (Mixtral, Qwen, OLMoE, DeepSeek, GLM, ...).
 
 Loading, converting and exporting read and write `config.json` and safetensors directly and need only
 torch; patching works on a live transformers model (the `hf` extra).

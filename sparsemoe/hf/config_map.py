@@ -1,7 +1,7 @@
 """Hugging Face `config.json` -> sparsemoe `ModelConfig`, per model family.
 
 Supported families (`model_type`): mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v2, deepseek_v3, glm4_moe,
-dots1. The
+dots1, minimax_m2. The
 config is read as plain JSON, so loading and converting need no `transformers` install; defaults for
 keys a config leaves out are those of the transformers config classes.
 
@@ -18,6 +18,7 @@ How each family routes, and the MoEConfig fields it maps to:
 |             |         | groups ranked by top-2 sum       | x routed_scaling_factor           |                  |
 | glm4_moe    | as deepseek_v3 (GLM-4.5 routes as DeepSeek-V3 does; its attention is GQA, not MLA)                |
 | dots1       | as deepseek_v3 (dots.llm1; GQA attention with Qwen3's per-head q/k norm)                           |
+| minimax_m2  | sigmoid | score + e_score_correction_bias, top-k | renormalised                     | none             |
 
 RoPE: plain, or YaRN (`rope_type` "yarn", DeepSeek's context extension) as `ModelConfig.rope_scaling`;
 a `partial_rotary_factor` (GLM-4.5 rotates half of each head) as `ModelConfig.rotary_dim`.
@@ -36,9 +37,12 @@ from typing import Any, Optional, Union
 from sparsemoe.hf.io import HFFormatError
 from sparsemoe.model.mla import YARN_KEYS
 
-FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe", "dots1")
-# Families whose router holds a selection bias (`gate.e_score_correction_bias`), DeepSeek-V3 style.
-SELECTION_BIAS_FAMILIES = ("deepseek_v3", "glm4_moe", "dots1")
+FAMILIES = (
+    "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe", "dots1", "minimax_m2",
+)  # fmt: skip
+# Families whose MoE block holds a selection bias (`e_score_correction_bias`), DeepSeek-V3 style: on the
+# router (`gate.`), or on the block itself for MiniMax-M2.
+SELECTION_BIAS_FAMILIES = ("deepseek_v3", "glm4_moe", "dots1", "minimax_m2")
 
 # Expert activations: Hugging Face hidden_act -> sparsemoe activation (both gated).
 _ACTIVATIONS = {"silu": "swiglu", "swish": "swiglu", "gelu_pytorch_tanh": "geglu", "gelu_new": "geglu"}
@@ -138,6 +142,8 @@ def _rotary_dim(cfg: dict[str, Any], head_dim: int) -> Optional[int]:
     """Rotated width per head from `partial_rotary_factor` (transformers 5's rope_parameters or a top-level
     key), as transformers computes it; None when the whole head rotates."""
     factor = (cfg.get("rope_parameters") or {}).get("partial_rotary_factor", cfg.get("partial_rotary_factor"))
+    if factor is None and cfg.get("rotary_dim") is not None:  # MiniMax-M2's legacy key, as transformers reads it
+        factor = int(cfg["rotary_dim"]) / head_dim
     if factor is None or float(factor) == 1.0:
         return None
     width = int(head_dim * float(factor))
@@ -237,6 +243,8 @@ def _attention(cfg: dict[str, Any], family: str, base: dict[str, Any], notes: li
         base.update(qk_norm=True, qk_norm_scope="full")
     elif family == "glm4_moe":
         base.update(qkv_bias=bool(_get(cfg, "attention_bias", False)), qk_norm=bool(_get(cfg, "use_qk_norm", False)))
+    elif family == "minimax_m2":
+        base.update(qk_norm=True, qk_norm_scope="full")  # transformers normalises q and k whatever use_qk_norm says
     elif family == "dots1":
         if cfg.get("attention_bias"):
             raise _unsupported("attention_bias", True, "attention without biases (dots1 also biases o_proj)")
@@ -258,6 +266,7 @@ def _attention(cfg: dict[str, Any], family: str, base: dict[str, Any], notes: li
 
 
 def _mixtral(cfg: dict[str, Any], n_layers: int, notes: list[str], family: str) -> dict[str, Any]:
+    """Mixtral, and MiniMax-M2 (Mixtral's block with sigmoid scores and a selection bias)."""
     jitter = float(_get(cfg, "router_jitter_noise", 0.0))
     if 0 < jitter:
         notes.append(
@@ -268,7 +277,8 @@ def _mixtral(cfg: dict[str, Any], n_layers: int, notes: list[str], family: str) 
         top_k=int(_get(cfg, "num_experts_per_tok")),
         moe_hidden_dim=int(_get(cfg, "intermediate_size")),
         router="topk",
-        score_func="softmax",
+        score_func="sigmoid" if family == "minimax_m2" else "softmax",
+        bias_balancing=family == "minimax_m2",  # e_score_correction_bias moves selection, as expert_bias does
         renormalize=True,
         aux_loss_coef=float(_get(cfg, "router_aux_loss_coef", 0.001)),
         noise="jitter" if 0 < jitter < 1 else "none",
@@ -364,6 +374,7 @@ _ROUTING = {
     "deepseek_v3": _deepseek,
     "glm4_moe": _deepseek,  # DeepSeek-V3's routing (sigmoid, selection bias, groups) under GQA attention
     "dots1": _deepseek,  # likewise
+    "minimax_m2": _mixtral,
 }
 
 # ModelConfig fields that describe the model around the MoE blocks, not the blocks themselves.
@@ -395,7 +406,7 @@ def map_config(cfg: dict[str, Any], max_seq_len: Optional[int] = None) -> Mapped
 
     family = family_of(cfg)
     notes: list[str] = []
-    theta = 1e6 if family == "mixtral" else 1e4
+    theta = {"mixtral": 1e6, "minimax_m2": 5e6}.get(family, 1e4)  # the transformers defaults
     base = _common(cfg, theta, 1e-5 if family in ("mixtral", "olmoe", "glm4_moe") else 1e-6, max_seq_len)
     _attention(cfg, family, base, notes)
     moe = _ROUTING[family](cfg, base["n_layers"], notes, family)

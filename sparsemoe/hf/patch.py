@@ -6,14 +6,14 @@
 
 No weight is copied: the sparsemoe layer's `router.weight`, `experts.w_in` and `experts.w_out` are the
 very Parameter objects of the Hugging Face block (`gate.weight`, `experts.gate_up_proj` [E, 2F, D],
-`experts.down_proj` [E, D, F], the same layout), and the `e_score_correction_bias` of DeepSeek-V3, GLM-4.5
-and dots.llm1 becomes the layer's `router.expert_bias`. Shared experts stay the Hugging Face modules, called as before.
-So an optimizer built before or after patching trains the same tensors.
+`experts.down_proj` [E, D, F], the same layout), and the `e_score_correction_bias` of DeepSeek-V3, GLM-4.5,
+dots.llm1 and MiniMax-M2 becomes the layer's `router.expert_bias`. Shared experts stay the Hugging Face
+modules, called as before. So an optimizer built before or after patching trains the same tensors.
 
 Supported blocks (transformers 5 fused expert tensors): MixtralSparseMoeBlock, Qwen2MoeSparseMoeBlock,
-Qwen3MoeSparseMoeBlock, OlmoeSparseMoeBlock, DeepseekV2Moe, DeepseekV3MoE, Glm4MoeMoE, Dots1MoE. Older
-transformers keep one nn.Linear per expert; those cannot be stacked without a copy, and are reported as not
-patched.
+Qwen3MoeSparseMoeBlock, OlmoeSparseMoeBlock, DeepseekV2Moe, DeepseekV3MoE, Glm4MoeMoE, Dots1MoE,
+MiniMaxM2SparseMoeBlock. Older transformers keep one nn.Linear per expert; those cannot be stacked without a
+copy, and are reported as not patched.
 
 Behaviour differences, all outside inference: the patched layers add no balancing loss unless
 `aux_loss_coef` is given (transformers computes its own from router logits, which patched blocks do not
@@ -42,7 +42,16 @@ SUPPORTED_BLOCKS = {
     "DeepseekV3MoE": ("deepseek_v3", "shared_experts", None),
     "Glm4MoeMoE": ("glm4_moe", "shared_experts", None),
     "Dots1MoE": ("dots1", "shared_experts", None),
+    "MiniMaxM2SparseMoeBlock": ("minimax_m2", None, None),
 }
+
+
+def _bias_owner(module: nn.Module) -> Optional[nn.Module]:
+    """The module holding a block's `e_score_correction_bias`: its router, or (MiniMax-M2) the block."""
+    for owner in (module.gate, module):
+        if getattr(owner, "e_score_correction_bias", None) is not None:
+            return owner
+    return None
 
 
 class PatchedMoeBlock(nn.Module):
@@ -120,8 +129,8 @@ def _why_not(module: nn.Module, moe_cfg, family: str, model_family: str) -> str:
     gate_weight = getattr(module.gate, "weight", None)
     if not isinstance(gate_weight, nn.Parameter) or tuple(gate_weight.shape) != (E, D):
         return f"router weight is not an [E, D] = {(E, D)} parameter"
-    if family in SELECTION_BIAS_FAMILIES and getattr(module.gate, "e_score_correction_bias", None) is None:
-        return "router has no e_score_correction_bias"
+    if family in SELECTION_BIAS_FAMILIES and _bias_owner(module) is None:
+        return "block has no e_score_correction_bias"
     return ""
 
 
@@ -134,7 +143,7 @@ def _sparsemoe_layer(module: nn.Module, moe_cfg, family: str) -> MoE:
     moe.experts.w_out = module.experts.down_proj
     weight = module.gate.weight
     if family in SELECTION_BIAS_FAMILIES:
-        moe.router.expert_bias = module.gate.e_score_correction_bias  # same tensor: no copy
+        moe.router.expert_bias = _bias_owner(module).e_score_correction_bias  # same tensor: no copy
     else:
         moe.router.expert_bias = torch.zeros(moe_cfg.num_experts, device=weight.device, dtype=torch.float32)
     moe.aux_loss = torch.zeros((), device=weight.device)
@@ -202,8 +211,9 @@ def unpatch_hf_model(model: nn.Module) -> int:
     for name, module in list(model.named_modules()):
         if isinstance(module, PatchedMoeBlock):
             original = module.original
-            if hasattr(original.gate, "e_score_correction_bias"):
-                original.gate.e_score_correction_bias = module.moe.router.expert_bias
+            owner = _bias_owner(original)
+            if owner is not None:
+                owner.e_score_correction_bias = module.moe.router.expert_bias
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, child, original)

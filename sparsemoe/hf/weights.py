@@ -5,9 +5,11 @@ each piece into place (so stacked experts are filled expert by expert, never mat
 exporting reads the same pieces the other way round.
 
 Expert layouts accepted when loading (transformers writes either, see `save_original_format`):
-  * per expert   `...experts.{j}.w1/w3/w2.weight` (Mixtral) or `...experts.{j}.gate_proj/up_proj/down_proj.weight`
+  * per expert   `...experts.{j}.w1/w3/w2.weight` (Mixtral, MiniMax-M2) or
+                 `...experts.{j}.gate_proj/up_proj/down_proj.weight` (the others)
   * fused 3-D    `...experts.gate_up_proj` [E, 2F, D] (gate rows first) and `...experts.down_proj` [E, D, F]
-Mixtral's MoE block is `block_sparse_moe` in original checkpoints and `mlp` in transformers 5's fused layout.
+Mixtral's (and MiniMax-M2's) MoE block is `block_sparse_moe` in original checkpoints and `mlp` in
+transformers 5's fused layout.
 """
 
 from __future__ import annotations
@@ -53,6 +55,10 @@ def _permute_rope_rows(heads: int, nope: int, rope: int, inverse: bool = False) 
     return apply
 
 
+# Families that spell their MoE block Mixtral's way: `block_sparse_moe` (or `mlp` when fused), experts w1/w3/w2.
+_MIXTRAL_NAMES = ("mixtral", "minimax_m2")
+
+
 @dataclass(frozen=True)
 class Layout:
     """How one Hugging Face checkpoint spells its keys."""
@@ -65,14 +71,14 @@ class Layout:
 def detect_layout(keys: set[str], family: str) -> Layout:
     prefix = "model." if any(k.startswith("model.layers.") or k == "model.embed_tokens.weight" for k in keys) else ""
     fused = any(k.endswith(".experts.gate_up_proj") for k in keys)
-    block = "mlp" if family == "mixtral" and any(".mlp." in k for k in keys) else "block_sparse_moe"
+    block = "mlp" if family in _MIXTRAL_NAMES and any(".mlp." in k for k in keys) else "block_sparse_moe"
     return Layout(prefix=prefix, mixtral_block=block, fused_experts=fused)
 
 
 def _experts(src: str, dst: str, family: str, E: int, F: int, fused: bool) -> list[Piece]:
     if fused:
         return [Piece(f"{src}.gate_up_proj", f"{dst}.w_in"), Piece(f"{src}.down_proj", f"{dst}.w_out")]
-    gate, up, down = ("w1", "w3", "w2") if family == "mixtral" else ("gate_proj", "up_proj", "down_proj")
+    gate, up, down = ("w1", "w3", "w2") if family in _MIXTRAL_NAMES else ("gate_proj", "up_proj", "down_proj")
     pieces = []
     for j in range(E):
         pieces += [
@@ -126,12 +132,13 @@ def _attention(src: str, dst: str, mapped: MappedConfig) -> list[Piece]:
 def _moe_block(src: str, dst: str, mapped: MappedConfig, layout: Layout) -> list[Piece]:
     c, family = mapped.model_config, mapped.family
     E, F = c.num_experts, c.moe_hidden_dim
-    if family == "mixtral":
+    if family in _MIXTRAL_NAMES:
         src = src.rsplit(".", 1)[0] + "." + layout.mixtral_block
     pieces = [Piece(f"{src}.gate.weight", f"{dst}.router.weight")]
     pieces += _experts(f"{src}.experts", f"{dst}.experts", family, E, F, layout.fused_experts)
     if family in SELECTION_BIAS_FAMILIES:
-        pieces.append(Piece(f"{src}.gate.e_score_correction_bias", f"{dst}.router.expert_bias"))
+        owner = src if family == "minimax_m2" else f"{src}.gate"  # MiniMax-M2 keeps it on the block
+        pieces.append(Piece(f"{owner}.e_score_correction_bias", f"{dst}.router.expert_bias"))
     if c.num_shared_experts:
         Fs = c.shared_hidden_dim or c.num_shared_experts * F
         name = "shared_expert" if family == "qwen2_moe" else "shared_experts"
