@@ -31,8 +31,9 @@ def register(subparsers) -> argparse.ArgumentParser:
         "HF -> sparsemoe reads Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V2, DeepSeek-V3, GLM-4.5, dots.llm1 and "
         "MiniMax-M2 folders and writes a checkpoint that `sparsemoe generate --checkpoint OUT` runs. "
         "sparsemoe -> HF writes a Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GLM-4.5, DeepSeek-V3 or DeepSeek-V2 "
-        "folder (the first that expresses the model) that transformers loads. The direction is taken from SRC (a folder with config.json is "
-        "Hugging Face) unless --to is given. Tensors are read and written one at a time.",
+        "folder (the first that expresses the model) that transformers loads. The direction is taken from SRC "
+        "(a folder with config.json is Hugging Face) unless --to is given. Tensors are read and written one at a "
+        "time.",
     )
     p.add_argument("src", metavar="SRC", help="Hugging Face model folder, or sparsemoe run/checkpoint folder")
     p.add_argument("out", metavar="OUT", help="output folder (created; must be empty unless --overwrite)")
