@@ -113,6 +113,16 @@ static void WNAME(gemm_nt)(const WT* W, const float* x, float* y, int64_t K, int
   }
 }
 
+/* Work item `item` of a GEMM over the experts with rows (`used`, split into `blocks` blocks of ROW_BLOCK
+ * weight rows each): for expert e = used[item / blocks] and its block of rows [o0, o1) of W [E, O, K],
+ * y[r * O + o] = W[e, o] . x[r] for the expert's rows r in [bounds[e], bounds[e + 1]). */
+static void WNAME(expert_block)(const WT* W, const float* x, float* y, int64_t K, int64_t O, int64_t item,
+                                int64_t blocks, const int64_t* used, const int64_t* bounds) {
+  int64_t e = used[item / blocks], o0 = (item % blocks) * ROW_BLOCK;
+  int64_t o1 = o0 + ROW_BLOCK < O ? o0 + ROW_BLOCK : O, lo = bounds[e];
+  WNAME(gemm_nt)(W + e * O * K, x + lo * K, y + lo * O, K, o0, o1, bounds[e + 1] - lo, O);
+}
+
 /* y [T, D] float32 = the expert stage of a decode step: for each kept row r (rows sorted by expert, rows
  * [offsets[e - 1], offsets[e]) for expert e, offsets[-1] = 0), y[tok[r]] += wts[r] * W_out[e] act(W_in[e]
  * x[tok[r]]); rows past offsets[E - 1] (dropped) are ignored. x [T, D] is in the weights' type. The rows are
@@ -152,19 +162,13 @@ int WNAME(sparsemoe_decode_mlp)(const WT* x, const int64_t* tok, const float* wt
     for (int64_t r = 0; r < kept; r++)
       for (int64_t k = 0; k < D; k++) xs[r * D + k] = WGET(x + tok[r] * D + k);
 #pragma omp for schedule(static)
-    for (int64_t item = 0; item < n_used * blocks_in; item++) {
-      int64_t e = used[item / blocks_in], i0 = (item % blocks_in) * ROW_BLOCK;
-      int64_t i1 = i0 + ROW_BLOCK < I ? i0 + ROW_BLOCK : I, lo = bounds[e];
-      WNAME(gemm_nt)(w_in + e * I * D, xs + lo * D, h + lo * I, D, i0, i1, bounds[e + 1] - lo, I);
-    }
+    for (int64_t item = 0; item < n_used * blocks_in; item++)
+      WNAME(expert_block)(w_in, xs, h, D, I, item, blocks_in, used, bounds);
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < kept; r++) sparsemoe_activate_row_f32(h + r * I, a + r * F, F, act);
 #pragma omp for schedule(static)
-    for (int64_t item = 0; item < n_used * blocks_out; item++) {
-      int64_t e = used[item / blocks_out], d0 = (item % blocks_out) * ROW_BLOCK;
-      int64_t d1 = d0 + ROW_BLOCK < D ? d0 + ROW_BLOCK : D, lo = bounds[e];
-      WNAME(gemm_nt)(w_out + e * D * F, a + lo * F, o + lo * D, F, d0, d1, bounds[e + 1] - lo, D);
-    }
+    for (int64_t item = 0; item < n_used * blocks_out; item++)
+      WNAME(expert_block)(w_out, a, o, F, D, item, blocks_out, used, bounds);
 #pragma omp for schedule(static)
     for (int64_t block = 0; block < blocks_out; block++) { /* each thread owns columns [d0, d1) of y */
       int64_t d0 = block * ROW_BLOCK, d1 = d0 + ROW_BLOCK < D ? d0 + ROW_BLOCK : D;
