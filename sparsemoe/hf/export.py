@@ -37,11 +37,10 @@ from torch import nn
 
 from sparsemoe.hf.config_map import SAVED_KEY, MappedConfig
 from sparsemoe.hf.io import INDEX_FILE, HFFormatError, write_safetensors
+from sparsemoe.hf.load import has_selection_bias
 from sparsemoe.hf.weights import Layout, model_pieces
 
 _HIDDEN_ACT = {"swiglu": "silu", "geglu": "gelu_pytorch_tanh"}
-# In the order `export_family` tries them.
-EXPORT_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "glm4_moe", "deepseek_v3", "deepseek_v2")
 
 
 def _shared_incompatibilities(model: nn.Module, family: str, attention: str = "gqa") -> list[str]:
@@ -102,13 +101,18 @@ def _softmax_incompatibilities(model: nn.Module, f: _SoftmaxFormat) -> list[str]
             )
     elif c.num_shared_experts:
         problems.append(f"num_shared_experts={c.num_shared_experts} ({f.name} has none)")
-    if c.bias_balancing and _has_selection_bias(model):
-        problems.append(f"a non-zero selection bias (bias_balancing), which {f.name} lacks")
+    problems += _selection_bias_incompatibilities(model, f.name, held=False)
     return problems
 
 
-def _has_selection_bias(model: nn.Module) -> bool:
-    return any(bool(layer.router.expert_bias.ne(0).any()) for layer in getattr(model, "moe_layers", []))
+def _selection_bias_incompatibilities(model: nn.Module, name: str, held: bool) -> list[str]:
+    """A non-zero selection bias that a format without one would lose (held=False), or that the model's
+    settings ignore while the format would apply it (held=True)."""
+    if held == model.config.bias_balancing or not has_selection_bias(model):
+        return []
+    if held:
+        return [f"a non-zero selection bias that bias_balancing=False ignores ({name} would apply it)"]
+    return [f"a non-zero selection bias (bias_balancing), which {name} lacks"]
 
 
 _SOFTMAX_FORMATS = {
@@ -160,10 +164,7 @@ def _deepseek_incompatibilities(model: nn.Module, f: _DeepSeekFormat) -> list[st
         )
     if c.router == "group_limited" and c.num_groups > 1 and c.group_score != f.group_score:
         problems.append(f"group_score={c.group_score!r} ({name} ranks groups by {f.group_score!r})")
-    if f.selection_bias and not c.bias_balancing and _has_selection_bias(model):
-        problems.append(f"a non-zero selection bias that bias_balancing=False ignores ({name} would apply it)")
-    if not f.selection_bias and c.bias_balancing and _has_selection_bias(model):
-        problems.append(f"a non-zero selection bias (bias_balancing), which {name} lacks")
+    problems += _selection_bias_incompatibilities(model, name, held=f.selection_bias)
     if not f.selection_bias and c.renormalize and c.top_k > 1:
         problems.append(f"renormalize=True ({name} does not renormalise the top-k weights)")
     if c.num_shared_experts and c.shared_expert_gate:
@@ -185,6 +186,7 @@ _INCOMPATIBILITIES = {
     **{name: partial(_softmax_incompatibilities, f=f) for name, f in _SOFTMAX_FORMATS.items()},
     **{name: partial(_deepseek_incompatibilities, f=f) for name, f in _DEEPSEEK_FORMATS.items()},
 }
+EXPORT_FAMILIES = tuple(_INCOMPATIBILITIES)  # in the order `export_family` tries them
 
 
 def export_family(model: nn.Module, family: str = "auto") -> str:

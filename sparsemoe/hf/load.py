@@ -153,13 +153,16 @@ def load_hf(
     return LoadedModel(model, mapped, "fused" if layout.fused_experts else "per-expert")
 
 
-def _check_selection_bias(model: nn.Module, directory: Path) -> None:
-    """A selection bias in the checkpoint that the model's settings would ignore is refused, not dropped."""
+def has_selection_bias(model: nn.Module) -> bool:
+    """Whether any MoE layer of `model` holds a non-zero selection bias (`router.expert_bias`)."""
     from sparsemoe.layer import moe_layers
 
-    if model.config.bias_balancing:
-        return
-    if any(bool(layer.router.expert_bias.ne(0).any()) for layer in moe_layers(model)):
+    return any(bool(layer.router.expert_bias.ne(0).any()) for layer in moe_layers(model))
+
+
+def _check_selection_bias(model: nn.Module, directory: Path) -> None:
+    """A selection bias in the checkpoint that the model's settings would ignore is refused, not dropped."""
+    if not model.config.bias_balancing and has_selection_bias(model):
         raise HFFormatError(
             f"checkpoint in {str(directory)!r} has a non-zero e_score_correction_bias, but the sparsemoe settings "
             f"saved in its config.json ({SAVED_KEY}) turn bias balancing off; remove that key to load the "
