@@ -128,7 +128,8 @@ def test_deepseek_style_export_loads_in_transformers_and_round_trips_exactly(fam
     _matches_in_transformers_and_round_trips(model, tmp_path)
 
 
-# Softmax models only a Qwen or OLMoE config can express (each fails Mixtral and the formats tried before it).
+# Softmax models only a Qwen, OLMoE or Granite config can express (each fails Mixtral and the formats tried
+# before it).
 SOFTMAX_MODELS = {
     "qwen2_moe": dict(
         n_layers=3, first_dense_layers=1, num_shared_experts=1, shared_expert_gate=True, shared_hidden_dim=20,
@@ -136,6 +137,15 @@ SOFTMAX_MODELS = {
     ),
     "qwen3_moe": dict(n_layers=4, moe_every=2, qk_norm=True, head_dim=16, tie_embeddings=True, z_loss_coef=1e-3),
     "olmoe": dict(qk_norm=True, qk_norm_scope="full", renormalize=False, top_k=3),
+    "granitemoe": dict(
+        embedding_multiplier=3.0, attention_multiplier=0.3, residual_multiplier=0.5, logits_divisor=2.5,
+        score_order="after_topk",
+    ),
+    # attention_multiplier left at None (1/sqrt(head_dim)): written explicitly, read back as None.
+    "granitemoeshared": dict(
+        num_shared_experts=1, shared_hidden_dim=20, embedding_multiplier=2.0, residual_multiplier=0.7,
+        tie_embeddings=True,
+    ),
 }
 
 
@@ -162,9 +172,11 @@ def test_glm4_export_keeps_the_selection_bias_in_float32_and_refuses_a_bias_its_
 def test_export_picks_mixtral_when_it_can_and_lists_every_reason_when_nothing_can(tmp_path):
     export_hf(tiny_model(), tmp_path / "plain")
     assert json.loads((tmp_path / "plain" / "config.json").read_text())["model_type"] == "mixtral"
-    both = "as mixtral: .*num_shared_experts=1.* / as glm4_moe: .*score_func='softmax'"
+    both = "as mixtral: .*num_shared_experts=2.* / as glm4_moe: .*score_func='softmax'"
     with pytest.raises(HFFormatError, match=both):
-        export_hf(tiny_model(num_shared_experts=1), tmp_path / "none")
+        export_hf(tiny_model(num_shared_experts=2), tmp_path / "none")
+    with pytest.raises(HFFormatError, match=r"as mixtral: .*residual_multiplier=0.5 \(Mixtral has no multipliers"):
+        export_hf(tiny_model(residual_multiplier=0.5, num_shared_experts=2), tmp_path / "none")
     with pytest.raises(HFFormatError, match="cannot be exported as glm4_moe: .*shared_expert_gate"):
         export_hf(tiny_model(score_func="sigmoid", num_shared_experts=1, shared_expert_gate=True), tmp_path / "x",
                   family="glm4_moe")

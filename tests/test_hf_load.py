@@ -79,6 +79,23 @@ FAMILIES = {
         "OlmoeForCausalLM",
         dict(intermediate_size=16, num_experts=6, num_experts_per_tok=3, norm_topk_prob=False),
     ),
+    # Granite's multipliers away from 1, so that dropping any of them fails the logits test.
+    "granitemoe": (
+        "GraniteMoeConfig",
+        "GraniteMoeForCausalLM",
+        dict(
+            intermediate_size=16, num_local_experts=6, num_experts_per_tok=2, tie_word_embeddings=True,
+            embedding_multiplier=3.0, attention_multiplier=0.3, residual_multiplier=0.5, logits_scaling=2.5,
+        ),
+    ),
+    "granitemoeshared": (
+        "GraniteMoeSharedConfig",
+        "GraniteMoeSharedForCausalLM",
+        dict(
+            intermediate_size=16, num_local_experts=6, num_experts_per_tok=3, shared_intermediate_size=24,
+            embedding_multiplier=2.0, attention_multiplier=0.2, residual_multiplier=0.7, logits_scaling=4.0,
+        ),
+    ),
     "deepseek_v2": (
         "DeepseekV2Config",
         "DeepseekV2ForCausalLM",
@@ -167,8 +184,8 @@ def hf_greedy(model, ids, n):
     return out[:, ids.shape[1] :]
 
 
-# Both key layouts for Mixtral and OLMoE (the released checkpoints of both are per-expert); one each for the
-# other families, alternating.
+# Both key layouts for Mixtral, OLMoE, Granite (the released checkpoints of the first two are per-expert,
+# Granite's stacked) and MiniMax-M2; one each for the other families, alternating.
 CASES = [
     ("mixtral", True),
     ("mixtral", False),
@@ -176,6 +193,10 @@ CASES = [
     ("qwen3_moe", False),
     ("olmoe", True),
     ("olmoe", False),
+    ("granitemoe", True),
+    ("granitemoe", False),
+    ("granitemoeshared", True),
+    ("granitemoeshared", False),
     ("deepseek_v2", True),
     ("deepseek_v3", False),
     ("glm4_moe", True),
@@ -190,10 +211,13 @@ CASES = [
 )
 def test_logits_and_greedy_tokens_match_transformers(family, original_format, tmp_path):
     hf = tiny_hf_model(family)
+    if family == "minimax_m2" and "partial_rotary_factor" not in hf.config.rope_parameters:
+        pytest.skip("this transformers ignores MiniMax-M2's rotary_dim (rotates whole heads); later versions read it")
     save_hf(hf, tmp_path, save_original_format=original_format)
     loaded = load_hf(tmp_path)
     assert loaded.mapped.family == family
-    assert loaded.layout == ("per-expert" if original_format else "fused")
+    own_layout = "stacked" if family.startswith("granite") else "per-expert"
+    assert loaded.layout == (own_layout if original_format else "fused")
     ids = torch.randint(0, VOCAB, (2, 13), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = hf(ids).logits
@@ -212,6 +236,13 @@ def test_routing_fields_per_family(tmp_path):
         "qwen3_moe": dict(score_func="softmax", renormalize=True, qk_norm=True, qk_norm_scope="head", moe_layers=[1]),
         "olmoe": dict(
             score_func="softmax", renormalize=False, qk_norm=True, qk_norm_scope="full", moe_layers=[0, 1, 2]
+        ),
+        "granitemoe": dict(
+            score_func="softmax", score_order="after_topk", num_shared_experts=0, moe_layers=[0, 1, 2],
+            embedding_multiplier=3.0, attention_multiplier=0.3, residual_multiplier=0.5, logits_divisor=2.5,
+        ),
+        "granitemoeshared": dict(
+            score_order="after_topk", num_shared_experts=1, shared_hidden_dim=24, shared_expert_gate=False,
         ),
         "deepseek_v2": dict(
             router="group_limited", group_score="max", route_scale=1.5, num_shared_experts=2, moe_layers=[1, 2]
@@ -330,6 +361,8 @@ def test_unmappable_configs_name_the_key():
         map_config({**olmoe, "attention_bias": True})
     with pytest.raises(HFFormatError, match="head_dim"):
         map_config({**olmoe, "head_dim": 16})
+    with pytest.raises(HFFormatError, match="attention_bias"):
+        map_config({**tiny_hf_model("granitemoe").config.to_dict(), "attention_bias": True})
     with pytest.raises(HFFormatError, match="unsupported architecture LlamaForCausalLM"):
         map_config({"model_type": "llama", "architectures": ["LlamaForCausalLM"]})
 

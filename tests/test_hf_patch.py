@@ -33,6 +33,8 @@ def test_patched_model_matches_original_and_shares_weights(family):
             "Qwen2MoeSparseMoeBlock",
             "Qwen3MoeSparseMoeBlock",
             "OlmoeSparseMoeBlock",
+            "GraniteMoeMoE",
+            "GraniteMoeSharedMoE",
             "DeepseekV2Moe",
             "DeepseekV3MoE",
             "Glm4MoeMoE",
@@ -48,7 +50,8 @@ def test_patched_model_matches_original_and_shares_weights(family):
     for name, block in blocks.items():
         patched = hf.get_submodule(name)
         assert isinstance(patched, PatchedMoeBlock) and patched.moe.config.backend == "grouped"
-        assert patched.moe.router.weight is block.gate.weight  # the same Parameter: no copy
+        router = block.router if family.startswith("granite") else block.gate
+        assert patched.moe.router.weight is router.weight  # the same Parameter: no copy
         assert patched.moe.experts.w_in is block.experts.gate_up_proj
         assert patched.moe.experts.w_out is block.experts.down_proj
         if family in ("deepseek_v3", "glm4_moe", "dots1"):

@@ -46,11 +46,47 @@ def test_presets_build_and_mixtral_has_mixtral_shape():
         ("qk_norm_scope", "layer", "ModelConfig.qk_norm_scope='layer'"),
         ("rotary_dim", 3, "ModelConfig.rotary_dim=3"),
         ("rotary_dim", 64, "ModelConfig.rotary_dim=64"),
+        ("embedding_multiplier", 0.0, "ModelConfig.embedding_multiplier=0.0"),
+        ("residual_multiplier", float("inf"), "ModelConfig.residual_multiplier=inf"),
+        ("logits_divisor", -1.0, "ModelConfig.logits_divisor=-1.0"),
+        ("attention_multiplier", 0, "ModelConfig.attention_multiplier=0"),
     ],
 )
 def test_config_errors_name_the_field(field, value, expected):
     with pytest.raises(ValueError, match=expected.replace("(", r"\(").replace(".", r"\.")):
         tiny(**{field: value})
+
+
+def test_attention_multiplier_is_refused_with_latent_attention():
+    mla = dict(attention="mla", head_dim=8, kv_lora_rank=16, qk_nope_head_dim=8, v_head_dim=8)
+    with pytest.raises(ValueError, match="attention_multiplier=0.5 is invalid: expected None with mla"):
+        tiny(**mla, attention_multiplier=0.5)
+
+
+def test_multipliers_equal_the_weights_they_stand_for():
+    """Each multiplier computes what scaling the matching weights would: embedding_multiplier m is
+    embeddings * m, logits_divisor d is lm_head / d, attention_multiplier a is q_proj * a*sqrt(Hd) with
+    the default scale, residual_multiplier r is o_proj and the MLP outputs * r."""
+    torch.manual_seed(0)
+    scaled = MoETransformer(
+        tiny(embedding_multiplier=3.0, logits_divisor=2.5, attention_multiplier=0.3, residual_multiplier=0.5)
+    ).eval()
+    plain = MoETransformer(tiny()).eval()
+    plain.load_state_dict(scaled.state_dict())
+    hd = plain.config.head_dim
+    ids = torch.randint(0, 256, (2, 12))
+    with torch.no_grad():
+        unscaled = plain(ids).logits
+        plain.embed.weight.mul_(3.0)
+        plain.lm_head.weight.div_(2.5)
+        for block in plain.layers:
+            block.attn.q_proj.weight.mul_(0.3 * hd**0.5)
+            block.attn.o_proj.weight.mul_(0.5)
+            block.ffn.experts.w_out.mul_(0.5)
+    with torch.no_grad():
+        expected, got = plain(ids).logits, scaled(ids).logits
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    assert (got - unscaled).abs().max() > 1e-2  # the multipliers change the model
 
 
 def test_unknown_field_from_dict():
@@ -162,7 +198,11 @@ def test_bf16_autocast_forward_backward():
 
 @pytest.mark.parametrize(
     "overrides",
-    [{}, {"n_kv_heads": 1, "qkv_bias": True, "qk_norm": True, "tie_embeddings": True, "first_dense_layers": 1}],
+    [
+        {},
+        {"n_kv_heads": 1, "qkv_bias": True, "qk_norm": True, "tie_embeddings": True, "first_dense_layers": 1},
+        {"embedding_multiplier": 2.0, "attention_multiplier": 0.2, "residual_multiplier": 0.6, "logits_divisor": 3.0},
+    ],
 )
 def test_cached_logits_match_full_forward(overrides):
     torch.manual_seed(0)

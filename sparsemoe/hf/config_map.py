@@ -1,9 +1,9 @@
 """Hugging Face `config.json` -> sparsemoe `ModelConfig`, per model family.
 
-Supported families (`model_type`): mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v2, deepseek_v3, glm4_moe,
-dots1, minimax_m2. The
-config is read as plain JSON, so loading and converting need no `transformers` install; defaults for
-keys a config leaves out are those of the transformers config classes.
+Supported families (`model_type`): mixtral, qwen2_moe, qwen3_moe, olmoe, granitemoe, granitemoeshared,
+deepseek_v2, deepseek_v3, glm4_moe, dots1, minimax_m2. The config is read as plain JSON, so loading and
+converting need no `transformers` install; defaults for keys a config leaves out are those of the
+transformers config classes.
 
 How each family routes, and the MoEConfig fields it maps to:
 
@@ -13,6 +13,8 @@ How each family routes, and the MoEConfig fields it maps to:
 | qwen2_moe   | softmax | top-k                            | renormalised iff norm_topk_prob   | 1, sigmoid-gated |
 | qwen3_moe   | softmax | top-k                            | renormalised iff norm_topk_prob   | none             |
 | olmoe       | softmax | top-k                            | renormalised iff norm_topk_prob   | none             |
+| granitemoe  | softmax | top-k logits, softmax over those | (so always renormalised)          | none             |
+| granitemoeshared | as granitemoe                       |                                   | 1, ungated       |
 | deepseek_v2 | softmax | top-k, or groups ranked by max   | x routed_scaling_factor           | n_shared_experts |
 | deepseek_v3 | sigmoid | score + e_score_correction_bias, | renormalised iff norm_topk_prob,  | n_shared_experts |
 |             |         | groups ranked by top-2 sum       | x routed_scaling_factor           |                  |
@@ -21,7 +23,9 @@ How each family routes, and the MoEConfig fields it maps to:
 | minimax_m2  | sigmoid | score + e_score_correction_bias, top-k | renormalised                     | none             |
 
 RoPE: plain, or YaRN (`rope_type` "yarn", DeepSeek's context extension) as `ModelConfig.rope_scaling`;
-a `partial_rotary_factor` (GLM-4.5 rotates half of each head) as `ModelConfig.rotary_dim`.
+a `partial_rotary_factor` (GLM-4.5 rotates half of each head) as `ModelConfig.rotary_dim`. Granite's
+scalar multipliers (embedding_multiplier, attention_multiplier, residual_multiplier, logits_scaling) are
+the ModelConfig fields of the same names (`logits_divisor` for logits_scaling).
 Anything a family does that sparsemoe's model cannot reproduce (other RoPE scalings, biases sparsemoe's
 attention lacks, dense layers that are not a prefix, ...) raises `HFFormatError` naming the config key,
 instead of loading a model that would silently compute something else.
@@ -38,8 +42,10 @@ from sparsemoe.hf.io import HFFormatError
 from sparsemoe.model.mla import YARN_KEYS
 
 FAMILIES = (
-    "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe", "dots1", "minimax_m2",
+    "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "granitemoeshared", "deepseek_v2", "deepseek_v3",
+    "glm4_moe", "dots1", "minimax_m2",
 )  # fmt: skip
+GRANITE_FAMILIES = ("granitemoe", "granitemoeshared")
 # Families whose MoE block holds a selection bias (`e_score_correction_bias`), DeepSeek-V3 style: on the
 # router (`gate.`), or on the block itself for MiniMax-M2.
 SELECTION_BIAS_FAMILIES = ("deepseek_v3", "glm4_moe", "dots1", "minimax_m2")
@@ -243,6 +249,15 @@ def _attention(cfg: dict[str, Any], family: str, base: dict[str, Any], notes: li
         base.update(qk_norm=True, qk_norm_scope="full")
     elif family == "glm4_moe":
         base.update(qkv_bias=bool(_get(cfg, "attention_bias", False)), qk_norm=bool(_get(cfg, "use_qk_norm", False)))
+    elif family in GRANITE_FAMILIES:
+        if cfg.get("attention_bias"):
+            raise _unsupported("attention_bias", True, f"attention without biases ({family} also biases o_proj)")
+        base.update(
+            embedding_multiplier=float(_get(cfg, "embedding_multiplier", 1.0)),
+            attention_multiplier=float(_get(cfg, "attention_multiplier", 1.0)),
+            residual_multiplier=float(_get(cfg, "residual_multiplier", 1.0)),
+            logits_divisor=float(_get(cfg, "logits_scaling", 1.0)),
+        )
     elif family == "minimax_m2":
         base.update(qk_norm=True, qk_norm_scope="full")  # transformers normalises q and k whatever use_qk_norm says
     elif family == "dots1":
@@ -318,6 +333,24 @@ def _olmoe(cfg: dict[str, Any], n_layers: int, notes: list[str], family: str) ->
     return dict(_softmax_topk(cfg, "intermediate_size", 0.01), num_experts=int(_get(cfg, "num_experts")))
 
 
+def _granite(cfg: dict[str, Any], n_layers: int, notes: list[str], family: str) -> dict[str, Any]:
+    """IBM Granite MoE: softmax over the top-k router logits; GraniteMoeShared adds one ungated shared MLP."""
+    out = dict(
+        num_experts=int(_get(cfg, "num_local_experts")),
+        top_k=int(_get(cfg, "num_experts_per_tok")),
+        moe_hidden_dim=int(_get(cfg, "intermediate_size")),
+        router="topk",
+        score_func="softmax",
+        score_order="after_topk",
+        renormalize=True,
+        aux_loss_coef=float(_get(cfg, "router_aux_loss_coef", 0.001)),
+    )
+    shared = int(_get(cfg, "shared_intermediate_size", 0)) if family == "granitemoeshared" else 0
+    if shared > 0:
+        out.update(num_shared_experts=1, shared_hidden_dim=shared)
+    return out
+
+
 def _deepseek(cfg: dict[str, Any], n_layers: int, notes: list[str], family: str) -> dict[str, Any]:
     if cfg.get("mlp_bias"):
         raise _unsupported("mlp_bias", True, "MLPs without biases")
@@ -370,6 +403,8 @@ _ROUTING = {
     "qwen2_moe": _qwen,
     "qwen3_moe": _qwen,
     "olmoe": _olmoe,
+    "granitemoe": _granite,
+    "granitemoeshared": _granite,
     "deepseek_v2": _deepseek,
     "deepseek_v3": _deepseek,
     "glm4_moe": _deepseek,  # DeepSeek-V3's routing (sigmoid, selection bias, groups) under GQA attention
@@ -455,6 +490,8 @@ def _saved_settings(cfg: dict[str, Any], mapped, notes: list[str]):
         differs.discard("shared_hidden_dim")  # the same width, spelt explicitly or as the default
     if config.attention == "mla":
         differs.discard("n_kv_heads")  # unused by latent attention
+    if config.attention_scale == mapped.attention_scale:
+        differs.discard("attention_multiplier")  # the same scale, spelt explicitly or as the default
     if not config.bias_balancing:
         # Formats with a selection bias (GLM-4.5) always map to bias_balancing=True; a zero bias routes as
         # none, which the loader checks once the bias is read (sparsemoe.hf.load).

@@ -7,6 +7,9 @@ these formats that expresses the model (or the one asked for):
   prefix plus every n-th, optional q/k/v biases.
 * Qwen3-MoE: softmax top-k, no shared experts, dense blocks as Qwen2-MoE, q/k norms per head.
 * OLMoE: softmax top-k, every block MoE, no shared experts, q/k norms over the whole projections.
+* Granite-MoE: softmax over the top-k logits (renormalised top-k), every block MoE, no shared experts,
+  and Granite's scalar multipliers (embedding, attention, residual, logits).
+* GraniteMoeShared: the same with one ungated shared expert of any width.
 * GLM-4.5: DeepSeek-V3's routing (sigmoid scores, a selection bias, optional group-limited selection by
   top-2 sums, optional renormalisation and a route scale), ungated shared experts, a prefix of dense
   blocks, optional q/k/v biases and per-head q/k norms, RoPE over part of each head.
@@ -15,10 +18,12 @@ these formats that expresses the model (or the one asked for):
 * DeepSeek-V2: softmax top-k without renormalisation (a route scale, groups ranked by their best expert)
   with DeepSeek's blocks under latent attention; its RoPE pairs are interleaved, so the q and k rows are
   permuted back from sparsemoe's rotate-half pairs.
-All but the DeepSeek formats have GQA attention; all have gated experts and no capacity in evaluation. A model none
+All but the DeepSeek formats have GQA attention; all have gated experts and no capacity in evaluation; only
+the Granite formats hold multipliers other than 1. A model none
 can express is refused with every format's reasons, never exported approximately. The weights are written
 in the per-expert layout of the published checkpoints (Mixtral's `block_sparse_moe.experts.{j}.w1/w2/w3`,
-the others' `mlp.experts.{j}.gate_proj/up_proj/down_proj`), which every transformers version loads
+the others' `mlp.experts.{j}.gate_proj/up_proj/down_proj`; Granite's stacked `block_sparse_moe.input_linear`
+and `output_linear`), which every transformers version loads
 (transformers 5 fuses them on load), or with `fused=True` in transformers 5's 3-D layout. Tensors are
 written one at a time (see `sparsemoe.hf.io.write_safetensors`), sharded above `max_shard_bytes` with an
 index file; the selection bias stays float32 whatever `dtype` is.
@@ -39,14 +44,25 @@ from sparsemoe.hf.config_map import SAVED_KEY, MappedConfig
 from sparsemoe.hf.io import INDEX_FILE, HFFormatError, write_safetensors
 from sparsemoe.hf.load import has_selection_bias
 from sparsemoe.hf.weights import Layout, model_pieces
+from sparsemoe.model.config import SCALAR_MULTIPLIERS
 
 _HIDDEN_ACT = {"swiglu": "silu", "geglu": "gelu_pytorch_tanh"}
 
 
-def _shared_incompatibilities(model: nn.Module, family: str, attention: str = "gqa") -> list[str]:
-    """What no export format can hold, and the attention (gqa or mla) that `family` has."""
+def _shared_incompatibilities(
+    model: nn.Module, family: str, attention: str = "gqa", multipliers: bool = False
+) -> list[str]:
+    """What no export format can hold, the attention (gqa or mla) that `family` has, and Granite's
+    multipliers where `family` lacks them."""
     c = model.config
     problems = []
+    if not multipliers:
+        scaled = {name: getattr(c, name) for name in SCALAR_MULTIPLIERS if getattr(c, name) != 1.0}
+        if c.attention_scale != c.head_dim**-0.5:
+            scaled["attention_multiplier"] = c.attention_multiplier
+        if scaled:
+            settings = ", ".join(f"{k}={v}" for k, v in scaled.items())
+            problems.append(f"{settings} ({family} has no multipliers; the Granite formats have)")
     if getattr(c, "attention", "gqa") != attention:
         kind = "grouped-query attention" if attention == "gqa" else "Multi-head Latent Attention"
         problems.append(f"attention={c.attention!r} ({family} has {kind}, attention={attention!r})")
@@ -65,16 +81,18 @@ class _SoftmaxFormat:
 
     name: str  # as the reasons name it
     dense_blocks: bool = False  # dense blocks (Qwen's mlp_only_layers / decoder_sparse_step)
-    gated_shared_expert: bool = False  # exactly one sigmoid-gated shared expert (Qwen2-MoE), instead of none
+    shared_expert: Optional[str] = None  # None, or exactly one shared expert: "gated" by a sigmoid (Qwen2-MoE)
+    #                                      or "ungated" (GraniteMoeShared)
     qkv_bias: bool = False  # optional q/k/v biases
     qk_norm: Optional[str] = None  # the q/k norm every layer has: None, "head" or "full"
     renormalizes: bool = False  # the top-k weights are always renormalised (Mixtral)
     head_dim_from_width: bool = False  # head_dim must be dim / n_heads (OLMoE's k norm assumes it)
+    multipliers: bool = False  # Granite's embedding, attention, residual and logits multipliers
 
 
 def _softmax_incompatibilities(model: nn.Module, f: _SoftmaxFormat) -> list[str]:
     c = model.config
-    problems = _shared_incompatibilities(model, f.name)
+    problems = _shared_incompatibilities(model, f.name, multipliers=f.multipliers)
     if c.dense or (not f.dense_blocks and c.moe_layer_ids != list(range(c.n_layers))):
         problems.append("every block must be MoE (dense=False, first_dense_layers=0, moe_every=1)")
     if c.qkv_bias and not f.qkv_bias:
@@ -93,11 +111,12 @@ def _softmax_incompatibilities(model: nn.Module, f: _SoftmaxFormat) -> list[str]
         problems.append(f"renormalize=False ({f.name} renormalises the top-k weights)")
     if c.route_scale != 1.0:
         problems.append(f"route_scale={c.route_scale} ({f.name}: 1.0)")
-    if f.gated_shared_expert:
-        if c.num_shared_experts != 1 or not c.shared_expert_gate:
+    if f.shared_expert:
+        if c.num_shared_experts != 1 or c.shared_expert_gate != (f.shared_expert == "gated"):
+            kind = "sigmoid-gated" if f.shared_expert == "gated" else "ungated"
             problems.append(
                 f"num_shared_experts={c.num_shared_experts}, shared_expert_gate={c.shared_expert_gate} "
-                f"({f.name} has one sigmoid-gated shared expert)"
+                f"({f.name} has one {kind} shared expert)"
             )
     elif c.num_shared_experts:
         problems.append(f"num_shared_experts={c.num_shared_experts} ({f.name} has none)")
@@ -117,9 +136,13 @@ def _selection_bias_incompatibilities(model: nn.Module, name: str, held: bool) -
 
 _SOFTMAX_FORMATS = {
     "mixtral": _SoftmaxFormat("Mixtral", renormalizes=True),
-    "qwen2_moe": _SoftmaxFormat("Qwen2-MoE", dense_blocks=True, gated_shared_expert=True, qkv_bias=True),
+    "qwen2_moe": _SoftmaxFormat("Qwen2-MoE", dense_blocks=True, shared_expert="gated", qkv_bias=True),
     "qwen3_moe": _SoftmaxFormat("Qwen3-MoE", dense_blocks=True, qk_norm="head"),
     "olmoe": _SoftmaxFormat("OLMoE", qk_norm="full", head_dim_from_width=True),
+    "granitemoe": _SoftmaxFormat("Granite-MoE", renormalizes=True, multipliers=True),
+    "granitemoeshared": _SoftmaxFormat(
+        "GraniteMoeShared", renormalizes=True, multipliers=True, shared_expert="ungated"
+    ),
 }
 
 
@@ -190,7 +213,7 @@ EXPORT_FAMILIES = tuple(_INCOMPATIBILITIES)  # in the order `export_family` trie
 
 
 def export_family(model: nn.Module, family: str = "auto") -> str:
-    """The format to write `model` as: `family` ("mixtral" or "glm4_moe") if it expresses the model, or for
+    """The format to write `model` as: `family` (one of EXPORT_FAMILIES) if it expresses the model, or for
     "auto" the first of EXPORT_FAMILIES that does. HFFormatError with every reason otherwise."""
     if family != "auto" and family not in _INCOMPATIBILITIES:
         raise HFFormatError(f"cannot export as {family!r}; formats: auto, {', '.join(EXPORT_FAMILIES)}")
@@ -297,6 +320,25 @@ def olmoe_config_json(c, dtype: torch.dtype) -> dict[str, Any]:
     }
 
 
+def granite_config_json(c, dtype: torch.dtype, family: str) -> dict[str, Any]:
+    """Granite-MoE, or GraniteMoeShared (one ungated shared expert): softmax over the top-k logits, multipliers."""
+    specific = {"shared_intermediate_size": c.moe_config().shared_dim} if family == "granitemoeshared" else {}
+    return {
+        "architectures": ["GraniteMoeForCausalLM" if family == "granitemoe" else "GraniteMoeSharedForCausalLM"],
+        "model_type": family,
+        "intermediate_size": c.moe_hidden_dim,
+        "num_local_experts": c.num_experts,
+        "router_aux_loss_coef": c.aux_loss_coef,
+        "attention_bias": False,
+        "embedding_multiplier": c.embedding_multiplier,
+        "attention_multiplier": c.attention_scale,
+        "residual_multiplier": c.residual_multiplier,
+        "logits_scaling": c.logits_divisor,
+        **specific,
+        **_config_json_common(c, dtype),
+    }
+
+
 def _deepseek_routing_json(c) -> dict[str, Any]:
     """DeepSeek's routing keys (GLM-4.5 has the same), and the blocks around it."""
     grouped = c.router == "group_limited"
@@ -361,6 +403,8 @@ _CONFIG_JSON = {
     "qwen2_moe": partial(qwen_moe_config_json, family="qwen2_moe"),
     "qwen3_moe": partial(qwen_moe_config_json, family="qwen3_moe"),
     "olmoe": olmoe_config_json,
+    "granitemoe": partial(granite_config_json, family="granitemoe"),
+    "granitemoeshared": partial(granite_config_json, family="granitemoeshared"),
     "glm4_moe": glm4_config_json,
     "deepseek_v3": partial(deepseek_config_json, family="deepseek_v3"),
     "deepseek_v2": partial(deepseek_config_json, family="deepseek_v2"),
@@ -400,7 +444,7 @@ def export_hf(
 ) -> Path:
     """Write `model` (a sparsemoe MoETransformer) as a Hugging Face folder; returns the folder.
 
-    family: "mixtral", "glm4_moe", or "auto" (the first of those that expresses the model).
+    family: one of EXPORT_FAMILIES, or "auto" (the first of them that expresses the model).
     dtype: cast each tensor while writing (default: the model's own dtype).
     fused: write transformers 5's fused expert tensors instead of the per-expert layout.
     """

@@ -18,7 +18,7 @@ from torch import nn
 
 from sparsemoe.hf.config_map import SAVED_KEY, MappedConfig, map_config, read_hf_config
 from sparsemoe.hf.io import CheckpointFiles, HFFormatError
-from sparsemoe.hf.weights import Piece, detect_layout, ignorable, model_pieces
+from sparsemoe.hf.weights import Piece, detect_layout, ignorable, layout_name, model_pieces
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # State entries that a checkpoint may leave out, with how to fill them.
@@ -29,7 +29,7 @@ _DEFAULT_ZERO = (".router.expert_bias",)
 class LoadedModel:
     model: nn.Module  # sparsemoe.model.MoETransformer, in eval mode
     mapped: MappedConfig  # family, ModelConfig, notes
-    layout: str  # "per-expert" or "fused" expert tensors in the checkpoint
+    layout: str  # the checkpoint's expert tensors: "per-expert", "fused" (transformers 5) or "stacked" (Granite)
 
 
 def resolve_dtype(
@@ -150,7 +150,7 @@ def load_hf(
     files.close()
     _check_selection_bias(model, directory)
     model.eval()
-    return LoadedModel(model, mapped, "fused" if layout.fused_experts else "per-expert")
+    return LoadedModel(model, mapped, layout_name(layout, mapped.family))
 
 
 def has_selection_bias(model: nn.Module) -> bool:

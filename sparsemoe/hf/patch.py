@@ -5,15 +5,17 @@
     unpatch_hf_model(model)    # put the original blocks back (e.g. before save_pretrained)
 
 No weight is copied: the sparsemoe layer's `router.weight`, `experts.w_in` and `experts.w_out` are the
-very Parameter objects of the Hugging Face block (`gate.weight`, `experts.gate_up_proj` [E, 2F, D],
-`experts.down_proj` [E, D, F], the same layout), and the `e_score_correction_bias` of DeepSeek-V3, GLM-4.5,
-dots.llm1 and MiniMax-M2 becomes the layer's `router.expert_bias`. Shared experts stay the Hugging Face
-modules, called as before. So an optimizer built before or after patching trains the same tensors.
+very Parameter objects of the Hugging Face block (`gate.weight`, Granite's `router.weight`,
+`experts.gate_up_proj` [E, 2F, D], `experts.down_proj` [E, D, F], the same layout), and the
+`e_score_correction_bias` of DeepSeek-V3, GLM-4.5, dots.llm1 and MiniMax-M2 becomes the layer's
+`router.expert_bias`. Shared experts stay the Hugging Face modules, called as before (GraniteMoeShared's
+shared MLP sits beside the block and is left alone). So an optimizer built before or after patching trains
+the same tensors.
 
 Supported blocks (transformers 5 fused expert tensors): MixtralSparseMoeBlock, Qwen2MoeSparseMoeBlock,
-Qwen3MoeSparseMoeBlock, OlmoeSparseMoeBlock, DeepseekV2Moe, DeepseekV3MoE, Glm4MoeMoE, Dots1MoE,
-MiniMaxM2SparseMoeBlock. Older transformers keep one nn.Linear per expert; those cannot be stacked without a
-copy, and are reported as not patched.
+Qwen3MoeSparseMoeBlock, OlmoeSparseMoeBlock, GraniteMoeMoE, GraniteMoeSharedMoE, DeepseekV2Moe,
+DeepseekV3MoE, Glm4MoeMoE, Dots1MoE, MiniMaxM2SparseMoeBlock. Older transformers keep one nn.Linear per
+expert; those cannot be stacked without a copy, and are reported as not patched.
 
 Behaviour differences, all outside inference: the patched layers add no balancing loss unless
 `aux_loss_coef` is given (transformers computes its own from router logits, which patched blocks do not
@@ -23,7 +25,7 @@ record); in training, layers with a selection bias update it (aux-loss-free bala
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor, nn
@@ -32,23 +34,38 @@ from sparsemoe.hf.config_map import FAMILIES, SELECTION_BIAS_FAMILIES, map_moe_c
 from sparsemoe.hf.io import HFFormatError
 from sparsemoe.layer import MoE
 
-# Hugging Face MoE block class -> family, and the attribute names of its shared experts and their gate.
+class _Block(NamedTuple):
+    """A supported Hugging Face MoE block: its family and the attribute names of its parts."""
+
+    family: str
+    shared: Optional[str] = None  # its shared experts, if it holds them
+    shared_gate: Optional[str] = None  # their sigmoid gate, if any
+    router: str = "gate"  # the router module, whose `weight` is [E, D]
+
+
 SUPPORTED_BLOCKS = {
-    "MixtralSparseMoeBlock": ("mixtral", None, None),
-    "Qwen2MoeSparseMoeBlock": ("qwen2_moe", "shared_expert", "shared_expert_gate"),
-    "Qwen3MoeSparseMoeBlock": ("qwen3_moe", None, None),
-    "OlmoeSparseMoeBlock": ("olmoe", None, None),
-    "DeepseekV2Moe": ("deepseek_v2", "shared_experts", None),
-    "DeepseekV3MoE": ("deepseek_v3", "shared_experts", None),
-    "Glm4MoeMoE": ("glm4_moe", "shared_experts", None),
-    "Dots1MoE": ("dots1", "shared_experts", None),
-    "MiniMaxM2SparseMoeBlock": ("minimax_m2", None, None),
+    "MixtralSparseMoeBlock": _Block("mixtral"),
+    "Qwen2MoeSparseMoeBlock": _Block("qwen2_moe", "shared_expert", "shared_expert_gate"),
+    "Qwen3MoeSparseMoeBlock": _Block("qwen3_moe"),
+    "OlmoeSparseMoeBlock": _Block("olmoe"),
+    "GraniteMoeMoE": _Block("granitemoe", router="router"),
+    "GraniteMoeSharedMoE": _Block("granitemoeshared", router="router"),
+    "DeepseekV2Moe": _Block("deepseek_v2", "shared_experts"),
+    "DeepseekV3MoE": _Block("deepseek_v3", "shared_experts"),
+    "Glm4MoeMoE": _Block("glm4_moe", "shared_experts"),
+    "Dots1MoE": _Block("dots1", "shared_experts"),
+    "MiniMaxM2SparseMoeBlock": _Block("minimax_m2"),
 }
+
+
+def _router(module: nn.Module) -> nn.Module:
+    spec = SUPPORTED_BLOCKS.get(type(module).__name__)
+    return getattr(module, spec.router if spec else "gate")
 
 
 def _bias_owner(module: nn.Module) -> Optional[nn.Module]:
     """The module holding a block's `e_score_correction_bias`: its router, or (MiniMax-M2) the block."""
-    for owner in (module.gate, module):
+    for owner in (_router(module), module):
         if getattr(owner, "e_score_correction_bias", None) is not None:
             return owner
     return None
@@ -108,7 +125,11 @@ class PatchReport:
 
 
 def _looks_like_moe(module: nn.Module) -> bool:
-    return hasattr(module, "gate") and hasattr(module, "experts")
+    """A Hugging Face MoE block by its parts (a router `gate`, or Granite's `router`, and `experts`); not
+    a sparsemoe layer, which has the same parts."""
+    if isinstance(module, (MoE, PatchedMoeBlock)):
+        return False
+    return (hasattr(module, "gate") or hasattr(module, "router")) and hasattr(module, "experts")
 
 
 def _why_not(module: nn.Module, moe_cfg, family: str, model_family: str) -> str:
@@ -126,7 +147,7 @@ def _why_not(module: nn.Module, moe_cfg, family: str, model_family: str) -> str:
     if tuple(w_in.shape) != (E, 2 * F, D) or tuple(w_out.shape) != (E, D, F):
         found = f"{tuple(w_in.shape)}/{tuple(w_out.shape)}"
         return f"expert tensors {found} are not [E, 2F, D]/[E, D, F] = {(E, 2 * F, D)}/{(E, D, F)}"
-    gate_weight = getattr(module.gate, "weight", None)
+    gate_weight = getattr(_router(module), "weight", None)
     if not isinstance(gate_weight, nn.Parameter) or tuple(gate_weight.shape) != (E, D):
         return f"router weight is not an [E, D] = {(E, D)} parameter"
     if family in SELECTION_BIAS_FAMILIES and _bias_owner(module) is None:
@@ -138,10 +159,10 @@ def _sparsemoe_layer(module: nn.Module, moe_cfg, family: str) -> MoE:
     """A MoE whose parameters are the Hugging Face block's own Parameter objects."""
     with torch.device("meta"):
         moe = MoE(moe_cfg)  # meta: nothing allocated for the weights about to be replaced
-    moe.router.weight = module.gate.weight
+    weight = _router(module).weight
+    moe.router.weight = weight
     moe.experts.w_in = module.experts.gate_up_proj
     moe.experts.w_out = module.experts.down_proj
-    weight = module.gate.weight
     if family in SELECTION_BIAS_FAMILIES:
         moe.router.expert_bias = _bias_owner(module).e_score_correction_bias  # same tensor: no copy
     else:
@@ -181,19 +202,18 @@ def patch_hf_model(model: nn.Module, backend: str = "auto", aux_loss_coef: float
     else:
         config_error = f"model_type {model_family!r} is not supported (supported: {', '.join(FAMILIES)})"
 
-    targets = [
-        (name, m) for name, m in model.named_modules() if _looks_like_moe(m) and not isinstance(m, PatchedMoeBlock)
-    ]
+    targets = [(name, m) for name, m in model.named_modules() if _looks_like_moe(m)]
     for name, module in targets:
         block = type(module).__name__
-        family, shared_name, gate_name = SUPPORTED_BLOCKS.get(block, (None, None, None))
+        spec = SUPPORTED_BLOCKS.get(block)
+        family = spec.family if spec else None
         reason = config_error or _why_not(module, moe_cfg, family, model_family)
         if reason:
             report.entries.append(PatchEntry(name, block, False, reason))
             continue
         moe = _sparsemoe_layer(module, moe_cfg, family)
-        shared = getattr(module, shared_name) if shared_name else None
-        gate = getattr(module, gate_name) if gate_name else None
+        shared = getattr(module, spec.shared) if spec.shared else None
+        gate = getattr(module, spec.shared_gate) if spec.shared_gate else None
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, PatchedMoeBlock(moe, shared, gate, module))

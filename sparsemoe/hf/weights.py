@@ -8,8 +8,11 @@ Expert layouts accepted when loading (transformers writes either, see `save_orig
   * per expert   `...experts.{j}.w1/w3/w2.weight` (Mixtral, MiniMax-M2) or
                  `...experts.{j}.gate_proj/up_proj/down_proj.weight` (the others)
   * fused 3-D    `...experts.gate_up_proj` [E, 2F, D] (gate rows first) and `...experts.down_proj` [E, D, F]
+  * stacked 3-D  Granite's `...block_sparse_moe.input_linear.weight` [E, 2F, D] and `output_linear.weight`
+                 [E, D, F], router `router.layer.weight` (transformers 5 renames them to the fused names,
+                 router `router.weight`)
 Mixtral's (and MiniMax-M2's) MoE block is `block_sparse_moe` in original checkpoints and `mlp` in
-transformers 5's fused layout.
+transformers 5's fused layout; Granite's is `block_sparse_moe` in both, its shared MLP `shared_mlp`.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from sparsemoe.hf.config_map import SELECTION_BIAS_FAMILIES, MappedConfig
+from sparsemoe.hf.config_map import GRANITE_FAMILIES, SELECTION_BIAS_FAMILIES, MappedConfig
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,14 @@ class Layout:
     prefix: str = "model."  # "model." for *ForCausalLM checkpoints, "" for bare *Model ones
     mixtral_block: str = "block_sparse_moe"  # Mixtral's MoE module name: block_sparse_moe | mlp
     fused_experts: bool = False  # 3-D gate_up_proj/down_proj instead of per-expert tensors
+
+
+def layout_name(layout: Layout, family: str) -> str:
+    """How the checkpoint stores its experts: "fused" (transformers 5), "stacked" (Granite's own 3-D
+    tensors) or "per-expert"."""
+    if layout.fused_experts:
+        return "fused"
+    return "stacked" if family in GRANITE_FAMILIES else "per-expert"
 
 
 def detect_layout(keys: set[str], family: str) -> Layout:
@@ -129,9 +140,33 @@ def _attention(src: str, dst: str, mapped: MappedConfig) -> list[Piece]:
     ]
 
 
+def _granite_moe_block(src: str, dst: str, mapped: MappedConfig, layout: Layout) -> list[Piece]:
+    """Granite: the routed experts in `block_sparse_moe`, the shared MLP ([gate; up] rows) beside it."""
+    c = mapped.model_config
+    layer = src.rsplit(".", 1)[0]
+    block = f"{layer}.block_sparse_moe"
+    if layout.fused_experts:  # transformers 5's names
+        pieces = [Piece(f"{block}.router.weight", f"{dst}.router.weight")]
+        pieces += _experts(f"{block}.experts", f"{dst}.experts", mapped.family, c.num_experts, c.moe_hidden_dim, True)
+    else:  # Granite's own: the experts are stacked already
+        pieces = [
+            Piece(f"{block}.router.layer.weight", f"{dst}.router.weight"),
+            Piece(f"{block}.input_linear.weight", f"{dst}.experts.w_in"),
+            Piece(f"{block}.output_linear.weight", f"{dst}.experts.w_out"),
+        ]
+    if c.num_shared_experts:
+        pieces += [
+            Piece(f"{layer}.shared_mlp.input_linear.weight", f"{dst}.shared_experts.w_in", (0,)),
+            Piece(f"{layer}.shared_mlp.output_linear.weight", f"{dst}.shared_experts.w_out", (0,)),
+        ]
+    return pieces
+
+
 def _moe_block(src: str, dst: str, mapped: MappedConfig, layout: Layout) -> list[Piece]:
     c, family = mapped.model_config, mapped.family
     E, F = c.num_experts, c.moe_hidden_dim
+    if family in GRANITE_FAMILIES:
+        return _granite_moe_block(src, dst, mapped, layout)
     if family in _MIXTRAL_NAMES:
         src = src.rsplit(".", 1)[0] + "." + layout.mixtral_block
     pieces = [Piece(f"{src}.gate.weight", f"{dst}.router.weight")]

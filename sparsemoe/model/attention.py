@@ -102,6 +102,8 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(q_width, config.norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(k_width, config.norm_eps) if config.qk_norm else None
         self.dropout = config.dropout
+        # The q.k softmax scale; None: SDPA's own 1/sqrt(head_dim).
+        self.scale = None if config.attention_multiplier is None else float(config.attention_multiplier)
 
     def forward(self, x_BSD: Tensor, cos_Sd: Tensor, sin_Sd: Tensor, cache: Optional[KVCache] = None) -> Tensor:
         B, S, _ = x_BSD.shape
@@ -134,6 +136,7 @@ class Attention(nn.Module):
             attn_mask=mask,
             is_causal=causal,
             dropout_p=self.dropout if self.training else 0.0,
+            scale=self.scale,
             enable_gqa=self.n_kv_heads != self.n_heads,
         )
         return self.o_proj(y.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim))

@@ -51,6 +51,10 @@ _MOE_SHARED = (
 )
 
 
+# The scalar multipliers that default to 1 (attention_multiplier defaults to None: 1/sqrt(head_dim)).
+SCALAR_MULTIPLIERS = ("embedding_multiplier", "residual_multiplier", "logits_divisor")
+
+
 @dataclass
 class ModelConfig:
     # --- shape ---------------------------------------------------------------------------------------
@@ -77,6 +81,12 @@ class ModelConfig:
     kv_lora_rank: int = 64  # mla: width of the key/value latent the KV cache stores; >= 1
     qk_nope_head_dim: int = 32  # mla: per-head query/key width without RoPE; >= 1
     v_head_dim: int = 32  # mla: per-head value width; >= 1
+
+    # --- scalar multipliers (IBM Granite's; the defaults leave the model unscaled) -------------------
+    embedding_multiplier: float = 1.0  # token embeddings are multiplied by this; > 0
+    attention_multiplier: Optional[float] = None  # softmax scale of q.k; None = 1/sqrt(head_dim); > 0; gqa only
+    residual_multiplier: float = 1.0  # each block's attention and MLP outputs are multiplied by this; > 0
+    logits_divisor: float = 1.0  # logits = lm_head(x) / logits_divisor (Granite's logits_scaling); > 0
 
     # --- which blocks are MoE ------------------------------------------------------------------------
     dense: bool = False  # True: every block is dense (the dense baseline); no MoE layer at all
@@ -138,7 +148,7 @@ class ModelConfig:
             _fail("rotary_dim", self.rotary_dim, f"an even integer <= head_dim={self.head_dim}")
         if not (_number(self.dropout) and 0 <= self.dropout < 1):
             _fail("dropout", self.dropout, "a probability in [0, 1)")
-        for name in ("rope_theta", "norm_eps", "init_std"):
+        for name in ("rope_theta", "norm_eps", "init_std") + SCALAR_MULTIPLIERS:
             value = getattr(self, name)
             if not _number(value) or value <= 0 or math.isinf(value):
                 _fail(name, value, "a finite number > 0")
@@ -158,6 +168,9 @@ class ModelConfig:
             _fail("rope_scaling", scaling, accepted)
         if self.attention not in ("gqa", "mla"):
             _fail("attention", self.attention, "'gqa' or 'mla'")
+        scale = self.attention_multiplier
+        if scale is not None and (not _number(scale) or scale <= 0 or math.isinf(scale)):
+            _fail("attention_multiplier", scale, "None (1/sqrt(head_dim)) or a finite number > 0")
         if self.qk_norm_scope not in ("head", "full"):
             _fail("qk_norm_scope", self.qk_norm_scope, "'head' or 'full'")
         if self.attention == "mla":
@@ -167,6 +180,8 @@ class ModelConfig:
                 _fail("rotary_dim", self.rotary_dim, f"head_dim={self.head_dim} (with mla head_dim is the RoPE width)")
             if self.q_lora_rank is not None:
                 _int_at_least("q_lora_rank", self.q_lora_rank, 1)
+            if self.attention_multiplier is not None:
+                _fail("attention_multiplier", scale, "None with mla (latent attention sets its own softmax scale)")
         if self.router == "expert_choice":
             _fail("router", self.router, "'topk' or 'group_limited' (expert_choice is not causal)")
         if self.activation not in ACTIVATIONS:
@@ -189,6 +204,11 @@ class ModelConfig:
             for name, moe_name in _MOE_RENAMED.items():
                 message = message.replace(f"MoEConfig.{moe_name}=", f"ModelConfig.{name}=")
             raise ValueError(message.replace("MoEConfig.", "ModelConfig.")) from None
+
+    @property
+    def attention_scale(self) -> float:
+        """The softmax scale of q.k in grouped-query attention: attention_multiplier, or 1/sqrt(head_dim)."""
+        return self.head_dim**-0.5 if self.attention_multiplier is None else self.attention_multiplier
 
     def is_moe_layer(self, i: int) -> bool:
         return not self.dense and i >= self.first_dense_layers and (i + 1) % self.moe_every == 0

@@ -1,5 +1,8 @@
 """The decoder-only MoE transformer: pre-norm blocks of rotary GQA attention and MoE or dense MLPs.
 
+x = embed(ids) * embedding_multiplier; per block x += residual_multiplier * attn(norm(x)), then the same
+for the MLP; logits = lm_head(norm(x)) / logits_divisor (the multipliers are 1 unless a config sets them).
+
 Legend: B batch, S sequence positions, D model width, V vocabulary, E experts.
 
 State-dict layout (stable; Hugging Face conversion maps onto these names):
@@ -89,13 +92,19 @@ class Block(nn.Module):
         else:
             self.ffn = DenseMLP(config.dim, config.dense_hidden_dim, config.activation, config.dropout)
         self.dropout = nn.Dropout(config.dropout)
+        self.residual_multiplier = config.residual_multiplier
+
+    def _branch(self, y: Tensor) -> Tensor:
+        """A residual branch's output as it is added: dropout, then the residual multiplier (Granite)."""
+        y = self.dropout(y)
+        return y if self.residual_multiplier == 1.0 else y * self.residual_multiplier
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: Optional[KVCache]) -> Tensor:
-        x = x + self.dropout(self.attn(self.attn_norm(x), cos, sin, cache))
+        x = x + self._branch(self.attn(self.attn_norm(x), cos, sin, cache))
         h = self.ffn_norm(x)
         if isinstance(self.ffn, MoE):
             h = h.to(self.ffn.experts.w_in.dtype)  # under autocast the MoE layer wants its weights' dtype
-        return x + self.dropout(self.ffn(h).to(x.dtype))
+        return x + self._branch(self.ffn(h).to(x.dtype))
 
 
 class MoETransformer(nn.Module):
@@ -171,6 +180,8 @@ class MoETransformer(nn.Module):
             )
         cos, sin = self.rope_cos[start : start + S], self.rope_sin[start : start + S]
         x = self.embed(input_ids)
+        if self.config.embedding_multiplier != 1.0:
+            x = x * self.config.embedding_multiplier
         for block in self.layers:
             x = block(x, cos, sin, cache)
         if cache is not None:
@@ -179,6 +190,8 @@ class MoETransformer(nn.Module):
             x = x[:, -1:]
         x = self.norm(x)
         logits = F.linear(x, self.embed.weight) if self.lm_head is None else self.lm_head(x)
+        if self.config.logits_divisor != 1.0:
+            logits = logits / self.config.logits_divisor
 
         loss = None
         if targets is not None:
