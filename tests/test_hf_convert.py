@@ -157,6 +157,31 @@ def test_softmax_formats_export_load_in_transformers_and_round_trip_exactly(fami
     _matches_in_transformers_and_round_trips(model, tmp_path)
 
 
+# Sliding windows (of 5, shorter than the 12 positions compared): Mixtral and Qwen3-MoE on every layer,
+# Qwen2-MoE on any layers (written as layer_types).
+SLIDING_MODELS = {
+    "mixtral": dict(sliding_window=5),
+    "qwen2_moe": dict(SOFTMAX_MODELS["qwen2_moe"], sliding_window=5, sliding_layers=[0, 2]),
+    "qwen3_moe": dict(SOFTMAX_MODELS["qwen3_moe"], sliding_window=5),
+}
+
+
+@pytest.mark.parametrize("family", list(SLIDING_MODELS))
+def test_sliding_window_exports_load_in_transformers_and_round_trip_exactly(family, tmp_path):
+    model = tiny_model(**SLIDING_MODELS[family])
+    export_hf(model, tmp_path / "hf")  # auto
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["model_type"] == family
+    _matches_in_transformers_and_round_trips(model, tmp_path)
+
+
+def test_a_window_no_format_holds_is_refused(tmp_path):
+    with pytest.raises(HFFormatError, match=r"as mixtral: .*sliding_window=5, sliding_layers=\[1\] \(Mixtral has"):
+        export_hf(tiny_model(sliding_window=5, sliding_layers=[1]), tmp_path / "a")
+    with pytest.raises(HFFormatError, match=r"sliding_window=5, sliding_layers=None \(OLMoE has no sliding window"):
+        export_hf(tiny_model(**SOFTMAX_MODELS["olmoe"], sliding_window=5), tmp_path / "b", family="olmoe")
+    assert not list(tmp_path.iterdir())
+
+
 def test_glm4_export_keeps_the_selection_bias_in_float32_and_refuses_a_bias_its_settings_ignore(tmp_path):
     export_hf(tiny_model(**GLM_MODELS["grouped-biased-shared"]), tmp_path / "bf16", dtype=torch.bfloat16)
     with safe_open(str(tmp_path / "bf16" / "model.safetensors"), "pt") as f:

@@ -7,6 +7,7 @@ sparsemoe.hf, and compared with transformers' own forward on logits and on greed
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -326,22 +327,46 @@ def test_yarn_rope_matches_beyond_the_original_context(family, extra, tmp_path):
         torch.testing.assert_close(model(x).logits, hf(x).logits, atol=2e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize(
-    "family,extra",
-    [("mixtral", {}), ("dots1", {"layer_types": ["full_attention", "sliding_attention", "full_attention"]})],
-)
-def test_sliding_window_caps_context(family, extra, tmp_path):
-    save_hf(tiny_hf_model(family, sliding_window=16, **extra), tmp_path)
-    loaded = load_hf(tmp_path)
-    assert loaded.model.config.max_seq_len == 16
-    assert any("sliding_window=16" in note for note in loaded.mapped.notes)
+# (family, config overrides, the layers that slide); sequences of 30 positions against a window of 7.
+SLIDING = [
+    ("mixtral", {}, None),
+    ("qwen2_moe", {"use_sliding_window": True, "max_window_layers": 3}, [0, 2]),  # layer_types derived
+    ("qwen3_moe", {"use_sliding_window": True}, None),
+    ("dots1", {"layer_types": ["full_attention", "sliding_attention", "full_attention"]}, [1]),
+]
 
 
-def test_dots1_sliding_layers_derived_as_transformers_does_without_layer_types():
+@pytest.mark.parametrize("family,extra,layers", SLIDING, ids=[case[0] for case in SLIDING])
+def test_sliding_window_matches_transformers_beyond_the_window(family, extra, layers, tmp_path):
+    hf = tiny_hf_model(family, sliding_window=7, **extra)
+    save_hf(hf, tmp_path)
+    model = load_hf(tmp_path).model
+    assert (model.config.sliding_window, model.config.sliding_layers, model.config.max_seq_len) == (7, layers, 64)
+    x = torch.randint(0, VOCAB, (2, 30), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        expected = hf(x).logits
+        torch.testing.assert_close(model(x).logits, expected, atol=2e-5, rtol=1e-4)
+        # The check can fail: full attention gives other logits past the window.
+        without_window = type(model)(replace(model.config, sliding_window=None, sliding_layers=None)).eval()
+        without_window.load_state_dict(model.state_dict())
+        assert (without_window(x).logits - expected)[:, 7:].abs().max() > 1e-3
+    prompt = x[:1, :12]
+    assert torch.equal(generate(model, prompt[0], 10, temperature=0), hf_greedy(hf, prompt, 10))
+
+
+def test_sliding_layers_derived_as_transformers_does_without_layer_types():
     cfg = {k: v for k, v in tiny_hf_model("dots1").config.to_dict().items() if k != "layer_types"}
-    assert map_config({**cfg, "sliding_window": 16, "max_window_layers": 2}).model_config.max_seq_len == 16
-    assert map_config({**cfg, "sliding_window": 16, "max_window_layers": 3}).model_config.max_seq_len == 64
-    assert map_config({**cfg, "sliding_window": None, "max_window_layers": 0}).model_config.max_seq_len == 64
+
+    def window(**keys):
+        c = map_config({**cfg, **keys}).model_config
+        return c.sliding_window, c.sliding_layers
+
+    assert window(sliding_window=16, max_window_layers=2) == (16, [2])
+    assert window(sliding_window=16, max_window_layers=0) == (16, None)  # every layer
+    assert window(sliding_window=16, max_window_layers=3) == (None, None)
+    assert window(sliding_window=None, max_window_layers=0) == (None, None)
+    olmoe = tiny_hf_model("olmoe").config.to_dict()  # transformers' OLMoE never slides, whatever the key says
+    assert map_config({**olmoe, "sliding_window": 4}).model_config.sliding_window is None
 
 
 def test_unmappable_configs_name_the_key():

@@ -50,11 +50,23 @@ def test_presets_build_and_mixtral_has_mixtral_shape():
         ("residual_multiplier", float("inf"), "ModelConfig.residual_multiplier=inf"),
         ("logits_divisor", -1.0, "ModelConfig.logits_divisor=-1.0"),
         ("attention_multiplier", 0, "ModelConfig.attention_multiplier=0"),
+        ("sliding_window", 0, "ModelConfig.sliding_window=0"),
+        ("sliding_layers", [0], "expected None when sliding_window is None"),
     ],
 )
 def test_config_errors_name_the_field(field, value, expected):
     with pytest.raises(ValueError, match=expected.replace("(", r"\(").replace(".", r"\.")):
         tiny(**{field: value})
+
+
+def test_sliding_layers_are_checked_and_normalised():
+    with pytest.raises(ValueError, match=r"sliding_layers=\[0, 2\] is invalid: expected None or a list"):
+        tiny(sliding_window=4, sliding_layers=[0, 2])  # tiny has 2 layers
+    with pytest.raises(ValueError, match=r"sliding_layers=\[1, 1\]"):
+        tiny(sliding_window=4, sliding_layers=[1, 1])
+    assert tiny(sliding_window=4, sliding_layers=(1, 0)).sliding_layers is None  # every layer: same as None
+    config = tiny(n_layers=3, sliding_window=4, sliding_layers=(2, 0))
+    assert config.sliding_layers == [0, 2] and [config.window_of(i) for i in range(3)] == [4, None, 4]
 
 
 def test_attention_multiplier_is_refused_with_latent_attention():
@@ -202,6 +214,8 @@ def test_bf16_autocast_forward_backward():
         {},
         {"n_kv_heads": 1, "qkv_bias": True, "qk_norm": True, "tie_embeddings": True, "first_dense_layers": 1},
         {"embedding_multiplier": 2.0, "attention_multiplier": 0.2, "residual_multiplier": 0.6, "logits_divisor": 3.0},
+        {"sliding_window": 5},  # shorter than the prompt, the chunk and the sequence
+        {"sliding_window": 9, "sliding_layers": [1], "n_kv_heads": 1},
     ],
 )
 def test_cached_logits_match_full_forward(overrides):
@@ -214,6 +228,31 @@ def test_cached_logits_match_full_forward(overrides):
     parts += [model(ids[:, 7:12], cache=cache).logits]  # a multi-token chunk after cached positions
     parts += [model(ids[:, t : t + 1], cache=cache).logits for t in range(12, 20)]
     torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=1e-4, atol=1e-5)
+
+
+def test_a_window_of_one_attends_to_each_position_alone():
+    """Independent of any mask code: with window 1 the softmax has one key, so attention returns o_proj(v)."""
+    from sparsemoe.model.attention import Attention
+
+    torch.manual_seed(0)
+    config = tiny(sliding_window=1)
+    attn = Attention(config, 0).eval()
+    x = torch.randn(2, 9, config.dim)
+    cos, sin = MoETransformer(config).rope_cos[:9], MoETransformer(config).rope_sin[:9]
+    with torch.no_grad():
+        torch.testing.assert_close(attn(x, cos, sin), attn.o_proj(attn.v_proj(x)), rtol=1e-5, atol=1e-6)
+
+
+def test_sliding_window_changes_only_positions_past_the_window():
+    torch.manual_seed(0)
+    full = MoETransformer(tiny()).eval()
+    windowed = MoETransformer(tiny(sliding_window=6, sliding_layers=[0])).eval()
+    windowed.load_state_dict(full.state_dict())
+    ids = torch.randint(0, 256, (2, 16))
+    with torch.no_grad():
+        a, b = full(ids).logits, windowed(ids).logits
+    torch.testing.assert_close(b[:, :6], a[:, :6])  # positions 0..5 see no more than 6 keys either way
+    assert (b[:, 6:] - a[:, 6:]).abs().amax(dim=-1).min() > 1e-4  # every later position loses keys
 
 
 def test_greedy_generation_with_and_without_cache_agree():

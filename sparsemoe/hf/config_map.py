@@ -23,9 +23,10 @@ How each family routes, and the MoEConfig fields it maps to:
 | minimax_m2  | sigmoid | score + e_score_correction_bias, top-k | renormalised                     | none             |
 
 RoPE: plain, or YaRN (`rope_type` "yarn", DeepSeek's context extension) as `ModelConfig.rope_scaling`;
-a `partial_rotary_factor` (GLM-4.5 rotates half of each head) as `ModelConfig.rotary_dim`. Granite's
-scalar multipliers (embedding_multiplier, attention_multiplier, residual_multiplier, logits_scaling) are
-the ModelConfig fields of the same names (`logits_divisor` for logits_scaling).
+a `partial_rotary_factor` (GLM-4.5 rotates half of each head) as `ModelConfig.rotary_dim`. A sliding
+window as `ModelConfig.sliding_window`, on the layers transformers slides it over (`sliding_layers`).
+Granite's scalar multipliers (embedding_multiplier, attention_multiplier, residual_multiplier,
+logits_scaling) are the ModelConfig fields of the same names (`logits_divisor` for logits_scaling).
 Anything a family does that sparsemoe's model cannot reproduce (other RoPE scalings, biases sparsemoe's
 attention lacks, dense layers that are not a prefix, ...) raises `HFFormatError` naming the config key,
 instead of loading a model that would silently compute something else.
@@ -159,15 +160,6 @@ def _rotary_dim(cfg: dict[str, Any], head_dim: int) -> Optional[int]:
     return width
 
 
-def _window(cfg: dict[str, Any], max_seq_len: int, sliding: bool, notes: list[str], default: Any = None) -> int:
-    """Sliding-window attention equals full attention on sequences no longer than the window: cap there."""
-    window = cfg.get("sliding_window", default)
-    if sliding and window and window < max_seq_len:
-        notes.append(f"sliding_window={window}: max_seq_len capped at {window}, where full attention is exact")
-        return int(window)
-    return max_seq_len
-
-
 def _common(
     cfg: dict[str, Any], default_theta: float, default_eps: float, max_seq_len: Optional[int]
 ) -> dict[str, Any]:
@@ -209,29 +201,43 @@ def _qwen_sparse_layers(cfg: dict[str, Any], n_layers: int) -> dict[str, Any]:
     )
 
 
-# transformers' Dots1Config defaults, which apply when config.json leaves the keys out.
-_DOTS1_WINDOW, _DOTS1_MAX_WINDOW_LAYERS = 4096, 62
+# The families whose transformers code slides a window, with the defaults of the config keys that decide
+# where: (sliding_window, max_window_layers) when config.json leaves them out.
+_WINDOW_DEFAULTS = {"mixtral": (None, 0), "qwen2_moe": (4096, 28), "qwen3_moe": (4096, 28), "dots1": (4096, 62)}
 
 
-def _dots1_slides(cfg: dict[str, Any], n_layers: int) -> bool:
-    """Whether some dots1 layer attends through the sliding window: its layer_types, or as transformers
-    derives them when absent (layers from max_window_layers on, when sliding_window is set)."""
-    types = cfg.get("layer_types")
+def _sliding_layers(cfg: dict[str, Any], family: str, n_layers: int) -> list[bool]:
+    """Which layers slide: config.json's layer_types where the family's transformers code reads them (Qwen2-MoE,
+    dots1), else as transformers derives them."""
+    types = cfg.get("layer_types") if family in ("qwen2_moe", "dots1") else None
     if types is not None:
-        return "sliding_attention" in types
-    window = cfg.get("sliding_window", _DOTS1_WINDOW)
-    return window is not None and int(cfg.get("max_window_layers", _DOTS1_MAX_WINDOW_LAYERS)) < n_layers
+        if len(types) != n_layers or not set(types) <= {"full_attention", "sliding_attention"}:
+            accepted = f"{n_layers} entries of 'full_attention' or 'sliding_attention'"
+            raise _unsupported("layer_types", types, accepted)
+        return [t == "sliding_attention" for t in types]
+    max_window_layers = cfg.get("max_window_layers")
+    max_window_layers = int(_WINDOW_DEFAULTS[family][1] if max_window_layers is None else max_window_layers)
+    if family == "qwen2_moe":  # every other layer below max_window_layers
+        return [i % 2 == 0 and i < max_window_layers for i in range(n_layers)]
+    if family == "dots1":  # the layers from max_window_layers on
+        return [i >= max_window_layers for i in range(n_layers)]
+    return [True] * n_layers
 
 
-def _attention(cfg: dict[str, Any], family: str, base: dict[str, Any], notes: list[str]) -> None:
+def _sliding_window(cfg: dict[str, Any], family: str, n_layers: int) -> dict[str, Any]:
+    """ModelConfig.sliding_window and sliding_layers, for the layers transformers slides a window over."""
+    if family not in _WINDOW_DEFAULTS or (family.startswith("qwen") and not cfg.get("use_sliding_window")):
+        return {}
+    window = cfg.get("sliding_window", _WINDOW_DEFAULTS[family][0])
+    slides = _sliding_layers(cfg, family, n_layers)
+    if not window or not any(slides):
+        return {}
+    return dict(sliding_window=int(window), sliding_layers=[i for i, s in enumerate(slides) if s])
+
+
+def _attention(cfg: dict[str, Any], family: str, base: dict[str, Any]) -> None:
     """The attention-side fields of the ModelConfig (`base`), per family."""
-    sliding = (
-        family in ("mixtral", "olmoe")
-        or (family.startswith("qwen") and bool(cfg.get("use_sliding_window")))
-        or (family == "dots1" and _dots1_slides(cfg, base["n_layers"]))
-    )
-    default_window = _DOTS1_WINDOW if family == "dots1" else None
-    base["max_seq_len"] = _window(cfg, base["max_seq_len"], sliding, notes, default_window)
+    base.update(_sliding_window(cfg, family, base["n_layers"]))
     if family == "qwen2_moe":
         base["qkv_bias"] = bool(_get(cfg, "qkv_bias", True))
     elif family == "qwen3_moe":
@@ -443,7 +449,7 @@ def map_config(cfg: dict[str, Any], max_seq_len: Optional[int] = None) -> Mapped
     notes: list[str] = []
     theta = {"mixtral": 1e6, "minimax_m2": 5e6}.get(family, 1e4)  # the transformers defaults
     base = _common(cfg, theta, 1e-5 if family in ("mixtral", "olmoe", "glm4_moe") else 1e-6, max_seq_len)
-    _attention(cfg, family, base, notes)
+    _attention(cfg, family, base)
     moe = _ROUTING[family](cfg, base["n_layers"], notes, family)
     interleaved = family == "deepseek_v2" or (family == "deepseek_v3" and bool(cfg.get("rope_interleave", True)))
     try:

@@ -2,10 +2,11 @@
 these formats that expresses the model (or the one asked for):
 
 * Mixtral: softmax top-k routing with renormalised weights, every block MoE, no shared experts, plain
-  GQA attention.
+  GQA attention (with a sliding window on every layer or on none).
 * Qwen2-MoE: softmax top-k (renormalised or not), one sigmoid-gated shared expert, dense blocks as a
-  prefix plus every n-th, optional q/k/v biases.
-* Qwen3-MoE: softmax top-k, no shared experts, dense blocks as Qwen2-MoE, q/k norms per head.
+  prefix plus every n-th, optional q/k/v biases, a sliding window on any layers.
+* Qwen3-MoE: softmax top-k, no shared experts, dense blocks as Qwen2-MoE, q/k norms per head, a sliding
+  window on every layer or on none.
 * OLMoE: softmax top-k, every block MoE, no shared experts, q/k norms over the whole projections.
 * Granite-MoE: softmax over the top-k logits (renormalised top-k), every block MoE, no shared experts,
   and Granite's scalar multipliers (embedding, attention, residual, logits).
@@ -19,14 +20,14 @@ these formats that expresses the model (or the one asked for):
   with DeepSeek's blocks under latent attention; its RoPE pairs are interleaved, so the q and k rows are
   permuted back from sparsemoe's rotate-half pairs.
 All but the DeepSeek formats have GQA attention; all have gated experts and no capacity in evaluation; only
-the Granite formats hold multipliers other than 1. A model none
-can express is refused with every format's reasons, never exported approximately. The weights are written
-in the per-expert layout of the published checkpoints (Mixtral's `block_sparse_moe.experts.{j}.w1/w2/w3`,
-the others' `mlp.experts.{j}.gate_proj/up_proj/down_proj`; Granite's stacked `block_sparse_moe.input_linear`
-and `output_linear`), which every transformers version loads
-(transformers 5 fuses them on load), or with `fused=True` in transformers 5's 3-D layout. Tensors are
-written one at a time (see `sparsemoe.hf.io.write_safetensors`), sharded above `max_shard_bytes` with an
-index file; the selection bias stays float32 whatever `dtype` is.
+the Granite formats hold multipliers other than 1, and only Mixtral and the Qwen formats a sliding window.
+A model none can express is refused with every format's reasons, never exported approximately. The
+weights are written in the layout of the published checkpoints (Mixtral's per-expert
+`block_sparse_moe.experts.{j}.w1/w2/w3`, Granite's stacked `block_sparse_moe.input_linear` and
+`output_linear`, the others' per-expert `mlp.experts.{j}.gate_proj/up_proj/down_proj`), which every
+transformers version loads (transformers 5 fuses them on load), or with `fused=True` in transformers 5's
+3-D layout. Tensors are written one at a time (see `sparsemoe.hf.io.write_safetensors`), sharded above
+`max_shard_bytes` with an index file; the selection bias stays float32 whatever `dtype` is.
 """
 
 from __future__ import annotations
@@ -50,12 +51,15 @@ _HIDDEN_ACT = {"swiglu": "silu", "geglu": "gelu_pytorch_tanh"}
 
 
 def _shared_incompatibilities(
-    model: nn.Module, family: str, attention: str = "gqa", multipliers: bool = False
+    model: nn.Module, family: str, attention: str = "gqa", multipliers: bool = False, sliding: Optional[str] = None
 ) -> list[str]:
-    """What no export format can hold, the attention (gqa or mla) that `family` has, and Granite's
-    multipliers where `family` lacks them."""
+    """What no export format can hold, the attention (gqa or mla) that `family` has, Granite's multipliers
+    where `family` lacks them, and a sliding window beyond what `family` has (`sliding`, as _SoftmaxFormat)."""
     c = model.config
     problems = []
+    if c.sliding_window is not None and (sliding is None or (sliding == "all" and c.sliding_layers is not None)):
+        has = "no sliding window" if sliding is None else "a sliding window on every layer or on none"
+        problems.append(f"sliding_window={c.sliding_window}, sliding_layers={c.sliding_layers} ({family} has {has})")
     if not multipliers:
         scaled = {name: getattr(c, name) for name in SCALAR_MULTIPLIERS if getattr(c, name) != 1.0}
         if c.attention_scale != c.head_dim**-0.5:
@@ -88,11 +92,12 @@ class _SoftmaxFormat:
     renormalizes: bool = False  # the top-k weights are always renormalised (Mixtral)
     head_dim_from_width: bool = False  # head_dim must be dim / n_heads (OLMoE's k norm assumes it)
     multipliers: bool = False  # Granite's embedding, attention, residual and logits multipliers
+    sliding: Optional[str] = None  # a sliding window: None (never), "all" (on every layer), "any" (any layers)
 
 
 def _softmax_incompatibilities(model: nn.Module, f: _SoftmaxFormat) -> list[str]:
     c = model.config
-    problems = _shared_incompatibilities(model, f.name, multipliers=f.multipliers)
+    problems = _shared_incompatibilities(model, f.name, multipliers=f.multipliers, sliding=f.sliding)
     if c.dense or (not f.dense_blocks and c.moe_layer_ids != list(range(c.n_layers))):
         problems.append("every block must be MoE (dense=False, first_dense_layers=0, moe_every=1)")
     if c.qkv_bias and not f.qkv_bias:
@@ -135,9 +140,11 @@ def _selection_bias_incompatibilities(model: nn.Module, name: str, held: bool) -
 
 
 _SOFTMAX_FORMATS = {
-    "mixtral": _SoftmaxFormat("Mixtral", renormalizes=True),
-    "qwen2_moe": _SoftmaxFormat("Qwen2-MoE", dense_blocks=True, shared_expert="gated", qkv_bias=True),
-    "qwen3_moe": _SoftmaxFormat("Qwen3-MoE", dense_blocks=True, qk_norm="head"),
+    "mixtral": _SoftmaxFormat("Mixtral", renormalizes=True, sliding="all"),
+    "qwen2_moe": _SoftmaxFormat(
+        "Qwen2-MoE", dense_blocks=True, shared_expert="gated", qkv_bias=True, sliding="any"
+    ),
+    "qwen3_moe": _SoftmaxFormat("Qwen3-MoE", dense_blocks=True, qk_norm="head", sliding="all"),
     "olmoe": _SoftmaxFormat("OLMoE", qk_norm="full", head_dim_from_width=True),
     "granitemoe": _SoftmaxFormat("Granite-MoE", renormalizes=True, multipliers=True),
     "granitemoeshared": _SoftmaxFormat(
@@ -267,7 +274,7 @@ def mixtral_config_json(c, dtype: torch.dtype) -> dict[str, Any]:
         "model_type": "mixtral",
         "intermediate_size": c.moe_hidden_dim,
         "rope_scaling": {"type": "yarn", **c.rope_scaling} if c.rope_scaling else None,  # transformers 4.x
-        "sliding_window": None,
+        "sliding_window": c.sliding_window,  # on every layer (or None)
         "num_local_experts": c.num_experts,
         "router_aux_loss_coef": c.aux_loss_coef,
         "router_jitter_noise": jitter,
@@ -293,6 +300,8 @@ def qwen_moe_config_json(c, dtype: torch.dtype, family: str) -> dict[str, Any]:
     """Qwen2-MoE (one gated shared expert, optional q/k/v biases) or Qwen3-MoE (per-head q/k norms)."""
     if family == "qwen2_moe":
         specific = {"shared_expert_intermediate_size": c.moe_config().shared_dim, "qkv_bias": c.qkv_bias}
+        kinds = ["sliding_attention" if c.window_of(i) else "full_attention" for i in range(c.n_layers)]
+        specific["layer_types"] = kinds  # which layers slide (transformers 5 reads it)
     else:
         specific = {"attention_bias": False}
     return {
@@ -300,7 +309,8 @@ def qwen_moe_config_json(c, dtype: torch.dtype, family: str) -> dict[str, Any]:
         "model_type": family,
         "intermediate_size": c.dense_hidden_dim,
         "moe_intermediate_size": c.moe_hidden_dim,
-        "use_sliding_window": False,
+        "use_sliding_window": c.sliding_window is not None,
+        "sliding_window": c.sliding_window,
         **specific,
         **_qwen_layers(c),
         **_softmax_routing_json(c),

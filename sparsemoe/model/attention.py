@@ -3,6 +3,9 @@
 Legend: B batch, S new positions, P cached positions before them, H query heads, G key/value heads,
 Hd head width, D model width.
 
+Layers with a sliding window (ModelConfig.sliding_window, on the layers of sliding_layers) see only the
+last `window` keys up to each position; the KV cache still keeps every position.
+
 RoPE uses the "rotate half" layout (the first and second halves of each head are the pair), the layout
 of Hugging Face's Llama/Mixtral/Qwen checkpoints, so their q/k weights load without a permutation.
 """
@@ -56,6 +59,27 @@ def apply_rope(x_BHSd: Tensor, cos_Sr: Tensor, sin_Sr: Tensor) -> Tensor:
     return (x_BHSd.float() * cos_Sr + rotated.float() * sin_Sr).to(x_BHSd.dtype)
 
 
+def causal_mask(S: int, past: int, window: Optional[int], device) -> tuple[Optional[Tensor], bool]:
+    """(attn_mask, is_causal) for SDPA: S new positions after `past` cached ones, each seeing the keys up to
+    itself and, with a `window`, only the last `window` of them (itself included, as transformers counts).
+
+    The mask is [S, past + S] bool (True = attend), or None where is_causal or no mask expresses it. With
+    a window, a one-position step (S == 1) expects the keys already cut to the window.
+    """
+    if window is not None and (past + S <= window or S == 1):
+        window = None  # every key a position may see is within its window
+    if window is None:
+        if past == 0:
+            return None, True
+        if S == 1:
+            return None, False  # one new position sees every cached one
+        # SDPA's is_causal aligns the mask top-left; new position s sees keys 0..past+s.
+        return torch.ones(S, past + S, dtype=torch.bool, device=device).tril(diagonal=past), False
+    query_pos = torch.arange(past, past + S, device=device)[:, None]
+    key_pos = torch.arange(past + S, device=device)[None, :]
+    return (key_pos <= query_pos) & (key_pos > query_pos - window), False
+
+
 class KVCache:
     """Keys and values of the positions seen so far, one preallocated [B, G, max_len, Hd] pair per layer.
 
@@ -104,6 +128,7 @@ class Attention(nn.Module):
         self.dropout = config.dropout
         # The q.k softmax scale; None: SDPA's own 1/sqrt(head_dim).
         self.scale = None if config.attention_multiplier is None else float(config.attention_multiplier)
+        self.window = config.window_of(layer_id)  # None: full causal attention
 
     def forward(self, x_BSD: Tensor, cos_Sd: Tensor, sin_Sd: Tensor, cache: Optional[KVCache] = None) -> Tensor:
         B, S, _ = x_BSD.shape
@@ -121,14 +146,10 @@ class Attention(nn.Module):
         if cache is not None:
             past = cache.length
             k, v = cache.update(self.layer_id, k, v)
-        if past == 0:
-            mask, causal = None, True
-        elif S == 1:
-            mask, causal = None, False  # one new position sees every cached one
-        else:
-            # SDPA's is_causal aligns the mask top-left; new position s sees keys 0..past+s.
-            mask = torch.ones(S, past + S, dtype=torch.bool, device=x_BSD.device).tril(diagonal=past)
-            causal = False
+        if S == 1 and self.window is not None and past >= self.window:
+            # One new position sees only the last `window` keys: slice them instead of masking the rest.
+            k, v = k[:, :, past + 1 - self.window :], v[:, :, past + 1 - self.window :]
+        mask, causal = causal_mask(S, past, self.window, x_BSD.device)
         y = F.scaled_dot_product_attention(
             q,
             k.to(q.dtype),

@@ -66,6 +66,8 @@ class ModelConfig:
     head_dim: Optional[int] = None  # per-head width; None = dim // n_heads (Qwen3 sets it explicitly)
     rotary_dim: Optional[int] = None  # RoPE rotates each head's first rotary_dim dims; even; None = head_dim
     max_seq_len: int = 256  # longest sequence the model takes (RoPE table, KV cache); >= 1
+    sliding_window: Optional[int] = None  # position i attends to keys i-window+1..i; None = all before it; >= 1
+    sliding_layers: Optional[list] = None  # layers (0-based) that use sliding_window; None = every layer
     dropout: float = 0.0  # dropout on attention weights and residual branches (training only); [0, 1)
     rope_theta: float = 10000.0  # RoPE base; > 0 (Mixtral 1e6)
     rope_scaling: Optional[dict] = None  # None (plain RoPE) or YaRN: {"type": "yarn", "factor": > 0,
@@ -168,6 +170,7 @@ class ModelConfig:
             _fail("rope_scaling", scaling, accepted)
         if self.attention not in ("gqa", "mla"):
             _fail("attention", self.attention, "'gqa' or 'mla'")
+        self._check_sliding_window()
         scale = self.attention_multiplier
         if scale is not None and (not _number(scale) or scale <= 0 or math.isinf(scale)):
             _fail("attention_multiplier", scale, "None (1/sqrt(head_dim)) or a finite number > 0")
@@ -192,7 +195,34 @@ class ModelConfig:
             self.dense_hidden_dim = self.top_k * moe.hidden_dim + moe.shared_dim
         _int_at_least("dense_hidden_dim", self.dense_hidden_dim, 1)
 
+    def _check_sliding_window(self) -> None:
+        """Validate the window; sliding_layers become a sorted list, or None when every layer slides."""
+        if self.sliding_window is None:
+            if self.sliding_layers is not None:
+                _fail("sliding_layers", self.sliding_layers, "None when sliding_window is None")
+            return
+        _int_at_least("sliding_window", self.sliding_window, 1)
+        if self.attention == "mla":
+            _fail("sliding_window", self.sliding_window, "None with mla (latent attention attends to every position)")
+        if self.sliding_layers is None:
+            return
+        layers = self.sliding_layers
+        accepted = f"None or a list of distinct layer indices in [0, {self.n_layers})"
+        if not isinstance(layers, (list, tuple)) or any(
+            isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < self.n_layers for i in layers
+        ):
+            _fail("sliding_layers", layers, accepted)
+        if len(set(layers)) != len(layers):
+            _fail("sliding_layers", layers, accepted)
+        self.sliding_layers = None if len(layers) == self.n_layers else sorted(layers)
+
     # --- derived -----------------------------------------------------------------------------------------
+    def window_of(self, layer: int) -> Optional[int]:
+        """The attention window of layer `layer` (0-based): sliding_window, or None for full attention."""
+        if self.sliding_layers is None or layer in self.sliding_layers:
+            return self.sliding_window
+        return None
+
     def moe_config(self) -> MoEConfig:
         """The MoEConfig of this model's MoE blocks (ValueErrors name the ModelConfig field)."""
         kwargs = {name: getattr(self, name) for name in _MOE_SHARED}
