@@ -128,6 +128,35 @@ def test_deepseek_style_export_loads_in_transformers_and_round_trips_exactly(fam
     _matches_in_transformers_and_round_trips(model, tmp_path)
 
 
+# EXAONE-MoE: GLM-4.5's blocks and routing with per-head q/k norms, sliding layers and global layers without RoPE.
+EXAONE_MODEL = dict(
+    GLM_MODELS["grouped-biased-shared"], qkv_bias=False, rotary_dim=None, sliding_window=5, sliding_layers=[0, 1],
+    nope_layers=[2],
+)
+
+
+@pytest.mark.parametrize(
+    "global_layers,fused", [(True, False), (False, True)], ids=["global-nope", "all-sliding-fused"]
+)
+def test_exaone_export_loads_in_transformers_and_round_trips_exactly(global_layers, fused, tmp_path):
+    settings = EXAONE_MODEL if global_layers else dict(EXAONE_MODEL, sliding_layers=None, nope_layers=None)
+    model = tiny_model(**settings)
+    with torch.no_grad():
+        for layer in model.moe_layers:
+            layer.router.expert_bias.normal_(0, 0.1)  # a trained selection bias
+    export_hf(model, tmp_path / "hf", fused=fused)  # auto: GLM-4.5 has no sliding window
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["model_type"] == "exaone_moe"
+    with safe_open(str(tmp_path / "hf" / "model.safetensors"), "pt") as f:  # where each layout keeps the bias
+        owner = "mlp.gate" if fused else "mlp"
+        assert f.get_tensor(f"model.layers.1.{owner}.e_score_correction_bias").dtype == torch.float32
+    _matches_in_transformers_and_round_trips(model, tmp_path)
+    with pytest.raises(HFFormatError, match=r"nope_layers=None \(EXAONE-MoE has RoPE exactly on the sliding"):
+        export_hf(tiny_model(**dict(EXAONE_MODEL, nope_layers=None)), tmp_path / "x", family="exaone_moe")
+    with pytest.raises(HFFormatError, match=r"sliding_window=None \(EXAONE-MoE's config needs a window"):
+        export_hf(tiny_model(**dict(EXAONE_MODEL, sliding_window=None, sliding_layers=None, nope_layers=None)),
+                  tmp_path / "y", family="exaone_moe")
+
+
 # Softmax models only a Qwen, OLMoE or Granite config can express (each fails Mixtral and the formats tried
 # before it).
 SOFTMAX_MODELS = {

@@ -140,6 +140,16 @@ FAMILIES = {
             pad_token_id=0, bos_token_id=1, eos_token_id=2,
         ),
     ),
+    # A window of 5 on layers 0 and 1 (layer 2 is global, without RoPE): the logits test uses 13 positions.
+    "exaone_moe": (
+        "ExaoneMoeConfig",
+        "ExaoneMoeForCausalLM",
+        dict(
+            intermediate_size=40, moe_intermediate_size=16, num_experts=8, num_experts_per_tok=2, num_shared_experts=1,
+            n_group=4, topk_group=2, first_k_dense_replace=1, routed_scaling_factor=2.5, sliding_window=5,
+            sliding_window_pattern=3, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        ),
+    ),
     "dots1": (
         "Dots1Config",
         "Dots1ForCausalLM",
@@ -202,6 +212,8 @@ CASES = [
     ("deepseek_v3", False),
     ("glm4_moe", True),
     ("dots1", False),
+    ("exaone_moe", True),
+    ("exaone_moe", False),
     ("minimax_m2", True),
     ("minimax_m2", False),
 ]
@@ -258,6 +270,11 @@ def test_routing_fields_per_family(tmp_path):
         "dots1": dict(
             score_func="sigmoid", bias_balancing=True, renormalize=True, num_groups=2, route_scale=1.5,
             num_shared_experts=2, qk_norm=True, moe_layers=[1, 2],
+        ),
+        "exaone_moe": dict(
+            score_func="sigmoid", bias_balancing=True, group_score="top2_sum", num_groups=4, route_scale=2.5,
+            num_shared_experts=1, qk_norm=True, qk_norm_scope="head", moe_layers=[1, 2], sliding_window=5,
+            sliding_layers=[0, 1], nope_layers=[2],
         ),
         "minimax_m2": dict(
             score_func="sigmoid", bias_balancing=True, renormalize=True, num_shared_experts=0, qk_norm=True,
@@ -365,6 +382,11 @@ def test_sliding_layers_derived_as_transformers_does_without_layer_types():
     assert window(sliding_window=16, max_window_layers=0) == (16, None)  # every layer
     assert window(sliding_window=16, max_window_layers=3) == (None, None)
     assert window(sliding_window=None, max_window_layers=0) == (None, None)
+    exaone = {k: v for k, v in tiny_hf_model("exaone_moe").config.to_dict().items() if k != "layer_types"}
+    every_second = map_config({**exaone, "sliding_window_pattern": 2}).model_config  # every 2nd layer is global
+    assert (every_second.sliding_window, every_second.sliding_layers, every_second.nope_layers) == (5, [0, 2], [1])
+    no_window = map_config({**exaone, "sliding_window": None, "sliding_window_pattern": 2}).model_config
+    assert (no_window.sliding_window, no_window.nope_layers) == (None, None)  # RoPE everywhere, as transformers
     olmoe = tiny_hf_model("olmoe").config.to_dict()  # transformers' OLMoE never slides, whatever the key says
     assert map_config({**olmoe, "sliding_window": 4}).model_config.sliding_window is None
 

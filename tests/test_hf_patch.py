@@ -39,6 +39,7 @@ def test_patched_model_matches_original_and_shares_weights(family):
             "DeepseekV3MoE",
             "Glm4MoeMoE",
             "Dots1MoE",
+            "ExaoneMoeSparseMoEBlock",
             "MiniMaxM2SparseMoeBlock",
         )
     }
@@ -54,7 +55,7 @@ def test_patched_model_matches_original_and_shares_weights(family):
         assert patched.moe.router.weight is router.weight  # the same Parameter: no copy
         assert patched.moe.experts.w_in is block.experts.gate_up_proj
         assert patched.moe.experts.w_out is block.experts.down_proj
-        if family in ("deepseek_v3", "glm4_moe", "dots1"):
+        if family in ("deepseek_v3", "glm4_moe", "dots1", "exaone_moe"):
             assert patched.moe.router.expert_bias is block.gate.e_score_correction_bias
         if family == "minimax_m2":
             assert patched.moe.router.expert_bias is block.e_score_correction_bias

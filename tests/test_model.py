@@ -52,6 +52,7 @@ def test_presets_build_and_mixtral_has_mixtral_shape():
         ("attention_multiplier", 0, "ModelConfig.attention_multiplier=0"),
         ("sliding_window", 0, "ModelConfig.sliding_window=0"),
         ("sliding_layers", [0], "expected None when sliding_window is None"),
+        ("nope_layers", [2], "a list of distinct layer indices"),
     ],
 )
 def test_config_errors_name_the_field(field, value, expected):
@@ -69,10 +70,15 @@ def test_sliding_layers_are_checked_and_normalised():
     assert config.sliding_layers == [0, 2] and [config.window_of(i) for i in range(3)] == [4, None, 4]
 
 
-def test_attention_multiplier_is_refused_with_latent_attention():
+def test_attention_only_options_are_refused_with_latent_attention():
     mla = dict(attention="mla", head_dim=8, kv_lora_rank=16, qk_nope_head_dim=8, v_head_dim=8)
     with pytest.raises(ValueError, match="attention_multiplier=0.5 is invalid: expected None with mla"):
         tiny(**mla, attention_multiplier=0.5)
+    with pytest.raises(ValueError, match="sliding_window=4 is invalid: expected None with mla"):
+        tiny(**mla, sliding_window=4)
+    with pytest.raises(ValueError, match=r"nope_layers=\[1\] is invalid: expected None with mla"):
+        tiny(**mla, nope_layers=[1])
+    assert tiny(nope_layers=[]).nope_layers is None
 
 
 def test_multipliers_equal_the_weights_they_stand_for():
@@ -215,7 +221,7 @@ def test_bf16_autocast_forward_backward():
         {"n_kv_heads": 1, "qkv_bias": True, "qk_norm": True, "tie_embeddings": True, "first_dense_layers": 1},
         {"embedding_multiplier": 2.0, "attention_multiplier": 0.2, "residual_multiplier": 0.6, "logits_divisor": 3.0},
         {"sliding_window": 5},  # shorter than the prompt, the chunk and the sequence
-        {"sliding_window": 9, "sliding_layers": [1], "n_kv_heads": 1},
+        {"sliding_window": 9, "sliding_layers": [1], "n_kv_heads": 1, "nope_layers": [1]},
     ],
 )
 def test_cached_logits_match_full_forward(overrides):
@@ -253,6 +259,22 @@ def test_sliding_window_changes_only_positions_past_the_window():
         a, b = full(ids).logits, windowed(ids).logits
     torch.testing.assert_close(b[:, :6], a[:, :6])  # positions 0..5 see no more than 6 keys either way
     assert (b[:, 6:] - a[:, 6:]).abs().amax(dim=-1).min() > 1e-4  # every later position loses keys
+
+
+def test_nope_layers_attend_without_positions():
+    """Attention without RoPE is blind to the order of the keys: in a one-layer NoPE model (deeper layers'
+    keys depend on each position's prefix), the last position's logits do not change when two earlier
+    tokens swap places; with RoPE they do."""
+    torch.manual_seed(0)
+    nope = MoETransformer(tiny(n_layers=1, nope_layers=[0], init_std=0.3)).eval()  # peaked attention
+    rope = MoETransformer(tiny(n_layers=1, init_std=0.3)).eval()
+    rope.load_state_dict(nope.state_dict())
+    ids = torch.randint(0, 256, (1, 10))
+    swapped = ids.clone()
+    swapped[0, [2, 5]] = ids[0, [5, 2]]
+    with torch.no_grad():
+        torch.testing.assert_close(nope(swapped).logits[:, -1], nope(ids).logits[:, -1], rtol=1e-5, atol=1e-5)
+        assert (rope(swapped).logits[:, -1] - rope(ids).logits[:, -1]).abs().max() > 1e-3
 
 
 def test_greedy_generation_with_and_without_cache_agree():

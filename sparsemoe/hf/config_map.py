@@ -1,7 +1,7 @@
 """Hugging Face `config.json` -> sparsemoe `ModelConfig`, per model family.
 
 Supported families (`model_type`): mixtral, qwen2_moe, qwen3_moe, olmoe, granitemoe, granitemoeshared,
-deepseek_v2, deepseek_v3, glm4_moe, dots1, minimax_m2. The config is read as plain JSON, so loading and
+deepseek_v2, deepseek_v3, glm4_moe, dots1, exaone_moe, minimax_m2. The config is read as plain JSON, so loading and
 converting need no `transformers` install; defaults for keys a config leaves out are those of the
 transformers config classes.
 
@@ -20,6 +20,7 @@ How each family routes, and the MoEConfig fields it maps to:
 |             |         | groups ranked by top-2 sum       | x routed_scaling_factor           |                  |
 | glm4_moe    | as deepseek_v3 (GLM-4.5 routes as DeepSeek-V3 does; its attention is GQA, not MLA)                |
 | dots1       | as deepseek_v3 (dots.llm1; GQA attention with Qwen3's per-head q/k norm)                           |
+| exaone_moe  | as deepseek_v3 (K-EXAONE; per-head q/k norm, sliding layers, global layers without RoPE)          |
 | minimax_m2  | sigmoid | score + e_score_correction_bias, top-k | renormalised                     | none             |
 
 RoPE: plain, or YaRN (`rope_type` "yarn", DeepSeek's context extension) as `ModelConfig.rope_scaling`;
@@ -44,12 +45,12 @@ from sparsemoe.model.mla import YARN_KEYS
 
 FAMILIES = (
     "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "granitemoeshared", "deepseek_v2", "deepseek_v3",
-    "glm4_moe", "dots1", "minimax_m2",
+    "glm4_moe", "dots1", "exaone_moe", "minimax_m2",
 )  # fmt: skip
 GRANITE_FAMILIES = ("granitemoe", "granitemoeshared")
 # Families whose MoE block holds a selection bias (`e_score_correction_bias`), DeepSeek-V3 style: on the
 # router (`gate.`), or on the block itself for MiniMax-M2.
-SELECTION_BIAS_FAMILIES = ("deepseek_v3", "glm4_moe", "dots1", "minimax_m2")
+SELECTION_BIAS_FAMILIES = ("deepseek_v3", "glm4_moe", "dots1", "exaone_moe", "minimax_m2")
 
 # Expert activations: Hugging Face hidden_act -> sparsemoe activation (both gated).
 _ACTIVATIONS = {"silu": "swiglu", "swish": "swiglu", "gelu_pytorch_tanh": "geglu", "gelu_new": "geglu"}
@@ -99,6 +100,7 @@ _ALIASES = {
     "num_experts": ("num_local_experts", "n_routed_experts"),
     "num_local_experts": ("num_experts", "n_routed_experts"),
     "n_routed_experts": ("num_experts", "num_local_experts"),
+    "n_shared_experts": ("num_shared_experts",),  # EXAONE-MoE's spelling
 }
 
 
@@ -203,13 +205,16 @@ def _qwen_sparse_layers(cfg: dict[str, Any], n_layers: int) -> dict[str, Any]:
 
 # The families whose transformers code slides a window, with the defaults of the config keys that decide
 # where: (sliding_window, max_window_layers) when config.json leaves them out.
-_WINDOW_DEFAULTS = {"mixtral": (None, 0), "qwen2_moe": (4096, 28), "qwen3_moe": (4096, 28), "dots1": (4096, 62)}
+_WINDOW_DEFAULTS = {
+    "mixtral": (None, 0), "qwen2_moe": (4096, 28), "qwen3_moe": (4096, 28), "dots1": (4096, 62),
+    "exaone_moe": (4096, 0),  # its layers slide by sliding_window_pattern instead
+}  # fmt: skip
 
 
 def _sliding_layers(cfg: dict[str, Any], family: str, n_layers: int) -> list[bool]:
     """Which layers slide: config.json's layer_types where the family's transformers code reads them (Qwen2-MoE,
     dots1), else as transformers derives them."""
-    types = cfg.get("layer_types") if family in ("qwen2_moe", "dots1") else None
+    types = cfg.get("layer_types") if family in ("qwen2_moe", "dots1", "exaone_moe") else None
     if types is not None:
         if len(types) != n_layers or not set(types) <= {"full_attention", "sliding_attention"}:
             accepted = f"{n_layers} entries of 'full_attention' or 'sliding_attention'"
@@ -221,6 +226,11 @@ def _sliding_layers(cfg: dict[str, Any], family: str, n_layers: int) -> list[boo
         return [i % 2 == 0 and i < max_window_layers for i in range(n_layers)]
     if family == "dots1":  # the layers from max_window_layers on
         return [i >= max_window_layers for i in range(n_layers)]
+    if family == "exaone_moe":  # every sliding_window_pattern-th layer is global, the others slide
+        pattern = cfg.get("sliding_window_pattern", 4)
+        if isinstance(pattern, bool) or not isinstance(pattern, int) or pattern < 1:
+            raise _unsupported("sliding_window_pattern", pattern, "an integer >= 1 (or layer_types)")
+        return [(i + 1) % pattern != 0 for i in range(n_layers)]
     return [True] * n_layers
 
 
@@ -264,6 +274,12 @@ def _attention(cfg: dict[str, Any], family: str, base: dict[str, Any]) -> None:
             residual_multiplier=float(_get(cfg, "residual_multiplier", 1.0)),
             logits_divisor=float(_get(cfg, "logits_scaling", 1.0)),
         )
+    elif family == "exaone_moe":
+        # Per-head q/k norms; with a window configured, the global layers attend without RoPE ("global NoPE").
+        base["qk_norm"] = True
+        if cfg.get("sliding_window", _WINDOW_DEFAULTS[family][0]) is not None:
+            sliding = base.get("sliding_layers") or []
+            base["nope_layers"] = [i for i in range(base["n_layers"]) if i not in sliding] or None
     elif family == "minimax_m2":
         base.update(qk_norm=True, qk_norm_scope="full")  # transformers normalises q and k whatever use_qk_norm says
     elif family == "dots1":
@@ -357,6 +373,17 @@ def _granite(cfg: dict[str, Any], n_layers: int, notes: list[str], family: str) 
     return out
 
 
+def _first_dense_layers(cfg: dict[str, Any], family: str) -> int:
+    """DeepSeek's first_k_dense_replace, or EXAONE-MoE's mlp_layer_types when given (a dense prefix only)."""
+    types = cfg.get("mlp_layer_types") if family == "exaone_moe" else None
+    if types is None:
+        return int(_get(cfg, "first_k_dense_replace", 0))
+    first = next((i for i, t in enumerate(types) if t != "dense"), len(types))
+    if any(t != "sparse" for t in types[first:]):
+        raise _unsupported("mlp_layer_types", types, "'dense' layers as a prefix, then 'sparse' ones")
+    return first
+
+
 def _deepseek(cfg: dict[str, Any], n_layers: int, notes: list[str], family: str) -> dict[str, Any]:
     if cfg.get("mlp_bias"):
         raise _unsupported("mlp_bias", True, "MLPs without biases")
@@ -370,7 +397,7 @@ def _deepseek(cfg: dict[str, Any], n_layers: int, notes: list[str], family: str)
         top_k=int(_get(cfg, "num_experts_per_tok")),
         moe_hidden_dim=int(_get(cfg, "moe_intermediate_size")),
         dense_hidden_dim=int(_get(cfg, "intermediate_size")),
-        first_dense_layers=int(_get(cfg, "first_k_dense_replace", 0)),
+        first_dense_layers=_first_dense_layers(cfg, family),
         moe_every=1,
         num_shared_experts=int(_get(cfg, "n_shared_experts", 0)),
         route_scale=float(_get(cfg, "routed_scaling_factor", 1.0)),
@@ -415,6 +442,7 @@ _ROUTING = {
     "deepseek_v3": _deepseek,
     "glm4_moe": _deepseek,  # DeepSeek-V3's routing (sigmoid, selection bias, groups) under GQA attention
     "dots1": _deepseek,  # likewise
+    "exaone_moe": _deepseek,  # likewise (GQA with per-head q/k norms, sliding layers, NoPE global layers)
     "minimax_m2": _mixtral,
 }
 
@@ -448,7 +476,8 @@ def map_config(cfg: dict[str, Any], max_seq_len: Optional[int] = None) -> Mapped
     family = family_of(cfg)
     notes: list[str] = []
     theta = {"mixtral": 1e6, "minimax_m2": 5e6}.get(family, 1e4)  # the transformers defaults
-    base = _common(cfg, theta, 1e-5 if family in ("mixtral", "olmoe", "glm4_moe") else 1e-6, max_seq_len)
+    eps = 1e-5 if family in ("mixtral", "olmoe", "glm4_moe", "exaone_moe") else 1e-6  # the transformers defaults
+    base = _common(cfg, theta, eps, max_seq_len)
     _attention(cfg, family, base)
     moe = _ROUTING[family](cfg, base["n_layers"], notes, family)
     interleaved = family == "deepseek_v2" or (family == "deepseek_v3" and bool(cfg.get("rope_interleave", True)))

@@ -14,20 +14,24 @@ these formats that expresses the model (or the one asked for):
 * GLM-4.5: DeepSeek-V3's routing (sigmoid scores, a selection bias, optional group-limited selection by
   top-2 sums, optional renormalisation and a route scale), ungated shared experts, a prefix of dense
   blocks, optional q/k/v biases and per-head q/k norms, RoPE over part of each head.
+* EXAONE-MoE: GLM-4.5's routing and blocks with per-head q/k norms, a sliding window on any layers (its
+  config requires one) and no RoPE on the layers without it.
 * DeepSeek-V3: the same routing and blocks under Multi-head Latent Attention (YaRN included), written with
   `rope_interleave=False` so that q and k rows need no permutation.
 * DeepSeek-V2: softmax top-k without renormalisation (a route scale, groups ranked by their best expert)
   with DeepSeek's blocks under latent attention; its RoPE pairs are interleaved, so the q and k rows are
   permuted back from sparsemoe's rotate-half pairs.
 All but the DeepSeek formats have GQA attention; all have gated experts and no capacity in evaluation; only
-the Granite formats hold multipliers other than 1, and only Mixtral and the Qwen formats a sliding window.
+the Granite formats hold multipliers other than 1, only Mixtral, the Qwen formats and EXAONE-MoE a sliding
+window, and only EXAONE-MoE layers without RoPE.
 A model none can express is refused with every format's reasons, never exported approximately. The
 weights are written in the layout of the published checkpoints (Mixtral's per-expert
 `block_sparse_moe.experts.{j}.w1/w2/w3`, Granite's stacked `block_sparse_moe.input_linear` and
 `output_linear`, the others' per-expert `mlp.experts.{j}.gate_proj/up_proj/down_proj`), which every
 transformers version loads (transformers 5 fuses them on load), or with `fused=True` in transformers 5's
 3-D layout. Tensors are written one at a time (see `sparsemoe.hf.io.write_safetensors`), sharded above
-`max_shard_bytes` with an index file; the selection bias stays float32 whatever `dtype` is.
+`max_shard_bytes` with an index file; the selection bias stays float32 whatever `dtype` is (EXAONE-MoE's
+own layout keeps it on the block, `mlp.e_score_correction_bias`; the others, and fused, on the gate).
 """
 
 from __future__ import annotations
@@ -50,40 +54,52 @@ from sparsemoe.model.config import SCALAR_MULTIPLIERS
 _HIDDEN_ACT = {"swiglu": "silu", "geglu": "gelu_pytorch_tanh"}
 
 
-def _shared_incompatibilities(
-    model: nn.Module, family: str, attention: str = "gqa", multipliers: bool = False, sliding: Optional[str] = None
-) -> list[str]:
-    """What no export format can hold, the attention (gqa or mla) that `family` has, Granite's multipliers
-    where `family` lacks them, and a sliding window beyond what `family` has (`sliding`, as _SoftmaxFormat)."""
+@dataclass(frozen=True)
+class _Format:
+    """What an export format can hold of the model around its routing; every format's checks read it."""
+
+    name: str  # as the reasons name it
+    attention: str = "gqa"  # gqa (grouped-query) or mla (DeepSeek's latent attention)
+    multipliers: bool = False  # Granite's embedding, attention, residual and logits multipliers
+    sliding: Optional[str] = None  # a sliding window: None (never), "all" (on every layer), "any" (any layers)
+    global_nope: bool = False  # with a window, the layers without it have no RoPE (EXAONE-MoE); else all have
+
+
+def _shared_incompatibilities(model: nn.Module, f: _Format) -> list[str]:
+    """What no export format can hold, and what format `f` lacks of the attention, multipliers and windows."""
     c = model.config
     problems = []
-    if c.sliding_window is not None and (sliding is None or (sliding == "all" and c.sliding_layers is not None)):
-        has = "no sliding window" if sliding is None else "a sliding window on every layer or on none"
-        problems.append(f"sliding_window={c.sliding_window}, sliding_layers={c.sliding_layers} ({family} has {has})")
-    if not multipliers:
+    if c.sliding_window is not None and (f.sliding is None or (f.sliding == "all" and c.sliding_layers is not None)):
+        has = "no sliding window" if f.sliding is None else "a sliding window on every layer or on none"
+        problems.append(f"sliding_window={c.sliding_window}, sliding_layers={c.sliding_layers} ({f.name} has {has})")
+    global_layers = [i for i in range(c.n_layers) if c.window_of(i) is None]
+    nope = (global_layers or None) if f.global_nope and c.sliding_window is not None else None
+    if c.nope_layers != nope:
+        has = "RoPE on every layer" if not f.global_nope else "RoPE exactly on the sliding-window layers, if any"
+        problems.append(f"nope_layers={c.nope_layers} ({f.name} has {has}: nope_layers={nope})")
+    if not f.multipliers:
         scaled = {name: getattr(c, name) for name in SCALAR_MULTIPLIERS if getattr(c, name) != 1.0}
         if c.attention_scale != c.head_dim**-0.5:
             scaled["attention_multiplier"] = c.attention_multiplier
         if scaled:
             settings = ", ".join(f"{k}={v}" for k, v in scaled.items())
-            problems.append(f"{settings} ({family} has no multipliers; the Granite formats have)")
-    if getattr(c, "attention", "gqa") != attention:
-        kind = "grouped-query attention" if attention == "gqa" else "Multi-head Latent Attention"
-        problems.append(f"attention={c.attention!r} ({family} has {kind}, attention={attention!r})")
+            problems.append(f"{settings} ({f.name} has no multipliers; the Granite formats have)")
+    if getattr(c, "attention", "gqa") != f.attention:
+        kind = "grouped-query attention" if f.attention == "gqa" else "Multi-head Latent Attention"
+        problems.append(f"attention={c.attention!r} ({f.name} has {kind}, attention={f.attention!r})")
     if c.activation not in _HIDDEN_ACT:
-        problems.append(f"activation={c.activation!r} ({family} experts are gated: swiglu or geglu)")
+        problems.append(f"activation={c.activation!r} ({f.name} experts are gated: swiglu or geglu)")
     if c.moe_config().capacity_factor_for(training=False) is not None:
         problems.append("a capacity in evaluation drops tokens (set eval_capacity_factor=float('inf'))")
     if c.noise == "gaussian":
-        problems.append(f"noise='gaussian' has learned noise weights {family} cannot hold")
+        problems.append(f"noise='gaussian' has learned noise weights {f.name} cannot hold")
     return problems
 
 
 @dataclass(frozen=True)
-class _SoftmaxFormat:
-    """What a softmax top-k format (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE) can hold besides its routing."""
+class _SoftmaxFormat(_Format):
+    """A softmax top-k format (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, Granite): what it holds besides routing."""
 
-    name: str  # as the reasons name it
     dense_blocks: bool = False  # dense blocks (Qwen's mlp_only_layers / decoder_sparse_step)
     shared_expert: Optional[str] = None  # None, or exactly one shared expert: "gated" by a sigmoid (Qwen2-MoE)
     #                                      or "ungated" (GraniteMoeShared)
@@ -91,13 +107,11 @@ class _SoftmaxFormat:
     qk_norm: Optional[str] = None  # the q/k norm every layer has: None, "head" or "full"
     renormalizes: bool = False  # the top-k weights are always renormalised (Mixtral)
     head_dim_from_width: bool = False  # head_dim must be dim / n_heads (OLMoE's k norm assumes it)
-    multipliers: bool = False  # Granite's embedding, attention, residual and logits multipliers
-    sliding: Optional[str] = None  # a sliding window: None (never), "all" (on every layer), "any" (any layers)
 
 
 def _softmax_incompatibilities(model: nn.Module, f: _SoftmaxFormat) -> list[str]:
     c = model.config
-    problems = _shared_incompatibilities(model, f.name, multipliers=f.multipliers, sliding=f.sliding)
+    problems = _shared_incompatibilities(model, f)
     if c.dense or (not f.dense_blocks and c.moe_layer_ids != list(range(c.n_layers))):
         problems.append("every block must be MoE (dense=False, first_dense_layers=0, moe_every=1)")
     if c.qkv_bias and not f.qkv_bias:
@@ -159,31 +173,42 @@ def mixtral_incompatibilities(model: nn.Module) -> list[str]:
 
 
 @dataclass(frozen=True)
-class _DeepSeekFormat:
+class _DeepSeekFormat(_Format):
     """A format with DeepSeek's blocks (ungated shared experts, a prefix of dense blocks) and its routing."""
 
-    name: str
-    attention: str  # gqa (GLM-4.5) or mla (DeepSeek)
-    score_func: str  # sigmoid (DeepSeek-V3, GLM-4.5) or softmax (DeepSeek-V2)
-    group_score: str  # how groups are ranked for group-limited selection
-    selection_bias: bool  # the router has e_score_correction_bias (and may renormalise); else it never renormalises
+    score_func: str = "sigmoid"  # sigmoid (DeepSeek-V3, GLM-4.5, EXAONE-MoE) or softmax (DeepSeek-V2)
+    group_score: str = "top2_sum"  # how groups are ranked for group-limited selection
+    selection_bias: bool = True  # the router has e_score_correction_bias (and may renormalise); else it never
+    #                              renormalises
+    exaone_attention: bool = False  # GQA with per-head q/k norms always, no biases, RoPE over whole heads, and
+    #                                 a sliding window (transformers' config requires one)
 
 
 _DEEPSEEK_FORMATS = {
-    "glm4_moe": _DeepSeekFormat("GLM-4.5", "gqa", "sigmoid", "top2_sum", selection_bias=True),
-    "deepseek_v3": _DeepSeekFormat("DeepSeek-V3", "mla", "sigmoid", "top2_sum", selection_bias=True),
-    "deepseek_v2": _DeepSeekFormat("DeepSeek-V2", "mla", "softmax", "max", selection_bias=False),
+    "glm4_moe": _DeepSeekFormat("GLM-4.5"),
+    "exaone_moe": _DeepSeekFormat("EXAONE-MoE", sliding="any", global_nope=True, exaone_attention=True),
+    "deepseek_v3": _DeepSeekFormat("DeepSeek-V3", attention="mla"),
+    "deepseek_v2": _DeepSeekFormat(
+        "DeepSeek-V2", attention="mla", score_func="softmax", group_score="max", selection_bias=False
+    ),
 }
 
 
 def _deepseek_incompatibilities(model: nn.Module, f: _DeepSeekFormat) -> list[str]:
     c = model.config
     name = f.name
-    problems = _shared_incompatibilities(model, name, f.attention)
+    problems = _shared_incompatibilities(model, f)
     if c.dense or c.moe_layer_ids != list(range(c.first_dense_layers, c.n_layers)):
         problems.append("the MoE blocks must follow a prefix of dense blocks (dense=False, moe_every=1)")
     if f.attention == "mla" and (c.qkv_bias or c.qk_norm):
         problems.append(f"qkv_bias={c.qkv_bias}, qk_norm={c.qk_norm} ({name}'s latent attention has neither)")
+    if f.exaone_attention and (c.qkv_bias or not c.qk_norm or c.rotary_dim != c.head_dim):
+        problems.append(
+            f"qkv_bias={c.qkv_bias}, qk_norm={c.qk_norm}, rotary_dim={c.rotary_dim} ({name} has no q/k/v "
+            f"biases, q/k norms per head, and RoPE over the whole head, head_dim={c.head_dim})"
+        )
+    if f.exaone_attention and c.sliding_window is None:
+        problems.append(f"sliding_window=None ({name}'s config needs a window; GLM-4.5 holds models without)")
     if c.qk_norm and c.qk_norm_scope != "head":
         problems.append(f"qk_norm_scope='full' ({name} normalises q and k per head)")
     if c.rope_scaling is not None and f.attention == "gqa":
@@ -381,6 +406,23 @@ def glm4_config_json(c, dtype: torch.dtype) -> dict[str, Any]:
     }
 
 
+def exaone_config_json(c, dtype: torch.dtype) -> dict[str, Any]:
+    """EXAONE-MoE: DeepSeek-V3's routing (its own key names for the expert counts), per-head q/k norms, the
+    sliding layers as layer_types (the others attend without RoPE when there is a window)."""
+    routing = _deepseek_routing_json(c)
+    routing["num_experts"] = routing.pop("n_routed_experts")
+    routing["num_shared_experts"] = routing.pop("n_shared_experts")
+    return {
+        "architectures": ["ExaoneMoeForCausalLM"],
+        "model_type": "exaone_moe",
+        "sliding_window": c.sliding_window,
+        "layer_types": ["sliding_attention" if c.window_of(i) else "full_attention" for i in range(c.n_layers)],
+        "mlp_layer_types": ["sparse" if c.is_moe_layer(i) else "dense" for i in range(c.n_layers)],
+        **routing,
+        **_config_json_common(c, dtype),
+    }
+
+
 def deepseek_config_json(c, dtype: torch.dtype, family: str) -> dict[str, Any]:
     """DeepSeek-V3 (sigmoid routing, selection bias) or DeepSeek-V2 (softmax routing): latent attention."""
     out = _config_json_common(c, dtype)
@@ -416,11 +458,12 @@ _CONFIG_JSON = {
     "granitemoe": partial(granite_config_json, family="granitemoe"),
     "granitemoeshared": partial(granite_config_json, family="granitemoeshared"),
     "glm4_moe": glm4_config_json,
+    "exaone_moe": exaone_config_json,
     "deepseek_v3": partial(deepseek_config_json, family="deepseek_v3"),
     "deepseek_v2": partial(deepseek_config_json, family="deepseek_v2"),
 }
 # Written in its own dtype (float32): the selection bias is compared across experts at full precision.
-_KEEP_DTYPE = (".gate.e_score_correction_bias",)
+_KEEP_DTYPE = (".e_score_correction_bias",)
 
 
 def _stored_bytes(name: str, t: torch.Tensor, dtype: torch.dtype) -> int:
@@ -462,7 +505,9 @@ def export_hf(
     c = model.config
     dtype = dtype or model.embed.weight.dtype
     block = "block_sparse_moe" if family == "mixtral" and not fused else "mlp"
-    layout = Layout(prefix="model.", mixtral_block=block, fused_experts=fused)
+    # EXAONE-MoE's own checkpoints hold the selection bias on the block; transformers 5's on the gate.
+    on_block = family == "exaone_moe" and not fused
+    layout = Layout(prefix="model.", mixtral_block=block, fused_experts=fused, bias_on_block=on_block)
     state = model.state_dict()
     items = []
     # DeepSeek-V2 pairs RoPE dims interleaved: its q and k rows are permuted back from rotate-half.

@@ -120,6 +120,8 @@ def load_hf(
             f"tensors of layers beyond num_hidden_layers={config.n_layers} (DeepSeek's multi-token-prediction "
             "module) are not loaded; transformers skips them too"
         )
+    if any(k.startswith("mtp.") for k in skipped):
+        mapped.notes.append("the multi-token-prediction module (mtp.*) is not loaded; transformers skips it too")
     # Empty tensors carry nothing: transformers writes a zero-width shared MLP for GLM-4.5 without shared experts.
     unexpected = sorted(k for k in files.keys() - used - set(skipped) if math.prod(files.shape(k)) > 0)
     if config.tie_embeddings and "lm_head.weight" in unexpected:

@@ -7,15 +7,16 @@
 No weight is copied: the sparsemoe layer's `router.weight`, `experts.w_in` and `experts.w_out` are the
 very Parameter objects of the Hugging Face block (`gate.weight`, Granite's `router.weight`,
 `experts.gate_up_proj` [E, 2F, D], `experts.down_proj` [E, D, F], the same layout), and the
-`e_score_correction_bias` of DeepSeek-V3, GLM-4.5, dots.llm1 and MiniMax-M2 becomes the layer's
-`router.expert_bias`. Shared experts stay the Hugging Face modules, called as before (GraniteMoeShared's
-shared MLP sits beside the block and is left alone). So an optimizer built before or after patching trains
-the same tensors.
+`e_score_correction_bias` of DeepSeek-V3, GLM-4.5, dots.llm1, EXAONE-MoE and MiniMax-M2 becomes the
+layer's `router.expert_bias`. Shared experts stay the Hugging Face modules, called as before
+(GraniteMoeShared's shared MLP sits beside the block and is left alone). So an optimizer built before or
+after patching trains the same tensors.
 
 Supported blocks (transformers 5 fused expert tensors): MixtralSparseMoeBlock, Qwen2MoeSparseMoeBlock,
 Qwen3MoeSparseMoeBlock, OlmoeSparseMoeBlock, GraniteMoeMoE, GraniteMoeSharedMoE, DeepseekV2Moe,
-DeepseekV3MoE, Glm4MoeMoE, Dots1MoE, MiniMaxM2SparseMoeBlock. Older transformers keep one nn.Linear per
-expert; those cannot be stacked without a copy, and are reported as not patched.
+DeepseekV3MoE, Glm4MoeMoE, Dots1MoE, ExaoneMoeSparseMoEBlock, MiniMaxM2SparseMoeBlock. Older
+transformers keep one nn.Linear per expert; those cannot be stacked without a copy, and are reported as
+not patched.
 
 Behaviour differences, all outside inference: the patched layers add no balancing loss unless
 `aux_loss_coef` is given (transformers computes its own from router logits, which patched blocks do not
@@ -54,6 +55,7 @@ SUPPORTED_BLOCKS = {
     "DeepseekV3MoE": _Block("deepseek_v3", "shared_experts"),
     "Glm4MoeMoE": _Block("glm4_moe", "shared_experts"),
     "Dots1MoE": _Block("dots1", "shared_experts"),
+    "ExaoneMoeSparseMoEBlock": _Block("exaone_moe", "shared_experts"),
     "MiniMaxM2SparseMoeBlock": _Block("minimax_m2"),
 }
 

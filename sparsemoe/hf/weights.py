@@ -12,7 +12,9 @@ Expert layouts accepted when loading (transformers writes either, see `save_orig
                  [E, D, F], router `router.layer.weight` (transformers 5 renames them to the fused names,
                  router `router.weight`)
 Mixtral's (and MiniMax-M2's) MoE block is `block_sparse_moe` in original checkpoints and `mlp` in
-transformers 5's fused layout; Granite's is `block_sparse_moe` in both, its shared MLP `shared_mlp`.
+transformers 5's fused layout; Granite's is `block_sparse_moe` in both, its shared MLP `shared_mlp`. The
+selection bias `e_score_correction_bias` sits on the router (`mlp.gate.`), on the block for MiniMax-M2,
+and on the block in EXAONE-MoE's own checkpoints (`mlp.`; transformers 5 moves it to the gate).
 """
 
 from __future__ import annotations
@@ -69,6 +71,7 @@ class Layout:
     prefix: str = "model."  # "model." for *ForCausalLM checkpoints, "" for bare *Model ones
     mixtral_block: str = "block_sparse_moe"  # Mixtral's MoE module name: block_sparse_moe | mlp
     fused_experts: bool = False  # 3-D gate_up_proj/down_proj instead of per-expert tensors
+    bias_on_block: bool = False  # EXAONE-MoE's own checkpoints: the selection bias on the block, not its gate
 
 
 def layout_name(layout: Layout, family: str) -> str:
@@ -83,7 +86,8 @@ def detect_layout(keys: set[str], family: str) -> Layout:
     prefix = "model." if any(k.startswith("model.layers.") or k == "model.embed_tokens.weight" for k in keys) else ""
     fused = any(k.endswith(".experts.gate_up_proj") for k in keys)
     block = "mlp" if family in _MIXTRAL_NAMES and any(".mlp." in k for k in keys) else "block_sparse_moe"
-    return Layout(prefix=prefix, mixtral_block=block, fused_experts=fused)
+    bias_on_block = any(k.endswith(".mlp.e_score_correction_bias") for k in keys)
+    return Layout(prefix=prefix, mixtral_block=block, fused_experts=fused, bias_on_block=bias_on_block)
 
 
 def _experts(src: str, dst: str, family: str, E: int, F: int, fused: bool) -> list[Piece]:
@@ -171,8 +175,8 @@ def _moe_block(src: str, dst: str, mapped: MappedConfig, layout: Layout) -> list
         src = src.rsplit(".", 1)[0] + "." + layout.mixtral_block
     pieces = [Piece(f"{src}.gate.weight", f"{dst}.router.weight")]
     pieces += _experts(f"{src}.experts", f"{dst}.experts", family, E, F, layout.fused_experts)
-    if family in SELECTION_BIAS_FAMILIES:
-        owner = src if family == "minimax_m2" else f"{src}.gate"  # MiniMax-M2 keeps it on the block
+    if family in SELECTION_BIAS_FAMILIES:  # on the router, or on the block (MiniMax-M2, EXAONE-MoE's own layout)
+        owner = src if family == "minimax_m2" or (family == "exaone_moe" and layout.bias_on_block) else f"{src}.gate"
         pieces.append(Piece(f"{owner}.e_score_correction_bias", f"{dst}.router.expert_bias"))
     if c.num_shared_experts:
         Fs = c.shared_hidden_dim or c.num_shared_experts * F
@@ -204,8 +208,9 @@ def model_pieces(mapped: MappedConfig, layout: Layout) -> list[Piece]:
 
 
 def ignorable(key: str, n_layers: int, prefix: str) -> bool:
-    """Checkpoint keys that carry nothing the model needs: cached RoPE tables, DeepSeek's extra MTP layers."""
-    if key.endswith("rotary_emb.inv_freq"):
+    """Checkpoint keys that carry nothing the model needs: cached RoPE tables, multi-token-prediction modules
+    (DeepSeek's extra layers past n_layers, EXAONE-MoE's `mtp.`)."""
+    if key.endswith("rotary_emb.inv_freq") or key.startswith("mtp."):
         return True
     head = f"{prefix}layers."
     if key.startswith(head):

@@ -4,7 +4,8 @@ Legend: B batch, S new positions, P cached positions before them, H query heads,
 Hd head width, D model width.
 
 Layers with a sliding window (ModelConfig.sliding_window, on the layers of sliding_layers) see only the
-last `window` keys up to each position; the KV cache still keeps every position.
+last `window` keys up to each position; the KV cache still keeps every position. Layers in
+ModelConfig.nope_layers attend without positions (NoPE): the causal mask is their only order.
 
 RoPE uses the "rotate half" layout (the first and second halves of each head are the pair), the layout
 of Hugging Face's Llama/Mixtral/Qwen checkpoints, so their q/k weights load without a permutation.
@@ -129,6 +130,7 @@ class Attention(nn.Module):
         # The q.k softmax scale; None: SDPA's own 1/sqrt(head_dim).
         self.scale = None if config.attention_multiplier is None else float(config.attention_multiplier)
         self.window = config.window_of(layer_id)  # None: full causal attention
+        self.rope = config.nope_layers is None or layer_id not in config.nope_layers  # False: NoPE
 
     def forward(self, x_BSD: Tensor, cos_Sd: Tensor, sin_Sd: Tensor, cache: Optional[KVCache] = None) -> Tensor:
         B, S, _ = x_BSD.shape
@@ -140,7 +142,8 @@ class Attention(nn.Module):
         v = self.v_proj(x_BSD).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if self.q_norm is not None and not self.norm_full_width:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos_Sd, sin_Sd), apply_rope(k, cos_Sd, sin_Sd)
+        if self.rope:
+            q, k = apply_rope(q, cos_Sd, sin_Sd), apply_rope(k, cos_Sd, sin_Sd)
 
         past = 0
         if cache is not None:

@@ -68,6 +68,7 @@ class ModelConfig:
     max_seq_len: int = 256  # longest sequence the model takes (RoPE table, KV cache); >= 1
     sliding_window: Optional[int] = None  # position i attends to keys i-window+1..i; None = all before it; >= 1
     sliding_layers: Optional[list] = None  # layers (0-based) that use sliding_window; None = every layer
+    nope_layers: Optional[list] = None  # layers (0-based) whose attention has no RoPE (NoPE); None = none; gqa only
     dropout: float = 0.0  # dropout on attention weights and residual branches (training only); [0, 1)
     rope_theta: float = 10000.0  # RoPE base; > 0 (Mixtral 1e6)
     rope_scaling: Optional[dict] = None  # None (plain RoPE) or YaRN: {"type": "yarn", "factor": > 0,
@@ -171,6 +172,10 @@ class ModelConfig:
         if self.attention not in ("gqa", "mla"):
             _fail("attention", self.attention, "'gqa' or 'mla'")
         self._check_sliding_window()
+        if self.nope_layers is not None:
+            self.nope_layers = _layer_list(self, "nope_layers") or None  # [] = every layer has RoPE = None
+            if self.attention == "mla" and self.nope_layers:
+                _fail("nope_layers", self.nope_layers, "None with mla (latent attention's keys carry RoPE)")
         scale = self.attention_multiplier
         if scale is not None and (not _number(scale) or scale <= 0 or math.isinf(scale)):
             _fail("attention_multiplier", scale, "None (1/sqrt(head_dim)) or a finite number > 0")
@@ -204,17 +209,11 @@ class ModelConfig:
         _int_at_least("sliding_window", self.sliding_window, 1)
         if self.attention == "mla":
             _fail("sliding_window", self.sliding_window, "None with mla (latent attention attends to every position)")
-        if self.sliding_layers is None:
-            return
-        layers = self.sliding_layers
-        accepted = f"None or a list of distinct layer indices in [0, {self.n_layers})"
-        if not isinstance(layers, (list, tuple)) or any(
-            isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < self.n_layers for i in layers
-        ):
-            _fail("sliding_layers", layers, accepted)
-        if len(set(layers)) != len(layers):
-            _fail("sliding_layers", layers, accepted)
-        self.sliding_layers = None if len(layers) == self.n_layers else sorted(layers)
+        if self.sliding_layers is not None:
+            layers = _layer_list(self, "sliding_layers")
+            if not layers:
+                _fail("sliding_layers", layers, "at least one layer (or sliding_window=None)")
+            self.sliding_layers = None if len(layers) == self.n_layers else layers
 
     # --- derived -----------------------------------------------------------------------------------------
     def window_of(self, layer: int) -> Optional[int]:
@@ -309,6 +308,17 @@ def preset(name: str, **overrides: Any) -> ModelConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown model preset {name!r}; accepted: {', '.join(PRESETS)}")
     return ModelConfig(**{**PRESETS[name], **overrides})
+
+
+def _layer_list(config: ModelConfig, name: str) -> list[int]:
+    """The field `name`, a collection of distinct layer indices, as a sorted list (ValueError otherwise)."""
+    layers = getattr(config, name)
+    valid = isinstance(layers, (list, tuple)) and all(
+        not isinstance(i, bool) and isinstance(i, int) and 0 <= i < config.n_layers for i in layers
+    )
+    if not valid or len(set(layers)) != len(layers):
+        _fail(name, layers, f"None or a list of distinct layer indices in [0, {config.n_layers})")
+    return sorted(layers)
 
 
 def _fail(name: str, value: Any, accepted: str) -> None:
