@@ -178,14 +178,6 @@ SOFTMAX_MODELS = {
 }
 
 
-@pytest.mark.parametrize("family", list(SOFTMAX_MODELS))
-def test_softmax_formats_export_load_in_transformers_and_round_trip_exactly(family, tmp_path):
-    model = tiny_model(**SOFTMAX_MODELS[family])
-    export_hf(model, tmp_path / "hf")  # auto
-    assert json.loads((tmp_path / "hf" / "config.json").read_text())["model_type"] == family
-    _matches_in_transformers_and_round_trips(model, tmp_path)
-
-
 # Sliding windows (of 5, shorter than the 12 positions compared): Mixtral and Qwen3-MoE on every layer,
 # Qwen2-MoE on any layers (written as layer_types).
 SLIDING_MODELS = {
@@ -193,11 +185,14 @@ SLIDING_MODELS = {
     "qwen2_moe": dict(SOFTMAX_MODELS["qwen2_moe"], sliding_window=5, sliding_layers=[0, 2]),
     "qwen3_moe": dict(SOFTMAX_MODELS["qwen3_moe"], sliding_window=5),
 }
+AUTO_EXPORTS = list(SOFTMAX_MODELS.items()) + list(SLIDING_MODELS.items())
 
 
-@pytest.mark.parametrize("family", list(SLIDING_MODELS))
-def test_sliding_window_exports_load_in_transformers_and_round_trip_exactly(family, tmp_path):
-    model = tiny_model(**SLIDING_MODELS[family])
+@pytest.mark.parametrize(
+    "family,settings", AUTO_EXPORTS, ids=list(SOFTMAX_MODELS) + [f"{f}-sliding" for f in SLIDING_MODELS]
+)
+def test_softmax_formats_export_load_in_transformers_and_round_trip_exactly(family, settings, tmp_path):
+    model = tiny_model(**settings)
     export_hf(model, tmp_path / "hf")  # auto
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["model_type"] == family
     _matches_in_transformers_and_round_trips(model, tmp_path)

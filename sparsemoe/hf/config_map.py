@@ -1,9 +1,9 @@
 """Hugging Face `config.json` -> sparsemoe `ModelConfig`, per model family.
 
 Supported families (`model_type`): mixtral, qwen2_moe, qwen3_moe, olmoe, granitemoe, granitemoeshared,
-deepseek_v2, deepseek_v3, glm4_moe, dots1, exaone_moe, minimax_m2. The config is read as plain JSON, so loading and
-converting need no `transformers` install; defaults for keys a config leaves out are those of the
-transformers config classes.
+deepseek_v2, deepseek_v3, glm4_moe, dots1, exaone_moe, minimax_m2. The config is read as plain JSON, so
+loading and converting need no `transformers` install; defaults for keys a config leaves out are those of
+the transformers config classes.
 
 How each family routes, and the MoEConfig fields it maps to:
 
@@ -49,7 +49,7 @@ FAMILIES = (
 )  # fmt: skip
 GRANITE_FAMILIES = ("granitemoe", "granitemoeshared")
 # Families whose MoE block holds a selection bias (`e_score_correction_bias`), DeepSeek-V3 style: on the
-# router (`gate.`), or on the block itself for MiniMax-M2.
+# router (`gate.`), or on the block itself for MiniMax-M2 (and in EXAONE-MoE's own checkpoints).
 SELECTION_BIAS_FAMILIES = ("deepseek_v3", "glm4_moe", "dots1", "exaone_moe", "minimax_m2")
 
 # Expert activations: Hugging Face hidden_act -> sparsemoe activation (both gated).
@@ -213,7 +213,7 @@ _WINDOW_DEFAULTS = {
 
 def _sliding_layers(cfg: dict[str, Any], family: str, n_layers: int) -> list[bool]:
     """Which layers slide: config.json's layer_types where the family's transformers code reads them (Qwen2-MoE,
-    dots1), else as transformers derives them."""
+    dots1, EXAONE-MoE), else as transformers derives them."""
     types = cfg.get("layer_types") if family in ("qwen2_moe", "dots1", "exaone_moe") else None
     if types is not None:
         if len(types) != n_layers or not set(types) <= {"full_attention", "sliding_attention"}:

@@ -292,6 +292,11 @@ def _config_json_common(c, dtype: torch.dtype) -> dict[str, Any]:
     }
 
 
+def _layer_types(c) -> list[str]:
+    """transformers' spelling of which layers slide a window."""
+    return ["sliding_attention" if c.window_of(i) else "full_attention" for i in range(c.n_layers)]
+
+
 def mixtral_config_json(c, dtype: torch.dtype) -> dict[str, Any]:
     jitter = c.noise_eps if c.noise == "jitter" else 0.0
     return {
@@ -325,8 +330,7 @@ def qwen_moe_config_json(c, dtype: torch.dtype, family: str) -> dict[str, Any]:
     """Qwen2-MoE (one gated shared expert, optional q/k/v biases) or Qwen3-MoE (per-head q/k norms)."""
     if family == "qwen2_moe":
         specific = {"shared_expert_intermediate_size": c.moe_config().shared_dim, "qkv_bias": c.qkv_bias}
-        kinds = ["sliding_attention" if c.window_of(i) else "full_attention" for i in range(c.n_layers)]
-        specific["layer_types"] = kinds  # which layers slide (transformers 5 reads it)
+        specific["layer_types"] = _layer_types(c)  # which layers slide (transformers 5 reads it)
     else:
         specific = {"attention_bias": False}
     return {
@@ -416,7 +420,7 @@ def exaone_config_json(c, dtype: torch.dtype) -> dict[str, Any]:
         "architectures": ["ExaoneMoeForCausalLM"],
         "model_type": "exaone_moe",
         "sliding_window": c.sliding_window,
-        "layer_types": ["sliding_attention" if c.window_of(i) else "full_attention" for i in range(c.n_layers)],
+        "layer_types": _layer_types(c),
         "mlp_layer_types": ["sparse" if c.is_moe_layer(i) else "dense" for i in range(c.n_layers)],
         **routing,
         **_config_json_common(c, dtype),
