@@ -166,6 +166,7 @@ SOFTMAX_MODELS = {
     ),
     "qwen3_moe": dict(n_layers=4, moe_every=2, qk_norm=True, head_dim=16, tie_embeddings=True, z_loss_coef=1e-3),
     "olmoe": dict(qk_norm=True, qk_norm_scope="full", renormalize=False, top_k=3),
+    "flex_olmo": dict(qk_norm=True, qk_norm_scope="full", norm_placement="post", head_dim=16),
     "granitemoe": dict(
         embedding_multiplier=3.0, attention_multiplier=0.3, residual_multiplier=0.5, logits_divisor=2.5,
         score_order="after_topk",

@@ -80,6 +80,12 @@ FAMILIES = {
         "OlmoeForCausalLM",
         dict(intermediate_size=16, num_experts=6, num_experts_per_tok=3, norm_topk_prob=False),
     ),
+    "flex_olmo": (
+        "FlexOlmoConfig",
+        "FlexOlmoForCausalLM",
+        dict(intermediate_size=16, num_experts=6, num_experts_per_tok=2, norm_topk_prob=True, pad_token_id=0,
+             eos_token_id=1),
+    ),
     # Granite's multipliers away from 1, so that dropping any of them fails the logits test.
     "granitemoe": (
         "GraniteMoeConfig",
@@ -204,6 +210,7 @@ CASES = [
     ("qwen3_moe", False),
     ("olmoe", True),
     ("olmoe", False),
+    ("flex_olmo", True),
     ("granitemoe", True),
     ("granitemoe", False),
     ("granitemoeshared", True),
@@ -249,6 +256,10 @@ def test_routing_fields_per_family(tmp_path):
         "qwen3_moe": dict(score_func="softmax", renormalize=True, qk_norm=True, qk_norm_scope="head", moe_layers=[1]),
         "olmoe": dict(
             score_func="softmax", renormalize=False, qk_norm=True, qk_norm_scope="full", moe_layers=[0, 1, 2]
+        ),
+        "flex_olmo": dict(
+            score_func="softmax", renormalize=True, qk_norm=True, qk_norm_scope="full", norm_placement="post",
+            moe_layers=[0, 1, 2],
         ),
         "granitemoe": dict(
             score_func="softmax", score_order="after_topk", num_shared_experts=0, moe_layers=[0, 1, 2],

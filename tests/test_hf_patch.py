@@ -33,6 +33,7 @@ def test_patched_model_matches_original_and_shares_weights(family):
             "Qwen2MoeSparseMoeBlock",
             "Qwen3MoeSparseMoeBlock",
             "OlmoeSparseMoeBlock",
+            "FlexOlmoSparseMoeBlock",
             "GraniteMoeMoE",
             "GraniteMoeSharedMoE",
             "DeepseekV2Moe",
@@ -106,18 +107,17 @@ def test_report_says_what_was_not_patched_and_why():
 
 
 def test_unsupported_model_type_is_reported():
-    config = transformers.FlexOlmoConfig(
+    config = transformers.HunYuanMoEV1Config(
         vocab_size=VOCAB,
         hidden_size=32,
         num_hidden_layers=2,
         num_attention_heads=4,
         intermediate_size=16,
         num_experts=4,
-        num_experts_per_tok=2,
-        pad_token_id=0,
-        eos_token_id=1,
+        moe_topk=2,
+        head_dim=8,
     )
-    hf = transformers.FlexOlmoForCausalLM(config).eval()
+    hf = transformers.HunYuanMoEV1ForCausalLM(config).eval()
     report = patch_hf_model(hf)
     assert not report.patched and len(report.skipped) == 2  # every MoE block, each with the reason
-    assert all("model_type 'flex_olmo' is not supported" in e.reason for e in report.skipped)
+    assert all("model_type 'hunyuan_v1_moe' is not supported" in e.reason for e in report.skipped)

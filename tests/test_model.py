@@ -53,6 +53,7 @@ def test_presets_build_and_mixtral_has_mixtral_shape():
         ("sliding_window", 0, "ModelConfig.sliding_window=0"),
         ("sliding_layers", [0], "expected None when sliding_window is None"),
         ("nope_layers", [2], "a list of distinct layer indices"),
+        ("norm_placement", "sandwich", "ModelConfig.norm_placement='sandwich'"),
     ],
 )
 def test_config_errors_name_the_field(field, value, expected):
@@ -221,7 +222,7 @@ def test_bf16_autocast_forward_backward():
         {"n_kv_heads": 1, "qkv_bias": True, "qk_norm": True, "tie_embeddings": True, "first_dense_layers": 1},
         {"embedding_multiplier": 2.0, "attention_multiplier": 0.2, "residual_multiplier": 0.6, "logits_divisor": 3.0},
         {"sliding_window": 5},  # shorter than the prompt, the chunk and the sequence
-        {"sliding_window": 9, "sliding_layers": [1], "n_kv_heads": 1, "nope_layers": [1]},
+        {"sliding_window": 9, "sliding_layers": [1], "n_kv_heads": 1, "nope_layers": [1], "norm_placement": "post"},
     ],
 )
 def test_cached_logits_match_full_forward(overrides):
@@ -275,6 +276,23 @@ def test_nope_layers_attend_without_positions():
     with torch.no_grad():
         torch.testing.assert_close(nope(swapped).logits[:, -1], nope(ids).logits[:, -1], rtol=1e-5, atol=1e-5)
         assert (rope(swapped).logits[:, -1] - rope(ids).logits[:, -1]).abs().max() > 1e-3
+
+
+def test_post_norm_blocks_normalise_each_branch_output():
+    """norm_placement="post" (OLMo 2): x + norm(attn(x)), then x + norm(mlp(x)), written out by hand."""
+    torch.manual_seed(0)
+    model = MoETransformer(tiny(n_layers=1, norm_placement="post")).eval()
+    block = model.layers[0]
+    ids = torch.randint(0, 256, (2, 7))
+    with torch.no_grad():
+        x = model.embed(ids)
+        x = x + block.attn_norm(block.attn(x, model.rope_cos[:7], model.rope_sin[:7], None))
+        x = x + block.ffn_norm(block.ffn(x))
+        expected = model.lm_head(model.norm(x))
+        torch.testing.assert_close(model(ids).logits, expected)
+        pre = MoETransformer(tiny(n_layers=1)).eval()
+        pre.load_state_dict(model.state_dict())
+        assert (pre(ids).logits - expected).abs().max() > 1e-3
 
 
 def test_greedy_generation_with_and_without_cache_agree():

@@ -1,9 +1,9 @@
 """Hugging Face `config.json` -> sparsemoe `ModelConfig`, per model family.
 
-Supported families (`model_type`): mixtral, qwen2_moe, qwen3_moe, olmoe, granitemoe, granitemoeshared,
-deepseek_v2, deepseek_v3, glm4_moe, dots1, exaone_moe, minimax_m2. The config is read as plain JSON, so
-loading and converting need no `transformers` install; defaults for keys a config leaves out are those of
-the transformers config classes.
+Supported families (`model_type`): mixtral, qwen2_moe, qwen3_moe, olmoe, flex_olmo, granitemoe,
+granitemoeshared, deepseek_v2, deepseek_v3, glm4_moe, dots1, exaone_moe, minimax_m2. The config is read as
+plain JSON, so loading and converting need no `transformers` install; defaults for keys a config leaves
+out are those of the transformers config classes.
 
 How each family routes, and the MoEConfig fields it maps to:
 
@@ -13,6 +13,7 @@ How each family routes, and the MoEConfig fields it maps to:
 | qwen2_moe   | softmax | top-k                            | renormalised iff norm_topk_prob   | 1, sigmoid-gated |
 | qwen3_moe   | softmax | top-k                            | renormalised iff norm_topk_prob   | none             |
 | olmoe       | softmax | top-k                            | renormalised iff norm_topk_prob   | none             |
+| flex_olmo   | as olmoe (FlexOlmo: OLMo 2's blocks, each branch's output normalised: norm_placement="post")      |
 | granitemoe  | softmax | top-k logits, softmax over those | (so always renormalised)          | none             |
 | granitemoeshared | as granitemoe                       |                                   | 1, ungated       |
 | deepseek_v2 | softmax | top-k, or groups ranked by max   | x routed_scaling_factor           | n_shared_experts |
@@ -44,8 +45,8 @@ from sparsemoe.hf.io import HFFormatError
 from sparsemoe.model.mla import YARN_KEYS
 
 FAMILIES = (
-    "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "granitemoeshared", "deepseek_v2", "deepseek_v3",
-    "glm4_moe", "dots1", "exaone_moe", "minimax_m2",
+    "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "flex_olmo", "granitemoe", "granitemoeshared", "deepseek_v2",
+    "deepseek_v3", "glm4_moe", "dots1", "exaone_moe", "minimax_m2",
 )  # fmt: skip
 GRANITE_FAMILIES = ("granitemoe", "granitemoeshared")
 # Families whose MoE block holds a selection bias (`e_score_correction_bias`), DeepSeek-V3 style: on the
@@ -254,14 +255,17 @@ def _attention(cfg: dict[str, Any], family: str, base: dict[str, Any]) -> None:
         if cfg.get("attention_bias"):
             raise _unsupported("attention_bias", True, "attention without biases (qwen3_moe also biases o_proj)")
         base["qk_norm"] = True
-    elif family == "olmoe":
+    elif family in ("olmoe", "flex_olmo"):
         if cfg.get("attention_bias"):
-            raise _unsupported("attention_bias", True, "attention without biases (olmoe also biases o_proj)")
-        if cfg.get("clip_qkv") is not None:
-            raise _unsupported("clip_qkv", cfg["clip_qkv"], "None (no clamping of q, k and v)")
-        # OLMoE normalises the whole q and k projections, its k norm sized for heads of hidden_size / heads.
-        if base["head_dim"] not in (None, base["dim"] // base["n_heads"]):
-            raise _unsupported("head_dim", base["head_dim"], "hidden_size / num_attention_heads for olmoe")
+            raise _unsupported("attention_bias", True, f"attention without biases ({family} also biases o_proj)")
+        if family == "olmoe":
+            if cfg.get("clip_qkv") is not None:
+                raise _unsupported("clip_qkv", cfg["clip_qkv"], "None (no clamping of q, k and v)")
+            # OLMoE normalises the whole q and k projections, its k norm sized for heads of hidden_size / heads.
+            if base["head_dim"] not in (None, base["dim"] // base["n_heads"]):
+                raise _unsupported("head_dim", base["head_dim"], "hidden_size / num_attention_heads for olmoe")
+        else:
+            base["norm_placement"] = "post"  # FlexOlmo has OLMo 2's blocks: each branch's output is normalised
         base.update(qk_norm=True, qk_norm_scope="full")
     elif family == "glm4_moe":
         base.update(qkv_bias=bool(_get(cfg, "attention_bias", False)), qk_norm=bool(_get(cfg, "use_qk_norm", False)))
@@ -436,6 +440,7 @@ _ROUTING = {
     "qwen2_moe": _qwen,
     "qwen3_moe": _qwen,
     "olmoe": _olmoe,
+    "flex_olmo": _olmoe,
     "granitemoe": _granite,
     "granitemoeshared": _granite,
     "deepseek_v2": _deepseek,

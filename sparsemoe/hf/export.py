@@ -8,6 +8,7 @@ these formats that expresses the model (or the one asked for):
 * Qwen3-MoE: softmax top-k, no shared experts, dense blocks as Qwen2-MoE, q/k norms per head, a sliding
   window on every layer or on none.
 * OLMoE: softmax top-k, every block MoE, no shared experts, q/k norms over the whole projections.
+* FlexOlmo: the same in OLMo 2's blocks, whose norms act on each branch's output (norm_placement="post").
 * Granite-MoE: softmax over the top-k logits (renormalised top-k), every block MoE, no shared experts,
   and Granite's scalar multipliers (embedding, attention, residual, logits).
 * GraniteMoeShared: the same with one ungated shared expert of any width.
@@ -23,7 +24,7 @@ these formats that expresses the model (or the one asked for):
   permuted back from sparsemoe's rotate-half pairs.
 All but the DeepSeek formats have GQA attention; all have gated experts and no capacity in evaluation; only
 the Granite formats hold multipliers other than 1, only Mixtral, the Qwen formats and EXAONE-MoE a sliding
-window, and only EXAONE-MoE layers without RoPE.
+window, only EXAONE-MoE layers without RoPE, and only FlexOlmo post-norm blocks.
 A model none can express is refused with every format's reasons, never exported approximately. The
 weights are written in the layout of the published checkpoints (Mixtral's per-expert
 `block_sparse_moe.experts.{j}.w1/w2/w3`, Granite's stacked `block_sparse_moe.input_linear` and
@@ -63,6 +64,7 @@ class _Format:
     multipliers: bool = False  # Granite's embedding, attention, residual and logits multipliers
     sliding: Optional[str] = None  # a sliding window: None (never), "all" (on every layer), "any" (any layers)
     global_nope: bool = False  # with a window, the layers without it have no RoPE (EXAONE-MoE); else all have
+    norm_placement: str = "pre"  # the blocks' norms: on each branch's input (pre) or output (post, OLMo 2)
 
 
 def _shared_incompatibilities(model: nn.Module, f: _Format) -> list[str]:
@@ -72,6 +74,8 @@ def _shared_incompatibilities(model: nn.Module, f: _Format) -> list[str]:
     if c.sliding_window is not None and (f.sliding is None or (f.sliding == "all" and c.sliding_layers is not None)):
         has = "no sliding window" if f.sliding is None else "a sliding window on every layer or on none"
         problems.append(f"sliding_window={c.sliding_window}, sliding_layers={c.sliding_layers} ({f.name} has {has})")
+    if c.norm_placement != f.norm_placement:
+        problems.append(f"norm_placement={c.norm_placement!r} ({f.name}: {f.norm_placement!r})")
     global_layers = [i for i in range(c.n_layers) if c.window_of(i) is None]
     nope = (global_layers or None) if f.global_nope and c.sliding_window is not None else None
     if c.nope_layers != nope:
@@ -160,6 +164,7 @@ _SOFTMAX_FORMATS = {
     ),
     "qwen3_moe": _SoftmaxFormat("Qwen3-MoE", dense_blocks=True, qk_norm="head", sliding="all"),
     "olmoe": _SoftmaxFormat("OLMoE", qk_norm="full", head_dim_from_width=True),
+    "flex_olmo": _SoftmaxFormat("FlexOlmo", qk_norm="full", norm_placement="post"),
     "granitemoe": _SoftmaxFormat("Granite-MoE", renormalizes=True, multipliers=True),
     "granitemoeshared": _SoftmaxFormat(
         "GraniteMoeShared", renormalizes=True, multipliers=True, shared_expert="ungated"
@@ -347,13 +352,16 @@ def qwen_moe_config_json(c, dtype: torch.dtype, family: str) -> dict[str, Any]:
     }
 
 
-def olmoe_config_json(c, dtype: torch.dtype) -> dict[str, Any]:
+def olmoe_config_json(c, dtype: torch.dtype, family: str) -> dict[str, Any]:
+    """OLMoE, or FlexOlmo (OLMo 2's blocks, each branch's output normalised)."""
+    # FlexOlmo's config defaults to its tokenizer's ids, beyond sparsemoe's vocabulary: written as unset.
+    specific = {"clip_qkv": None} if family == "olmoe" else {"pad_token_id": None, "eos_token_id": None}
     return {
-        "architectures": ["OlmoeForCausalLM"],
-        "model_type": "olmoe",
+        "architectures": ["OlmoeForCausalLM" if family == "olmoe" else "FlexOlmoForCausalLM"],
+        "model_type": family,
         "intermediate_size": c.moe_hidden_dim,
         "attention_bias": False,
-        "clip_qkv": None,
+        **specific,
         **_softmax_routing_json(c),
         **_config_json_common(c, dtype),
     }
@@ -458,7 +466,8 @@ _CONFIG_JSON = {
     "mixtral": mixtral_config_json,
     "qwen2_moe": partial(qwen_moe_config_json, family="qwen2_moe"),
     "qwen3_moe": partial(qwen_moe_config_json, family="qwen3_moe"),
-    "olmoe": olmoe_config_json,
+    "olmoe": partial(olmoe_config_json, family="olmoe"),
+    "flex_olmo": partial(olmoe_config_json, family="flex_olmo"),
     "granitemoe": partial(granite_config_json, family="granitemoe"),
     "granitemoeshared": partial(granite_config_json, family="granitemoeshared"),
     "glm4_moe": glm4_config_json,

@@ -13,7 +13,7 @@ layer's `router.expert_bias`. Shared experts stay the Hugging Face modules, call
 after patching trains the same tensors.
 
 Supported blocks (transformers 5 fused expert tensors): MixtralSparseMoeBlock, Qwen2MoeSparseMoeBlock,
-Qwen3MoeSparseMoeBlock, OlmoeSparseMoeBlock, GraniteMoeMoE, GraniteMoeSharedMoE, DeepseekV2Moe,
+Qwen3MoeSparseMoeBlock, OlmoeSparseMoeBlock, FlexOlmoSparseMoeBlock, GraniteMoeMoE, GraniteMoeSharedMoE, DeepseekV2Moe,
 DeepseekV3MoE, Glm4MoeMoE, Dots1MoE, ExaoneMoeSparseMoEBlock, MiniMaxM2SparseMoeBlock. Older
 transformers keep one nn.Linear per expert; those cannot be stacked without a copy, and are reported as
 not patched.
@@ -49,6 +49,7 @@ SUPPORTED_BLOCKS = {
     "Qwen2MoeSparseMoeBlock": _Block("qwen2_moe", "shared_expert", "shared_expert_gate"),
     "Qwen3MoeSparseMoeBlock": _Block("qwen3_moe"),
     "OlmoeSparseMoeBlock": _Block("olmoe"),
+    "FlexOlmoSparseMoeBlock": _Block("flex_olmo"),
     "GraniteMoeMoE": _Block("granitemoe", router="router"),
     "GraniteMoeSharedMoE": _Block("granitemoeshared", router="router"),
     "DeepseekV2Moe": _Block("deepseek_v2", "shared_experts"),

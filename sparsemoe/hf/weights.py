@@ -194,9 +194,13 @@ def model_pieces(mapped: MappedConfig, layout: Layout) -> list[Piece]:
     pieces = [Piece(f"{p}embed_tokens.weight", "embed.weight")]
     for i in range(c.n_layers):
         src, dst = f"{p}layers.{i}", f"layers.{i}"
-        pieces.append(Piece(f"{src}.input_layernorm.weight", f"{dst}.attn_norm.weight"))
+        # Pre-norm blocks norm the attention's input and then the MLP's; OLMo 2's blocks norm their outputs.
+        attn_norm, ffn_norm = ("input_layernorm", "post_attention_layernorm")
+        if c.norm_placement == "post":
+            attn_norm, ffn_norm = ("post_attention_layernorm", "post_feedforward_layernorm")
+        pieces.append(Piece(f"{src}.{attn_norm}.weight", f"{dst}.attn_norm.weight"))
         pieces += _attention(f"{src}.self_attn", f"{dst}.attn", mapped)
-        pieces.append(Piece(f"{src}.post_attention_layernorm.weight", f"{dst}.ffn_norm.weight"))
+        pieces.append(Piece(f"{src}.{ffn_norm}.weight", f"{dst}.ffn_norm.weight"))
         if c.is_moe_layer(i):
             pieces += _moe_block(f"{src}.mlp", f"{dst}.ffn", mapped, layout)
         else:

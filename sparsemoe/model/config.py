@@ -74,6 +74,8 @@ class ModelConfig:
     rope_scaling: Optional[dict] = None  # None (plain RoPE) or YaRN: {"type": "yarn", "factor": > 0,
     #   "original_max_position_embeddings": >= 1, optional beta_fast, beta_slow, mscale, mscale_all_dim}
     norm_eps: float = 1e-5  # RMSNorm epsilon; > 0
+    norm_placement: str = "pre"  # pre: RMSNorm on each branch's input (Llama) | post: on each branch's output,
+    #                              before it joins the residual stream (OLMo 2, FlexOlmo)
     qkv_bias: bool = False  # biases on q/k/v projections (Qwen2)
     qk_norm: bool = False  # RMSNorm on q and k before RoPE (Qwen3, OLMoE)
     qk_norm_scope: str = "head"  # head: per head, over Hd (Qwen3) | full: over all of q and all of k (OLMoE)
@@ -179,6 +181,8 @@ class ModelConfig:
         scale = self.attention_multiplier
         if scale is not None and (not _number(scale) or scale <= 0 or math.isinf(scale)):
             _fail("attention_multiplier", scale, "None (1/sqrt(head_dim)) or a finite number > 0")
+        if self.norm_placement not in ("pre", "post"):
+            _fail("norm_placement", self.norm_placement, "'pre' or 'post'")
         if self.qk_norm_scope not in ("head", "full"):
             _fail("qk_norm_scope", self.qk_norm_scope, "'head' or 'full'")
         if self.attention == "mla":

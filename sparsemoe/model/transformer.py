@@ -1,21 +1,22 @@
 """The decoder-only MoE transformer: pre-norm blocks of rotary GQA attention and MoE or dense MLPs.
 
 x = embed(ids) * embedding_multiplier; per block x += residual_multiplier * attn(norm(x)), then the same
-for the MLP; logits = lm_head(norm(x)) / logits_divisor (the multipliers are 1 unless a config sets them).
+for the MLP (with norm_placement="post": x += residual_multiplier * norm(attn(x)), OLMo 2's order); logits
+= lm_head(norm(x)) / logits_divisor (the multipliers are 1 unless a config sets them).
 
 Legend: B batch, S sequence positions, D model width, V vocabulary, E experts.
 
 State-dict layout (stable; Hugging Face conversion maps onto these names):
 
     embed.weight                          [V, D]
-    layers.{i}.attn_norm.weight           [D]
+    layers.{i}.attn_norm.weight           [D]         (on the attention's input, or its output with "post" norms)
     layers.{i}.attn.q_proj.weight         [H*Hd, D]   (+ .bias when qkv_bias)
     layers.{i}.attn.k_proj.weight         [G*Hd, D]   (+ .bias when qkv_bias)
     layers.{i}.attn.v_proj.weight         [G*Hd, D]   (+ .bias when qkv_bias)
     layers.{i}.attn.o_proj.weight         [D, H*Hd]
     layers.{i}.attn.q_norm.weight         [Hd]        (qk_norm only; [H*Hd] with qk_norm_scope "full")
     layers.{i}.attn.k_norm.weight         [Hd]        (qk_norm only; [G*Hd] with qk_norm_scope "full")
-    layers.{i}.ffn_norm.weight            [D]
+    layers.{i}.ffn_norm.weight            [D]         (on the MLP's input, or its output with "post" norms)
     MoE block (sparsemoe.MoE):
     layers.{i}.ffn.router.weight          [E, D]
     layers.{i}.ffn.router.expert_bias     [E]         (buffer; bias balancing)
@@ -93,18 +94,25 @@ class Block(nn.Module):
             self.ffn = DenseMLP(config.dim, config.dense_hidden_dim, config.activation, config.dropout)
         self.dropout = nn.Dropout(config.dropout)
         self.residual_multiplier = config.residual_multiplier
+        self.post_norm = config.norm_placement == "post"
 
     def _branch(self, y: Tensor) -> Tensor:
         """A residual branch's output as it is added: dropout, then the residual multiplier (Granite)."""
         y = self.dropout(y)
         return y if self.residual_multiplier == 1.0 else y * self.residual_multiplier
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: Optional[KVCache]) -> Tensor:
-        x = x + self._branch(self.attn(self.attn_norm(x), cos, sin, cache))
-        h = self.ffn_norm(x)
+    def _mlp(self, h: Tensor) -> Tensor:
+        dtype = h.dtype
         if isinstance(self.ffn, MoE):
             h = h.to(self.ffn.experts.w_in.dtype)  # under autocast the MoE layer wants its weights' dtype
-        return x + self._branch(self.ffn(h).to(x.dtype))
+        return self.ffn(h).to(dtype)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: Optional[KVCache]) -> Tensor:
+        if self.post_norm:  # OLMo 2: each branch reads the residual stream; its output is normalised
+            x = x + self._branch(self.attn_norm(self.attn(x, cos, sin, cache)))
+            return x + self._branch(self.ffn_norm(self._mlp(x)))
+        x = x + self._branch(self.attn(self.attn_norm(x), cos, sin, cache))
+        return x + self._branch(self._mlp(self.ffn_norm(x)))
 
 
 class MoETransformer(nn.Module):
