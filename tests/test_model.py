@@ -295,6 +295,23 @@ def test_post_norm_blocks_normalise_each_branch_output():
         assert (pre(ids).logits - expected).abs().max() > 1e-3
 
 
+@pytest.mark.slow
+def test_every_attention_and_block_option_compiles_fullgraph():
+    """Sliding windows, NoPE layers, post-norm blocks and the multipliers: one graph, eager's numbers."""
+    torch.manual_seed(0)
+    config = tiny(
+        n_layers=3, sliding_window=5, sliding_layers=[0, 1], nope_layers=[2], norm_placement="post",
+        embedding_multiplier=2.0, attention_multiplier=0.2, residual_multiplier=0.7, logits_divisor=3.0,
+    )  # fmt: skip
+    model = MoETransformer(config).train()
+    ids = torch.randint(0, 256, (2, 16))
+    eager = model(ids, ids)
+    compiled = torch.compile(model, fullgraph=True)(ids, ids)
+    torch.testing.assert_close(compiled.logits, eager.logits, rtol=1e-5, atol=1e-5)
+    (compiled.loss + compiled.aux_loss).backward()
+    assert model.layers[2].attn.q_proj.weight.grad is not None
+
+
 def test_greedy_generation_with_and_without_cache_agree():
     torch.manual_seed(0)
     model = MoETransformer(tiny(max_seq_len=32))
