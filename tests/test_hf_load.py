@@ -202,7 +202,8 @@ def hf_greedy(model, ids, n):
 
 
 # Both key layouts for Mixtral, OLMoE, Granite (the released checkpoints of the first two are per-expert,
-# Granite's stacked) and MiniMax-M2; one each for the other families, alternating.
+# Granite's stacked), EXAONE-MoE (its own layout keeps the selection bias on the block) and MiniMax-M2; one
+# each for the other families.
 CASES = [
     ("mixtral", True),
     ("mixtral", False),
