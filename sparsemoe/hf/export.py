@@ -102,7 +102,7 @@ def _shared_incompatibilities(model: nn.Module, f: _Format) -> list[str]:
 
 @dataclass(frozen=True)
 class _SoftmaxFormat(_Format):
-    """A softmax top-k format (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, Granite): what it holds besides routing."""
+    """A softmax top-k format (Mixtral, Qwen, OLMoE, FlexOlmo, Granite): what it holds besides routing."""
 
     dense_blocks: bool = False  # dense blocks (Qwen's mlp_only_layers / decoder_sparse_step)
     shared_expert: Optional[str] = None  # None, or exactly one shared expert: "gated" by a sigmoid (Qwen2-MoE)
