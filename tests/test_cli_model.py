@@ -168,6 +168,17 @@ def test_bad_config_values(tmp_path, capsys):
     assert "TrainConfig.lr" in error_line(capsys, "train")
     assert main(["train", "--preset", "huge"]) == 2
     assert "tiny, demo, mixtral" in error_line(capsys, "train")
+    assert main(["train", *QUICK, "--run-dir", str(tmp_path / "a"), "--set", "nope_layers=[0,"]) == 2
+    assert "--set value '[0,' is not valid JSON" in error_line(capsys, "train")
+    assert main(["train", *QUICK, "--run-dir", str(tmp_path / "a"), "--set", "nope_layers=[5]"]) == 2
+    assert "ModelConfig.nope_layers=[5] is invalid" in error_line(capsys, "train")
+
+
+def test_set_takes_json_lists_and_dicts():
+    from sparsemoe.commands.train import parse_overrides
+
+    overrides = parse_overrides(["sliding_layers=[0, 2]", 'rope_scaling={"type": "yarn", "factor": 2.0}'])
+    assert overrides == {"sliding_layers": [0, 2], "rope_scaling": {"type": "yarn", "factor": 2.0}}
 
 
 def test_resume_errors(run_dir, tmp_path, capsys):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -73,7 +74,8 @@ def register(subparsers) -> argparse.ArgumentParser:
         default=[],
         metavar="FIELD=VALUE",
         help="override a model config field, "
-        "e.g. --set num_experts=16 --set bias_balancing=true (repeatable; see sparsemoe.model.ModelConfig)",
+        "e.g. --set num_experts=16 --set bias_balancing=true --set 'sliding_layers=[0, 2]' (lists and dicts as "
+        "JSON; repeatable; see sparsemoe.model.ModelConfig)",
     )
     for name, (kind, help_text) in _TRAIN_FLAGS.items():
         metavar = "N" if kind is int else "X"
@@ -89,6 +91,13 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def parse_value(text: str) -> Any:
+    """A --set value: true/false, none/null, an int, a float, a JSON list or object (e.g. [0, 2] for a layer
+    list), else the text itself."""
+    if text.startswith(("[", "{")):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as err:
+            raise CommandError(f"--set value {text!r} is not valid JSON ({err})") from None
     low = text.lower()
     if low in ("true", "false"):
         return low == "true"
