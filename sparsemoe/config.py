@@ -60,6 +60,8 @@ class MoEConfig:
     bias_balancing: bool = False  # DeepSeek-V3 aux-loss-free balancing: a per-expert bias on selection
     #                               scores (sigmoid) or logits (softmax); never on the combine weights
     bias_update_rate: float = 1e-3  # bias step per training forward: b_e += rate*sign(mean_load-load_e); > 0
+    bias_on_probs: bool = False  # softmax bias balancing: add the bias to the probabilities (ERNIE 4.5), not
+    #                              the logits; needs score_order='before_topk'
 
     # --- capacity -------------------------------------------------------------------------------------
     capacity_factor: Optional[float] = None  # None or inf = dropless; else C = ceil(cf*T*K/E); > 0
@@ -113,6 +115,11 @@ class MoEConfig:
         _choice(self, "aux_loss_mode", AUX_LOSS_MODES)
         _bool(self, "bias_balancing")
         _positive(self, "bias_update_rate")
+        _bool(self, "bias_on_probs")
+        if self.bias_on_probs and not (self.bias_balancing and self.score_func == "softmax"):
+            _fail("bias_on_probs", True, "False unless bias_balancing=True with score_func='softmax'")
+        if self.bias_on_probs and self.score_order != "before_topk":
+            _fail("bias_on_probs", True, "False with score_order='after_topk' (the selection reads logits)")
         if self.bias_balancing and self.router == "expert_choice":
             _fail("bias_balancing", True, "False with router='expert_choice' (it is balanced by construction)")
         _capacity(self, "capacity_factor")

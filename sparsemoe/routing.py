@@ -105,6 +105,8 @@ def _fused_topk_applies(logits_TE: Tensor, cfg: MoEConfig, training: bool, bias_
     """The fused kernel computes plain top-k routing; it does not apply where selection is perturbed."""
     if _fused_topk is None or cfg.router != "topk" or not _fused_topk[1](logits_TE):
         return False
+    if bias_E is not None and cfg.bias_on_probs:  # the kernel biases softmax logits only
+        return False
     return not (training and (cfg.noise == "gumbel" or cfg.expert_dropout > 0))
 
 
@@ -177,8 +179,9 @@ def token_choice(logits_TE: Tensor, cfg: MoEConfig, training: bool, bias_E: Opti
     if bias_E is not None:
         # The bias moves selection only. DeepSeek-V3 adds it to sigmoid scores; for softmax it is added
         # to the logits (a multiplicative nudge on probabilities), which stays effective when the
-        # probabilities are peaked instead of oscillating.
-        key = key + bias_E if cfg.score_func == "sigmoid" else (noisy if noisy is not None else logits) + bias_E
+        # probabilities are peaked instead of oscillating, unless bias_on_probs asks for ERNIE 4.5's way.
+        on_scores = cfg.score_func == "sigmoid" or cfg.bias_on_probs
+        key = key + bias_E if on_scores else (noisy if noisy is not None else logits) + bias_E
     if cfg.router == "group_limited":
         key = group_limit(key, cfg.num_groups, cfg.topk_groups, cfg.group_score)
 

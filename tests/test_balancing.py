@@ -12,6 +12,7 @@ import torch
 
 from sparsemoe import MoE, MoEConfig, set_aux_loss_scale
 from sparsemoe.balancing import router_z_loss, sequence_aux_loss, switch_aux_loss, tokens_per_expert
+from sparsemoe.routing import token_choice
 
 D, E, K, T = 16, 8, 2, 256
 
@@ -62,9 +63,13 @@ def test_sequence_aux_loss_training_balances_a_skewed_router():
     assert after < 1.5 and after < 0.4 * before, (before, after)
 
 
-@pytest.mark.parametrize("score_func,rate", [("sigmoid", 0.005), ("softmax", 0.02)])
-def test_bias_balancing_evens_the_load_without_gradients(score_func, rate):
-    layer, x = _skewed_layer(aux_loss_coef=0.0, bias_balancing=True, bias_update_rate=rate, score_func=score_func)
+@pytest.mark.parametrize(
+    "score_func,rate,on_probs", [("sigmoid", 0.005, False), ("softmax", 0.02, False), ("softmax", 0.002, True)]
+)
+def test_bias_balancing_evens_the_load_without_gradients(score_func, rate, on_probs):
+    layer, x = _skewed_layer(
+        aux_loss_coef=0.0, bias_balancing=True, bias_update_rate=rate, score_func=score_func, bias_on_probs=on_probs
+    )
     layer.train()
     before = _load_ratio(layer, x)
     weight_before = layer.router.weight.detach().clone()
@@ -90,6 +95,33 @@ def test_bias_is_not_updated_in_eval_and_does_not_touch_weights():
     routing = layer.router.route(logits)
     scores = torch.sigmoid(logits).gather(1, routing.expert_ids.view(T, K)).reshape(-1)
     assert torch.allclose(routing.weights, scores)
+
+
+def test_softmax_bias_moves_logits_or_probabilities():
+    """bias_on_probs (ERNIE 4.5) selects by softmax(logits) + bias; the default by softmax(logits + bias).
+    Both keep the unbiased probabilities, renormalised, as combine weights."""
+    logits = torch.tensor([[2.0, 1.9, 0.0, -3.0]])
+    bias = torch.tensor([0.0, 0.0, 0.6, 0.0])
+    probs = torch.softmax(logits, dim=-1)  # [0.49, 0.44, 0.06, 0.003]: +0.6 lifts expert 2 to 0.66
+    for on_probs, chosen in [(True, [2, 0]), (False, [0, 1])]:  # as a logit, +0.6 leaves expert 2 at 0.6
+        cfg = MoEConfig(dim=4, num_experts=4, top_k=2, bias_balancing=True, bias_on_probs=on_probs)
+        routing = token_choice(logits, cfg, training=False, bias_E=bias)
+        assert routing.expert_ids.tolist() == chosen
+        expected = probs[0, chosen] / probs[0, chosen].sum()
+        torch.testing.assert_close(routing.weights, expected)
+
+
+@pytest.mark.parametrize(
+    "fields,message",
+    [
+        (dict(bias_on_probs=True), "unless bias_balancing=True with score_func='softmax'"),
+        (dict(bias_on_probs=True, bias_balancing=True, score_func="sigmoid"), "unless bias_balancing=True"),
+        (dict(bias_on_probs=True, bias_balancing=True, score_order="after_topk"), "score_order='after_topk'"),
+    ],
+)
+def test_bias_on_probs_needs_softmax_bias_balancing(fields, message):
+    with pytest.raises(ValueError, match=message):
+        MoEConfig(dim=4, num_experts=4, top_k=2, **fields)
 
 
 def test_z_loss_shrinks_router_logits():

@@ -157,6 +157,32 @@ def test_exaone_export_loads_in_transformers_and_round_trips_exactly(global_laye
                   tmp_path / "y", family="exaone_moe")
 
 
+# ERNIE 4.5: softmax routing whose selection bias moves the probabilities, shared experts, MoE blocks every
+# other one after a dense one, interleaved RoPE pairs (q and k rows are permuted back on export).
+ERNIE_MODEL = dict(
+    n_layers=4, first_dense_layers=1, moe_every=2, bias_balancing=True, bias_on_probs=True, num_shared_experts=1,
+    dense_hidden_dim=40,
+)
+
+
+@pytest.mark.parametrize("fused,tied", [(False, False), (True, True)], ids=["per-expert", "fused-tied"])
+def test_ernie_export_loads_in_transformers_and_round_trips_exactly(fused, tied, tmp_path):
+    model = tiny_model(**ERNIE_MODEL, tie_embeddings=tied)
+    with torch.no_grad():
+        for layer in model.moe_layers:
+            layer.router.expert_bias.normal_(0, 0.1)  # a trained selection bias
+    export_hf(model, tmp_path / "hf", fused=fused)  # auto: no other format adds the bias to probabilities
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    layers = (config["moe_layer_start_index"], config["moe_layer_interval"])
+    assert (config["model_type"], layers) == ("ernie4_5_moe", (1, 2))
+    with safe_open(str(tmp_path / "hf" / "model.safetensors"), "pt") as f:
+        owner = "mlp.gate.moe_statics" if fused else "mlp.moe_statics"
+        assert f.get_tensor(f"model.layers.1.{owner}.e_score_correction_bias").shape == (1, 4)
+    _matches_in_transformers_and_round_trips(model, tmp_path)
+    with pytest.raises(HFFormatError, match=r"bias_on_probs=False \(ERNIE 4.5 adds the selection bias"):
+        export_hf(tiny_model(**dict(ERNIE_MODEL, bias_on_probs=False)), tmp_path / "x", family="ernie4_5_moe")
+
+
 # Softmax models only a Qwen, OLMoE or Granite config can express (each fails Mixtral and the formats tried
 # before it).
 SOFTMAX_MODELS = {
@@ -224,7 +250,7 @@ def test_export_picks_mixtral_when_it_can_and_lists_every_reason_when_nothing_ca
     assert json.loads((tmp_path / "plain" / "config.json").read_text())["model_type"] == "mixtral"
     both = "as mixtral: .*num_shared_experts=2.* / as glm4_moe: .*score_func='softmax'"
     with pytest.raises(HFFormatError, match=both):
-        export_hf(tiny_model(num_shared_experts=2), tmp_path / "none")
+        export_hf(tiny_model(num_shared_experts=2, shared_expert_gate=True), tmp_path / "none")
     with pytest.raises(HFFormatError, match=r"as mixtral: .*residual_multiplier=0.5 \(Mixtral has no multipliers"):
         export_hf(tiny_model(residual_multiplier=0.5, num_shared_experts=2), tmp_path / "none")
     with pytest.raises(HFFormatError, match="cannot be exported as glm4_moe: .*shared_expert_gate"):

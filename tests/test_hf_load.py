@@ -156,6 +156,14 @@ FAMILIES = {
             sliding_window_pattern=3, pad_token_id=0, bos_token_id=1, eos_token_id=2,
         ),
     ),
+    "ernie4_5_moe": (
+        "Ernie4_5_MoeConfig",
+        "Ernie4_5_MoeForCausalLM",
+        dict(
+            intermediate_size=40, moe_intermediate_size=16, moe_num_experts=6, moe_k=2, moe_num_shared_experts=1,
+            moe_layer_start_index=1, moe_layer_interval=1, tie_word_embeddings=False,
+        ),
+    ),
     "dots1": (
         "Dots1Config",
         "Dots1ForCausalLM",
@@ -176,15 +184,15 @@ FAMILIES = {
 
 
 def tiny_hf_model(family: str, seed: int = 0, **overrides):
-    """A random transformers model of `family` in eval mode (DeepSeek-V3's selection bias randomised too)."""
+    """A random transformers model of `family` in eval mode (the selection biases randomised too)."""
     config_cls, model_cls, kwargs = FAMILIES[family]
     torch.manual_seed(seed)
     config = getattr(transformers, config_cls)(**{**COMMON, **kwargs, **overrides})
     model = getattr(transformers, model_cls)(config).eval()
     with torch.no_grad():
-        for name, buf in model.named_buffers():
+        for name, tensor in [*model.named_buffers(), *model.named_parameters()]:  # ERNIE's is a parameter
             if name.endswith("e_score_correction_bias"):
-                buf.normal_(0, 0.1)
+                tensor.normal_(0, 0.1)
     return model
 
 
@@ -222,6 +230,8 @@ CASES = [
     ("dots1", False),
     ("exaone_moe", True),
     ("exaone_moe", False),
+    ("ernie4_5_moe", True),
+    ("ernie4_5_moe", False),
     ("minimax_m2", True),
     ("minimax_m2", False),
 ]
@@ -287,6 +297,10 @@ def test_routing_fields_per_family(tmp_path):
             score_func="sigmoid", bias_balancing=True, group_score="top2_sum", num_groups=4, route_scale=2.5,
             num_shared_experts=1, qk_norm=True, qk_norm_scope="head", moe_layers=[1, 2], sliding_window=5,
             sliding_layers=[0, 1], nope_layers=[2],
+        ),
+        "ernie4_5_moe": dict(
+            score_func="softmax", bias_balancing=True, bias_on_probs=True, renormalize=True, num_shared_experts=1,
+            moe_layers=[1, 2], rope_theta=500000.0,
         ),
         "minimax_m2": dict(
             score_func="sigmoid", bias_balancing=True, renormalize=True, num_shared_experts=0, qk_norm=True,
@@ -422,6 +436,12 @@ def test_unmappable_configs_name_the_key():
         map_config({**olmoe, "head_dim": 16})
     with pytest.raises(HFFormatError, match="attention_bias"):
         map_config({**tiny_hf_model("granitemoe").config.to_dict(), "attention_bias": True})
+    ernie = tiny_hf_model("ernie4_5_moe").config.to_dict()
+    with pytest.raises(HFFormatError, match="use_bias"):
+        map_config({**ernie, "use_bias": True})
+    with pytest.raises(HFFormatError, match="moe_layer_end_index=1"):  # layer 2 would be dense in transformers
+        map_config({**ernie, "moe_layer_end_index": 1})
+    assert map_config({**ernie, "moe_layer_end_index": 2}).model_config.moe_layer_ids == [1, 2]
     with pytest.raises(HFFormatError, match="unsupported architecture LlamaForCausalLM"):
         map_config({"model_type": "llama", "architectures": ["LlamaForCausalLM"]})
 

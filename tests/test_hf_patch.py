@@ -41,10 +41,12 @@ def test_patched_model_matches_original_and_shares_weights(family):
             "Glm4MoeMoE",
             "Dots1MoE",
             "ExaoneMoeSparseMoEBlock",
+            "Ernie4_5_MoeSparseMoeBlock",
             "MiniMaxM2SparseMoeBlock",
         )
     }
-    params_before = {id(p) for p in hf.parameters()}
+    # ERNIE's frozen selection-bias parameter becomes the patched layer's bias buffer (a view of it).
+    params_before = {id(p) for n, p in hf.named_parameters() if not n.endswith("e_score_correction_bias")}
 
     report = patch_hf_model(hf, backend="grouped")
 
@@ -58,6 +60,9 @@ def test_patched_model_matches_original_and_shares_weights(family):
         assert patched.moe.experts.w_out is block.experts.down_proj
         if family in ("deepseek_v3", "glm4_moe", "dots1", "exaone_moe"):
             assert patched.moe.router.expert_bias is block.gate.e_score_correction_bias
+        if family == "ernie4_5_moe":  # its [1, E] parameter, viewed as [E]: the same storage
+            held = block.gate.moe_statics.e_score_correction_bias
+            assert patched.moe.router.expert_bias.data_ptr() == held.data_ptr()
         if family == "minimax_m2":
             assert patched.moe.router.expert_bias is block.e_score_correction_bias
     assert {id(p) for p in hf.parameters()} == params_before  # nothing added, nothing copied

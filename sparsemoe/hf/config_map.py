@@ -1,8 +1,8 @@
 """Hugging Face `config.json` -> sparsemoe `ModelConfig`, per model family.
 
 Supported families (`model_type`): mixtral, qwen2_moe, qwen3_moe, olmoe, flex_olmo, granitemoe,
-granitemoeshared, deepseek_v2, deepseek_v3, glm4_moe, dots1, exaone_moe, minimax_m2. The config is read as
-plain JSON, so loading and converting need no `transformers` install; defaults for keys a config leaves
+granitemoeshared, deepseek_v2, deepseek_v3, glm4_moe, dots1, exaone_moe, ernie4_5_moe, minimax_m2. The config
+is read as plain JSON, so loading and converting need no `transformers` install; defaults for keys a config leaves
 out are those of the transformers config classes.
 
 How each family routes, and the MoEConfig fields it maps to:
@@ -22,6 +22,7 @@ How each family routes, and the MoEConfig fields it maps to:
 | glm4_moe    | as deepseek_v3 (GLM-4.5 routes as DeepSeek-V3 does; its attention is GQA, not MLA)                |
 | dots1       | as deepseek_v3 (dots.llm1; GQA attention with Qwen3's per-head q/k norm)                           |
 | exaone_moe  | as deepseek_v3 (K-EXAONE; per-head q/k norm, sliding layers, global layers without RoPE)          |
+| ernie4_5_moe | softmax | probability + e_score_correction_bias | renormalised                    | moe_num_shared_… |
 | minimax_m2  | sigmoid | score + e_score_correction_bias, top-k | renormalised                     | none             |
 
 RoPE: plain, or YaRN (`rope_type` "yarn", DeepSeek's context extension) as `ModelConfig.rope_scaling`;
@@ -46,12 +47,13 @@ from sparsemoe.model.mla import YARN_KEYS
 
 FAMILIES = (
     "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "flex_olmo", "granitemoe", "granitemoeshared", "deepseek_v2",
-    "deepseek_v3", "glm4_moe", "dots1", "exaone_moe", "minimax_m2",
+    "deepseek_v3", "glm4_moe", "dots1", "exaone_moe", "ernie4_5_moe", "minimax_m2",
 )  # fmt: skip
 GRANITE_FAMILIES = ("granitemoe", "granitemoeshared")
 # Families whose MoE block holds a selection bias (`e_score_correction_bias`), DeepSeek-V3 style: on the
-# router (`gate.`), or on the block itself for MiniMax-M2 (and in EXAONE-MoE's own checkpoints).
-SELECTION_BIAS_FAMILIES = ("deepseek_v3", "glm4_moe", "dots1", "exaone_moe", "minimax_m2")
+# router (`gate.`), or on the block itself for MiniMax-M2 (and in EXAONE-MoE's own checkpoints); ERNIE 4.5
+# keeps it, [1, E], in a `moe_statics` module (on the gate, or on the block in its own checkpoints).
+SELECTION_BIAS_FAMILIES = ("deepseek_v3", "glm4_moe", "dots1", "exaone_moe", "ernie4_5_moe", "minimax_m2")
 
 # Expert activations: Hugging Face hidden_act -> sparsemoe activation (both gated).
 _ACTIVATIONS = {"silu": "swiglu", "swish": "swiglu", "gelu_pytorch_tanh": "geglu", "gelu_new": "geglu"}
@@ -98,10 +100,11 @@ def family_of(cfg: dict[str, Any]) -> str:
 
 # transformers' attribute_map aliases: a config.json may spell the expert count any of these ways.
 _ALIASES = {
-    "num_experts": ("num_local_experts", "n_routed_experts"),
+    "num_experts": ("num_local_experts", "n_routed_experts", "moe_num_experts"),
     "num_local_experts": ("num_experts", "n_routed_experts"),
     "n_routed_experts": ("num_experts", "num_local_experts"),
     "n_shared_experts": ("num_shared_experts",),  # EXAONE-MoE's spelling
+    "num_experts_per_tok": ("moe_k",),  # ERNIE 4.5's spelling
 }
 
 
@@ -284,6 +287,11 @@ def _attention(cfg: dict[str, Any], family: str, base: dict[str, Any]) -> None:
         if cfg.get("sliding_window", _WINDOW_DEFAULTS[family][0]) is not None:
             sliding = base.get("sliding_layers") or []
             base["nope_layers"] = [i for i in range(base["n_layers"]) if i not in sliding] or None
+    elif family == "ernie4_5_moe":
+        if cfg.get("use_bias"):
+            raise _unsupported("use_bias", True, "projections without biases")
+        if base["rotary_dim"] is not None:
+            raise _unsupported("partial_rotary_factor", cfg.get("partial_rotary_factor"), "1.0 for ernie4_5_moe")
     elif family == "minimax_m2":
         base.update(qk_norm=True, qk_norm_scope="full")  # transformers normalises q and k whatever use_qk_norm says
     elif family == "dots1":
@@ -377,6 +385,30 @@ def _granite(cfg: dict[str, Any], n_layers: int, notes: list[str], family: str) 
     return out
 
 
+def _ernie(cfg: dict[str, Any], n_layers: int, notes: list[str], family: str) -> dict[str, Any]:
+    """ERNIE 4.5: selection by softmax probability + e_score_correction_bias, weights the probabilities
+    renormalised; MoE layers every moe_layer_interval-th from moe_layer_start_index to the last."""
+    start, interval = int(_get(cfg, "moe_layer_start_index", 1)), int(_get(cfg, "moe_layer_interval", 1))
+    end = int(_get(cfg, "moe_layer_end_index", -1))
+    if end != -1 and any((i + 1) % interval == 0 for i in range(max(start, end + 1), n_layers)):
+        raise _unsupported("moe_layer_end_index", end, f"-1 or a layer after the last MoE one ({n_layers} layers)")
+    return dict(
+        num_experts=int(_get(cfg, "num_experts")),
+        top_k=int(_get(cfg, "num_experts_per_tok")),
+        moe_hidden_dim=int(_get(cfg, "moe_intermediate_size")),
+        dense_hidden_dim=int(_get(cfg, "intermediate_size")),
+        first_dense_layers=start,
+        moe_every=interval,
+        num_shared_experts=int(_get(cfg, "moe_num_shared_experts", 2)),
+        router="topk",
+        score_func="softmax",
+        renormalize=True,
+        bias_balancing=True,  # e_score_correction_bias moves selection, as sparsemoe's expert_bias does
+        bias_on_probs=True,
+        aux_loss_coef=float(_get(cfg, "router_aux_loss_coef", 0.001)),
+    )
+
+
 def _first_dense_layers(cfg: dict[str, Any], family: str) -> int:
     """DeepSeek's first_k_dense_replace, or EXAONE-MoE's mlp_layer_types when given (a dense prefix only)."""
     types = cfg.get("mlp_layer_types") if family == "exaone_moe" else None
@@ -448,6 +480,7 @@ _ROUTING = {
     "glm4_moe": _deepseek,  # DeepSeek-V3's routing (sigmoid, selection bias, groups) under GQA attention
     "dots1": _deepseek,  # likewise
     "exaone_moe": _deepseek,  # likewise (GQA with per-head q/k norms, sliding layers, NoPE global layers)
+    "ernie4_5_moe": _ernie,
     "minimax_m2": _mixtral,
 }
 
@@ -480,12 +513,14 @@ def map_config(cfg: dict[str, Any], max_seq_len: Optional[int] = None) -> Mapped
 
     family = family_of(cfg)
     notes: list[str] = []
-    theta = {"mixtral": 1e6, "minimax_m2": 5e6}.get(family, 1e4)  # the transformers defaults
-    eps = 1e-5 if family in ("mixtral", "olmoe", "glm4_moe", "exaone_moe") else 1e-6  # the transformers defaults
+    theta = {"mixtral": 1e6, "minimax_m2": 5e6, "ernie4_5_moe": 5e5}.get(family, 1e4)  # the transformers defaults
+    eps = 1e-5 if family in ("mixtral", "olmoe", "glm4_moe", "exaone_moe", "ernie4_5_moe") else 1e-6  # likewise
     base = _common(cfg, theta, eps, max_seq_len)
     _attention(cfg, family, base)
     moe = _ROUTING[family](cfg, base["n_layers"], notes, family)
-    interleaved = family == "deepseek_v2" or (family == "deepseek_v3" and bool(cfg.get("rope_interleave", True)))
+    interleaved = family in ("deepseek_v2", "ernie4_5_moe") or (
+        family == "deepseek_v3" and bool(cfg.get("rope_interleave", True))
+    )
     try:
         model_config = ModelConfig(**base, **moe)
     except (TypeError, ValueError) as err:
@@ -535,7 +570,7 @@ def _saved_settings(cfg: dict[str, Any], mapped, notes: list[str]):
     if not config.bias_balancing:
         # Formats with a selection bias (GLM-4.5) always map to bias_balancing=True; a zero bias routes as
         # none, which the loader checks once the bias is read (sparsemoe.hf.load).
-        differs.discard("bias_balancing")
+        differs -= {"bias_balancing", "bias_on_probs"}
     differs = sorted(differs)
     if differs:
         notes.append(f"ignored {SAVED_KEY}: it disagrees with the Hugging Face keys on {differs}")

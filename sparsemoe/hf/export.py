@@ -22,6 +22,8 @@ these formats that expresses the model (or the one asked for):
 * DeepSeek-V2: softmax top-k without renormalisation (a route scale, groups ranked by their best expert)
   with DeepSeek's blocks under latent attention; its RoPE pairs are interleaved, so the q and k rows are
   permuted back from sparsemoe's rotate-half pairs.
+* ERNIE 4.5: softmax top-k chosen by probability + selection bias (bias_on_probs), renormalised, ungated
+  shared experts, MoE blocks every n-th after a dense prefix; its RoPE pairs are interleaved too.
 All but the DeepSeek formats have GQA attention; all have gated experts and no capacity in evaluation; only
 the Granite formats hold multipliers other than 1, only Mixtral, the Qwen formats and EXAONE-MoE a sliding
 window, only EXAONE-MoE layers without RoPE, and only FlexOlmo post-norm blocks.
@@ -242,9 +244,42 @@ def glm4_incompatibilities(model: nn.Module) -> list[str]:
     return _deepseek_incompatibilities(model, _DEEPSEEK_FORMATS["glm4_moe"])
 
 
+def ernie_incompatibilities(model: nn.Module) -> list[str]:
+    """Why `model` cannot be written as ERNIE 4.5 (`ernie4_5_moe`; empty when it can): softmax top-k chosen by
+    probability + selection bias, renormalised, ungated shared experts, MoE blocks every n-th after a prefix,
+    plain GQA attention with RoPE's dims paired interleaved (the exporter permutes q and k rows back)."""
+    c, name = model.config, "ERNIE 4.5"
+    problems = _shared_incompatibilities(model, _Format(name))
+    if c.dense or not c.moe_layer_ids:
+        problems.append("dense=True (ERNIE 4.5 has MoE blocks)")
+    if c.qkv_bias or c.qk_norm or c.rotary_dim != c.head_dim or c.rope_scaling is not None:
+        problems.append(
+            f"qkv_bias={c.qkv_bias}, qk_norm={c.qk_norm}, rotary_dim={c.rotary_dim}, rope_scaling={c.rope_scaling} "
+            f"({name} has no q/k/v biases, no q/k norms, and plain RoPE over the whole head)"
+        )
+    if c.router != "topk" or c.score_func != "softmax" or c.score_order != "before_topk" or not c.renormalize:
+        problems.append(
+            f"router={c.router!r}, score_func={c.score_func!r}, score_order={c.score_order!r}, renormalize="
+            f"{c.renormalize} ({name}: 'topk', 'softmax', 'before_topk', True)"
+        )
+    if c.route_scale != 1.0:
+        problems.append(f"route_scale={c.route_scale} ({name}: 1.0)")
+    problems += _selection_bias_incompatibilities(model, name, held=True)
+    if c.bias_balancing and not c.bias_on_probs:
+        problems.append(f"bias_on_probs=False ({name} adds the selection bias to the probabilities)")
+    width = c.num_shared_experts * c.moe_hidden_dim
+    if c.num_shared_experts and (c.shared_expert_gate or c.moe_config().shared_dim != width):
+        problems.append(
+            f"shared_expert_gate={c.shared_expert_gate}, shared_hidden_dim={c.shared_hidden_dim} ({name}'s shared "
+            f"experts are ungated, num_shared_experts * moe_hidden_dim = {width} wide)"
+        )
+    return problems
+
+
 _INCOMPATIBILITIES = {
     **{name: partial(_softmax_incompatibilities, f=f) for name, f in _SOFTMAX_FORMATS.items()},
     **{name: partial(_deepseek_incompatibilities, f=f) for name, f in _DEEPSEEK_FORMATS.items()},
+    "ernie4_5_moe": ernie_incompatibilities,
 }
 EXPORT_FAMILIES = tuple(_INCOMPATIBILITIES)  # in the order `export_family` tries them
 
@@ -435,6 +470,26 @@ def exaone_config_json(c, dtype: torch.dtype) -> dict[str, Any]:
     }
 
 
+def ernie_config_json(c, dtype: torch.dtype) -> dict[str, Any]:
+    """ERNIE 4.5: its own key names for the experts and for which blocks are MoE (every moe_layer_interval-th
+    from moe_layer_start_index to the last)."""
+    return {
+        "architectures": ["Ernie4_5_MoeForCausalLM"],
+        "model_type": "ernie4_5_moe",
+        "intermediate_size": c.dense_hidden_dim,
+        "moe_intermediate_size": c.moe_hidden_dim,
+        "moe_num_experts": c.num_experts,
+        "moe_k": c.top_k,
+        "moe_num_shared_experts": c.num_shared_experts,
+        "moe_layer_start_index": c.first_dense_layers,
+        "moe_layer_end_index": c.n_layers - 1,
+        "moe_layer_interval": c.moe_every,
+        "use_bias": False,
+        "router_aux_loss_coef": c.aux_loss_coef,
+        **_config_json_common(c, dtype),
+    }
+
+
 def deepseek_config_json(c, dtype: torch.dtype, family: str) -> dict[str, Any]:
     """DeepSeek-V3 (sigmoid routing, selection bias) or DeepSeek-V2 (softmax routing): latent attention."""
     out = _config_json_common(c, dtype)
@@ -472,6 +527,7 @@ _CONFIG_JSON = {
     "granitemoeshared": partial(granite_config_json, family="granitemoeshared"),
     "glm4_moe": glm4_config_json,
     "exaone_moe": exaone_config_json,
+    "ernie4_5_moe": ernie_config_json,
     "deepseek_v3": partial(deepseek_config_json, family="deepseek_v3"),
     "deepseek_v2": partial(deepseek_config_json, family="deepseek_v2"),
 }
@@ -518,13 +574,13 @@ def export_hf(
     c = model.config
     dtype = dtype or model.embed.weight.dtype
     block = "block_sparse_moe" if family == "mixtral" and not fused else "mlp"
-    # EXAONE-MoE's own checkpoints hold the selection bias on the block; transformers 5's on the gate.
-    on_block = family == "exaone_moe" and not fused
+    # EXAONE-MoE's and ERNIE's own checkpoints hold the selection bias on the block; transformers 5's on the gate.
+    on_block = family in ("exaone_moe", "ernie4_5_moe") and not fused
     layout = Layout(prefix="model.", mixtral_block=block, fused_experts=fused, bias_on_block=on_block)
     state = model.state_dict()
     items = []
-    # DeepSeek-V2 pairs RoPE dims interleaved: its q and k rows are permuted back from rotate-half.
-    mapped = MappedConfig(family, c, rope_interleaved=family == "deepseek_v2")
+    # DeepSeek-V2 and ERNIE 4.5 pair RoPE dims interleaved: their q and k rows are permuted back from rotate-half.
+    mapped = MappedConfig(family, c, rope_interleaved=family in ("deepseek_v2", "ernie4_5_moe"))
     for piece in model_pieces(mapped, layout):
         t = state[piece.dst]
         t = (t[piece.index] if piece.index else t).detach()  # a view: no copy yet

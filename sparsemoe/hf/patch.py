@@ -7,14 +7,15 @@
 No weight is copied: the sparsemoe layer's `router.weight`, `experts.w_in` and `experts.w_out` are the
 very Parameter objects of the Hugging Face block (`gate.weight`, Granite's `router.weight`,
 `experts.gate_up_proj` [E, 2F, D], `experts.down_proj` [E, D, F], the same layout), and the
-`e_score_correction_bias` of DeepSeek-V3, GLM-4.5, dots.llm1, EXAONE-MoE and MiniMax-M2 becomes the
-layer's `router.expert_bias`. Shared experts stay the Hugging Face modules, called as before
+`e_score_correction_bias` of DeepSeek-V3, GLM-4.5, dots.llm1, EXAONE-MoE, ERNIE 4.5 and MiniMax-M2 becomes
+the layer's `router.expert_bias` (the same storage). Shared experts stay the Hugging Face modules, called as before
 (GraniteMoeShared's shared MLP sits beside the block and is left alone). So an optimizer built before or
 after patching trains the same tensors.
 
 Supported blocks (transformers 5 fused expert tensors): MixtralSparseMoeBlock, Qwen2MoeSparseMoeBlock,
 Qwen3MoeSparseMoeBlock, OlmoeSparseMoeBlock, FlexOlmoSparseMoeBlock, GraniteMoeMoE, GraniteMoeSharedMoE, DeepseekV2Moe,
-DeepseekV3MoE, Glm4MoeMoE, Dots1MoE, ExaoneMoeSparseMoEBlock, MiniMaxM2SparseMoeBlock. Older
+DeepseekV3MoE, Glm4MoeMoE, Dots1MoE, ExaoneMoeSparseMoEBlock, Ernie4_5_MoeSparseMoeBlock,
+MiniMaxM2SparseMoeBlock. Older
 transformers keep one nn.Linear per expert; those cannot be stacked without a copy, and are reported as
 not patched.
 
@@ -56,6 +57,7 @@ SUPPORTED_BLOCKS = {
     "DeepseekV3MoE": _Block("deepseek_v3", "shared_experts"),
     "Glm4MoeMoE": _Block("glm4_moe", "shared_experts"),
     "Dots1MoE": _Block("dots1", "shared_experts"),
+    "Ernie4_5_MoeSparseMoeBlock": _Block("ernie4_5_moe", "shared_experts"),
     "ExaoneMoeSparseMoEBlock": _Block("exaone_moe", "shared_experts"),
     "MiniMaxM2SparseMoeBlock": _Block("minimax_m2"),
 }
@@ -67,8 +69,10 @@ def _router(module: nn.Module) -> nn.Module:
 
 
 def _bias_owner(module: nn.Module) -> Optional[nn.Module]:
-    """The module holding a block's `e_score_correction_bias`: its router, or (MiniMax-M2) the block."""
-    for owner in (_router(module), module):
+    """The module holding a block's `e_score_correction_bias`: its router, the router's `moe_statics`
+    (ERNIE 4.5, a [1, E] parameter), or (MiniMax-M2) the block."""
+    router = _router(module)
+    for owner in (router, getattr(router, "moe_statics", None), module):
         if getattr(owner, "e_score_correction_bias", None) is not None:
             return owner
     return None
@@ -167,7 +171,8 @@ def _sparsemoe_layer(module: nn.Module, moe_cfg, family: str) -> MoE:
     moe.experts.w_in = module.experts.gate_up_proj
     moe.experts.w_out = module.experts.down_proj
     if family in SELECTION_BIAS_FAMILIES:
-        moe.router.expert_bias = _bias_owner(module).e_score_correction_bias  # same tensor: no copy
+        bias = _bias_owner(module).e_score_correction_bias  # the same tensor, or (ERNIE's [1, E]) a view: no copy
+        moe.router.expert_bias = bias if bias.dim() == 1 else bias.view(-1)
     else:
         moe.router.expert_bias = torch.zeros(moe_cfg.num_experts, device=weight.device, dtype=torch.float32)
     moe.aux_loss = torch.zeros((), device=weight.device)
@@ -236,7 +241,11 @@ def unpatch_hf_model(model: nn.Module) -> int:
             original = module.original
             owner = _bias_owner(original)
             if owner is not None:
-                owner.e_score_correction_bias = module.moe.router.expert_bias
+                held = owner.e_score_correction_bias
+                bias = module.moe.router.expert_bias.view(held.shape)
+                # A parameter (ERNIE 4.5) is handed back as a parameter: a module refuses a plain tensor there.
+                is_param = isinstance(held, nn.Parameter)
+                owner.e_score_correction_bias = nn.Parameter(bias, requires_grad=False) if is_param else bias
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, child, original)

@@ -71,7 +71,7 @@ class Layout:
     prefix: str = "model."  # "model." for *ForCausalLM checkpoints, "" for bare *Model ones
     mixtral_block: str = "block_sparse_moe"  # Mixtral's MoE module name: block_sparse_moe | mlp
     fused_experts: bool = False  # 3-D gate_up_proj/down_proj instead of per-expert tensors
-    bias_on_block: bool = False  # EXAONE-MoE's own checkpoints: the selection bias on the block, not its gate
+    bias_on_block: bool = False  # EXAONE-MoE's and ERNIE 4.5's own checkpoints: the selection bias on the block
 
 
 def layout_name(layout: Layout, family: str) -> str:
@@ -86,7 +86,8 @@ def detect_layout(keys: set[str], family: str) -> Layout:
     prefix = "model." if any(k.startswith("model.layers.") or k == "model.embed_tokens.weight" for k in keys) else ""
     fused = any(k.endswith(".experts.gate_up_proj") for k in keys)
     block = "mlp" if family in _MIXTRAL_NAMES and any(".mlp." in k for k in keys) else "block_sparse_moe"
-    bias_on_block = any(k.endswith(".mlp.e_score_correction_bias") for k in keys)
+    own = (".mlp.e_score_correction_bias", ".mlp.moe_statics.e_score_correction_bias")  # EXAONE-MoE's, ERNIE's
+    bias_on_block = any(k.endswith(own) for k in keys)
     return Layout(prefix=prefix, mixtral_block=block, fused_experts=fused, bias_on_block=bias_on_block)
 
 
@@ -117,6 +118,10 @@ def _attention(src: str, dst: str, mapped: MappedConfig) -> list[Piece]:
     c = mapped.model_config
     if getattr(c, "attention", "gqa") != "mla":
         pieces = [Piece(f"{src}.{n}_proj.weight", f"{dst}.{n}_proj.weight") for n in "qkvo"]
+        if mapped.rope_interleaved:  # ERNIE 4.5: every head's rows become rotate-half pairs, as DeepSeek's
+            for i, heads in ((0, c.n_heads), (1, c.n_kv_heads)):
+                fix, back = (_permute_rope_rows(heads, 0, c.head_dim, inverse) for inverse in (False, True))
+                pieces[i] = Piece(pieces[i].src, pieces[i].dst, (), fix, back)
         if c.qkv_bias:
             pieces += [Piece(f"{src}.{n}_proj.bias", f"{dst}.{n}_proj.bias") for n in "qkv"]
         if c.qk_norm:
@@ -166,6 +171,16 @@ def _granite_moe_block(src: str, dst: str, mapped: MappedConfig, layout: Layout)
     return pieces
 
 
+def _selection_bias(src: str, dst: str, family: str, layout: Layout) -> Piece:
+    """A block's e_score_correction_bias: on its router (`gate.`), or on the block itself (MiniMax-M2,
+    EXAONE-MoE's own layout); ERNIE 4.5 keeps it as [1, E] in a moe_statics module, read through a [None] view."""
+    if family == "ernie4_5_moe":
+        owner = f"{src}.moe_statics" if layout.bias_on_block else f"{src}.gate.moe_statics"
+        return Piece(f"{owner}.e_score_correction_bias", f"{dst}.router.expert_bias", (None,))
+    on_block = family == "minimax_m2" or (family == "exaone_moe" and layout.bias_on_block)
+    return Piece(f"{src if on_block else src + '.gate'}.e_score_correction_bias", f"{dst}.router.expert_bias")
+
+
 def _moe_block(src: str, dst: str, mapped: MappedConfig, layout: Layout) -> list[Piece]:
     c, family = mapped.model_config, mapped.family
     E, F = c.num_experts, c.moe_hidden_dim
@@ -175,9 +190,8 @@ def _moe_block(src: str, dst: str, mapped: MappedConfig, layout: Layout) -> list
         src = src.rsplit(".", 1)[0] + "." + layout.mixtral_block
     pieces = [Piece(f"{src}.gate.weight", f"{dst}.router.weight")]
     pieces += _experts(f"{src}.experts", f"{dst}.experts", family, E, F, layout.fused_experts)
-    if family in SELECTION_BIAS_FAMILIES:  # on the router, or on the block (MiniMax-M2, EXAONE-MoE's own layout)
-        owner = src if family == "minimax_m2" or (family == "exaone_moe" and layout.bias_on_block) else f"{src}.gate"
-        pieces.append(Piece(f"{owner}.e_score_correction_bias", f"{dst}.router.expert_bias"))
+    if family in SELECTION_BIAS_FAMILIES:
+        pieces.append(_selection_bias(src, dst, family, layout))
     if c.num_shared_experts:
         Fs = c.shared_hidden_dim or c.num_shared_experts * F
         name = "shared_expert" if family == "qwen2_moe" else "shared_experts"
