@@ -111,6 +111,21 @@ def test_softmax_bias_moves_logits_or_probabilities():
         torch.testing.assert_close(routing.weights, expected)
 
 
+def test_the_fused_router_is_bypassed_for_a_bias_on_probabilities(monkeypatch):
+    """The fused GPU router biases softmax logits only: with bias_on_probs the PyTorch routing runs instead."""
+    import sparsemoe.routing as routing
+
+    def fused_would_be_wrong(*args):
+        raise AssertionError("the fused router was called")
+
+    monkeypatch.setattr(routing, "_fused_topk", (fused_would_be_wrong, lambda logits: True))
+    cfg = MoEConfig(dim=4, num_experts=4, top_k=2, bias_balancing=True, bias_on_probs=True)
+    logits, bias = torch.tensor([[2.0, 1.9, 0.0, -3.0]]), torch.tensor([0.0, 0.0, 0.6, 0.0])
+    assert token_choice(logits, cfg, training=False, bias_E=bias).expert_ids.tolist() == [2, 0]
+    with pytest.raises(AssertionError, match="fused router was called"):  # the stand-in is used otherwise
+        token_choice(logits, dataclasses.replace(cfg, bias_on_probs=False), training=False, bias_E=bias)
+
+
 @pytest.mark.parametrize(
     "fields,message",
     [
