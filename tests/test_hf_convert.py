@@ -152,7 +152,7 @@ def test_exaone_export_loads_in_transformers_and_round_trips_exactly(global_laye
     _matches_in_transformers_and_round_trips(model, tmp_path)
     with pytest.raises(HFFormatError, match=r"nope_layers=None \(EXAONE-MoE has RoPE exactly on the sliding"):
         export_hf(tiny_model(**dict(EXAONE_MODEL, nope_layers=None)), tmp_path / "x", family="exaone_moe")
-    with pytest.raises(HFFormatError, match=r"sliding_window=None \(EXAONE-MoE's config needs a window"):
+    with pytest.raises(HFFormatError, match=r"sliding_window=None \(EXAONE-MoE is written with a window"):
         export_hf(tiny_model(**dict(EXAONE_MODEL, sliding_window=None, sliding_layers=None, nope_layers=None)),
                   tmp_path / "y", family="exaone_moe")
 
@@ -181,6 +181,33 @@ def test_ernie_export_loads_in_transformers_and_round_trips_exactly(fused, tied,
     _matches_in_transformers_and_round_trips(model, tmp_path)
     with pytest.raises(HFFormatError, match=r"bias_on_probs=False \(ERNIE 4.5 adds the selection bias"):
         export_hf(tiny_model(**dict(ERNIE_MODEL, bias_on_probs=False)), tmp_path / "x", family="ernie4_5_moe")
+
+
+# AFMoE: sigmoid routing with a selection bias and a route scale, gated attention, sandwich norms, sliding
+# layers with RoPE and a global one without, muP's embedding scale.
+AFMOE_MODEL = dict(
+    n_layers=3, score_func="sigmoid", bias_balancing=True, route_scale=2.0, num_shared_experts=1,
+    first_dense_layers=1, qk_norm=True, attention_gate=True, norm_placement="sandwich", sliding_window=5,
+    sliding_layers=[0, 1], nope_layers=[2], embedding_multiplier=32**0.5, dense_hidden_dim=40,
+)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["per-expert", "fused"])
+def test_afmoe_export_loads_in_transformers_and_round_trips_exactly(fused, tmp_path):
+    model = tiny_model(**AFMOE_MODEL, tie_embeddings=fused)
+    with torch.no_grad():
+        for layer in model.moe_layers:
+            layer.router.expert_bias.normal_(0, 0.1)  # a trained selection bias
+    export_hf(model, tmp_path / "hf", fused=fused)  # auto: no other format has gated attention
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert (config["model_type"], config["mup_enabled"]) == ("afmoe", True)
+    with safe_open(str(tmp_path / "hf" / "model.safetensors"), "pt") as f:
+        assert f.get_tensor("model.layers.1.mlp.expert_bias").dtype == torch.float32
+    _matches_in_transformers_and_round_trips(model, tmp_path)
+    with pytest.raises(HFFormatError, match=r"embedding_multiplier=2.0"):
+        export_hf(tiny_model(**dict(AFMOE_MODEL, embedding_multiplier=2.0)), tmp_path / "x", family="afmoe")
+    with pytest.raises(HFFormatError, match=r"attention_gate=True \(GLM-4.5: False\)"):
+        export_hf(tiny_model(**AFMOE_MODEL), tmp_path / "y", family="glm4_moe")
 
 
 # Softmax models only a Qwen, OLMoE or Granite config can express (each fails Mixtral and the formats tried

@@ -164,6 +164,16 @@ FAMILIES = {
             moe_layer_start_index=1, moe_layer_interval=1, tie_word_embeddings=False,
         ),
     ),
+    # Layers 0 and 1 slide a window of 5 with RoPE, layer 2 is global without; muP scales the embeddings.
+    "afmoe": (
+        "AfmoeConfig",
+        "AfmoeForCausalLM",
+        dict(
+            head_dim=8, intermediate_size=40, moe_intermediate_size=16, num_experts=6, num_experts_per_tok=2,
+            num_shared_experts=1, num_dense_layers=1, route_scale=2.0, sliding_window=5, global_attn_every_n_layers=3,
+            mup_enabled=True,
+        ),
+    ),
     "dots1": (
         "Dots1Config",
         "Dots1ForCausalLM",
@@ -191,7 +201,7 @@ def tiny_hf_model(family: str, seed: int = 0, **overrides):
     model = getattr(transformers, model_cls)(config).eval()
     with torch.no_grad():
         for name, tensor in [*model.named_buffers(), *model.named_parameters()]:  # ERNIE's is a parameter
-            if name.endswith("e_score_correction_bias"):
+            if name.endswith(("e_score_correction_bias", "mlp.expert_bias")):  # the latter AFMoE's
                 tensor.normal_(0, 0.1)
     return model
 
@@ -232,6 +242,7 @@ CASES = [
     ("exaone_moe", False),
     ("ernie4_5_moe", True),
     ("ernie4_5_moe", False),
+    ("afmoe", True),
     ("minimax_m2", True),
     ("minimax_m2", False),
 ]
@@ -301,6 +312,11 @@ def test_routing_fields_per_family(tmp_path):
         "ernie4_5_moe": dict(
             score_func="softmax", bias_balancing=True, bias_on_probs=True, renormalize=True, num_shared_experts=1,
             moe_layers=[1, 2], rope_theta=500000.0,
+        ),
+        "afmoe": dict(
+            score_func="sigmoid", bias_balancing=True, renormalize=True, route_scale=2.0, num_shared_experts=1,
+            moe_layers=[1, 2], qk_norm=True, attention_gate=True, norm_placement="sandwich", sliding_window=5,
+            sliding_layers=[0, 1], nope_layers=[2], embedding_multiplier=32**0.5,
         ),
         "minimax_m2": dict(
             score_func="sigmoid", bias_balancing=True, renormalize=True, num_shared_experts=0, qk_norm=True,
@@ -439,6 +455,8 @@ def test_unmappable_configs_name_the_key():
     ernie = tiny_hf_model("ernie4_5_moe").config.to_dict()
     with pytest.raises(HFFormatError, match="use_bias"):
         map_config({**ernie, "use_bias": True})
+    with pytest.raises(HFFormatError, match="attention_bias"):
+        map_config({**tiny_hf_model("afmoe").config.to_dict(), "attention_bias": True})
     with pytest.raises(HFFormatError, match="moe_layer_end_index=1"):  # layer 2 would be dense in transformers
         map_config({**ernie, "moe_layer_end_index": 1})
     assert map_config({**ernie, "moe_layer_end_index": 2}).model_config.moe_layer_ids == [1, 2]

@@ -42,11 +42,13 @@ def test_patched_model_matches_original_and_shares_weights(family):
             "Dots1MoE",
             "ExaoneMoeSparseMoEBlock",
             "Ernie4_5_MoeSparseMoeBlock",
+            "AfmoeSparseMoeBlock",
             "MiniMaxM2SparseMoeBlock",
         )
     }
-    # ERNIE's frozen selection-bias parameter becomes the patched layer's bias buffer (a view of it).
-    params_before = {id(p) for n, p in hf.named_parameters() if not n.endswith("e_score_correction_bias")}
+    # ERNIE's and AFMoE's frozen selection-bias parameters become the patched layer's bias buffer (same storage).
+    biases = ("e_score_correction_bias", "expert_bias")
+    params_before = {id(p) for n, p in hf.named_parameters() if not n.endswith(biases)}
 
     report = patch_hf_model(hf, backend="grouped")
 
@@ -54,12 +56,15 @@ def test_patched_model_matches_original_and_shares_weights(family):
     for name, block in blocks.items():
         patched = hf.get_submodule(name)
         assert isinstance(patched, PatchedMoeBlock) and patched.moe.config.backend == "grouped"
-        router = block.router if family.startswith("granite") else block.gate
+        router_name = {"granitemoe": "router", "granitemoeshared": "router", "afmoe": "router.gate"}.get(family, "gate")
+        router = block.get_submodule(router_name)
         assert patched.moe.router.weight is router.weight  # the same Parameter: no copy
         assert patched.moe.experts.w_in is block.experts.gate_up_proj
         assert patched.moe.experts.w_out is block.experts.down_proj
         if family in ("deepseek_v3", "glm4_moe", "dots1", "exaone_moe"):
             assert patched.moe.router.expert_bias is block.gate.e_score_correction_bias
+        if family == "afmoe":  # a parameter on the block
+            assert patched.moe.router.expert_bias.data_ptr() == block.expert_bias.data_ptr()
         if family == "ernie4_5_moe":  # its [1, E] parameter, viewed as [E]: the same storage
             held = block.gate.moe_statics.e_score_correction_bias
             assert patched.moe.router.expert_bias.data_ptr() == held.data_ptr()

@@ -53,7 +53,8 @@ def test_presets_build_and_mixtral_has_mixtral_shape():
         ("sliding_window", 0, "ModelConfig.sliding_window=0"),
         ("sliding_layers", [0], "expected None when sliding_window is None"),
         ("nope_layers", [2], "a list of distinct layer indices"),
-        ("norm_placement", "sandwich", "ModelConfig.norm_placement='sandwich'"),
+        ("norm_placement", "peri", "ModelConfig.norm_placement='peri'"),
+        ("attention_gate", 1, "ModelConfig.attention_gate=1"),
     ],
 )
 def test_config_errors_name_the_field(field, value, expected):
@@ -79,6 +80,8 @@ def test_attention_only_options_are_refused_with_latent_attention():
         tiny(**mla, sliding_window=4)
     with pytest.raises(ValueError, match=r"nope_layers=\[1\] is invalid: expected None with mla"):
         tiny(**mla, nope_layers=[1])
+    with pytest.raises(ValueError, match="attention_gate=True is invalid: expected False with mla"):
+        tiny(**mla, attention_gate=True)
     assert tiny(nope_layers=[]).nope_layers is None
 
 
@@ -223,6 +226,7 @@ def test_bf16_autocast_forward_backward():
         {"embedding_multiplier": 2.0, "attention_multiplier": 0.2, "residual_multiplier": 0.6, "logits_divisor": 3.0},
         {"sliding_window": 5},  # shorter than the prompt, the chunk and the sequence
         {"sliding_window": 9, "sliding_layers": [1], "n_kv_heads": 1, "nope_layers": [1], "norm_placement": "post"},
+        {"norm_placement": "sandwich", "attention_gate": True},
     ],
 )
 def test_cached_logits_match_full_forward(overrides):
@@ -278,29 +282,60 @@ def test_nope_layers_attend_without_positions():
         assert (rope(swapped).logits[:, -1] - rope(ids).logits[:, -1]).abs().max() > 1e-3
 
 
-def test_post_norm_blocks_normalise_each_branch_output():
-    """norm_placement="post" (OLMo 2): x + norm(attn(x)), then x + norm(mlp(x)), written out by hand."""
+@pytest.mark.parametrize("placement", ["post", "sandwich"])
+def test_post_and_sandwich_norm_blocks_as_written_out_by_hand(placement):
+    """"post" (OLMo 2): x + norm(attn(x)), then x + norm(mlp(x)); "sandwich" (Gemma 2, AFMoE): norms on both
+    sides, x + post_norm(attn(norm(x))). Random norm weights, so that each norm matters."""
     torch.manual_seed(0)
-    model = MoETransformer(tiny(n_layers=1, norm_placement="post")).eval()
+    model = MoETransformer(tiny(n_layers=1, norm_placement=placement)).eval()
     block = model.layers[0]
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
     ids = torch.randint(0, 256, (2, 7))
+    cos, sin = model.rope_cos[:7], model.rope_sin[:7]
     with torch.no_grad():
         x = model.embed(ids)
-        x = x + block.attn_norm(block.attn(x, model.rope_cos[:7], model.rope_sin[:7], None))
-        x = x + block.ffn_norm(block.ffn(x))
+        if placement == "post":
+            x = x + block.attn_norm(block.attn(x, cos, sin, None))
+            x = x + block.ffn_norm(block.ffn(x))
+        else:
+            x = x + block.attn_post_norm(block.attn(block.attn_norm(x), cos, sin, None))
+            x = x + block.ffn_post_norm(block.ffn(block.ffn_norm(x)))
         expected = model.lm_head(model.norm(x))
         torch.testing.assert_close(model(ids).logits, expected)
         pre = MoETransformer(tiny(n_layers=1)).eval()
-        pre.load_state_dict(model.state_dict())
+        pre.load_state_dict(model.state_dict(), strict=False)
         assert (pre(ids).logits - expected).abs().max() > 1e-3
+
+
+def test_gated_attention_scales_each_channel_before_the_output_projection():
+    """attention_gate: o_proj(attention * sigmoid(gate_proj(x))), checked with an identity o_proj, through
+    which the same attention without a gate shows its channels."""
+    from sparsemoe.model.attention import Attention
+
+    torch.manual_seed(0)
+    config = tiny(attention_gate=True)
+    gated, plain = Attention(config, 0).eval(), Attention(tiny(), 0).eval()
+    plain.load_state_dict(gated.state_dict(), strict=False)
+    x = torch.randn(2, 6, config.dim)
+    cos, sin = MoETransformer(config).rope_cos[:6], MoETransformer(config).rope_sin[:6]
+    with torch.no_grad():
+        for attn in (gated, plain):
+            attn.o_proj.weight.copy_(torch.eye(config.dim))  # tiny: D == H*Hd
+        channels = plain(x, cos, sin)
+        torch.testing.assert_close(gated(x, cos, sin), channels * torch.sigmoid(gated.gate_proj(x)))
 
 
 @pytest.mark.slow
 def test_every_attention_and_block_option_compiles_fullgraph():
-    """Sliding windows, NoPE layers, post-norm blocks and the multipliers: one graph, eager's numbers."""
+    """Sliding windows, NoPE layers, sandwich norms, gated attention and the multipliers: one graph, eager's
+    numbers."""
     torch.manual_seed(0)
     config = tiny(
-        n_layers=3, sliding_window=5, sliding_layers=[0, 1], nope_layers=[2], norm_placement="post",
+        n_layers=3, sliding_window=5, sliding_layers=[0, 1], nope_layers=[2], norm_placement="sandwich",
+        attention_gate=True,
         embedding_multiplier=2.0, attention_multiplier=0.2, residual_multiplier=0.7, logits_divisor=3.0,
     )  # fmt: skip
     model = MoETransformer(config).train()

@@ -22,7 +22,7 @@ def _size(text: str) -> int:
 # sparsemoe.hf.export.EXPORT_FAMILIES, spelt out so that `sparsemoe --help` need not import torch (a test checks).
 HF_FORMATS = (
     "auto", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "flex_olmo", "granitemoe", "granitemoeshared", "glm4_moe",
-    "exaone_moe", "deepseek_v3", "deepseek_v2", "ernie4_5_moe",
+    "exaone_moe", "deepseek_v3", "deepseek_v2", "ernie4_5_moe", "afmoe",
 )  # fmt: skip
 
 
@@ -32,12 +32,12 @@ def register(subparsers) -> argparse.ArgumentParser:
         help="convert a Hugging Face MoE model to a sparsemoe checkpoint, or back to Hugging Face",
         description="Convert between Hugging Face MoE folders (config.json + safetensors) and sparsemoe checkpoints. "
         "HF -> sparsemoe reads Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, FlexOlmo, Granite-MoE (GraniteMoeShared too), "
-        "DeepSeek-V2, DeepSeek-V3, GLM-4.5, dots.llm1, EXAONE-MoE, ERNIE 4.5 and MiniMax-M2 folders and writes a "
-        "checkpoint that `sparsemoe generate --checkpoint OUT` runs. sparsemoe -> HF writes a Mixtral, Qwen2-MoE, "
-        "Qwen3-MoE, OLMoE, FlexOlmo, Granite-MoE, GraniteMoeShared, GLM-4.5, EXAONE-MoE, DeepSeek-V3, DeepSeek-V2 "
-        "or ERNIE 4.5 folder (the first that expresses the model) that transformers loads. The direction is taken "
-        "from SRC (a folder with config.json is Hugging Face) unless --to is given. Tensors are read and written "
-        "one at a time.",
+        "DeepSeek-V2, DeepSeek-V3, GLM-4.5, dots.llm1, EXAONE-MoE, ERNIE 4.5, AFMoE and MiniMax-M2 folders and "
+        "writes a checkpoint that `sparsemoe generate --checkpoint OUT` runs. sparsemoe -> HF writes a Mixtral, "
+        "Qwen2-MoE, Qwen3-MoE, OLMoE, FlexOlmo, Granite-MoE, GraniteMoeShared, GLM-4.5, EXAONE-MoE, DeepSeek-V3, "
+        "DeepSeek-V2, ERNIE 4.5 or AFMoE folder (the first that expresses the model) that transformers loads. The "
+        "direction is taken from SRC (a folder with config.json is Hugging Face) unless --to is given. Tensors are "
+        "read and written one at a time.",
     )
     p.add_argument("src", metavar="SRC", help="Hugging Face model folder, or sparsemoe run/checkpoint folder")
     p.add_argument("out", metavar="OUT", help="output folder (created; must be empty unless --overwrite)")

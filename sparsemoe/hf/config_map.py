@@ -1,9 +1,9 @@
 """Hugging Face `config.json` -> sparsemoe `ModelConfig`, per model family.
 
 Supported families (`model_type`): mixtral, qwen2_moe, qwen3_moe, olmoe, flex_olmo, granitemoe,
-granitemoeshared, deepseek_v2, deepseek_v3, glm4_moe, dots1, exaone_moe, ernie4_5_moe, minimax_m2. The config
-is read as plain JSON, so loading and converting need no `transformers` install; defaults for keys a config leaves
-out are those of the transformers config classes.
+granitemoeshared, deepseek_v2, deepseek_v3, glm4_moe, dots1, exaone_moe, ernie4_5_moe, afmoe, minimax_m2.
+The config is read as plain JSON, so loading and converting need no `transformers` install; defaults for
+keys a config leaves out are those of the transformers config classes.
 
 How each family routes, and the MoEConfig fields it maps to:
 
@@ -23,6 +23,7 @@ How each family routes, and the MoEConfig fields it maps to:
 | dots1       | as deepseek_v3 (dots.llm1; GQA attention with Qwen3's per-head q/k norm)                           |
 | exaone_moe  | as deepseek_v3 (K-EXAONE; per-head q/k norm, sliding layers, global layers without RoPE)          |
 | ernie4_5_moe | softmax | probability + e_score_correction_bias | renormalised                    | moe_num_shared_… |
+| afmoe       | sigmoid | score + expert_bias, top-k       | renormalised, x route_scale       | num_shared_...   |
 | minimax_m2  | sigmoid | score + e_score_correction_bias, top-k | renormalised                     | none             |
 
 RoPE: plain, or YaRN (`rope_type` "yarn", DeepSeek's context extension) as `ModelConfig.rope_scaling`;
@@ -47,13 +48,14 @@ from sparsemoe.model.mla import YARN_KEYS
 
 FAMILIES = (
     "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "flex_olmo", "granitemoe", "granitemoeshared", "deepseek_v2",
-    "deepseek_v3", "glm4_moe", "dots1", "exaone_moe", "ernie4_5_moe", "minimax_m2",
+    "deepseek_v3", "glm4_moe", "dots1", "exaone_moe", "ernie4_5_moe", "afmoe", "minimax_m2",
 )  # fmt: skip
 GRANITE_FAMILIES = ("granitemoe", "granitemoeshared")
 # Families whose MoE block holds a selection bias (`e_score_correction_bias`), DeepSeek-V3 style: on the
 # router (`gate.`), or on the block itself for MiniMax-M2 (and in EXAONE-MoE's own checkpoints); ERNIE 4.5
-# keeps it, [1, E], in a `moe_statics` module (on the gate, or on the block in its own checkpoints).
-SELECTION_BIAS_FAMILIES = ("deepseek_v3", "glm4_moe", "dots1", "exaone_moe", "ernie4_5_moe", "minimax_m2")
+# keeps it, [1, E], in a `moe_statics` module (on the gate, or on the block in its own checkpoints); AFMoE
+# keeps it on the block as `expert_bias`.
+SELECTION_BIAS_FAMILIES = ("deepseek_v3", "glm4_moe", "dots1", "exaone_moe", "ernie4_5_moe", "afmoe", "minimax_m2")
 
 # Expert activations: Hugging Face hidden_act -> sparsemoe activation (both gated).
 _ACTIVATIONS = {"silu": "swiglu", "swish": "swiglu", "gelu_pytorch_tanh": "geglu", "gelu_new": "geglu"}
@@ -212,13 +214,14 @@ def _qwen_sparse_layers(cfg: dict[str, Any], n_layers: int) -> dict[str, Any]:
 _WINDOW_DEFAULTS = {
     "mixtral": (None, 0), "qwen2_moe": (4096, 28), "qwen3_moe": (4096, 28), "dots1": (4096, 62),
     "exaone_moe": (4096, 0),  # its layers slide by sliding_window_pattern instead
+    "afmoe": (1024, 0),  # by global_attn_every_n_layers
 }  # fmt: skip
 
 
 def _sliding_layers(cfg: dict[str, Any], family: str, n_layers: int) -> list[bool]:
     """Which layers slide: config.json's layer_types where the family's transformers code reads them (Qwen2-MoE,
     dots1, EXAONE-MoE), else as transformers derives them."""
-    types = cfg.get("layer_types") if family in ("qwen2_moe", "dots1", "exaone_moe") else None
+    types = cfg.get("layer_types") if family in ("qwen2_moe", "dots1", "exaone_moe", "afmoe") else None
     if types is not None:
         if len(types) != n_layers or not set(types) <= {"full_attention", "sliding_attention"}:
             accepted = f"{n_layers} entries of 'full_attention' or 'sliding_attention'"
@@ -235,6 +238,9 @@ def _sliding_layers(cfg: dict[str, Any], family: str, n_layers: int) -> list[boo
         if isinstance(pattern, bool) or not isinstance(pattern, int) or pattern < 1:
             raise _unsupported("sliding_window_pattern", pattern, "an integer >= 1 (or layer_types)")
         return [(i + 1) % pattern != 0 for i in range(n_layers)]
+    if family == "afmoe":  # every global_attn_every_n_layers-th layer is global
+        every = int(cfg.get("global_attn_every_n_layers") or 4)
+        return [(i + 1) % every != 0 for i in range(n_layers)]
     return [True] * n_layers
 
 
@@ -287,6 +293,16 @@ def _attention(cfg: dict[str, Any], family: str, base: dict[str, Any]) -> None:
         if cfg.get("sliding_window", _WINDOW_DEFAULTS[family][0]) is not None:
             sliding = base.get("sliding_layers") or []
             base["nope_layers"] = [i for i in range(base["n_layers"]) if i not in sliding] or None
+    elif family == "afmoe":
+        if cfg.get("attention_bias"):
+            raise _unsupported("attention_bias", True, "attention without biases")
+        # Per-head q/k norms, gated attention, norms on both sides of each branch, and RoPE on the sliding
+        # layers only (whether or not a window is set), as transformers' AFMoE computes.
+        slides = _sliding_layers(cfg, family, base["n_layers"])
+        base.update(qk_norm=True, attention_gate=True, norm_placement="sandwich")
+        base["nope_layers"] = [i for i, s in enumerate(slides) if not s] or None
+        if cfg.get("mup_enabled"):
+            base["embedding_multiplier"] = float(base["dim"]) ** 0.5
     elif family == "ernie4_5_moe":
         if cfg.get("use_bias"):
             raise _unsupported("use_bias", True, "projections without biases")
@@ -409,6 +425,25 @@ def _ernie(cfg: dict[str, Any], n_layers: int, notes: list[str], family: str) ->
     )
 
 
+def _afmoe(cfg: dict[str, Any], n_layers: int, notes: list[str], family: str) -> dict[str, Any]:
+    """AFMoE: sigmoid scores + the block's expert_bias for selection, renormalised, x route_scale; ungated
+    shared experts; num_dense_layers dense blocks first."""
+    return dict(
+        num_experts=int(_get(cfg, "num_experts")),
+        top_k=int(_get(cfg, "num_experts_per_tok")),
+        moe_hidden_dim=int(_get(cfg, "moe_intermediate_size")),
+        dense_hidden_dim=int(_get(cfg, "intermediate_size")),
+        first_dense_layers=int(_get(cfg, "num_dense_layers", 1)),
+        num_shared_experts=int(_get(cfg, "num_shared_experts", 2)),
+        router="topk",
+        score_func="sigmoid",
+        renormalize=True,
+        route_scale=float(_get(cfg, "route_scale", 1.0)),
+        bias_balancing=True,  # expert_bias moves selection, as sparsemoe's expert_bias does
+        aux_loss_coef=0.0,
+    )
+
+
 def _first_dense_layers(cfg: dict[str, Any], family: str) -> int:
     """DeepSeek's first_k_dense_replace, or EXAONE-MoE's mlp_layer_types when given (a dense prefix only)."""
     types = cfg.get("mlp_layer_types") if family == "exaone_moe" else None
@@ -481,6 +516,7 @@ _ROUTING = {
     "dots1": _deepseek,  # likewise
     "exaone_moe": _deepseek,  # likewise (GQA with per-head q/k norms, sliding layers, NoPE global layers)
     "ernie4_5_moe": _ernie,
+    "afmoe": _afmoe,
     "minimax_m2": _mixtral,
 }
 
@@ -514,7 +550,7 @@ def map_config(cfg: dict[str, Any], max_seq_len: Optional[int] = None) -> Mapped
     family = family_of(cfg)
     notes: list[str] = []
     theta = {"mixtral": 1e6, "minimax_m2": 5e6, "ernie4_5_moe": 5e5}.get(family, 1e4)  # the transformers defaults
-    eps = 1e-5 if family in ("mixtral", "olmoe", "glm4_moe", "exaone_moe", "ernie4_5_moe") else 1e-6  # likewise
+    eps = 1e-5 if family in ("mixtral", "olmoe", "glm4_moe", "exaone_moe", "ernie4_5_moe", "afmoe") else 1e-6
     base = _common(cfg, theta, eps, max_seq_len)
     _attention(cfg, family, base)
     moe = _ROUTING[family](cfg, base["n_layers"], notes, family)

@@ -24,9 +24,13 @@ these formats that expresses the model (or the one asked for):
   permuted back from sparsemoe's rotate-half pairs.
 * ERNIE 4.5: softmax top-k chosen by probability + selection bias (bias_on_probs), renormalised, ungated
   shared experts, MoE blocks every n-th after a dense prefix; its RoPE pairs are interleaved too.
+* AFMoE: DeepSeek-V3's sigmoid routing without groups, renormalised, ungated shared experts, a dense
+  prefix; gated attention with per-head q/k norms, sandwich norms, a sliding window with RoPE on exactly the
+  sliding layers, and muP's embedding scale sqrt(dim) if any.
 All but the DeepSeek formats have GQA attention; all have gated experts and no capacity in evaluation; only
 the Granite formats hold multipliers other than 1, only Mixtral, the Qwen formats and EXAONE-MoE a sliding
-window, only EXAONE-MoE layers without RoPE, and only FlexOlmo post-norm blocks.
+window, only EXAONE-MoE and AFMoE layers without RoPE, only FlexOlmo post-norm blocks, and only AFMoE
+gated attention and sandwich norms.
 A model none can express is refused with every format's reasons, never exported approximately. The
 weights are written in the layout of the published checkpoints (Mixtral's per-expert
 `block_sparse_moe.experts.{j}.w1/w2/w3`, Granite's stacked `block_sparse_moe.input_linear` and
@@ -66,7 +70,8 @@ class _Format:
     multipliers: bool = False  # Granite's embedding, attention, residual and logits multipliers
     sliding: Optional[str] = None  # a sliding window: None (never), "all" (on every layer), "any" (any layers)
     global_nope: bool = False  # with a window, the layers without it have no RoPE (EXAONE-MoE); else all have
-    norm_placement: str = "pre"  # the blocks' norms: on each branch's input (pre) or output (post, OLMo 2)
+    norm_placement: str = "pre"  # the blocks' norms: on each branch's input (pre), output (post, OLMo 2) or both
+    attention_gate: bool = False  # gated attention (AFMoE): required where True, refused where False
 
 
 def _shared_incompatibilities(model: nn.Module, f: _Format) -> list[str]:
@@ -78,6 +83,8 @@ def _shared_incompatibilities(model: nn.Module, f: _Format) -> list[str]:
         problems.append(f"sliding_window={c.sliding_window}, sliding_layers={c.sliding_layers} ({f.name} has {has})")
     if c.norm_placement != f.norm_placement:
         problems.append(f"norm_placement={c.norm_placement!r} ({f.name}: {f.norm_placement!r})")
+    if c.attention_gate != f.attention_gate:
+        problems.append(f"attention_gate={c.attention_gate} ({f.name}: {f.attention_gate})")
     global_layers = [i for i in range(c.n_layers) if c.window_of(i) is None]
     nope = (global_layers or None) if f.global_nope and c.sliding_window is not None else None
     if c.nope_layers != nope:
@@ -187,13 +194,13 @@ class _DeepSeekFormat(_Format):
     group_score: str = "top2_sum"  # how groups are ranked for group-limited selection
     selection_bias: bool = True  # the router has e_score_correction_bias (and may renormalise); else it never
     #                              renormalises
-    exaone_attention: bool = False  # GQA with per-head q/k norms always, no biases, RoPE over whole heads, and
-    #                                 a sliding window (transformers' config requires one)
+    normed_windowed_gqa: bool = False  # GQA with per-head q/k norms always, no biases, RoPE over whole heads,
+    #                                    and a sliding window (EXAONE-MoE's and AFMoE's configs are written with one)
 
 
 _DEEPSEEK_FORMATS = {
     "glm4_moe": _DeepSeekFormat("GLM-4.5"),
-    "exaone_moe": _DeepSeekFormat("EXAONE-MoE", sliding="any", global_nope=True, exaone_attention=True),
+    "exaone_moe": _DeepSeekFormat("EXAONE-MoE", sliding="any", global_nope=True, normed_windowed_gqa=True),
     "deepseek_v3": _DeepSeekFormat("DeepSeek-V3", attention="mla"),
     "deepseek_v2": _DeepSeekFormat(
         "DeepSeek-V2", attention="mla", score_func="softmax", group_score="max", selection_bias=False
@@ -209,13 +216,13 @@ def _deepseek_incompatibilities(model: nn.Module, f: _DeepSeekFormat) -> list[st
         problems.append("the MoE blocks must follow a prefix of dense blocks (dense=False, moe_every=1)")
     if f.attention == "mla" and (c.qkv_bias or c.qk_norm):
         problems.append(f"qkv_bias={c.qkv_bias}, qk_norm={c.qk_norm} ({name}'s latent attention has neither)")
-    if f.exaone_attention and (c.qkv_bias or not c.qk_norm or c.rotary_dim != c.head_dim):
+    if f.normed_windowed_gqa and (c.qkv_bias or not c.qk_norm or c.rotary_dim != c.head_dim):
         problems.append(
             f"qkv_bias={c.qkv_bias}, qk_norm={c.qk_norm}, rotary_dim={c.rotary_dim} ({name} has no q/k/v "
             f"biases, q/k norms per head, and RoPE over the whole head, head_dim={c.head_dim})"
         )
-    if f.exaone_attention and c.sliding_window is None:
-        problems.append(f"sliding_window=None ({name}'s config needs a window; GLM-4.5 holds models without)")
+    if f.normed_windowed_gqa and c.sliding_window is None:
+        problems.append(f"sliding_window=None ({name} is written with a window)")
     if c.qk_norm and c.qk_norm_scope != "head":
         problems.append(f"qk_norm_scope='full' ({name} normalises q and k per head)")
     if c.rope_scaling is not None and f.attention == "gqa":
@@ -276,10 +283,34 @@ def ernie_incompatibilities(model: nn.Module) -> list[str]:
     return problems
 
 
+def afmoe_incompatibilities(model: nn.Module) -> list[str]:
+    """Why `model` cannot be written as AFMoE (`afmoe`; empty when it can): DeepSeek-V3's sigmoid routing with
+    a selection bias, renormalised, x route_scale, without groups; ungated shared experts; a dense prefix;
+    gated GQA attention with per-head q/k norms, sandwich norms, a sliding window with RoPE on exactly the
+    sliding layers; optionally muP's embedding scale sqrt(dim)."""
+    c, f = model.config, _DeepSeekFormat(
+        "AFMoE", sliding="any", global_nope=True, norm_placement="sandwich", attention_gate=True, multipliers=True,
+        normed_windowed_gqa=True,
+    )  # fmt: skip
+    problems = _deepseek_incompatibilities(model, f)
+    scaled = {name: getattr(c, name) for name in SCALAR_MULTIPLIERS if getattr(c, name) != 1.0}
+    if c.attention_scale != c.head_dim**-0.5:
+        scaled["attention_multiplier"] = c.attention_multiplier
+    if scaled.pop("embedding_multiplier", c.dim**0.5) != c.dim**0.5 or scaled:
+        problems.append(
+            f"multipliers other than 1 or an embedding_multiplier of sqrt(dim)={c.dim**0.5:g} (AFMoE's muP): "
+            + ", ".join(f"{k}={v}" for k, v in {**scaled, "embedding_multiplier": c.embedding_multiplier}.items())
+        )
+    if c.router != "topk" or not c.renormalize:
+        problems.append(f"router={c.router!r}, renormalize={c.renormalize} (AFMoE: 'topk', True)")
+    return problems
+
+
 _INCOMPATIBILITIES = {
     **{name: partial(_softmax_incompatibilities, f=f) for name, f in _SOFTMAX_FORMATS.items()},
     **{name: partial(_deepseek_incompatibilities, f=f) for name, f in _DEEPSEEK_FORMATS.items()},
     "ernie4_5_moe": ernie_incompatibilities,
+    "afmoe": afmoe_incompatibilities,
 }
 EXPORT_FAMILIES = tuple(_INCOMPATIBILITIES)  # in the order `export_family` tries them
 
@@ -490,6 +521,25 @@ def ernie_config_json(c, dtype: torch.dtype) -> dict[str, Any]:
     }
 
 
+def afmoe_config_json(c, dtype: torch.dtype) -> dict[str, Any]:
+    """AFMoE: the sliding layers as layer_types (the others attend without RoPE), muP as mup_enabled."""
+    return {
+        "architectures": ["AfmoeForCausalLM"],
+        "model_type": "afmoe",
+        "intermediate_size": c.dense_hidden_dim,
+        "moe_intermediate_size": c.moe_hidden_dim,
+        "num_experts": c.num_experts,
+        "num_shared_experts": c.num_shared_experts,
+        "num_dense_layers": c.first_dense_layers,
+        "route_scale": c.route_scale,
+        "sliding_window": c.sliding_window,
+        "layer_types": _layer_types(c),
+        "mup_enabled": c.embedding_multiplier != 1.0,
+        "attention_bias": False,
+        **_config_json_common(c, dtype),
+    }
+
+
 def deepseek_config_json(c, dtype: torch.dtype, family: str) -> dict[str, Any]:
     """DeepSeek-V3 (sigmoid routing, selection bias) or DeepSeek-V2 (softmax routing): latent attention."""
     out = _config_json_common(c, dtype)
@@ -528,11 +578,12 @@ _CONFIG_JSON = {
     "glm4_moe": glm4_config_json,
     "exaone_moe": exaone_config_json,
     "ernie4_5_moe": ernie_config_json,
+    "afmoe": afmoe_config_json,
     "deepseek_v3": partial(deepseek_config_json, family="deepseek_v3"),
     "deepseek_v2": partial(deepseek_config_json, family="deepseek_v2"),
 }
 # Written in its own dtype (float32): the selection bias is compared across experts at full precision.
-_KEEP_DTYPE = (".e_score_correction_bias",)
+_KEEP_DTYPE = (".e_score_correction_bias", ".mlp.expert_bias")  # the latter AFMoE's
 
 
 def _stored_bytes(name: str, t: torch.Tensor, dtype: torch.dtype) -> int:
@@ -575,6 +626,7 @@ def export_hf(
     dtype = dtype or model.embed.weight.dtype
     block = "block_sparse_moe" if family == "mixtral" and not fused else "mlp"
     # EXAONE-MoE's and ERNIE's own checkpoints hold the selection bias on the block; transformers 5's on the gate.
+    # (AFMoE's is on the block in both.)
     on_block = family in ("exaone_moe", "ernie4_5_moe") and not fused
     layout = Layout(prefix="model.", mixtral_block=block, fused_experts=fused, bias_on_block=on_block)
     state = model.state_dict()

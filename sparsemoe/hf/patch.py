@@ -4,20 +4,19 @@
     print(report)              # which blocks were patched, which were not and why
     unpatch_hf_model(model)    # put the original blocks back (e.g. before save_pretrained)
 
-No weight is copied: the sparsemoe layer's `router.weight`, `experts.w_in` and `experts.w_out` are the
-very Parameter objects of the Hugging Face block (`gate.weight`, Granite's `router.weight`,
+No weight is copied: the sparsemoe layer's `router.weight`, `experts.w_in` and `experts.w_out` are the very
+Parameter objects of the Hugging Face block (`gate.weight`, Granite's `router.weight`, AFMoE's `router.gate.weight`,
 `experts.gate_up_proj` [E, 2F, D], `experts.down_proj` [E, D, F], the same layout), and the
-`e_score_correction_bias` of DeepSeek-V3, GLM-4.5, dots.llm1, EXAONE-MoE, ERNIE 4.5 and MiniMax-M2 becomes
-the layer's `router.expert_bias` (the same storage). Shared experts stay the Hugging Face modules, called as before
-(GraniteMoeShared's shared MLP sits beside the block and is left alone). So an optimizer built before or
-after patching trains the same tensors.
+`e_score_correction_bias` of DeepSeek-V3, GLM-4.5, dots.llm1, EXAONE-MoE, ERNIE 4.5 and MiniMax-M2 (AFMoE's
+`expert_bias`) becomes the layer's `router.expert_bias` (the same storage). Shared experts stay the Hugging
+Face modules, called as before (GraniteMoeShared's shared MLP sits beside the block and is left alone). So
+an optimizer built before or after patching trains the same tensors.
 
 Supported blocks (transformers 5 fused expert tensors): MixtralSparseMoeBlock, Qwen2MoeSparseMoeBlock,
-Qwen3MoeSparseMoeBlock, OlmoeSparseMoeBlock, FlexOlmoSparseMoeBlock, GraniteMoeMoE, GraniteMoeSharedMoE, DeepseekV2Moe,
-DeepseekV3MoE, Glm4MoeMoE, Dots1MoE, ExaoneMoeSparseMoEBlock, Ernie4_5_MoeSparseMoeBlock,
-MiniMaxM2SparseMoeBlock. Older
-transformers keep one nn.Linear per expert; those cannot be stacked without a copy, and are reported as
-not patched.
+Qwen3MoeSparseMoeBlock, OlmoeSparseMoeBlock, FlexOlmoSparseMoeBlock, GraniteMoeMoE, GraniteMoeSharedMoE,
+DeepseekV2Moe, DeepseekV3MoE, Glm4MoeMoE, Dots1MoE, ExaoneMoeSparseMoEBlock, Ernie4_5_MoeSparseMoeBlock,
+AfmoeSparseMoeBlock, MiniMaxM2SparseMoeBlock. Older transformers keep one nn.Linear per expert; those cannot
+be stacked without a copy, and are reported as not patched.
 
 Behaviour differences, all outside inference: the patched layers add no balancing loss unless
 `aux_loss_coef` is given (transformers computes its own from router logits, which patched blocks do not
@@ -36,13 +35,15 @@ from sparsemoe.hf.config_map import FAMILIES, SELECTION_BIAS_FAMILIES, map_moe_c
 from sparsemoe.hf.io import HFFormatError
 from sparsemoe.layer import MoE
 
+
 class _Block(NamedTuple):
     """A supported Hugging Face MoE block: its family and the attribute names of its parts."""
 
     family: str
     shared: Optional[str] = None  # its shared experts, if it holds them
     shared_gate: Optional[str] = None  # their sigmoid gate, if any
-    router: str = "gate"  # the router module, whose `weight` is [E, D]
+    router: str = "gate"  # the router module (a dotted path below the block), whose `weight` is [E, D]
+    bias: str = "e_score_correction_bias"  # the selection bias's name, in families that have one
 
 
 SUPPORTED_BLOCKS = {
@@ -59,21 +60,25 @@ SUPPORTED_BLOCKS = {
     "Dots1MoE": _Block("dots1", "shared_experts"),
     "Ernie4_5_MoeSparseMoeBlock": _Block("ernie4_5_moe", "shared_experts"),
     "ExaoneMoeSparseMoEBlock": _Block("exaone_moe", "shared_experts"),
+    "AfmoeSparseMoeBlock": _Block("afmoe", "shared_experts", router="router.gate", bias="expert_bias"),
     "MiniMaxM2SparseMoeBlock": _Block("minimax_m2"),
 }
 
 
+def _spec(module: nn.Module) -> _Block:
+    return SUPPORTED_BLOCKS.get(type(module).__name__, _Block(""))
+
+
 def _router(module: nn.Module) -> nn.Module:
-    spec = SUPPORTED_BLOCKS.get(type(module).__name__)
-    return getattr(module, spec.router if spec else "gate")
+    return module.get_submodule(_spec(module).router)
 
 
 def _bias_owner(module: nn.Module) -> Optional[nn.Module]:
-    """The module holding a block's `e_score_correction_bias`: its router, the router's `moe_statics`
-    (ERNIE 4.5, a [1, E] parameter), or (MiniMax-M2) the block."""
-    router = _router(module)
+    """The module holding a block's selection bias (named `_spec(module).bias`): its router, the router's
+    `moe_statics` (ERNIE 4.5, a [1, E] parameter), or the block (MiniMax-M2, AFMoE)."""
+    name, router = _spec(module).bias, _router(module)
     for owner in (router, getattr(router, "moe_statics", None), module):
-        if getattr(owner, "e_score_correction_bias", None) is not None:
+        if getattr(owner, name, None) is not None:
             return owner
     return None
 
@@ -158,7 +163,7 @@ def _why_not(module: nn.Module, moe_cfg, family: str, model_family: str) -> str:
     if not isinstance(gate_weight, nn.Parameter) or tuple(gate_weight.shape) != (E, D):
         return f"router weight is not an [E, D] = {(E, D)} parameter"
     if family in SELECTION_BIAS_FAMILIES and _bias_owner(module) is None:
-        return "block has no e_score_correction_bias"
+        return f"block has no {_spec(module).bias}"
     return ""
 
 
@@ -171,8 +176,10 @@ def _sparsemoe_layer(module: nn.Module, moe_cfg, family: str) -> MoE:
     moe.experts.w_in = module.experts.gate_up_proj
     moe.experts.w_out = module.experts.down_proj
     if family in SELECTION_BIAS_FAMILIES:
-        bias = _bias_owner(module).e_score_correction_bias  # the same tensor, or (ERNIE's [1, E]) a view: no copy
-        moe.router.expert_bias = bias if bias.dim() == 1 else bias.view(-1)
+        bias = getattr(_bias_owner(module), _spec(module).bias)  # the same tensor: no copy
+        if isinstance(bias, nn.Parameter):  # ERNIE 4.5's [1, E], AFMoE's [E]: a buffer on the same storage
+            bias = bias.detach().view(-1)
+        moe.router.expert_bias = bias
     else:
         moe.router.expert_bias = torch.zeros(moe_cfg.num_experts, device=weight.device, dtype=torch.float32)
     moe.aux_loss = torch.zeros((), device=weight.device)
@@ -232,8 +239,8 @@ def patch_hf_model(model: nn.Module, backend: str = "auto", aux_loss_coef: float
 def unpatch_hf_model(model: nn.Module) -> int:
     """Put the original Hugging Face blocks back; returns how many were restored.
 
-    The originals hold the same Parameter objects; the DeepSeek-V3 selection bias is handed back as the
-    patched layer holds it now (it may have moved device or been updated in training).
+    The originals hold the same Parameter objects; the selection bias (DeepSeek-V3's and the others') is
+    handed back as the patched layer holds it now (it may have moved device or been updated in training).
     """
     restored = 0
     for name, module in list(model.named_modules()):
@@ -241,11 +248,12 @@ def unpatch_hf_model(model: nn.Module) -> int:
             original = module.original
             owner = _bias_owner(original)
             if owner is not None:
-                held = owner.e_score_correction_bias
+                attr = _spec(original).bias
+                held = getattr(owner, attr)
                 bias = module.moe.router.expert_bias.view(held.shape)
-                # A parameter (ERNIE 4.5) is handed back as a parameter: a module refuses a plain tensor there.
+                # A parameter (ERNIE 4.5, AFMoE) is handed back as one: a module refuses a plain tensor there.
                 is_param = isinstance(held, nn.Parameter)
-                owner.e_score_correction_bias = nn.Parameter(bias, requires_grad=False) if is_param else bias
+                setattr(owner, attr, nn.Parameter(bias, requires_grad=False) if is_param else bias)
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, child, original)

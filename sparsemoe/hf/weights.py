@@ -126,6 +126,8 @@ def _attention(src: str, dst: str, mapped: MappedConfig) -> list[Piece]:
             pieces += [Piece(f"{src}.{n}_proj.bias", f"{dst}.{n}_proj.bias") for n in "qkv"]
         if c.qk_norm:
             pieces += [Piece(f"{src}.{n}_norm.weight", f"{dst}.{n}_norm.weight") for n in "qk"]
+        if c.attention_gate:
+            pieces.append(Piece(f"{src}.gate_proj.weight", f"{dst}.gate_proj.weight"))
         return pieces
     rope = c.head_dim
     q_fix = kv_fix = q_back = kv_back = None
@@ -173,10 +175,13 @@ def _granite_moe_block(src: str, dst: str, mapped: MappedConfig, layout: Layout)
 
 def _selection_bias(src: str, dst: str, family: str, layout: Layout) -> Piece:
     """A block's e_score_correction_bias: on its router (`gate.`), or on the block itself (MiniMax-M2,
-    EXAONE-MoE's own layout); ERNIE 4.5 keeps it as [1, E] in a moe_statics module, read through a [None] view."""
+    EXAONE-MoE's own layout); ERNIE 4.5 keeps it as [1, E] in a moe_statics module, read through a [None] view;
+    AFMoE on the block as `expert_bias`."""
     if family == "ernie4_5_moe":
         owner = f"{src}.moe_statics" if layout.bias_on_block else f"{src}.gate.moe_statics"
         return Piece(f"{owner}.e_score_correction_bias", f"{dst}.router.expert_bias", (None,))
+    if family == "afmoe":
+        return Piece(f"{src}.expert_bias", f"{dst}.router.expert_bias")
     on_block = family == "minimax_m2" or (family == "exaone_moe" and layout.bias_on_block)
     return Piece(f"{src if on_block else src + '.gate'}.e_score_correction_bias", f"{dst}.router.expert_bias")
 
@@ -188,7 +193,8 @@ def _moe_block(src: str, dst: str, mapped: MappedConfig, layout: Layout) -> list
         return _granite_moe_block(src, dst, mapped, layout)
     if family in _MIXTRAL_NAMES:
         src = src.rsplit(".", 1)[0] + "." + layout.mixtral_block
-    pieces = [Piece(f"{src}.gate.weight", f"{dst}.router.weight")]
+    router = f"{src}.router.gate" if family == "afmoe" else f"{src}.gate"  # AFMoE's router module wraps a Linear
+    pieces = [Piece(f"{router}.weight", f"{dst}.router.weight")]
     pieces += _experts(f"{src}.experts", f"{dst}.experts", family, E, F, layout.fused_experts)
     if family in SELECTION_BIAS_FAMILIES:
         pieces.append(_selection_bias(src, dst, family, layout))
@@ -201,6 +207,18 @@ def _moe_block(src: str, dst: str, mapped: MappedConfig, layout: Layout) -> list
     return pieces
 
 
+# Each block's norms as (Hugging Face name, sparsemoe name), per ModelConfig.norm_placement: the attention's,
+# then the MLP's. Pre-norm blocks norm the inputs, OLMo 2's the outputs, AFMoE's (sandwich) both.
+_NORMS = {
+    "pre": ([("input_layernorm", "attn_norm")], [("post_attention_layernorm", "ffn_norm")]),
+    "post": ([("post_attention_layernorm", "attn_norm")], [("post_feedforward_layernorm", "ffn_norm")]),
+    "sandwich": (
+        [("input_layernorm", "attn_norm"), ("post_attention_layernorm", "attn_post_norm")],
+        [("pre_mlp_layernorm", "ffn_norm"), ("post_mlp_layernorm", "ffn_post_norm")],
+    ),
+}
+
+
 def model_pieces(mapped: MappedConfig, layout: Layout) -> list[Piece]:
     """Every piece of a sparsemoe model built from `mapped`, in state-dict order."""
     c = mapped.model_config
@@ -208,13 +226,10 @@ def model_pieces(mapped: MappedConfig, layout: Layout) -> list[Piece]:
     pieces = [Piece(f"{p}embed_tokens.weight", "embed.weight")]
     for i in range(c.n_layers):
         src, dst = f"{p}layers.{i}", f"layers.{i}"
-        # Pre-norm blocks norm the attention's input and then the MLP's; OLMo 2's blocks norm their outputs.
-        attn_norm, ffn_norm = ("input_layernorm", "post_attention_layernorm")
-        if c.norm_placement == "post":
-            attn_norm, ffn_norm = ("post_attention_layernorm", "post_feedforward_layernorm")
-        pieces.append(Piece(f"{src}.{attn_norm}.weight", f"{dst}.attn_norm.weight"))
+        attn_norms, mlp_norms = _NORMS[c.norm_placement]
+        pieces += [Piece(f"{src}.{hf}.weight", f"{dst}.{ours}.weight") for hf, ours in attn_norms]
         pieces += _attention(f"{src}.self_attn", f"{dst}.attn", mapped)
-        pieces.append(Piece(f"{src}.{ffn_norm}.weight", f"{dst}.ffn_norm.weight"))
+        pieces += [Piece(f"{src}.{hf}.weight", f"{dst}.{ours}.weight") for hf, ours in mlp_norms]
         if c.is_moe_layer(i):
             pieces += _moe_block(f"{src}.mlp", f"{dst}.ffn", mapped, layout)
         else:

@@ -111,7 +111,8 @@ class KVCache:
 
 class Attention(nn.Module):
     """Parameters: q_proj [H*Hd, D], k_proj/v_proj [G*Hd, D] (+ biases when qkv_bias), o_proj [D, H*Hd],
-    q_norm/k_norm when qk_norm: [Hd] each (qk_norm_scope "head"), or [H*Hd] and [G*Hd] (scope "full")."""
+    q_norm/k_norm when qk_norm: [Hd] each (qk_norm_scope "head"), or [H*Hd] and [G*Hd] (scope "full"),
+    gate_proj [H*Hd, D] when attention_gate."""
 
     def __init__(self, config: ModelConfig, layer_id: int) -> None:
         super().__init__()
@@ -122,6 +123,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(D, self.n_kv_heads * Hd, bias=config.qkv_bias)
         self.v_proj = nn.Linear(D, self.n_kv_heads * Hd, bias=config.qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * Hd, D, bias=False)
+        self.gate_proj = nn.Linear(D, self.n_heads * Hd, bias=False) if config.attention_gate else None
         self.norm_full_width = config.qk_norm_scope == "full"
         q_width, k_width = (self.n_heads * Hd, self.n_kv_heads * Hd) if self.norm_full_width else (Hd, Hd)
         self.q_norm = RMSNorm(q_width, config.norm_eps) if config.qk_norm else None
@@ -163,4 +165,7 @@ class Attention(nn.Module):
             scale=self.scale,
             enable_gqa=self.n_kv_heads != self.n_heads,
         )
-        return self.o_proj(y.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim))
+        y = y.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim)
+        if self.gate_proj is not None:  # gated attention: each head's channels scaled by a sigmoid of the input
+            y = y * torch.sigmoid(self.gate_proj(x_BSD))
+        return self.o_proj(y)

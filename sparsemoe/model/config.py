@@ -76,10 +76,13 @@ class ModelConfig:
     #   "original_max_position_embeddings": >= 1, optional beta_fast, beta_slow, mscale, mscale_all_dim}
     norm_eps: float = 1e-5  # RMSNorm epsilon; > 0
     norm_placement: str = "pre"  # pre: RMSNorm on each branch's input (Llama) | post: on each branch's output,
-    #                              before it joins the residual stream (OLMo 2, FlexOlmo)
+    #                              before it joins the residual stream (OLMo 2, FlexOlmo) | sandwich: on both
+    #                              (Gemma 2, AFMoE; two more norms per block)
     qkv_bias: bool = False  # biases on q/k/v projections (Qwen2)
     qk_norm: bool = False  # RMSNorm on q and k before RoPE (Qwen3, OLMoE)
     qk_norm_scope: str = "head"  # head: per head, over Hd (Qwen3) | full: over all of q and all of k (OLMoE)
+    attention_gate: bool = False  # the attention output times sigmoid(gate_proj(x)) per channel, before o_proj
+    #                               (gated attention: AFMoE, Qwen3-Next); gqa only
     tie_embeddings: bool = False  # lm_head shares the embedding matrix
     init_std: float = 0.02  # std of the normal init of embeddings and projections; > 0
     attention: str = "gqa"  # gqa | mla (DeepSeek Multi-head Latent Attention; head_dim is then the RoPE width)
@@ -159,7 +162,7 @@ class ModelConfig:
             value = getattr(self, name)
             if not _number(value) or value <= 0 or math.isinf(value):
                 _fail(name, value, "a finite number > 0")
-        for name in ("qkv_bias", "qk_norm", "tie_embeddings", "dense"):
+        for name in ("qkv_bias", "qk_norm", "tie_embeddings", "dense", "attention_gate"):
             if not isinstance(getattr(self, name), bool):
                 _fail(name, getattr(self, name), "True or False")
         scaling = self.rope_scaling
@@ -183,8 +186,8 @@ class ModelConfig:
         scale = self.attention_multiplier
         if scale is not None and (not _number(scale) or scale <= 0 or math.isinf(scale)):
             _fail("attention_multiplier", scale, "None (1/sqrt(head_dim)) or a finite number > 0")
-        if self.norm_placement not in ("pre", "post"):
-            _fail("norm_placement", self.norm_placement, "'pre' or 'post'")
+        if self.norm_placement not in ("pre", "post", "sandwich"):
+            _fail("norm_placement", self.norm_placement, "'pre', 'post' or 'sandwich'")
         if self.qk_norm_scope not in ("head", "full"):
             _fail("qk_norm_scope", self.qk_norm_scope, "'head' or 'full'")
         if self.attention == "mla":
@@ -196,6 +199,8 @@ class ModelConfig:
                 _int_at_least("q_lora_rank", self.q_lora_rank, 1)
             if self.attention_multiplier is not None:
                 _fail("attention_multiplier", scale, "None with mla (latent attention sets its own softmax scale)")
+            if self.attention_gate:
+                _fail("attention_gate", True, "False with mla")
         if self.router == "expert_choice":
             _fail("router", self.router, "'topk' or 'group_limited' (expert_choice is not causal)")
         if self.activation not in ACTIVATIONS:

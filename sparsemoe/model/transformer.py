@@ -1,8 +1,9 @@
 """The decoder-only MoE transformer: pre-norm blocks of rotary GQA attention and MoE or dense MLPs.
 
 x = embed(ids) * embedding_multiplier; per block x += residual_multiplier * attn(norm(x)), then the same
-for the MLP (with norm_placement="post": x += residual_multiplier * norm(attn(x)), OLMo 2's order); logits
-= lm_head(norm(x)) / logits_divisor (the multipliers are 1 unless a config sets them).
+for the MLP (with norm_placement="post": x += residual_multiplier * norm(attn(x)), OLMo 2's order; with
+"sandwich": norm(attn(norm(x)))); logits = lm_head(norm(x)) / logits_divisor (the multipliers are 1 unless a
+config sets them).
 
 Legend: B batch, S sequence positions, D model width, V vocabulary, E experts.
 
@@ -10,13 +11,16 @@ State-dict layout (stable; Hugging Face conversion maps onto these names):
 
     embed.weight                          [V, D]
     layers.{i}.attn_norm.weight           [D]         (on the attention's input, or its output with "post" norms)
+    layers.{i}.attn_post_norm.weight      [D]         ("sandwich" norms only: on the attention's output)
     layers.{i}.attn.q_proj.weight         [H*Hd, D]   (+ .bias when qkv_bias)
     layers.{i}.attn.k_proj.weight         [G*Hd, D]   (+ .bias when qkv_bias)
     layers.{i}.attn.v_proj.weight         [G*Hd, D]   (+ .bias when qkv_bias)
     layers.{i}.attn.o_proj.weight         [D, H*Hd]
+    layers.{i}.attn.gate_proj.weight      [H*Hd, D]   (attention_gate only)
     layers.{i}.attn.q_norm.weight         [Hd]        (qk_norm only; [H*Hd] with qk_norm_scope "full")
     layers.{i}.attn.k_norm.weight         [Hd]        (qk_norm only; [G*Hd] with qk_norm_scope "full")
     layers.{i}.ffn_norm.weight            [D]         (on the MLP's input, or its output with "post" norms)
+    layers.{i}.ffn_post_norm.weight       [D]         ("sandwich" norms only: on the MLP's output)
     MoE block (sparsemoe.MoE):
     layers.{i}.ffn.router.weight          [E, D]
     layers.{i}.ffn.router.expert_bias     [E]         (buffer; bias balancing)
@@ -95,6 +99,9 @@ class Block(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
         self.residual_multiplier = config.residual_multiplier
         self.post_norm = config.norm_placement == "post"
+        sandwich = config.norm_placement == "sandwich"  # norms on each branch's input and on its output
+        self.attn_post_norm = RMSNorm(config.dim, config.norm_eps) if sandwich else None
+        self.ffn_post_norm = RMSNorm(config.dim, config.norm_eps) if sandwich else None
 
     def _branch(self, y: Tensor) -> Tensor:
         """A residual branch's output as it is added: dropout, then the residual multiplier (Granite)."""
@@ -111,8 +118,10 @@ class Block(nn.Module):
         if self.post_norm:  # OLMo 2: each branch reads the residual stream; its output is normalised
             x = x + self._branch(self.attn_norm(self.attn(x, cos, sin, cache)))
             return x + self._branch(self.ffn_norm(self._mlp(x)))
-        x = x + self._branch(self.attn(self.attn_norm(x), cos, sin, cache))
-        return x + self._branch(self._mlp(self.ffn_norm(x)))
+        y = self.attn(self.attn_norm(x), cos, sin, cache)
+        x = x + self._branch(y if self.attn_post_norm is None else self.attn_post_norm(y))
+        y = self._mlp(self.ffn_norm(x))
+        return x + self._branch(y if self.ffn_post_norm is None else self.ffn_post_norm(y))
 
 
 class MoETransformer(nn.Module):
@@ -143,7 +152,8 @@ class MoETransformer(nn.Module):
             if not isinstance(block.attn, Attention):  # MLA: the same scheme over its own projections
                 block.attn.reset_parameters(std, out_std)
             else:
-                for proj in (block.attn.q_proj, block.attn.k_proj, block.attn.v_proj):
+                gate = [block.attn.gate_proj] if block.attn.gate_proj is not None else []
+                for proj in (block.attn.q_proj, block.attn.k_proj, block.attn.v_proj, *gate):
                     nn.init.normal_(proj.weight, std=std)
                     if proj.bias is not None:
                         nn.init.zeros_(proj.bias)
