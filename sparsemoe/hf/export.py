@@ -74,6 +74,14 @@ class _Format:
     attention_gate: bool = False  # gated attention (AFMoE): required where True, refused where False
 
 
+def _scaled(c) -> dict[str, Any]:
+    """The model's multipliers that are not neutral (attention_multiplier: other than 1/sqrt(head_dim))."""
+    scaled = {name: getattr(c, name) for name in SCALAR_MULTIPLIERS if getattr(c, name) != 1.0}
+    if c.attention_scale != c.head_dim**-0.5:
+        scaled["attention_multiplier"] = c.attention_multiplier
+    return scaled
+
+
 def _shared_incompatibilities(model: nn.Module, f: _Format) -> list[str]:
     """What no export format can hold, and what format `f` lacks of the attention, multipliers and windows."""
     c = model.config
@@ -91,9 +99,7 @@ def _shared_incompatibilities(model: nn.Module, f: _Format) -> list[str]:
         has = "RoPE on every layer" if not f.global_nope else "RoPE exactly on the sliding-window layers, if any"
         problems.append(f"nope_layers={c.nope_layers} ({f.name} has {has}: nope_layers={nope})")
     if not f.multipliers:
-        scaled = {name: getattr(c, name) for name in SCALAR_MULTIPLIERS if getattr(c, name) != 1.0}
-        if c.attention_scale != c.head_dim**-0.5:
-            scaled["attention_multiplier"] = c.attention_multiplier
+        scaled = _scaled(c)
         if scaled:
             settings = ", ".join(f"{k}={v}" for k, v in scaled.items())
             problems.append(f"{settings} ({f.name} has no multipliers; the Granite formats have)")
@@ -293,9 +299,7 @@ def afmoe_incompatibilities(model: nn.Module) -> list[str]:
         normed_windowed_gqa=True,
     )  # fmt: skip
     problems = _deepseek_incompatibilities(model, f)
-    scaled = {name: getattr(c, name) for name in SCALAR_MULTIPLIERS if getattr(c, name) != 1.0}
-    if c.attention_scale != c.head_dim**-0.5:
-        scaled["attention_multiplier"] = c.attention_multiplier
+    scaled = _scaled(c)
     if scaled.pop("embedding_multiplier", c.dim**0.5) != c.dim**0.5 or scaled:
         problems.append(
             f"multipliers other than 1 or an embedding_multiplier of sqrt(dim)={c.dim**0.5:g} (AFMoE's muP): "
