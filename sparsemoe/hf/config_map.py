@@ -220,7 +220,7 @@ _WINDOW_DEFAULTS = {
 
 def _sliding_layers(cfg: dict[str, Any], family: str, n_layers: int) -> list[bool]:
     """Which layers slide: config.json's layer_types where the family's transformers code reads them (Qwen2-MoE,
-    dots1, EXAONE-MoE), else as transformers derives them."""
+    dots1, EXAONE-MoE, AFMoE), else as transformers derives them."""
     types = cfg.get("layer_types") if family in ("qwen2_moe", "dots1", "exaone_moe", "afmoe") else None
     if types is not None:
         if len(types) != n_layers or not set(types) <= {"full_attention", "sliding_attention"}:

@@ -269,7 +269,7 @@ class ModelConfig:
     def approx_num_params(self) -> int:
         """Parameter count from the config alone (without building the model), up to norms and biases."""
         D, Hd = self.dim, self.head_dim
-        attn = D * Hd * (2 * self.n_heads + 2 * self.n_kv_heads)
+        attn = D * Hd * (2 * self.n_heads + 2 * self.n_kv_heads + (self.n_heads if self.attention_gate else 0))
         gate = 3 if self.activation in ("swiglu", "geglu") else 2
         moe = self.moe_config()
         moe_ffn = self.num_experts * gate * D * moe.hidden_dim + self.num_experts * D + gate * D * moe.shared_dim
