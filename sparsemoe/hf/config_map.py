@@ -51,6 +51,9 @@ FAMILIES = (
     "deepseek_v3", "glm4_moe", "dots1", "exaone_moe", "ernie4_5_moe", "afmoe", "minimax_m2",
 )  # fmt: skip
 GRANITE_FAMILIES = ("granitemoe", "granitemoeshared")
+# Families that always pair RoPE dims interleaved, (2i, 2i+1): their q/k rows are permuted to rotate-half
+# pairs at load time and back on export. DeepSeek-V3 does so unless its config says rope_interleave=False.
+INTERLEAVED_ROPE_FAMILIES = ("deepseek_v2", "ernie4_5_moe")
 # Families whose MoE block holds a selection bias (`e_score_correction_bias`), DeepSeek-V3 style: on the
 # router (`gate.`), or on the block itself for MiniMax-M2 (and in EXAONE-MoE's own checkpoints); ERNIE 4.5
 # keeps it, [1, E], in a `moe_statics` module (on the gate, or on the block in its own checkpoints); AFMoE
@@ -69,7 +72,7 @@ class MappedConfig:
 
     family: str
     model_config: Any  # sparsemoe.model.ModelConfig
-    rope_interleaved: bool = False  # DeepSeek rotary pairs are (2i, 2i+1): permute q/k rows at load time
+    rope_interleaved: bool = False  # rotary pairs are (2i, 2i+1) (DeepSeek, ERNIE 4.5): permute q/k rows at load time
     notes: list[str] = field(default_factory=list)  # behaviour differences worth telling the user
 
 
@@ -100,7 +103,7 @@ def family_of(cfg: dict[str, Any]) -> str:
     )
 
 
-# transformers' attribute_map aliases: a config.json may spell the expert count any of these ways.
+# transformers' attribute_map aliases: a config.json may spell the expert counts and top-k any of these ways.
 _ALIASES = {
     "num_experts": ("num_local_experts", "n_routed_experts", "moe_num_experts"),
     "num_local_experts": ("num_experts", "n_routed_experts"),
@@ -554,7 +557,7 @@ def map_config(cfg: dict[str, Any], max_seq_len: Optional[int] = None) -> Mapped
     base = _common(cfg, theta, eps, max_seq_len)
     _attention(cfg, family, base)
     moe = _ROUTING[family](cfg, base["n_layers"], notes, family)
-    interleaved = family in ("deepseek_v2", "ernie4_5_moe") or (
+    interleaved = family in INTERLEAVED_ROPE_FAMILIES or (
         family == "deepseek_v3" and bool(cfg.get("rope_interleave", True))
     )
     try:

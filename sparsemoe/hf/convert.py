@@ -161,7 +161,7 @@ def sparsemoe_to_hf(
 ) -> tuple[Path, str]:
     """Convert a sparsemoe run or checkpoint folder to a Hugging Face folder -> (folder, format written).
 
-    family: "mixtral", "glm4_moe" or "auto" (the first that expresses the model; see sparsemoe.hf.export).
+    family: one of sparsemoe.hf.export.EXPORT_FAMILIES, or "auto" (the first of them that expresses the model).
     """
     model = read_sparsemoe_checkpoint(src)
     family = export_family(model, family)  # checked before the output folder is touched

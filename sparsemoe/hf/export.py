@@ -52,7 +52,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-from sparsemoe.hf.config_map import SAVED_KEY, MappedConfig
+from sparsemoe.hf.config_map import INTERLEAVED_ROPE_FAMILIES, SAVED_KEY, MappedConfig
 from sparsemoe.hf.io import INDEX_FILE, HFFormatError, write_safetensors
 from sparsemoe.hf.load import has_selection_bias
 from sparsemoe.hf.weights import Layout, model_pieces
@@ -586,22 +586,18 @@ _CONFIG_JSON = {
     "deepseek_v3": partial(deepseek_config_json, family="deepseek_v3"),
     "deepseek_v2": partial(deepseek_config_json, family="deepseek_v2"),
 }
-# Written in its own dtype (float32): the selection bias is compared across experts at full precision.
-_KEEP_DTYPE = (".e_score_correction_bias", ".mlp.expert_bias")  # the latter AFMoE's
-
-
-def _stored_bytes(name: str, t: torch.Tensor, dtype: torch.dtype) -> int:
-    kept = name.endswith(_KEEP_DTYPE) or not t.is_floating_point()
+def _stored_bytes(name: str, t: torch.Tensor, dtype: torch.dtype, keep: set[str]) -> int:
+    kept = name in keep or not t.is_floating_point()
     return t.numel() * (t.element_size() if kept else torch.empty((), dtype=dtype).element_size())
 
 
 def _shards(
-    items: list[tuple[str, torch.Tensor]], max_bytes: int, dtype: torch.dtype
+    items: list[tuple[str, torch.Tensor]], max_bytes: int, dtype: torch.dtype, keep: set[str]
 ) -> list[list[tuple[str, torch.Tensor]]]:
     shards: list[list[tuple[str, torch.Tensor]]] = [[]]
     size = 0
     for name, t in items:
-        nbytes = _stored_bytes(name, t, dtype)
+        nbytes = _stored_bytes(name, t, dtype, keep)
         if shards[-1] and size + nbytes > max_bytes:
             shards.append([])
             size = 0
@@ -635,17 +631,19 @@ def export_hf(
     layout = Layout(prefix="model.", mixtral_block=block, fused_experts=fused, bias_on_block=on_block)
     state = model.state_dict()
     items = []
-    # DeepSeek-V2 and ERNIE 4.5 pair RoPE dims interleaved: their q and k rows are permuted back from rotate-half.
-    mapped = MappedConfig(family, c, rope_interleaved=family in ("deepseek_v2", "ernie4_5_moe"))
-    for piece in model_pieces(mapped, layout):
+    # These families pair RoPE dims interleaved: their q and k rows are permuted back from rotate-half.
+    mapped = MappedConfig(family, c, rope_interleaved=family in INTERLEAVED_ROPE_FAMILIES)
+    pieces = model_pieces(mapped, layout)
+    for piece in pieces:
         t = state[piece.dst]
         t = (t[piece.index] if piece.index else t).detach()  # a view: no copy yet
         items.append((piece.src, piece.to_hf(t) if piece.to_hf else t))
+    # Written in its own dtype (float32): the selection bias is compared across experts at full precision.
+    keep = {piece.src for piece in pieces if piece.dst.endswith(".router.expert_bias")}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    shards = _shards(items, max_shard_bytes, dtype)
+    shards = _shards(items, max_shard_bytes, dtype, keep)
     meta = {"format": "pt"}
-    keep = [name for name, _ in items if name.endswith(_KEEP_DTYPE)]
     if len(shards) == 1:
         write_safetensors(out / "model.safetensors", shards[0], meta, dtype, keep_dtype=keep)
     else:
@@ -655,7 +653,7 @@ def export_hf(
             write_safetensors(out / name, shard, meta, dtype, keep_dtype=keep)
             for key, t in shard:
                 weight_map[key] = name
-                total += _stored_bytes(key, t, dtype)
+                total += _stored_bytes(key, t, dtype, keep)
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (out / INDEX_FILE).write_text(json.dumps(index, indent=2), encoding="utf-8")
     config = _CONFIG_JSON[family](c, dtype)
