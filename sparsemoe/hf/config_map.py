@@ -258,6 +258,11 @@ def _sliding_window(cfg: dict[str, Any], family: str, n_layers: int) -> dict[str
     return dict(sliding_window=int(window), sliding_layers=[i for i, s in enumerate(slides) if s])
 
 
+def _global_layers(cfg: dict[str, Any], family: str, n_layers: int) -> Optional[list[int]]:
+    """The layers that do not slide (EXAONE-MoE's and AFMoE's global layers, which attend without RoPE)."""
+    return [i for i, slides in enumerate(_sliding_layers(cfg, family, n_layers)) if not slides] or None
+
+
 def _attention(cfg: dict[str, Any], family: str, base: dict[str, Any]) -> None:
     """The attention-side fields of the ModelConfig (`base`), per family."""
     base.update(_sliding_window(cfg, family, base["n_layers"]))
@@ -294,16 +299,14 @@ def _attention(cfg: dict[str, Any], family: str, base: dict[str, Any]) -> None:
         # Per-head q/k norms; with a window configured, the global layers attend without RoPE ("global NoPE").
         base["qk_norm"] = True
         if cfg.get("sliding_window", _WINDOW_DEFAULTS[family][0]) is not None:
-            sliding = base.get("sliding_layers") or []
-            base["nope_layers"] = [i for i in range(base["n_layers"]) if i not in sliding] or None
+            base["nope_layers"] = _global_layers(cfg, family, base["n_layers"])
     elif family == "afmoe":
         if cfg.get("attention_bias"):
             raise _unsupported("attention_bias", True, "attention without biases")
         # Per-head q/k norms, gated attention, norms on both sides of each branch, and RoPE on the sliding
         # layers only (whether or not a window is set), as transformers' AFMoE computes.
-        slides = _sliding_layers(cfg, family, base["n_layers"])
         base.update(qk_norm=True, attention_gate=True, norm_placement="sandwich")
-        base["nope_layers"] = [i for i, s in enumerate(slides) if not s] or None
+        base["nope_layers"] = _global_layers(cfg, family, base["n_layers"])
         if cfg.get("mup_enabled"):
             base["embedding_multiplier"] = float(base["dim"]) ** 0.5
     elif family == "ernie4_5_moe":
