@@ -242,6 +242,12 @@ def _deepseek_incompatibilities(model: nn.Module, f: _DeepSeekFormat) -> list[st
     problems += _selection_bias_incompatibilities(model, name, held=f.selection_bias)
     if not f.selection_bias and c.renormalize and c.top_k > 1:
         problems.append(f"renormalize=True ({name} does not renormalise the top-k weights)")
+    return problems + _ungated_shared_incompatibilities(c, name)
+
+
+def _ungated_shared_incompatibilities(c, name: str) -> list[str]:
+    """Shared experts a format with DeepSeek's (ungated, num_shared_experts * moe_hidden_dim wide) cannot hold."""
+    problems = []
     if c.num_shared_experts and c.shared_expert_gate:
         problems.append(f"shared_expert_gate=True ({name}'s shared experts are not gated)")
     if c.num_shared_experts and c.moe_config().shared_dim != c.num_shared_experts * c.moe_hidden_dim:
@@ -280,13 +286,7 @@ def ernie_incompatibilities(model: nn.Module) -> list[str]:
     problems += _selection_bias_incompatibilities(model, name, held=True)
     if c.bias_balancing and not c.bias_on_probs:
         problems.append(f"bias_on_probs=False ({name} adds the selection bias to the probabilities)")
-    width = c.num_shared_experts * c.moe_hidden_dim
-    if c.num_shared_experts and (c.shared_expert_gate or c.moe_config().shared_dim != width):
-        problems.append(
-            f"shared_expert_gate={c.shared_expert_gate}, shared_hidden_dim={c.shared_hidden_dim} ({name}'s shared "
-            f"experts are ungated, num_shared_experts * moe_hidden_dim = {width} wide)"
-        )
-    return problems
+    return problems + _ungated_shared_incompatibilities(c, name)
 
 
 def afmoe_incompatibilities(model: nn.Module) -> list[str]:

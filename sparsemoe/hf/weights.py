@@ -46,6 +46,11 @@ def interleaved_to_half(rows: int) -> Tensor:
     return torch.cat([torch.arange(0, rows, 2), torch.arange(1, rows, 2)])
 
 
+def _rope_pair_fix(heads: int, nope: int, rope: int) -> tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor]]:
+    """(load transform, its inverse for export) of a projection whose rotary rows are paired interleaved."""
+    return _permute_rope_rows(heads, nope, rope), _permute_rope_rows(heads, nope, rope, inverse=True)
+
+
 def _permute_rope_rows(heads: int, nope: int, rope: int, inverse: bool = False) -> Callable[[Tensor], Tensor]:
     """Permute the rotary rows of each head's block [nope | rope] of a projection weight [heads*(nope+rope), in]:
     interleaved -> rotate-half pairs, or back with `inverse`."""
@@ -120,8 +125,7 @@ def _attention(src: str, dst: str, mapped: MappedConfig) -> list[Piece]:
         pieces = [Piece(f"{src}.{n}_proj.weight", f"{dst}.{n}_proj.weight") for n in "qkvo"]
         if mapped.rope_interleaved:  # ERNIE 4.5: every head's rows become rotate-half pairs, as DeepSeek's
             for i, heads in ((0, c.n_heads), (1, c.n_kv_heads)):
-                fix, back = (_permute_rope_rows(heads, 0, c.head_dim, inverse) for inverse in (False, True))
-                pieces[i] = Piece(pieces[i].src, pieces[i].dst, (), fix, back)
+                pieces[i] = Piece(pieces[i].src, pieces[i].dst, (), *_rope_pair_fix(heads, 0, c.head_dim))
         if c.qkv_bias:
             pieces += [Piece(f"{src}.{n}_proj.bias", f"{dst}.{n}_proj.bias") for n in "qkv"]
         if c.qk_norm:
@@ -132,9 +136,8 @@ def _attention(src: str, dst: str, mapped: MappedConfig) -> list[Piece]:
     rope = c.head_dim
     q_fix = kv_fix = q_back = kv_back = None
     if mapped.rope_interleaved:
-        q_fix, q_back = (_permute_rope_rows(c.n_heads, c.qk_nope_head_dim, rope, inv) for inv in (False, True))
-        # the single shared rotary key follows the latent
-        kv_fix, kv_back = (_permute_rope_rows(1, c.kv_lora_rank, rope, inv) for inv in (False, True))
+        q_fix, q_back = _rope_pair_fix(c.n_heads, c.qk_nope_head_dim, rope)
+        kv_fix, kv_back = _rope_pair_fix(1, c.kv_lora_rank, rope)  # the single shared rotary key follows the latent
     if c.q_lora_rank is None:
         pieces = [Piece(f"{src}.q_proj.weight", f"{dst}.q_proj.weight", (), q_fix, q_back)]
     else:
