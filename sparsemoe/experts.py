@@ -114,6 +114,11 @@ class SharedExperts(Experts):
         if gated_output:
             self.gate_weight = nn.Parameter(torch.zeros(1, dim, device=device, dtype=dtype))
 
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        if getattr(self, "gate_weight", None) is not None:  # unset while Experts.__init__ runs
+            nn.init.zeros_(self.gate_weight)
+
     def forward(self, x_TD: Tensor) -> Tensor:
         y = self.expert(x_TD, 0)
         if self.gate_weight is not None:

@@ -20,6 +20,7 @@ from sparsemoe.balancing import (
     tokens_per_expert,
     update_expert_bias,
 )
+from sparsemoe.amp import autocast_dtype
 from sparsemoe.config import MoEConfig
 from sparsemoe.dispatch import DispatchPlan, build_plan, run_backend
 from sparsemoe.experts import Experts, SharedExperts
@@ -91,6 +92,17 @@ class MoE(nn.Module):
         self._stats_state: Union[MoEStats, tuple[RoutingResult, DispatchPlan, dict[str, Tensor]], None] = None
         # Hook for expert parallelism: reduces per-expert counts across ranks before the bias update.
         self.reduce_counts = None
+
+    def reset_parameters(self) -> None:
+        """Router, experts and shared experts to their initial values (and the selection bias to zero).
+
+        With `to_empty()`, this initialises a layer built on the meta device: build without memory, allocate
+        on the target device, then initialise there.
+        """
+        self.router.reset_parameters()
+        self.experts.reset_parameters()
+        if self.shared_experts is not None:
+            self.shared_experts.reset_parameters()
 
     # --- forward ---------------------------------------------------------------------------------------
     # Subclasses (e.g. the expert-parallel layer) override the hooks `_route`, `_dispatch`, `_balance`.
@@ -192,8 +204,7 @@ class MoE(nn.Module):
         w_dtype = self.experts.w_in.dtype
         if x.dtype == w_dtype:
             return
-        device_type = x.device.type
-        if torch.is_autocast_enabled(device_type) and x.dtype == torch.get_autocast_dtype(device_type):
+        if x.dtype == autocast_dtype(x.device.type):
             return  # an autocast region's activations: the experts run in that dtype anyway
         raise TypeError(
             f"MoE input dtype {x.dtype} differs from the layer's weights ({w_dtype}); cast one with .to() "

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sparsemoe.amp import autocast_dtype
 from sparsemoe.config import MoEConfig
 
 
@@ -58,15 +59,18 @@ class Router(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
+        """Weights to N(0, router_init_std), noise weights and the selection bias to zero."""
         nn.init.normal_(self.weight, std=self.config.router_init_std)
         if self.noise_weight is not None:
             # Shazeer et al. start with zero noise weights: the noise scale is learned from softplus(0).
             nn.init.zeros_(self.noise_weight)
+        with torch.no_grad():
+            self.expert_bias.zero_()
 
     def logits(self, x_TD: Tensor) -> Tensor:
         """Router logits [T, E] in float32, with the training-time noise that acts on logits or input."""
         device_type = x_TD.device.type
-        if not torch.is_autocast_enabled(device_type):  # entering the context costs a decode step ~10 us
+        if autocast_dtype(device_type) is None:  # entering the context costs a decode step ~10 us
             return self._logits_fp32(x_TD)
         with torch.autocast(device_type, enabled=False):  # router math stays float32 under autocast
             return self._logits_fp32(x_TD)

@@ -328,6 +328,26 @@ def test_the_layer_holds_no_autograd_graph_after_a_forward(grad):
     assert layer.stats.tokens_per_expert.sum() == 18
 
 
+@pytest.mark.parametrize("backend", ["auto", "grouped", "capacity", "decode"])
+def test_the_layer_runs_on_the_meta_device_and_initialises_after_to_empty(backend):
+    """On meta tensors the layer gives shapes and losses without memory (no autocast query may fail there);
+    to_empty() and reset_parameters() then give a working layer with a zero selection bias."""
+    layer = MoE(MoEConfig(dim=12, hidden_dim=10, num_experts=6, top_k=2, num_shared_experts=1,
+                          shared_expert_gate=True, noise="gaussian", bias_balancing=True, backend=backend),
+                device="meta")  # fmt: skip
+    y = layer(torch.randn(3, 5, 12, device="meta"))
+    assert y.shape == (3, 5, 12) and y.device.type == "meta" and layer.aux_loss.device.type == "meta"
+    layer.to_empty(device="cpu")
+    with torch.no_grad():
+        for t in list(layer.parameters()) + list(layer.buffers()):
+            t.fill_(float("nan"))
+    layer.reset_parameters()
+    assert all(torch.isfinite(t).all() for t in list(layer.parameters()) + list(layer.buffers()))
+    assert (layer.router.expert_bias == 0).all() and (layer.shared_experts.gate_weight == 0).all()
+    assert (layer.router.noise_weight == 0).all()
+    assert torch.isfinite(layer(torch.randn(5, 12))).all()
+
+
 def test_autocast_accepts_inputs_in_the_autocast_dtype():
     model = torch.nn.Sequential(torch.nn.Linear(12, 12), _layer(backend="grouped"))
     x = torch.randn(5, 12)

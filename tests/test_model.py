@@ -1,5 +1,7 @@
 """The MoE language model: config, parameter layout, losses, KV cache and sampling."""
 
+import math
+
 import pytest
 import torch
 
@@ -115,6 +117,61 @@ def test_unknown_field_from_dict():
     with pytest.raises(ValueError, match="unknown field"):
         ModelConfig.from_dict({**tiny().to_dict(), "bogus": 1})
     assert ModelConfig.from_dict(tiny().to_dict()) == tiny()
+
+
+# Every parameter and buffer kind the model can have: norms (pre, sandwich, q/k), attention biases and
+# gate, routers with noise and a selection bias, a gated shared expert, a dense first layer, MLA.
+_EVERY_PART = [
+    dict(qkv_bias=True, qk_norm=True, attention_gate=True, norm_placement="sandwich", num_shared_experts=1,
+         shared_expert_gate=True, noise="gaussian", bias_balancing=True, score_func="sigmoid", first_dense_layers=1),
+    dict(attention="mla", q_lora_rank=16, head_dim=8, kv_lora_rank=16, qk_nope_head_dim=8, v_head_dim=8),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("fields", _EVERY_PART, ids=["gqa", "mla"])
+def test_reset_parameters_sets_every_parameter_and_buffer(fields):
+    """reset_parameters() leaves nothing of what was there: filled with NaN first, nothing stays NaN; norms
+    come back as ones, the selection bias as zero, the RoPE tables as a fresh model's."""
+    torch.manual_seed(0)
+    model = MoETransformer(tiny(**fields))
+    fresh = {name: t.clone() for name, t in model.named_buffers()}
+    with torch.no_grad():
+        for t in list(model.parameters()) + list(model.buffers()):
+            t.fill_(float("nan"))
+    model.reset_parameters()
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        assert torch.isfinite(t).all(), name
+        if name.endswith("norm.weight"):
+            assert (t == 1).all(), name
+        if name.endswith("expert_bias"):
+            assert (t == 0).all(), name
+    for name, t in fresh.items():
+        if name.startswith("rope"):
+            torch.testing.assert_close(getattr(model, name), t, rtol=0, atol=0)
+
+
+def test_a_model_built_on_the_meta_device_runs_there_and_initialises_after_to_empty():
+    """Deferred initialisation: a forward on meta tensors gives shapes without memory; to_empty() then
+    reset_parameters() gives a model that trains like one built directly (same init statistics)."""
+    config = tiny(**_EVERY_PART[0])
+    with torch.device("meta"):
+        model = MoETransformer(config)
+    ids = torch.randint(0, 256, (2, 9))
+    out = model(ids.to("meta"), targets=ids.to("meta"))
+    assert out.logits.shape == (2, 9, 256) and out.logits.device.type == "meta" and out.loss.shape == ()
+    model.to_empty(device="cpu")
+    torch.manual_seed(0)
+    model.reset_parameters()
+    torch.manual_seed(0)
+    direct = MoETransformer(config)
+    for (name, got), (_, want) in zip(model.named_parameters(), direct.named_parameters()):
+        assert got.shape == want.shape
+        assert abs(got.float().std() - want.float().std()) <= 0.2 * want.float().std() + 1e-6, name
+        assert abs(got.float().mean() - want.float().mean()) <= 0.05 + 1e-6, name
+    loss = model(ids, targets=ids).loss
+    assert abs(loss.item() - math.log(256)) < 0.5  # a freshly initialised model predicts about uniformly
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
 def test_layer_placement_first_dense_and_every_nth():

@@ -23,6 +23,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
+from sparsemoe.amp import autocast_dtype
 from sparsemoe.dispatch.capacity import capacity_forward
 from sparsemoe.dispatch.decode import decode_forward
 from sparsemoe.dispatch.grouped import grouped_forward
@@ -100,8 +101,8 @@ def run_backend(name: str, x_TD: Tensor, plan: DispatchPlan, experts) -> Tensor:
     custom ops see consistent dtypes.
     """
     device_type = x_TD.device.type
-    if torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
+    dtype = autocast_dtype(device_type)
+    if dtype is not None:
         with torch.autocast(device_type, enabled=False):
             return run_backend(name, x_TD.to(dtype), plan, experts.cast(dtype))
     return resolve_backend(name, x_TD, plan).forward(x_TD, plan, experts)

@@ -51,16 +51,13 @@ def empty_model(config, dtype: torch.dtype, device: Union[str, torch.device]) ->
     """The model with uninitialised storage: skips random init, which costs minutes on a large model."""
     from sparsemoe.layer import moe_layers
     from sparsemoe.model import MoETransformer
-    from sparsemoe.model.attention import rope_table
 
     with torch.device("meta"):
         model = MoETransformer(config).to(dtype)
         for layer in moe_layers(model):
             layer.router.expert_bias = layer.router.expert_bias.float()  # router math stays float32
     model.to_empty(device=device)
-    # The only non-persistent state: RoPE tables derived from the config; recompute them for real.
-    cos, sin = rope_table(config.rotary_dim, config.max_seq_len, config.rope_theta, config.rope_scaling)
-    model.rope_cos, model.rope_sin = cos.to(device), sin.to(device)
+    model.reset_buffers()  # the only state not read from the checkpoint: the RoPE tables
     return model
 
 

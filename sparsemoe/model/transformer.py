@@ -44,10 +44,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sparsemoe.experts import in_rows, mlp
+from sparsemoe.experts import SharedExperts, in_rows, mlp
 from sparsemoe.layer import MoE
 from sparsemoe.model.attention import Attention, KVCache, RMSNorm, rope_table
 from sparsemoe.model.config import ModelConfig
+from sparsemoe.routing import Router
 
 
 class ModelOutput(NamedTuple):
@@ -132,13 +133,41 @@ class MoETransformer(nn.Module):
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.lm_head = None if config.tie_embeddings else nn.Linear(config.dim, config.vocab_size, bias=False)
-        cos, sin = rope_table(config.rotary_dim, config.max_seq_len, config.rope_theta, config.rope_scaling)
         # Not persistent: derived from the config, so they stay out of checkpoints.
+        cos, sin = self._rope_tables()
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        self.reset_parameters()
+        self._init_projections()  # norms, routers and gates were initialised by their modules
+
+    def _rope_tables(self) -> tuple[Tensor, Tensor]:
+        c = self.config
+        return rope_table(c.rotary_dim, c.max_seq_len, c.rope_theta, c.rope_scaling)  # float32
+
+    def reset_buffers(self) -> None:
+        """Recompute the state that is neither a parameter nor saved: the RoPE tables (float32)."""
+        device = self.embed.weight.device
+        cos, sin = self._rope_tables()
+        self.rope_cos, self.rope_sin = cos.to(device), sin.to(device)
 
     def reset_parameters(self) -> None:
+        """Every parameter and buffer to its initial value (see `_init_projections` for the scheme).
+
+        Norm weights to ones, routers their own init (`Router.reset_parameters`: selection bias zero), a
+        shared expert's output gate zero, the RoPE tables recomputed. After `to_empty()` this initialises a
+        model built on the meta device:
+
+            with torch.device("meta"):
+                model = MoETransformer(config)
+            model.to_empty(device="cuda")
+            model.reset_parameters()
+        """
+        for module in self.modules():
+            if isinstance(module, (RMSNorm, Router, SharedExperts)):
+                module.reset_parameters()  # a shared expert's weights are drawn again below
+        self.reset_buffers()
+        self._init_projections()
+
+    def _init_projections(self) -> None:
         """GPT-2 style: N(0, init_std), residual output projections scaled by 1/sqrt(2*n_layers).
 
         Dense MLPs and experts get the same scheme, so the dense baseline starts like the MoE model.

@@ -1,0 +1,18 @@
+"""Autocast state, asked in a way that works for every device type (meta included)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    """The dtype of the autocast region active for `device_type`, or None outside one.
+
+    `torch.is_autocast_enabled` raises for device types without autocast (the meta device, on which a
+    model's forward is run to get shapes without memory), so those are asked first.
+    """
+    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
