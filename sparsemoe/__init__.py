@@ -2,7 +2,7 @@
 
 from sparsemoe.config import MoEConfig
 from sparsemoe.dispatch import DispatchPlan, build_plan, register_backend
-from sparsemoe.layer import MoE, MoEStats, moe_layers, set_aux_loss_scale
+from sparsemoe.layer import MoE, MoEStats, moe_layers, set_aux_loss_scale, update_expert_biases
 from sparsemoe.model import ModelConfig, MoETransformer
 from sparsemoe.routing import Router, RoutingResult
 
@@ -21,4 +21,5 @@ __all__ = [
     "moe_layers",
     "register_backend",
     "set_aux_loss_scale",
+    "update_expert_biases",
 ]

@@ -19,6 +19,7 @@ SCORE_ORDERS = ("before_topk", "after_topk")
 NOISES = ("none", "jitter", "gaussian", "gumbel")
 GROUP_SCORES = ("top2_sum", "max")
 AUX_LOSS_MODES = ("inject", "return")
+BIAS_UPDATES = ("forward", "step")
 CAPACITY_PRIORITIES = ("position", "weight")
 
 
@@ -59,7 +60,11 @@ class MoEConfig:
     #                                | return: layer.aux_loss carries the graph; you add it to your loss
     bias_balancing: bool = False  # DeepSeek-V3 aux-loss-free balancing: a per-expert bias on selection
     #                               scores (sigmoid) or logits (softmax); never on the combine weights
-    bias_update_rate: float = 1e-3  # bias step per training forward: b_e += rate*sign(mean_load-load_e); > 0
+    bias_update_rate: float = 1e-3  # bias step per update: b_e += rate*sign(mean_load-load_e); > 0
+    bias_update: str = "forward"  # when the bias moves: forward (at the end of every training forward, from
+    #                               its load) | step (when update_expert_biases(model) is called, e.g. after
+    #                               each optimizer step, from the load counted since; safe with activation
+    #                               checkpointing, whose recomputed forward must route as the first did)
     bias_on_probs: bool = False  # softmax bias balancing: add the bias to the probabilities (ERNIE 4.5), not
     #                              the logits; needs score_order='before_topk'
 
@@ -115,6 +120,7 @@ class MoEConfig:
         _choice(self, "aux_loss_mode", AUX_LOSS_MODES)
         _bool(self, "bias_balancing")
         _positive(self, "bias_update_rate")
+        _choice(self, "bias_update", BIAS_UPDATES)
         _bool(self, "bias_on_probs")
         if self.bias_on_probs and not (self.bias_balancing and self.score_func == "softmax"):
             _fail("bias_on_probs", True, "False unless bias_balancing=True with score_func='softmax'")

@@ -119,6 +119,7 @@ class MoE(nn.Module):
             return x.new_zeros(x.shape)
         seq_len = x.shape[-2] if x.dim() >= 3 and x.shape[-2] > 0 else max(T, 1)
 
+        self._check_not_recomputing()
         logits_TE = self.router.logits(x_TD)
         self._check_logits(logits_TE)
         capacity = cfg.capacity(T, self.training) if T else None
@@ -142,8 +143,41 @@ class MoE(nn.Module):
         lazy = not (routing.probs.requires_grad or torch.compiler.is_compiling())
         self._stats_state = (routing, plan, losses) if lazy else self._compute_stats(routing, plan, losses)
         if load_E is not None:
-            update_expert_bias(self.router.expert_bias, load_E, cfg.bias_update_rate)
+            self._record_load(load_E)
         return y
+
+    def _record_load(self, load_E: Tensor) -> None:
+        """Bias balancing after a training forward: move the bias now, or count the load for `update_bias`."""
+        if self.config.bias_update == "forward":
+            update_expert_bias(self.router.expert_bias, load_E, self.config.bias_update_rate)
+        elif not _in_backward():  # a recomputed forward's tokens were counted by the first one
+            self.router.pending_load.add_(load_E)
+
+    def _check_not_recomputing(self) -> None:
+        """Refuse a recomputed forward (activation checkpointing) after a forward that moved the bias.
+
+        Checked before routing: the recomputation may stop as soon as it has what the backward needs.
+        """
+        cfg = self.config
+        if cfg.bias_balancing and cfg.bias_update == "forward" and self.training and _in_backward():
+            raise RuntimeError(
+                "MoE bias balancing with bias_update='forward' runs under activation checkpointing: the "
+                "first forward moved the selection bias, so the recomputed forward would route tokens to "
+                "other experts than the gradient belongs to. Use bias_update='step' and call "
+                "sparsemoe.update_expert_biases(model) after each optimizer step."
+            )
+
+    def update_bias(self) -> bool:
+        """bias_update="step": move the selection bias once by the load counted since the last call (the sum
+        over every training forward since, micro-batches together), then reset the count. False (nothing
+        done) for a layer in another mode.
+        """
+        pending = self.router.pending_load
+        if pending is None:
+            return False
+        update_expert_bias(self.router.expert_bias, pending, self.config.bias_update_rate)
+        pending.zero_()
+        return True
 
     # --- hooks -------------------------------------------------------------------------------------------
     def _route(self, logits_TE: Tensor, capacity: Optional[int]) -> RoutingResult:
@@ -238,3 +272,17 @@ def set_aux_loss_scale(model: nn.Module, scale: float) -> None:
 
 def moe_layers(model: nn.Module) -> list[MoE]:
     return [m for m in model.modules() if isinstance(m, MoE)]
+
+
+def update_expert_biases(model: nn.Module) -> int:
+    """Apply the counted load of every MoE layer of `model` with bias_update="step" (call it after each
+    optimizer step; `sparsemoe train` does). Returns how many layers have bias_update="step"."""
+    return sum(layer.update_bias() for layer in moe_layers(model))
+
+
+def _in_backward() -> bool:
+    """Whether autograd is running a backward pass now: a forward then is activation checkpointing's
+    recomputation. (Under the compiler, recomputation is the compiler's and never reruns this code.)"""
+    if torch.compiler.is_compiling():
+        return False
+    return torch._C._current_graph_task_id() != -1

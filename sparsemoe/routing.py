@@ -44,7 +44,8 @@ class Router(nn.Module):
     """Linear router D -> E (no bias), optional learned noise, and the aux-loss-free selection bias.
 
     Parameters: `weight` [E, D] (nn.Linear layout); `noise_weight` [E, D] for Gaussian noisy top-k.
-    Buffer: `expert_bias` [E] float32, added to the scores for selection only (bias balancing).
+    Buffer: `expert_bias` [E] float32, added to the scores for selection only (bias balancing); with
+    bias_update="step" also `pending_load` [E] float32 (not saved): the load counted since the last update.
     """
 
     def __init__(self, config: MoEConfig, device=None, dtype=None) -> None:
@@ -56,6 +57,9 @@ class Router(nn.Module):
         if config.noise == "gaussian":
             self.noise_weight = nn.Parameter(torch.empty(E, D, device=device, dtype=dtype))
         self.register_buffer("expert_bias", torch.zeros(E, device=device, dtype=torch.float32))
+        step = config.bias_balancing and config.bias_update == "step"
+        pending = torch.zeros(E, device=device, dtype=torch.float32) if step else None
+        self.register_buffer("pending_load", pending, persistent=False)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -66,6 +70,8 @@ class Router(nn.Module):
             nn.init.zeros_(self.noise_weight)
         with torch.no_grad():
             self.expert_bias.zero_()
+            if self.pending_load is not None:
+                self.pending_load.zero_()
 
     def logits(self, x_TD: Tensor) -> Tensor:
         """Router logits [T, E] in float32, with the training-time noise that acts on logits or input."""

@@ -9,8 +9,9 @@ import dataclasses
 
 import pytest
 import torch
+from torch.utils.checkpoint import checkpoint
 
-from sparsemoe import MoE, MoEConfig, set_aux_loss_scale
+from sparsemoe import MoE, MoEConfig, set_aux_loss_scale, update_expert_biases
 from sparsemoe.balancing import router_z_loss, sequence_aux_loss, switch_aux_loss, tokens_per_expert
 from sparsemoe.routing import token_choice
 
@@ -81,6 +82,89 @@ def test_bias_balancing_evens_the_load_without_gradients(score_func, rate, on_pr
     assert after < 1.5 and after < 0.4 * before, (before, after)
     assert torch.equal(layer.router.weight, weight_before)  # only the bias moved
     assert layer.router.expert_bias[0] < 0 < layer.router.expert_bias[7]
+
+
+def test_bias_update_step_moves_once_from_the_load_of_every_forward_since():
+    """bias_update="step": forwards only count; update_expert_biases applies the summed load once."""
+    rate = 0.01
+    layer, x = _skewed_layer(aux_loss_coef=0.0, bias_balancing=True, bias_update="step", bias_update_rate=rate)
+    layer.train()
+    counts = torch.zeros(E)
+    for half in x.chunk(2):  # two micro-batches of one step
+        layer(half)
+        counts += layer.stats.tokens_per_expert
+        assert torch.all(layer.router.expert_bias == 0)  # nothing moves before the update
+    torch.testing.assert_close(layer.router.pending_load, counts)
+    assert update_expert_biases(torch.nn.Sequential(layer, torch.nn.Linear(D, D))) == 1
+    torch.testing.assert_close(layer.router.expert_bias, rate * torch.sign(counts.mean() - counts))
+    assert torch.all(layer.router.pending_load == 0)
+    layer.eval()
+    layer(x)  # evaluation counts nothing
+    assert torch.all(layer.router.pending_load == 0)
+    assert "pending_load" not in layer.state_dict()  # a step's count is not model state
+    forward_mode, _ = _skewed_layer(bias_balancing=True)
+    assert forward_mode.router.pending_load is None and update_expert_biases(forward_mode) == 0
+
+
+def test_bias_update_step_evens_the_load():
+    layer, x = _skewed_layer(
+        aux_loss_coef=0.0, bias_balancing=True, bias_update="step", bias_update_rate=0.005, score_func="sigmoid"
+    )
+    layer.train()
+    before = _load_ratio(layer, x)
+    with torch.no_grad():
+        for _ in range(150):
+            layer(x)
+            update_expert_biases(layer)
+    after = _load_ratio(layer, x)
+    assert after < 1.5 and after < 0.4 * before, (before, after)
+
+
+def _checkpointed_step(fields: dict, checkpointed: bool, reentrant: bool):
+    torch.manual_seed(0)
+    layer, x = _skewed_layer(**fields)
+    layer.train()
+    x = x.clone().requires_grad_(True)
+    y = checkpoint(layer, x, use_reentrant=reentrant) if checkpointed else layer(x)
+    y.square().sum().backward()
+    update_expert_biases(layer)
+    grads = [x.grad] + [p.grad for p in layer.parameters()]
+    return grads, layer.router.expert_bias.clone()
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+def test_activation_checkpointing_with_bias_update_step_gives_the_plain_gradients(reentrant):
+    """The recomputed forward must route as the first did: with bias_update="step" the bias holds still
+    until the update, and the recomputation's tokens are not counted twice."""
+    fields = dict(bias_balancing=True, bias_update="step", bias_update_rate=0.1, score_func="sigmoid")
+    want_grads, want_bias = _checkpointed_step(fields, checkpointed=False, reentrant=reentrant)
+    got_grads, got_bias = _checkpointed_step(fields, checkpointed=True, reentrant=reentrant)
+    for got, want in zip(got_grads, want_grads):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert torch.equal(got_bias, want_bias) and want_bias.abs().sum() > 0
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+def test_activation_checkpointing_with_bias_update_forward_is_refused(reentrant):
+    """bias_update="forward" moves the bias in the first forward; its recomputation would route elsewhere
+    (gradients off by O(1) when it was allowed), so the recomputed forward refuses to run."""
+    fields = dict(bias_balancing=True, bias_update_rate=0.1, score_func="sigmoid")
+    with pytest.raises(RuntimeError, match="bias_update='step'"):
+        _checkpointed_step(fields, checkpointed=True, reentrant=reentrant)
+    _checkpointed_step(dict(fields, bias_balancing=False), checkpointed=True, reentrant=reentrant)  # no bias: fine
+
+
+def test_bias_update_step_counts_under_compile():
+    torch._dynamo.reset()
+    layer, x = _skewed_layer(bias_balancing=True, bias_update="step", score_func="sigmoid")
+    layer.train()
+    compiled = torch.compile(layer, fullgraph=True)
+    compiled(x).sum().backward()
+    compiled(x).sum().backward()
+    counts = layer.stats.tokens_per_expert
+    torch.testing.assert_close(layer.router.pending_load, 2 * counts)
+    update_expert_biases(layer)
+    torch.testing.assert_close(layer.router.expert_bias, 1e-3 * torch.sign(counts.mean() - counts))
 
 
 def test_bias_is_not_updated_in_eval_and_does_not_touch_weights():

@@ -28,6 +28,7 @@ BAD_FIELDS = [
     ("z_loss_coef", float("inf"), ">= 0"),
     ("aux_loss_mode", "add", "'inject', 'return'"),
     ("bias_update_rate", 0.0, "> 0"),
+    ("bias_update", "never", "'forward', 'step'"),
     ("capacity_factor", -1.0, "None (dropless)"),
     ("capacity_factor", 0, "None (dropless)"),
     ("eval_capacity_factor", -2.0, "None (dropless)"),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
@@ -10,6 +12,7 @@ transformers = pytest.importorskip("transformers")
 
 from test_hf_load import FAMILIES, VOCAB, hf_greedy, tiny_hf_model  # noqa: E402
 
+from sparsemoe import moe_layers, update_expert_biases  # noqa: E402
 from sparsemoe.hf.patch import PatchedMoeBlock, patch_hf_model, unpatch_hf_model  # noqa: E402
 
 
@@ -85,6 +88,36 @@ def test_gradients_reach_the_shared_parameters():
     hf(_ids()).logits.square().mean().backward()
     gate_up = hf.model.layers[0].mlp.original.experts.gate_up_proj
     assert gate_up.grad is not None and gate_up.grad.abs().sum() > 0
+
+
+def _checkpointed_loss_grads(bias_update: str, checkpointing: bool):
+    torch.manual_seed(0)
+    hf = tiny_hf_model("deepseek_v3").train()
+    patch_hf_model(hf, backend="grouped", bias_update=bias_update)
+    for layer in moe_layers(hf):
+        layer.config = dataclasses.replace(layer.config, bias_update_rate=0.1)  # a step that changes routing
+    if checkpointing and hasattr(hf, "activation_checkpointing_enable"):  # its name from transformers 5.2x on
+        hf.activation_checkpointing_enable({"use_reentrant": False})
+    elif checkpointing:
+        hf.gradient_checkpointing_enable({"use_reentrant": False})
+    hf(_ids()).logits.square().mean().backward()
+    assert update_expert_biases(hf) == (len(moe_layers(hf)) if bias_update == "step" else 0)
+    grads = {n: p.grad.clone() for n, p in hf.named_parameters() if p.grad is not None}
+    return grads, [layer.router.expert_bias.clone() for layer in moe_layers(hf)]
+
+
+def test_gradient_checkpointing_of_a_patched_model_with_a_selection_bias():
+    """transformers' gradient checkpointing recomputes each decoder layer in the backward. A DeepSeek-V3
+    model's patched layers move their selection bias in training: with bias_update="step" the gradients equal
+    those without checkpointing; with "forward" the recomputation is refused, never silently wrong."""
+    want, want_bias = _checkpointed_loss_grads("step", checkpointing=False)
+    got, got_bias = _checkpointed_loss_grads("step", checkpointing=True)
+    assert got.keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert all(torch.equal(a, b) and a.abs().sum() > 0 for a, b in zip(got_bias, want_bias))
+    with pytest.raises(RuntimeError, match="bias_update='step'"):
+        _checkpointed_loss_grads("forward", checkpointing=True)
 
 
 def test_report_says_what_was_not_patched_and_why():

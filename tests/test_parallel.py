@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from sparsemoe import MoE, MoEConfig
+from sparsemoe import MoE, MoEConfig, update_expert_biases
 from sparsemoe.parallel import ExpertParallelError, ExpertParallelMoE, make_groups, shard_experts, sync_gradients
 
 # --- launching ----------------------------------------------------------------------------------------------
@@ -118,7 +118,12 @@ CASES = {
     ),
     "reference-backend": (dict(num_experts=4, top_k=3, backend="reference", aux_loss_coef=0.02), [2], 1),
     # rank 1 has no tokens at all; every collective must still run there
-    "idle-rank": (dict(num_experts=4, top_k=2, seq_aux_loss_coef=0.01, z_loss_coef=1e-3, bias_balancing=True), [], [2, 0]),
+    # (and its bias moves once per step, from the global load counted in the forward)
+    "idle-rank": (
+        dict(num_experts=4, top_k=2, seq_aux_loss_coef=0.01, z_loss_coef=1e-3, bias_balancing=True, bias_update="step"),
+        [],
+        [2, 0],
+    ),
 }
 SEQ = 5
 
@@ -165,6 +170,7 @@ def _reference(full: MoE, xs: list[torch.Tensor], gs: list[torch.Tensor]):
     losses(x_all)
     objective = sum((y * g).sum() for y, g in zip(ys, gs)) / W + losses.aux_loss
     objective.backward()
+    update_expert_biases(losses)  # bias_update="step" (else nothing)
     grads = {}
     for (name, p), (_, q) in zip(outputs.named_parameters(), losses.named_parameters()):
         grads[name] = sum(t.grad if t.grad is not None else torch.zeros_like(t) for t in (p, q))
@@ -195,6 +201,7 @@ def check_case(rank: int, world: int, ep_size: int, name: str) -> dict[str, floa
         objective = objective + layer.aux_loss
     objective.backward()
     sync_gradients(layer, groups)
+    update_expert_biases(layer)
 
     lo, hi = layer.expert_offset, layer.expert_offset + layer.num_local_experts
     errors = {"output": _max_err(y.detach(), ys_ref[rank]), "input grad": _max_err(x.grad / world, dx_ref[rank])}

@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 
+from sparsemoe import moe_layers
 from sparsemoe.model import MoETransformer, preset
 from sparsemoe.train import (
     CheckpointError,
@@ -171,6 +172,19 @@ def test_aux_modes_agree_under_accumulation(corpus):
         states[mode] = trainer.model.state_dict()
     for name, value in states["inject"].items():
         torch.testing.assert_close(value, states["return"][name], rtol=1e-4, atol=1e-6)
+
+
+def test_the_trainer_moves_step_mode_biases_once_per_optimizer_step(corpus):
+    """bias_update="step": one update per optimizer step from all its micro-batches (so each bias entry moves
+    by exactly one rate step or not at all), and nothing left counted afterwards."""
+    rate = 0.01
+    overrides = {"bias_balancing": True, "bias_update": "step", "bias_update_rate": rate}
+    trainer = make_trainer(corpus, None, overrides, accum_steps=3)
+    trainer.train_step()
+    for layer in moe_layers(trainer.model):
+        steps = layer.router.expert_bias / rate
+        assert torch.allclose(steps, steps.round()) and steps.abs().max() == 1 and steps.abs().sum() > 0
+        assert torch.all(layer.router.pending_load == 0)
 
 
 def test_resume_gives_the_same_losses(corpus, tmp_path):

@@ -20,7 +20,8 @@ be stacked without a copy, and are reported as not patched.
 
 Behaviour differences, all outside inference: the patched layers add no balancing loss unless
 `aux_loss_coef` is given (transformers computes its own from router logits, which patched blocks do not
-record); in training, layers with a selection bias update it (aux-loss-free balancing).
+record); in training, layers with a selection bias update it (aux-loss-free balancing), after each forward
+or, with `bias_update="step"`, when `sparsemoe.update_expert_biases(model)` is called.
 """
 
 from __future__ import annotations
@@ -187,11 +188,15 @@ def _sparsemoe_layer(module: nn.Module, moe_cfg, family: str) -> MoE:
     return moe
 
 
-def patch_hf_model(model: nn.Module, backend: str = "auto", aux_loss_coef: float = 0.0) -> PatchReport:
+def patch_hf_model(
+    model: nn.Module, backend: str = "auto", aux_loss_coef: float = 0.0, bias_update: str = "forward"
+) -> PatchReport:
     """Replace, in place, every supported MoE block of a transformers model by a sparsemoe layer.
 
     backend: sparsemoe dispatch backend for the patched layers ("auto", "grouped", "reference", ...).
     aux_loss_coef: Switch/GShard balancing loss the patched layers add in training (0 = none).
+    bias_update: when a selection bias moves in training (MoEConfig.bias_update): "forward", or "step" (by
+        `sparsemoe.update_expert_biases(model)` after each optimizer step; needed with gradient checkpointing).
     Returns a PatchReport listing every MoE-looking block, patched or not, with the reason.
     """
     config = getattr(model, "config", None)
@@ -206,6 +211,7 @@ def patch_hf_model(model: nn.Module, backend: str = "auto", aux_loss_coef: float
                 cfg,
                 backend=backend,
                 aux_loss_coef=aux_loss_coef,
+                bias_update=bias_update,
                 seq_aux_loss_coef=0.0,
                 z_loss_coef=0.0,
                 num_shared_experts=0,

@@ -41,6 +41,7 @@ _MOE_SHARED = (
     "aux_loss_mode",
     "bias_balancing",
     "bias_update_rate",
+    "bias_update",
     "bias_on_probs",
     "capacity_factor",
     "eval_capacity_factor",
@@ -124,7 +125,8 @@ class ModelConfig:
     z_loss_coef: float = 0.0  # router z-loss weight; >= 0
     aux_loss_mode: str = "inject"  # inject (layers add the gradient themselves) | return (caller adds aux_loss)
     bias_balancing: bool = False  # DeepSeek-V3 aux-loss-free balancing
-    bias_update_rate: float = 1e-3  # bias step per training forward; > 0
+    bias_update_rate: float = 1e-3  # bias step per update; > 0
+    bias_update: str = "forward"  # forward (after each training forward) | step (update_expert_biases(model))
     bias_on_probs: bool = False  # softmax bias balancing: the bias shifts probabilities (ERNIE 4.5), not logits
     capacity_factor: Optional[float] = None  # None = dropless; else C = ceil(cf*T*K/E)
     eval_capacity_factor: Optional[float] = None  # capacity in eval/generation; None = capacity_factor

@@ -25,7 +25,8 @@ Semantics (what equals the single-process layer, and on which batch):
   parallel gradient averaging computes. The Switch/GShard loss uses the global f_e on every rank; the
   z-loss and the sequence-wise loss are means over the global batch's tokens and sequences.
 * The bias balancer updates from the global counts (the `reduce_counts` hook), so the selection bias
-  stays identical on every rank and equal to the single-process layer's on the global batch.
+  stays identical on every rank and equal to the single-process layer's on the global batch (with
+  bias_update="step", the global counts are summed until `update_expert_biases`, on every rank alike).
 * Randomness (router noise, expert dropout, hidden dropout) is drawn by each rank from its own generator.
 Every collective runs on every rank whatever the data (a rank with no tokens still exchanges empty
 tensors), so ranks never wait on each other for a collective that one of them skipped.

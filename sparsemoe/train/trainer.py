@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional
 import torch
 from torch import Tensor, nn
 
-from sparsemoe.layer import moe_layers, set_aux_loss_scale
+from sparsemoe.layer import moe_layers, set_aux_loss_scale, update_expert_biases
 from sparsemoe.train.checkpoint import CheckpointError, load_checkpoint, load_model_state, save_checkpoint
 from sparsemoe.train.config import TrainConfig
 
@@ -170,6 +170,7 @@ class Trainer:
         if cfg.grad_clip > 0:
             grad_norm = float(nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip))
         self.optimizer.step()
+        update_expert_biases(self.model)  # bias_update="step": once per step, from all its micro-batches
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         return {
