@@ -40,6 +40,10 @@ class RoutingResult:
         return self.logits.shape[1]
 
 
+# Router state kept in float32 whatever dtype the module is cast to (see Router._apply).
+_FLOAT32_BUFFERS = ("expert_bias", "pending_load")
+
+
 class Router(nn.Module):
     """Linear router D -> E (no bias), optional learned noise, and the aux-loss-free selection bias.
 
@@ -61,6 +65,18 @@ class Router(nn.Module):
         pending = torch.zeros(E, device=device, dtype=torch.float32) if step else None
         self.register_buffer("pending_load", pending, persistent=False)
         self.reset_parameters()
+
+    def _apply(self, fn, recurse=True):
+        """Follow `.to()`, `.cuda()`, `to_empty()`... but keep the float32 buffers float32 (and their values
+        exact) when the module is cast to another dtype: in bfloat16 a bias of 1 would no longer move by
+        1e-3 steps, and counts past 256 would be rounded."""
+        kept = {name: self._buffers[name] for name in _FLOAT32_BUFFERS if self._buffers.get(name) is not None}
+        super()._apply(fn, recurse)
+        for name, old in kept.items():
+            new = self._buffers[name]
+            if new.dtype != torch.float32:
+                self._buffers[name] = new.float() if old.is_meta else old.to(new.device)
+        return self
 
     def reset_parameters(self) -> None:
         """Weights to N(0, router_init_std), noise weights and the selection bias to zero."""

@@ -120,6 +120,28 @@ def test_bias_update_step_evens_the_load():
     assert after < 1.5 and after < 0.4 * before, (before, after)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_the_selection_bias_and_the_counts_stay_float32_when_the_layer_is_cast(dtype):
+    """In bfloat16 a bias of 1 could not move by 1e-3 and counts past 256 would round: casting the layer
+    casts its weights, not these buffers (same tensors, exact values); moving it still moves them."""
+    layer, x = _skewed_layer(bias_balancing=True, bias_update="step", score_func="sigmoid")
+    with torch.no_grad():
+        layer.router.expert_bias.copy_(torch.linspace(0.999, 1.001, E))
+    bias, values = layer.router.expert_bias, layer.router.expert_bias.clone()
+    layer.to(dtype).train()
+    assert layer.router.weight.dtype == layer.experts.w_in.dtype == dtype
+    assert layer.router.expert_bias is bias and torch.equal(bias, values)
+    assert layer.router.pending_load.dtype == torch.float32
+    layer(x.to(dtype))
+    update_expert_biases(layer)
+    moved = layer.router.expert_bias - values
+    assert torch.all(torch.isclose(moved.abs(), torch.tensor(1e-3), rtol=1e-3) | (moved == 0)) and moved.any()
+    with torch.device("meta"):
+        meta = MoE(layer.config).to(dtype)
+    meta.to_empty(device="cpu")
+    assert meta.router.expert_bias.dtype == meta.router.pending_load.dtype == torch.float32
+
+
 def _checkpointed_step(fields: dict, checkpointed: bool, reentrant: bool):
     torch.manual_seed(0)
     layer, x = _skewed_layer(**fields)

@@ -49,13 +49,10 @@ def resolve_dtype(
 
 def empty_model(config, dtype: torch.dtype, device: Union[str, torch.device]) -> nn.Module:
     """The model with uninitialised storage: skips random init, which costs minutes on a large model."""
-    from sparsemoe.layer import moe_layers
     from sparsemoe.model import MoETransformer
 
     with torch.device("meta"):
-        model = MoETransformer(config).to(dtype)
-        for layer in moe_layers(model):
-            layer.router.expert_bias = layer.router.expert_bias.float()  # router math stays float32
+        model = MoETransformer(config).to(dtype)  # the routers' selection biases stay float32
     model.to_empty(device=device)
     model.reset_buffers()  # the only state not read from the checkpoint: the RoPE tables
     return model
