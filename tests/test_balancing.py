@@ -176,6 +176,26 @@ def test_activation_checkpointing_with_bias_update_forward_is_refused(reentrant)
     _checkpointed_step(dict(fields, bias_balancing=False), checkpointed=True, reentrant=reentrant)  # no bias: fine
 
 
+def test_compiled_activation_checkpointing_with_bias_update_step_gives_the_plain_gradients():
+    """torch.compile around checkpoint(layer): dynamo refuses a checkpointed forward's side effects (the layer
+    stores aux_loss and stats, and counts load) unless told they need not be replayed in the backward, which
+    is the behaviour wanted here; then the gradients and the bias update are those without checkpointing."""
+    torch._dynamo.reset()
+    fields = dict(bias_balancing=True, bias_update="step", bias_update_rate=0.1, score_func="sigmoid")
+    want_grads, want_bias = _checkpointed_step(fields, checkpointed=False, reentrant=False)
+    torch.manual_seed(0)
+    layer, x = _skewed_layer(**fields)
+    layer.train()
+    x = x.clone().requires_grad_(True)
+    with torch._dynamo.config.patch(skip_fwd_side_effects_in_bwd_under_checkpoint=True):
+        step = torch.compile(lambda x: checkpoint(layer, x, use_reentrant=False), fullgraph=True)
+        step(x).square().sum().backward()
+    update_expert_biases(layer)
+    for got, want in zip([x.grad] + [p.grad for p in layer.parameters()], want_grads):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert torch.equal(layer.router.expert_bias, want_bias)
+
+
 def test_bias_update_step_counts_under_compile():
     torch._dynamo.reset()
     layer, x = _skewed_layer(bias_balancing=True, bias_update="step", score_func="sigmoid")
