@@ -172,6 +172,10 @@ def test_bad_config_values(tmp_path, capsys):
     assert "--set value '[0,' is not valid JSON" in error_line(capsys, "train")
     assert main(["train", *QUICK, "--run-dir", str(tmp_path / "a"), "--set", "nope_layers=[5]"]) == 2
     assert "ModelConfig.nope_layers=[5] is invalid" in error_line(capsys, "train")
+    checkpointed = [*QUICK, "--run-dir", str(tmp_path / "a"), "--activation-checkpointing"]
+    assert main(["train", *checkpointed, "--set", "bias_balancing=true"]) == 2
+    assert "add --set bias_update=step" in error_line(capsys, "train")
+    assert not (tmp_path / "a").exists()  # refused before anything was written
 
 
 def test_set_takes_json_lists_and_dicts():

@@ -174,6 +174,50 @@ def test_a_model_built_on_the_meta_device_runs_there_and_initialises_after_to_em
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
+def test_activation_checkpointing_gives_the_same_loss_and_gradients_with_less_memory():
+    """Each block recomputed in the backward: the same loss and gradients (dropout, router noise and the
+    step-mode bias counts replayed or kept exactly), a lower peak; eval, no_grad and KV-cache steps unchanged."""
+    from sparsemoe import update_expert_biases
+    from sparsemoe.bench.measure import peak_memory_bytes
+
+    config = tiny(dropout=0.1, noise="jitter", bias_balancing=True, bias_update="step", n_layers=3)
+    torch.manual_seed(0)
+    plain = MoETransformer(config).train()
+    checkpointed = MoETransformer(config).train()
+    checkpointed.load_state_dict(plain.state_dict())
+    checkpointed.set_activation_checkpointing()
+    ids = torch.randint(0, 256, (4, 48))
+
+    def step(model):
+        torch.manual_seed(3)
+        out = model(ids[:, :-1], targets=ids[:, 1:])
+        (out.loss + out.aux_loss).backward()
+        update_expert_biases(model)
+        return out.loss
+
+    torch.testing.assert_close(step(checkpointed), step(plain), rtol=0, atol=0)
+    for (name, p), q in zip(plain.named_parameters(), checkpointed.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-6, atol=1e-7, msg=name)
+    for a, b in zip(plain.moe_layers, checkpointed.moe_layers):
+        assert torch.equal(a.router.expert_bias, b.router.expert_bias) and a.router.expert_bias.any()
+    peaks = {}
+    for name, model in (("plain", plain), ("checkpointed", checkpointed)):
+        model.zero_grad()
+        peaks[name] = peak_memory_bytes(lambda: step(model))
+    assert peaks["checkpointed"] < 0.8 * peaks["plain"], peaks
+    checkpointed.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(checkpointed(ids).logits, plain.eval()(ids).logits)
+
+
+def test_activation_checkpointing_refuses_a_bias_that_moves_every_forward():
+    model = MoETransformer(tiny(bias_balancing=True))
+    with pytest.raises(ValueError, match="needs bias_update='step'"):
+        model.set_activation_checkpointing()
+    assert not model.activation_checkpointing
+    MoETransformer(tiny(bias_balancing=True, dense=True)).set_activation_checkpointing()  # no MoE layer: fine
+
+
 def test_layer_placement_first_dense_and_every_nth():
     cfg = tiny(n_layers=6, first_dense_layers=1, moe_every=2)
     assert cfg.moe_layer_ids == [1, 3, 5]

@@ -187,6 +187,30 @@ def test_the_trainer_moves_step_mode_biases_once_per_optimizer_step(corpus):
         assert torch.all(layer.router.pending_load == 0)
 
 
+def test_activation_checkpointing_trains_like_the_plain_trainer(corpus):
+    overrides = {"dropout": 0.1, "noise": "jitter", "bias_balancing": True, "bias_update": "step"}
+    plain = make_trainer(corpus, None, overrides, max_steps=4)  # each seeds the global RNG: run one, then the other
+    want = [plain.train_step()["loss"] for _ in range(4)]
+    checkpointed = make_trainer(corpus, None, overrides, max_steps=4, activation_checkpointing=True)
+    assert checkpointed.model.activation_checkpointing and not plain.model.activation_checkpointing
+    assert [checkpointed.train_step()["loss"] for _ in range(4)] == pytest.approx(want, rel=1e-6)
+    with pytest.raises(ValueError, match="needs bias_update='step'"):
+        make_trainer(corpus, None, {"bias_balancing": True}, activation_checkpointing=True)
+
+
+@pytest.mark.slow
+def test_activation_checkpointing_under_compile(corpus):
+    """The compiled model with checkpointed blocks (the MoE layers' side effects are not replayed)."""
+    torch._dynamo.reset()
+    overrides = {"bias_balancing": True, "bias_update": "step"}
+    plain = make_trainer(corpus, None, overrides, max_steps=2)
+    want = [plain.train_step()["loss"] for _ in range(2)]
+    compiled = make_trainer(corpus, None, overrides, max_steps=2, activation_checkpointing=True, compile=True)
+    assert [compiled.train_step()["loss"] for _ in range(2)] == pytest.approx(want, rel=1e-4)
+    for a, b in zip(moe_layers(plain.model), moe_layers(compiled.model)):
+        assert torch.equal(a.router.expert_bias, b.router.expert_bias)
+
+
 def test_resume_gives_the_same_losses(corpus, tmp_path):
     """Stop at step 10, resume, and get exactly the losses of an uninterrupted 20-step run.
 

@@ -83,6 +83,13 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--bf16", action="store_true", default=None, help="bfloat16 autocast for the forward pass")
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model before training")
     p.add_argument(
+        "--activation-checkpointing",
+        action="store_true",
+        default=None,
+        help="recompute each block's activations in the backward instead of keeping them: less memory, about one "
+        "more forward of compute (with bias_balancing, needs --set bias_update=step)",
+    )
+    p.add_argument(
         "--threads", type=int, default=None, metavar="N", help="CPU threads for torch (default: torch's choice)"
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar (metrics still go to metrics.jsonl)")
@@ -131,7 +138,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 
 def _train_overrides(args) -> dict[str, Any]:
     out = {name: getattr(args, name) for name in _TRAIN_FLAGS if getattr(args, name) is not None}
-    for name in ("bf16", "compile"):
+    for name in ("bf16", "compile", "activation_checkpointing"):
         if getattr(args, name):
             out[name] = True
     return out
@@ -166,6 +173,9 @@ def build_configs(args):
             train_cfg = TrainConfig(**{**TRAIN_PRESETS[name], **train_over})
     except ValueError as err:
         raise CommandError(str(err)) from None
+    conflict = model_cfg.checkpointing_conflict()
+    if train_cfg.activation_checkpointing and conflict:
+        raise CommandError(f"--activation-checkpointing: {conflict}; add --set bias_update=step")
     return model_cfg, train_cfg, run_dir
 
 

@@ -235,6 +235,15 @@ class ModelConfig:
             return self.sliding_window
         return None
 
+    def checkpointing_conflict(self) -> Optional[str]:
+        """Why activation checkpointing cannot train this model as configured, or None when it can."""
+        if self.moe_layer_ids and self.bias_balancing and self.bias_update != "step":
+            return (
+                "activation checkpointing with bias_balancing needs bias_update='step' (the selection bias must "
+                f"not move between a forward and its recomputation); this model has bias_update={self.bias_update!r}"
+            )
+        return None
+
     def moe_config(self) -> MoEConfig:
         """The MoEConfig of this model's MoE blocks (ValueErrors name the ModelConfig field)."""
         kwargs = {name: getattr(self, name) for name in _MOE_SHARED}

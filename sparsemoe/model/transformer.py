@@ -43,6 +43,7 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from sparsemoe.experts import SharedExperts, in_rows, mlp
 from sparsemoe.layer import MoE
@@ -138,6 +139,20 @@ class MoETransformer(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self._init_projections()  # norms, routers and gates were initialised by their modules
+        self.activation_checkpointing = False  # see set_activation_checkpointing
+
+    def set_activation_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute each block's activations in the backward instead of keeping them (training only).
+
+        Saves the activations of every block but the one being differentiated, for about one more forward
+        of compute (torch.utils.checkpoint, non-reentrant; dropout and router noise are replayed exactly).
+        Selection-bias balancing must then count per step (`bias_update="step"`): a bias moved by the first
+        forward would send the recomputed forward's tokens to other experts.
+        """
+        conflict = self.config.checkpointing_conflict()
+        if enabled and conflict:
+            raise ValueError(conflict)
+        self.activation_checkpointing = bool(enabled)
 
     def _rope_tables(self) -> tuple[Tensor, Tensor]:
         c = self.config
@@ -229,8 +244,12 @@ class MoETransformer(nn.Module):
         x = self.embed(input_ids)
         if self.config.embedding_multiplier != 1.0:
             x = x * self.config.embedding_multiplier
+        recompute = self.activation_checkpointing and self.training and cache is None and torch.is_grad_enabled()
         for block in self.layers:
-            x = block(x, cos, sin, cache)
+            if recompute:
+                x = checkpoint(block, x, cos, sin, None, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, cache)
         if cache is not None:
             cache.length += S
         if last_only:

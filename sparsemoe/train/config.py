@@ -27,6 +27,8 @@ class TrainConfig:
     checkpoint_interval: int = 200  # save every n steps (and at the end); >= 1
     bf16: bool = False  # bfloat16 autocast for the forward pass
     compile: bool = False  # torch.compile the model
+    activation_checkpointing: bool = False  # recompute each block's activations in the backward: less memory,
+    #                                         about one more forward of compute; bias balancing: bias_update='step'
     seed: int = 0  # model init, data order, dropout; >= 0
     val_fraction: float = 0.05  # share of the corpus held out for validation; (0, 1)
 
@@ -52,7 +54,7 @@ class TrainConfig:
         _in_range("grad_clip", self.grad_clip, 0, math.inf)
         _in_range("expert_lr_mult", self.expert_lr_mult, 0, math.inf, low_open=True)
         _in_range("val_fraction", self.val_fraction, 0, 1, low_open=True, high_open=True)
-        for name in ("bf16", "compile"):
+        for name in ("bf16", "compile", "activation_checkpointing"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r} is invalid: expected True or False")
 

@@ -28,6 +28,30 @@ from sparsemoe.train.checkpoint import CheckpointError, load_checkpoint, load_mo
 from sparsemoe.train.config import TrainConfig
 
 
+def _checkpoint_activations(model: nn.Module) -> None:
+    """Turn on the model's activation checkpointing (its ValueError says what the config must change)."""
+    if not hasattr(model, "set_activation_checkpointing"):
+        raise ValueError(f"activation_checkpointing: {type(model).__name__} has no set_activation_checkpointing()")
+    model.set_activation_checkpointing(True)
+
+
+def _compiled(model: nn.Module, checkpointed: bool) -> Callable:
+    """torch.compile(model); with checkpointed blocks, traced under the one setting that allows them.
+
+    The compiler refuses side effects in checkpointed code unless they need not be replayed in the
+    recomputation, and the MoE layers' (statistics, losses, load counts) belong to the first forward.
+    """
+    compiled = torch.compile(model)
+    if not checkpointed:
+        return compiled
+
+    def forward(*args, **kwargs):
+        with torch._dynamo.config.patch(skip_fwd_side_effects_in_bwd_under_checkpoint=True):
+            return compiled(*args, **kwargs)
+
+    return forward
+
+
 def lr_factor(step: int, cfg: TrainConfig) -> float:
     """Multiplier of the peak lr for optimizer step `step` (0-based): linear warmup, then cosine."""
     if step < cfg.warmup_steps:
@@ -118,7 +142,9 @@ class Trainer:
         self.device = device
         self.step = 0  # optimizer steps done
         self.stop_requested = False  # set from a signal handler: stop after the current step
-        self.forward_model = torch.compile(model) if config.compile else model
+        if config.activation_checkpointing:
+            _checkpoint_activations(model)
+        self.forward_model = _compiled(model, config.activation_checkpointing) if config.compile else model
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl" if self.run_dir and is_main else None)
         self.on_log: list[Callable[[dict[str, Any]], None]] = []
         if self.run_dir is not None and is_main:
