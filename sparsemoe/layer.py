@@ -12,6 +12,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor, nn
 
+from sparsemoe.amp import autocast_dtype
 from sparsemoe.balancing import (
     AddAuxiliaryLoss,
     balance_losses,
@@ -20,7 +21,6 @@ from sparsemoe.balancing import (
     tokens_per_expert,
     update_expert_bias,
 )
-from sparsemoe.amp import autocast_dtype
 from sparsemoe.config import MoEConfig
 from sparsemoe.dispatch import DispatchPlan, build_plan, run_backend
 from sparsemoe.experts import Experts, SharedExperts
