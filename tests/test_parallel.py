@@ -279,14 +279,16 @@ def _configs(**train_changes):
     from sparsemoe.train import TRAIN_PRESETS, TrainConfig
 
     # warmup longer than the run: the lr of step s does not depend on max_steps, so runs of different
-    # lengths (and a resumed one) take identical steps
-    return preset("tiny", aux_loss_coef=0.01, z_loss_coef=1e-3), TrainConfig(**{**TRAIN_PRESETS["tiny"], **TRAIN, **train_changes})
+    # lengths (and a resumed one) take identical steps. The selection bias moves once per step, from the
+    # global batch's load.
+    model = preset("tiny", aux_loss_coef=0.01, z_loss_coef=1e-3, bias_balancing=True, bias_update="step")
+    return model, TrainConfig(**{**TRAIN_PRESETS["tiny"], **TRAIN, **train_changes})
 
 
 def train_parallel(rank: int, world: int, ep_size: int, run_dir: str) -> None:
     from sparsemoe.parallel.train import run_parallel_training
 
-    model_cfg, train_cfg = _configs()
+    model_cfg, train_cfg = _configs(activation_checkpointing=True)  # the all-to-alls run again in the backward
     run_parallel_training(model_cfg, train_cfg, run_dir, make_groups(ep_size), max_bytes=MAX_BYTES, progress=False, log=lambda s: None)
 
 
@@ -348,7 +350,8 @@ FOUR_PLAN = [(ep, n) for ep in (4, 2) for n in ("dropless-softmax", "sigmoid-gro
 
 @pytest.fixture(scope="module")
 def four_process_run(tmp_path_factory):
-    """One 4-process launch: the layer cases with ep=4 and ep=2 (x2 replicas), then 3 training steps with ep=2."""
+    """One 4-process launch: the layer cases with ep=4 and ep=2 (x2 replicas), then 3 training steps with ep=2
+    and activation checkpointing."""
     run_dir = tmp_path_factory.mktemp("parallel") / "ep2x2"
     reports = launch(run_cases, 4, FOUR_PLAN, False, (2, str(run_dir)), timeout=120)
     return reports, run_dir
@@ -381,12 +384,13 @@ def test_data_expert_parallel_training_matches_single_process_and_resumes_on_one
 def _compare_training(parallel_dir, tmp_path) -> None:
     import shutil
 
-    from sparsemoe.train.run import run_training
+    from sparsemoe.train.run import run_training, saved_configs
 
     model_cfg, train_cfg = _configs(max_steps=5)
     run_training(model_cfg, train_cfg, tmp_path / "single", max_bytes=MAX_BYTES, progress=False, log=lambda s: None)
     single = _train_records(tmp_path / "single")
     parallel = _train_records(parallel_dir)
+    assert saved_configs(parallel_dir)[1].activation_checkpointing and not train_cfg.activation_checkpointing
     for step in (1, 2, 3):
         for key in ("loss", "aux_loss", "grad_norm"):
             assert parallel[("train", step)][key] == pytest.approx(single[("train", step)][key], rel=1e-5), (step, key)
