@@ -39,6 +39,9 @@ def test_empty_input():
     layer = _layer()
     y = layer(torch.randn(0, 12))
     assert y.shape == (0, 12) and float(layer.aux_loss) == 0.0
+    x = torch.randn(2, 0, 12, requires_grad=True)  # e.g. a micro-batch without tokens, in training
+    layer.train()(x).sum().backward()  # as with an empty nn.Linear: a (zero) gradient, no error
+    assert x.grad.shape == x.shape
 
 
 @pytest.mark.parametrize(
