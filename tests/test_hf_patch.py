@@ -154,6 +154,22 @@ def test_report_says_what_was_not_patched_and_why():
     assert "per-expert modules" in report.skipped[0].reason
 
 
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(bias_update="bogus"), "patch_hf_model: bias_update='bogus' is invalid"),
+        (dict(backend="bogus"), "patch_hf_model: backend='bogus' is invalid"),
+        (dict(aux_loss_coef=-1.0), "patch_hf_model: aux_loss_coef=-1.0 is invalid"),
+    ],
+)
+def test_bad_arguments_are_refused_before_anything_is_patched(kwargs, message):
+    hf = tiny_hf_model("deepseek_v3")
+    blocks = [m for m in hf.modules()]
+    with pytest.raises(ValueError, match=message):
+        patch_hf_model(hf, **kwargs)
+    assert [m for m in hf.modules()] == blocks
+
+
 def test_unsupported_model_type_is_reported():
     config = transformers.HunYuanMoEV1Config(
         vocab_size=VOCAB,

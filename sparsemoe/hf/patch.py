@@ -199,8 +199,15 @@ def patch_hf_model(
     aux_loss_coef: Switch/GShard balancing loss the patched layers add in training (0 = none).
     bias_update: when a selection bias moves in training (MoEConfig.bias_update): "forward", or "step" (by
         `sparsemoe.update_expert_biases(model)` after each optimizer step; needed with gradient checkpointing).
-    Returns a PatchReport listing every MoE-looking block, patched or not, with the reason.
+    Returns a PatchReport listing every MoE-looking block, patched or not, with the reason. Raises ValueError
+    for a bad argument (before anything is patched).
     """
+    from sparsemoe.config import MoEConfig
+
+    try:  # the arguments alone, so that a mistake in them is not reported as a model that does not map
+        MoEConfig(dim=1, backend=backend, aux_loss_coef=aux_loss_coef, bias_update=bias_update)
+    except ValueError as err:
+        raise ValueError(f"patch_hf_model: {err}".replace("MoEConfig.", "")) from None
     config = getattr(model, "config", None)
     cfg = config.to_dict() if config is not None and hasattr(config, "to_dict") else {}
     cfg = cfg.get("text_config", cfg) if cfg.get("model_type") not in FAMILIES else cfg
