@@ -6,7 +6,7 @@ Legend: T tokens (all leading dimensions flattened), D model width, E experts, K
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional, Union
 
 import torch
@@ -166,6 +166,16 @@ class MoE(nn.Module):
                 "other experts than the gradient belongs to. Use bias_update='step' and call "
                 "sparsemoe.update_expert_biases(model) after each optimizer step."
             )
+
+    def set_bias_update(self, mode: str) -> None:
+        """Switch when the selection bias moves, "forward" or "step" (MoEConfig.bias_update), e.g. on a loaded
+        model before activation checkpointing. Load counted in step mode is applied first, not lost."""
+        config = replace(self.config, bias_update=mode)  # validates
+        self.update_bias()
+        self.config = self.router.config = config
+        step = config.bias_balancing and mode == "step"
+        bias = self.router.expert_bias
+        self.router.pending_load = torch.zeros_like(bias, dtype=torch.float32) if step else None
 
     def update_bias(self) -> bool:
         """bias_update="step": move the selection bias once by the load counted since the last call (the sum

@@ -218,6 +218,30 @@ def test_activation_checkpointing_refuses_a_bias_that_moves_every_forward():
     MoETransformer(tiny(bias_balancing=True, dense=True)).set_activation_checkpointing()  # no MoE layer: fine
 
 
+def test_set_bias_update_switches_a_built_model_and_loses_no_count():
+    """E.g. a model loaded from a Hugging Face checkpoint (bias_update="forward") before checkpointing."""
+    from sparsemoe import update_expert_biases
+
+    model = MoETransformer(tiny(bias_balancing=True, bias_update_rate=0.01)).train()
+    model.set_bias_update("step")
+    model.set_activation_checkpointing()
+    assert model.config.bias_update == "step" and all(m.config.bias_update == "step" for m in model.moe_layers)
+    ids = torch.randint(0, 256, (2, 17))
+    model(ids[:, :-1], targets=ids[:, 1:]).loss.backward()
+    pending = [m.router.pending_load.clone() for m in model.moe_layers]
+    assert all(p.sum() == 2 * 16 * model.config.top_k for p in pending)  # every token, counted once
+    with pytest.raises(ValueError, match="turn activation checkpointing off first"):
+        model.set_bias_update("forward")
+    model.set_activation_checkpointing(False)
+    model.set_bias_update("forward")  # applies what was counted, then moves the bias every forward again
+    for layer, counts in zip(model.moe_layers, pending):
+        assert layer.router.pending_load is None
+        torch.testing.assert_close(layer.router.expert_bias, 0.01 * torch.sign(counts.mean() - counts))
+    assert update_expert_biases(model) == 0
+    with pytest.raises(ValueError, match="bias_update='never' is invalid"):
+        model.set_bias_update("never")
+
+
 def test_layer_placement_first_dense_and_every_nth():
     cfg = tiny(n_layers=6, first_dense_layers=1, moe_every=2)
     assert cfg.moe_layer_ids == [1, 3, 5]

@@ -38,6 +38,7 @@ State-dict layout (stable; Hugging Face conversion maps onto these names):
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import NamedTuple, Optional
 
 import torch
@@ -153,6 +154,16 @@ class MoETransformer(nn.Module):
         if enabled and conflict:
             raise ValueError(conflict)
         self.activation_checkpointing = bool(enabled)
+
+    def set_bias_update(self, mode: str) -> None:
+        """Switch every MoE layer's bias_update ("forward" or "step", see MoEConfig) and the model config's."""
+        config = replace(self.config, bias_update=mode)  # validates
+        conflict = config.checkpointing_conflict()
+        if self.activation_checkpointing and conflict:
+            raise ValueError(f"{conflict}; turn activation checkpointing off first")
+        self.config = config
+        for layer in self.moe_layers:
+            layer.set_bias_update(mode)
 
     def _rope_tables(self) -> tuple[Tensor, Tensor]:
         c = self.config
