@@ -27,14 +27,15 @@ def _train(tmp_path, bias_update: str, callbacks: list):
     for layer in moe_layers(model):
         layer.config = dataclasses.replace(layer.config, bias_update_rate=RATE)
     data = [{"input_ids": torch.randint(0, VOCAB, (12,)), "labels": torch.randint(0, VOCAB, (12,))} for _ in range(8)]
+    fields = {f.name for f in dataclasses.fields(transformers.TrainingArguments)}
+    name = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path),
         per_device_train_batch_size=2,
         gradient_accumulation_steps=2,
         max_steps=2,
         learning_rate=1e-3,
-        gradient_checkpointing=True,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
+        **{name: True, name + "_kwargs": {"use_reentrant": False}},  # the name changed in transformers 5.2x
         use_cpu=True,
         report_to="none",
         save_strategy="no",
