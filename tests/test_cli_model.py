@@ -2,12 +2,14 @@
 
 import json
 import re
+import shutil
 
 import pytest
 import torch
 
 from sparsemoe.cli import main
 from sparsemoe.train.checkpoint import MODEL_FILE, resolve_checkpoint
+from sparsemoe.train.run import saved_configs
 
 QUICK = [
     "--preset",
@@ -56,8 +58,6 @@ def test_train_writes_the_run_folder(run_dir):
 
 def test_train_resume_extends_the_run(run_dir, tmp_path, capsys):
     copy = tmp_path / "copy"
-    import shutil
-
     shutil.copytree(run_dir, copy)
     assert (
         main(["train", "--run-dir", str(copy), "--resume", "--max-steps", "8", "--no-progress", "--threads", "1"]) == 0
@@ -185,6 +185,22 @@ def test_set_takes_json_lists_and_dicts():
     assert overrides == {"sliding_layers": [0, 2], "rope_scaling": {"type": "yarn", "factor": 2.0}}
 
 
+def test_resume_may_change_training_settings(run_dir, tmp_path, capsys):
+    """--set on --resume applies to the run's own config; balancing settings and the backend may change (here to
+    per-step bias updates with activation checkpointing), what the model is may not (test_resume_errors)."""
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    changes = ["--set", "aux_loss_coef=0.02", "--set", "bias_update=step", "--activation-checkpointing"]
+    argv = ["train", "--run-dir", str(copy), "--resume", "--max-steps", "8", "--no-progress", "--threads", "1"]
+    assert main([*argv, *changes]) == 0
+    assert "with changed training settings: aux_loss_coef 0.01 -> 0.02, bias_update 'forward' -> 'step'" in (
+        capsys.readouterr().out
+    )
+    model_cfg, train_cfg, _ = saved_configs(copy)
+    assert (model_cfg.aux_loss_coef, model_cfg.bias_update, train_cfg.activation_checkpointing) == (0.02, "step", True)
+    assert resolve_checkpoint(copy).name == "step-000008"
+
+
 def test_resume_errors(run_dir, tmp_path, capsys):
     assert main(["train", *QUICK, "--run-dir", str(run_dir)]) == 2
     assert "--resume" in error_line(capsys, "train")
@@ -195,8 +211,6 @@ def test_resume_errors(run_dir, tmp_path, capsys):
 
 
 def test_bad_checkpoints(run_dir, tmp_path, capsys):
-    import shutil
-
     assert main(["generate", "--checkpoint", str(tmp_path / "nope")]) == 2
     assert "does not exist" in error_line(capsys, "generate")
     broken = tmp_path / "broken"

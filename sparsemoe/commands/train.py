@@ -162,9 +162,11 @@ def build_configs(args):
         if args.resume:
             saved_model, saved_train, _ = saved_configs(run_dir)
             model_cfg = saved_model
-            if args.preset or overrides or args.dense:
+            if args.preset or args.dense:
                 model_cfg = ModelConfig(**{**PRESETS[name], **overrides})
                 model_cfg = model_cfg.dense_baseline() if args.dense else model_cfg
+            elif overrides:  # on top of the run's own config (only training settings may change)
+                model_cfg = ModelConfig(**{**saved_model.to_dict(), **overrides})
             train_cfg = TrainConfig(**{**saved_train.to_dict(), **train_over})
         else:
             model_cfg = ModelConfig(**{**PRESETS[name], **overrides})

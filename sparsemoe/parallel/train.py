@@ -175,8 +175,7 @@ def run_parallel_training(
     if train_config.seq_len > model_config.max_seq_len:
         raise ValueError(f"seq_len={train_config.seq_len} is longer than the model's max_seq_len={model_config.max_seq_len}")
     run_dir = Path(run_dir)
-    if resume:
-        check_same_model(saved_configs(run_dir)[0], model_config, run_dir)
+    changed = check_same_model(saved_configs(run_dir)[0], model_config, run_dir) if resume else ""
     corpus = load_corpus(data, train_config.val_fraction, max_bytes)
     check_length(corpus, train_config.seq_len)
 
@@ -205,7 +204,8 @@ def run_parallel_training(
     if resume:
         trainer.resume(run_dir)
         if rank == 0:
-            log(f"resumed {run_dir} at step {trainer.step} on {W} processes")
+            changes = f", with changed training settings: {changed}" if changed else ""
+            log(f"resumed {run_dir} at step {trainer.step} on {W} processes{changes}")
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         config = {"model_config": model_config.to_dict(), "train_config": train_config.to_dict(), "data": corpus.source}

@@ -29,11 +29,22 @@ def saved_configs(run_dir: Path) -> tuple[ModelConfig, TrainConfig, dict[str, An
         raise CheckpointError(f"checkpoint in {str(run_dir)!r} has no usable configuration ({err})") from None
 
 
-def check_same_model(saved: ModelConfig, given: ModelConfig, where: Any) -> None:
+# ModelConfig fields that say how the model is trained, not what it is or computes: a resumed run may change
+# them (e.g. to bias_update="step" for activation checkpointing, or a smaller balancing loss).
+TRAINING_FIELDS = (
+    "aux_loss_coef", "seq_aux_loss_coef", "z_loss_coef", "bias_update", "bias_update_rate", "moe_backend"
+)  # fmt: skip
+
+
+def check_same_model(saved: ModelConfig, given: ModelConfig, where: Any) -> str:
+    """Raise CheckpointError unless `given` is the checkpoint's model; returns its changed training settings
+    (`TRAINING_FIELDS`) as text, "" when none."""
     diff = saved.diff(given)
-    if diff:
-        shown = ", ".join(f"{k}: checkpoint {a!r} vs given {b!r}" for k, (a, b) in list(diff.items())[:4])
+    other = {k: v for k, v in diff.items() if k not in TRAINING_FIELDS}
+    if other:
+        shown = ", ".join(f"{k}: checkpoint {a!r} vs given {b!r}" for k, (a, b) in list(other.items())[:4])
         raise CheckpointError(f"checkpoint {str(where)!r} was trained with another model config ({shown})")
+    return ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in diff.items())
 
 
 def describe_sizes(model: MoETransformer) -> dict[str, str]:
@@ -65,9 +76,10 @@ def run_training(
             f"seq_len={train_config.seq_len} is longer than the model's max_seq_len={model_config.max_seq_len}; "
             f"use a seq_len of at most {model_config.max_seq_len}"
         )
+    changed = ""
     if resume:
         saved_model, _, _ = saved_configs(run_dir)
-        check_same_model(saved_model, model_config, run_dir)
+        changed = check_same_model(saved_model, model_config, run_dir)
     corpus = load_corpus(data, train_config.val_fraction, max_bytes)
     check_length(corpus, train_config.seq_len)
 
@@ -80,7 +92,8 @@ def run_training(
     trainer = Trainer(model, optimizer, train_config, train_batches, val, run_dir, meta=meta, progress=progress)
     if resume:
         trainer.resume(run_dir)
-        log(f"resumed {run_dir} at step {trainer.step}")
+        changes = f", with changed training settings: {changed}" if changed else ""
+        log(f"resumed {run_dir} at step {trainer.step}{changes}")
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(
         json.dumps(
