@@ -172,10 +172,8 @@ class MoE(nn.Module):
         model before activation checkpointing. Load counted in step mode is applied first, not lost."""
         config = replace(self.config, bias_update=mode)  # validates
         self.update_bias()
-        self.config = self.router.config = config
-        step = config.bias_balancing and mode == "step"
-        bias = self.router.expert_bias
-        self.router.pending_load = torch.zeros_like(bias, dtype=torch.float32) if step else None
+        self.config = config
+        self.router.set_config(config)
 
     def update_bias(self) -> bool:
         """bias_update="step": move the selection bias once by the load counted since the last call (the sum

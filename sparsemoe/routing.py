@@ -54,17 +54,22 @@ class Router(nn.Module):
 
     def __init__(self, config: MoEConfig, device=None, dtype=None) -> None:
         super().__init__()
-        self.config = config
         E, D = config.num_experts, config.dim
         self.weight = nn.Parameter(torch.empty(E, D, device=device, dtype=dtype))
         self.noise_weight: Optional[nn.Parameter] = None
         if config.noise == "gaussian":
             self.noise_weight = nn.Parameter(torch.empty(E, D, device=device, dtype=dtype))
         self.register_buffer("expert_bias", torch.zeros(E, device=device, dtype=torch.float32))
-        step = config.bias_balancing and config.bias_update == "step"
-        pending = torch.zeros(E, device=device, dtype=torch.float32) if step else None
-        self.register_buffer("pending_load", pending, persistent=False)
+        self.register_buffer("pending_load", None, persistent=False)
+        self.set_config(config)
         self.reset_parameters()
+
+    def set_config(self, config: MoEConfig) -> None:
+        """Adopt `config` (same experts and width): the step-mode load counter is made (zero, beside the
+        selection bias, on its device) or dropped to match its bias_update."""
+        self.config = config
+        counting = config.bias_balancing and config.bias_update == "step"
+        self.pending_load = torch.zeros_like(self.expert_bias, dtype=torch.float32) if counting else None
 
     def _apply(self, fn, recurse=True):
         """Follow `.to()`, `.cuda()`, `to_empty()`... but keep the float32 buffers float32 (and their values

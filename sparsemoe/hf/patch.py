@@ -183,8 +183,7 @@ def _sparsemoe_layer(module: nn.Module, moe_cfg, family: str) -> MoE:
         moe.router.expert_bias = bias
     else:
         moe.router.expert_bias = torch.zeros(moe_cfg.num_experts, device=weight.device, dtype=torch.float32)
-    if moe.router.pending_load is not None:  # bias_update="step": the load counted between updates
-        moe.router.pending_load = torch.zeros(moe_cfg.num_experts, device=weight.device, dtype=torch.float32)
+    moe.router.set_config(moe_cfg)  # bias_update="step": its load counter beside the bias, not on meta
     moe.aux_loss = torch.zeros((), device=weight.device)
     moe.train(module.training)
     return moe
