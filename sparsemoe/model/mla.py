@@ -107,10 +107,7 @@ class MultiHeadLatentAttention(nn.Module):
         for proj in (self.q_proj, self.q_a_proj, self.q_b_proj, self.kv_a_proj, self.kv_b_proj):
             if proj is not None:
                 nn.init.normal_(proj.weight, std=std)
-        nn.init.normal_(self.o_proj.weight, std=out_std)
-        for norm in (self.q_a_norm, self.kv_a_norm):
-            if norm is not None:
-                nn.init.ones_(norm.weight)
+        nn.init.normal_(self.o_proj.weight, std=out_std)  # its norms: MoETransformer.reset_parameters, as every RMSNorm
 
     def _queries(self, x_BSD: Tensor) -> Tensor:
         q = self.q_proj(x_BSD) if self.q_proj is not None else self.q_b_proj(self.q_a_norm(self.q_a_proj(x_BSD)))
