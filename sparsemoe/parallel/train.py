@@ -204,8 +204,7 @@ def run_parallel_training(
     if resume:
         trainer.resume(run_dir)
         if rank == 0:
-            changes = f", with changed training settings: {changed}" if changed else ""
-            log(f"resumed {run_dir} at step {trainer.step} on {W} processes{changes}")
+            log(f"resumed {run_dir} at step {trainer.step} on {W} processes{changed}")
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         config = {"model_config": model_config.to_dict(), "train_config": train_config.to_dict(), "data": corpus.source}

@@ -37,14 +37,16 @@ TRAINING_FIELDS = (
 
 
 def check_same_model(saved: ModelConfig, given: ModelConfig, where: Any) -> str:
-    """Raise CheckpointError unless `given` is the checkpoint's model; returns its changed training settings
-    (`TRAINING_FIELDS`) as text, "" when none."""
+    """Raise CheckpointError unless `given` is the checkpoint's model; returns the end of the resume message
+    that names its changed training settings (`TRAINING_FIELDS`), "" when none."""
     diff = saved.diff(given)
     other = {k: v for k, v in diff.items() if k not in TRAINING_FIELDS}
     if other:
         shown = ", ".join(f"{k}: checkpoint {a!r} vs given {b!r}" for k, (a, b) in list(other.items())[:4])
         raise CheckpointError(f"checkpoint {str(where)!r} was trained with another model config ({shown})")
-    return ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in diff.items())
+    if not diff:
+        return ""
+    return ", with changed training settings: " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in diff.items())
 
 
 def describe_sizes(model: MoETransformer) -> dict[str, str]:
@@ -92,8 +94,7 @@ def run_training(
     trainer = Trainer(model, optimizer, train_config, train_batches, val, run_dir, meta=meta, progress=progress)
     if resume:
         trainer.resume(run_dir)
-        changes = f", with changed training settings: {changed}" if changed else ""
-        log(f"resumed {run_dir} at step {trainer.step}{changes}")
+        log(f"resumed {run_dir} at step {trainer.step}{changed}")
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(
         json.dumps(
