@@ -88,7 +88,7 @@ def test_generate_streams_a_continuation(run_dir, capsys):
     assert out.startswith("def main(") and len(out.encode()) >= len("def main(") + 1
     assert re.fullmatch(
         r"20 tokens: the first after [\d.]+ ms \(prompt of 9 tokens\), then [\d.]+ ms per token \(\d+ tokens/s\); "
-        r"\d+ threads\n",
+        r"CPU \(\d+ threads?\)\n",
         captured.err,
     )
     assert (
@@ -167,7 +167,7 @@ def test_bad_config_values(tmp_path, capsys):
     assert main(["train", *QUICK, "--run-dir", str(tmp_path / "a"), "--lr", "-1"]) == 2
     assert "TrainConfig.lr" in error_line(capsys, "train")
     assert main(["train", "--preset", "huge"]) == 2
-    assert "tiny, demo, mixtral" in error_line(capsys, "train")
+    assert "tiny, demo, gpu, mixtral" in error_line(capsys, "train")
     assert main(["train", *QUICK, "--run-dir", str(tmp_path / "a"), "--set", "nope_layers=[0,"]) == 2
     assert "--set value '[0,' is not valid JSON" in error_line(capsys, "train")
     assert main(["train", *QUICK, "--run-dir", str(tmp_path / "a"), "--set", "nope_layers=[5]"]) == 2
@@ -223,3 +223,82 @@ def test_bad_checkpoints(run_dir, tmp_path, capsys):
     assert "truncated" in error_line(capsys, "inspect")
     assert main(["generate", "--checkpoint", str(run_dir), "--top-p", "0"]) == 2
     assert "--top-p" in error_line(capsys, "generate")
+
+
+# --- devices and precision ----------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
+@pytest.mark.parametrize("command", ["train", "generate", "inspect", "bench", "profile"])
+def test_cuda_without_a_gpu_is_one_line(command, run_dir, tmp_path, capsys):
+    argv = {
+        "train": ["train", *QUICK, "--run-dir", str(tmp_path / "r")],
+        "generate": ["generate", "--checkpoint", str(run_dir)],
+        "inspect": ["inspect", "--checkpoint", str(run_dir), "--out", str(tmp_path)],
+        "bench": ["bench", "--quick", "--out", str(tmp_path)],
+        "profile": ["profile", "--quick", "--out", str(tmp_path)],
+    }[command]
+    assert main([*argv, "--device", "cuda"]) == 2
+    assert "--device 'cuda' was asked for, but no CUDA GPU is available here" in error_line(capsys, command)
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_gpu_index_that_does_not_exist_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert main(["train", *QUICK, "--run-dir", str(tmp_path / "r"), "--device", "cuda:2"]) == 2
+    assert "'cuda:2' does not exist: there are 2 CUDA GPUs here (cuda:0..cuda:1)" in error_line(capsys, "train")
+
+
+def test_a_run_that_cannot_fit_is_refused_before_anything_is_written(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("sparsemoe.train.memory.free_memory", lambda device: 2**20)
+    assert main(["train", *QUICK, "--run-dir", str(tmp_path / "r")]) == 2
+    line = error_line(capsys, "train")
+    assert "this run (0.00 B parameters, batch 8 x 32, fp32) needs about" in line and "more than the 1 MiB free" in line
+    assert not (tmp_path / "r").exists()
+
+
+def test_precision_is_a_training_setting_and_bf16_its_alias(tmp_path, capsys):
+    assert main(["train", *QUICK, "--run-dir", str(tmp_path / "r"), "--bf16", "--precision", "fp32"]) == 2
+    assert "--bf16 and --precision fp32 contradict each other" in error_line(capsys, "train")
+    assert main(["train", *QUICK, "--max-steps", "2", "--run-dir", str(tmp_path / "r"), "--bf16"]) == 0
+    assert saved_configs(tmp_path / "r")[1].precision == "bf16"
+    assert "on CPU (1 thread), bf16; memory needed about" in capsys.readouterr().out
+    resume = ["train", "--run-dir", str(tmp_path / "r"), "--resume", "--max-steps", "3", "--no-progress"]
+    assert main([*resume, "--precision", "fp32", "--threads", "1"]) == 0
+    assert saved_configs(tmp_path / "r")[1].precision == "fp32"
+
+
+def test_mfu_is_printed_and_reported_given_the_peak(tmp_path, capsys):
+    assert main(["train", *QUICK, "--max-steps", "2", "--run-dir", str(tmp_path / "r"), "--peak-tflops", "0.5"]) == 0
+    assert re.search(r"\d+ tokens/s \(\d+ in training steps after the first\), MFU \d+\.\d%", capsys.readouterr().out)
+    report = (tmp_path / "r" / "report.md").read_text()
+    assert re.search(r"\| MFU \(model FLOPs utilisation\) \| [\d.]+% of 0.5 TFLOP/s \|", report)
+    assert main(["train", *QUICK, "--run-dir", str(tmp_path / "s"), "--peak-tflops", "0"]) == 2
+    assert "--peak-tflops 0.0: expected a number > 0" in error_line(capsys, "train")
+
+
+def test_generate_and_inspect_run_in_bfloat16(run_dir, tmp_path, capsys):
+    argv = ["generate", "--checkpoint", str(run_dir), "--prompt", "def", "--max-new-tokens", "5", "--temperature", "0"]
+    assert main([*argv, "--device", "cpu", "--dtype", "bfloat16"]) == 0
+    assert capsys.readouterr().out.startswith("def")
+    inspect = ["inspect", "--checkpoint", str(run_dir), "--windows", "2", "--out", str(tmp_path)]
+    assert main([*inspect, "--dtype", "bfloat16"]) == 0
+    assert (tmp_path / "inspect.json").exists()
+
+
+def test_parallel_runs_pair_the_device_with_the_process_group_backend(monkeypatch):
+    from sparsemoe.cli import CommandError
+    from sparsemoe.parallel.train import dist_backend
+
+    assert dist_backend("cpu", None) == "gloo" and dist_backend("auto", None) is None
+    assert dist_backend("auto", "gloo") == "gloo"
+    with pytest.raises(CommandError, match="each process takes the GPU of its LOCAL_RANK"):
+        dist_backend("cuda:1", None)
+    with pytest.raises(CommandError, match="--device cpu runs on gloo, not --dist-backend nccl"):
+        dist_backend("cpu", "nccl")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(CommandError, match="no CUDA GPU is available here"):
+        dist_backend("cuda", None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert dist_backend("cuda", None) == "nccl"

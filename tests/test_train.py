@@ -244,9 +244,68 @@ def test_resume_gives_the_same_losses(corpus, tmp_path):
 
 
 def test_bf16_training_step(corpus):
-    trainer = make_trainer(corpus, max_steps=2, bf16=True)
+    """precision="bf16" trains under bfloat16 autocast: close to float32, not equal to it."""
+    bf16, fp32 = make_trainer(corpus, max_steps=2, precision="bf16"), make_trainer(corpus, max_steps=2)
+    assert (bf16.precision, fp32.precision) == ("bf16", "fp32")  # "auto" is fp32 on the CPU
+    bf16.fit()
+    fp32.fit()
+    assert all(math.isfinite(x) for x in train_losses(bf16))
+    assert train_losses(bf16) != train_losses(fp32)
+    assert train_losses(bf16) == pytest.approx(train_losses(fp32), rel=2e-2)
+
+
+def _set_fused(trainer, fused):
+    """The optimizer implementation a run on another device would use (CUDA: fused AdamW)."""
+    for group in trainer.optimizer.param_groups:
+        group["fused"] = fused
+    return trainer
+
+
+@pytest.mark.parametrize("first, second", [(True, None), (None, True)])
+def test_resume_across_optimizer_implementations(corpus, tmp_path, first, second):
+    """A checkpoint of fused AdamW (a CUDA run) resumes with the for-each AdamW of the CPU and the other
+    way round: the resumed optimizer keeps its own implementation, its step counts come in the form it
+    needs, and the losses are those of an uninterrupted run up to the implementations' rounding."""
+    want = train_losses(_fit(make_trainer(corpus, max_steps=8)))
+    _fit(_set_fused(make_trainer(corpus, tmp_path, max_steps=8, checkpoint_interval=4), first), stop_at=4)
+    resumed = _set_fused(make_trainer(corpus, tmp_path, max_steps=8), second)
+    resumed.resume(tmp_path)
+    assert all(group["fused"] == second for group in resumed.optimizer.param_groups)
+    resumed.fit()
+    assert resumed.step == 8 and train_losses(resumed) == pytest.approx(want, rel=1e-5)
+
+
+def _fit(trainer, stop_at=None):
+    if stop_at is not None:
+        trainer.on_log.append(lambda record: setattr(trainer, "stop_requested", record["step"] == stop_at))
     trainer.fit()
-    assert all(math.isfinite(x) for x in train_losses(trainer))
+    return trainer
+
+
+def test_the_cpu_keeps_the_default_adamw():
+    model = MoETransformer(preset("tiny"))
+    assert all(group["fused"] is None for group in build_optimizer(model, TrainConfig()).param_groups)
+
+
+def test_mfu_is_reported_where_the_peak_is_known(corpus):
+    """MFU = tokens/s x model FLOPs per token / peak, in every log record and the summary; with no peak,
+    no MFU (the CPU's is never assumed)."""
+    trainer = make_trainer(corpus, max_steps=3)
+    trainer.flops_per_token, trainer.peak_tflops = 2e6, 1e-3  # a 1 GFLOP/s device
+    summary = trainer.fit()
+    records = [r for r in trainer.metrics.records if r["event"] == "train"]
+    assert len(records) == 3 and all(r["mfu"] == pytest.approx(r["tokens_per_s"] * 2e6 / 1e9) for r in records)
+    assert summary["mfu"] == pytest.approx(summary["train_tokens_per_s"] * 2e6 / 1e9)
+    assert summary["train_tokens_per_s"] >= summary["tokens_per_s"]  # validation and the first step left out
+    plain = make_trainer(corpus, max_steps=2).fit()
+    assert "mfu" not in plain and "peak_memory_bytes" not in plain
+
+
+def test_checkpoints_before_precision_keep_their_bf16_flag():
+    assert TrainConfig.from_dict({"bf16": True}).precision == "bf16"
+    assert TrainConfig.from_dict({"bf16": False}).precision == "fp32"
+    assert TrainConfig.from_dict({}).precision == "auto"
+    assert TrainConfig.from_dict({"bf16": True, "precision": "auto"}).precision == "auto"
 
 
 # --- checkpoints -------------------------------------------------------------------------------------------
@@ -261,6 +320,13 @@ def test_checkpoint_round_trip_and_atomicity(corpus, tmp_path):
     assert meta["step"] == 4 and not model.training
     for name, value in trainer.model.state_dict().items():
         assert torch.equal(value, model.state_dict()[name])
+    assert torch.equal(model.rope_cos, trainer.model.rope_cos)  # not saved: recomputed on load
+    half, _ = load_model(tmp_path, "cpu", torch.bfloat16)  # weights cast on load, selection bias float32
+    assert half.embed.weight.dtype == torch.bfloat16 and half.rope_cos.dtype == torch.float32
+    assert {layer.router.expert_bias.dtype for layer in half.moe_layers} == {torch.float32}
+    ids = torch.randint(0, 256, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(half(ids).logits.float(), model(ids).logits, atol=0.1, rtol=0.05)
     # A save killed half-way leaves a temporary folder that nothing points to.
     (tmp_path / "checkpoints" / ".tmp-step-000006-99999").mkdir()
     (tmp_path / "checkpoints" / ".tmp-step-000006-99999" / MODEL_FILE).write_bytes(b"partial")

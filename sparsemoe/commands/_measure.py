@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import shlex
 import sys
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import torch
 
 from sparsemoe.cli import CommandError
+from sparsemoe.commands._device import device_from_args
 
 
 def positive_int(text: str) -> int:
@@ -18,19 +20,11 @@ def positive_int(text: str) -> int:
     return value
 
 
-def setup_device(name: str, threads) -> torch.device:
-    """Apply --threads and parse --device (cpu or an available cuda device)."""
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise CommandError(f"--device {name!r} is not a device; accepted: cpu, cuda") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CommandError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
-    if device.type not in ("cpu", "cuda"):
-        raise CommandError(f"--device {name!r} is not supported; accepted: cpu, cuda")
-    return device
+def setup_device(args: argparse.Namespace) -> torch.device:
+    """Apply --threads and resolve --device (see sparsemoe.device.resolve_device)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return device_from_args(args)
 
 
 def output_dir(path: str) -> Path:

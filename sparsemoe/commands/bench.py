@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from sparsemoe.cli import CommandError
+from sparsemoe.commands._device import add_device_argument
 from sparsemoe.commands._measure import command_line, output_dir, positive_int, setup_device
 
 # Presets: their values stand where the corresponding option is not given on the command line.
@@ -85,7 +86,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                    help="wall time (default), or this process's CPU time: steadier on a machine shared with "
                    "other work, best with --threads 1")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    add_device_argument(p)
     p.add_argument("--out", default="bench-results", help="output folder (default bench-results)")
     p.add_argument("--no-plots", action="store_true", help="do not write PNG plots")
     p.add_argument("--sweep", action="store_true", help="also sweep top-k and capacity factor (utilisation plots)")
@@ -107,7 +108,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--gpu", action="store_true",
                    help="the GPU targets: --device cuda, configs mixtral-8x7b,fine-grained-xl, T=1,16,64,16384, bfloat16, "
                    "random routing, 10 repeats, forward+backward from T=1024 on; sparsemoe auto/triton/grouped, dense "
-                   "ideal, torch._grouped_mm, hf grouped_mm (options given on the command line take precedence)")
+                   "ideal, torch._grouped_mm, hf grouped_mm (options given on the command line take precedence; "
+                   "--device cpu with small --configs and --tokens is a dry run of the preset on the CPU)")
     p.set_defaults(func=run)
     return p
 
@@ -121,9 +123,14 @@ def run(args: argparse.Namespace) -> int:
 
     if args.quick and args.gpu:
         raise CommandError("--quick and --gpu are two different presets; pick one")
-    if args.gpu and not torch.cuda.is_available():
-        raise CommandError("--gpu needs a CUDA GPU and none is available here; without --gpu the benchmark runs on the CPU")
-    device = setup_device("cuda" if args.gpu else args.device, args.threads)
+    if args.gpu and args.device == "auto":
+        if not torch.cuda.is_available():
+            raise CommandError(
+                "--gpu needs a CUDA GPU and none is available here; without --gpu the benchmark runs on the CPU "
+                "(--gpu --device cpu with small --configs/--tokens: a dry run of the preset)"
+            )
+        args.device = "cuda"
+    device = setup_device(args)
     out = output_dir(args.out)
     command = command_line("bench")
     preset = QUICK if args.quick else GPU if args.gpu else {}

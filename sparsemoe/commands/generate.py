@@ -8,6 +8,7 @@ import sys
 import time
 
 from sparsemoe.cli import CommandError
+from sparsemoe.commands._device import add_device_argument, add_dtype_argument, device_from_args, dtype_from_args
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -36,6 +37,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument(
         "--no-cache", action="store_true", help="recompute the whole context each step instead of using the KV cache"
     )
+    add_device_argument(p)
+    add_dtype_argument(p)
     p.add_argument(
         "--tokenizer",
         metavar="DIR",
@@ -49,6 +52,7 @@ def register(subparsers) -> argparse.ArgumentParser:
 def run(args) -> int:
     import torch
 
+    from sparsemoe.device import describe_device
     from sparsemoe.model import generate
     from sparsemoe.train import CheckpointError
     from sparsemoe.train.checkpoint import load_model
@@ -61,8 +65,9 @@ def run(args) -> int:
         raise CommandError(f"--top-k {args.top_k}: expected an integer >= 0 (0 = off)")
     if not 0 < args.top_p <= 1:
         raise CommandError(f"--top-p {args.top_p}: expected a number in (0, 1]")
+    device = device_from_args(args)
     try:
-        model, _ = load_model(args.checkpoint)
+        model, _ = load_model(args.checkpoint, device, dtype_from_args(args, device))
     except CheckpointError as err:
         raise CommandError(str(err)) from None
     tokenizer = _tokenizer(args)
@@ -80,7 +85,7 @@ def run(args) -> int:
     ids = torch.tensor(tokenizer.encode(prompt), dtype=torch.long)
     if ids.numel() == 0:
         raise CommandError("the prompt encodes to no tokens; give a longer --prompt")
-    generator = torch.Generator().manual_seed(args.seed)
+    generator = torch.Generator().manual_seed(args.seed)  # on the host: a seed samples alike on every device
     out = sys.stdout
     out.write(prompt)
     emit, finish = _streamer(tokenizer, out)
@@ -103,11 +108,11 @@ def run(args) -> int:
         on_token=on_token,
     )
     finish()
-    print(_speed_line(start, token_times, ids.numel(), torch.get_num_threads()), file=sys.stderr)
+    print(_speed_line(start, token_times, ids.numel(), describe_device(device)), file=sys.stderr)
     return 0
 
 
-def _speed_line(start: float, token_times: list[float], prompt_tokens: int, threads: int) -> str:
+def _speed_line(start: float, token_times: list[float], prompt_tokens: int, where: str) -> str:
     """How long the first token took (the prompt's forward) and each token after it, for stderr."""
     if not token_times:
         return "no tokens generated"
@@ -116,7 +121,7 @@ def _speed_line(start: float, token_times: list[float], prompt_tokens: int, thre
     if len(token_times) > 1:
         per_token = (token_times[-1] - token_times[0]) / (len(token_times) - 1)
         line += f", then {1e3 * per_token:.2f} ms per token ({1 / per_token:.0f} tokens/s)"
-    return f"{line}; {threads} threads"
+    return f"{line}; {where}"
 
 
 def _tokenizer(args):

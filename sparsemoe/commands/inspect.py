@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from sparsemoe.cli import CommandError
+from sparsemoe.commands._device import add_device_argument, add_dtype_argument, device_from_args, dtype_from_args
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -30,6 +31,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument(
         "--out", default=None, metavar="DIR", help="folder for inspect.txt/.json/.png (default: the run folder)"
     )
+    add_device_argument(p)
+    add_dtype_argument(p)
     p.set_defaults(func=run)
     return p
 
@@ -42,8 +45,9 @@ def run(args) -> int:
     for name in ("windows", "top"):
         if getattr(args, name) < 1:
             raise CommandError(f"--{name} {getattr(args, name)}: expected an integer >= 1")
+    device = device_from_args(args)
     try:
-        model, meta = load_model(args.checkpoint)
+        model, meta = load_model(args.checkpoint, device, dtype_from_args(args, device))
     except CheckpointError as err:
         raise CommandError(str(err)) from None
     if not model.config.moe_layer_ids:

@@ -10,6 +10,7 @@ import json
 
 
 from sparsemoe.cli import CommandError
+from sparsemoe.commands._device import add_device_argument
 from sparsemoe.commands._measure import command_line, output_dir, positive_int, setup_device
 
 
@@ -30,7 +31,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--capacity-factor", type=float, default=None, help="capacity factor (default dropless)")
     p.add_argument("--steps", type=positive_int, default=3, help="profiled steps, averaged (default 3)")
     p.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    add_device_argument(p)
     p.add_argument("--out", default="profile-results", help="output folder (default profile-results)")
     p.add_argument("--quick", action="store_true", help="smoke run: tiny config, T=64, 1 step")
     p.set_defaults(func=run)
@@ -46,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     from sparsemoe.dispatch import backend_names
     from sparsemoe.layer import MoE
 
-    device = setup_device(args.device, args.threads)
+    device = setup_device(args)
     if args.backend not in backend_names():
         raise CommandError(f"--backend {args.backend!r} is not available here; accepted: {', '.join(backend_names())}")
     name, tokens, steps = ("tiny", 64, 1) if args.quick else (args.config, args.tokens, args.steps)

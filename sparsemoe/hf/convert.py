@@ -23,7 +23,8 @@ from torch import nn
 
 from sparsemoe.hf.export import export_family, export_hf
 from sparsemoe.hf.io import INDEX_FILE, CheckpointFiles, HFFormatError, write_safetensors
-from sparsemoe.hf.load import LoadedModel, empty_model, load_hf, resolve_dtype
+from sparsemoe.hf.load import LoadedModel, load_hf, resolve_dtype
+from sparsemoe.model import empty_model
 from sparsemoe.hf.tokenizer import TOKENIZER_DIR, copy_tokenizer_files
 
 

@@ -19,6 +19,7 @@ from torch import nn
 from sparsemoe.hf.config_map import SAVED_KEY, MappedConfig, map_config, read_hf_config
 from sparsemoe.hf.io import CheckpointFiles, HFFormatError
 from sparsemoe.hf.weights import Piece, detect_layout, ignorable, layout_name, model_pieces
+from sparsemoe.model import empty_model
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # State entries that a checkpoint may leave out, with how to fill them.
@@ -45,17 +46,6 @@ def resolve_dtype(
     if dtype not in _DTYPES:
         raise HFFormatError(f"dtype {dtype!r} is not supported; accepted: auto, {', '.join(_DTYPES)}")
     return _DTYPES[dtype]
-
-
-def empty_model(config, dtype: torch.dtype, device: Union[str, torch.device]) -> nn.Module:
-    """The model with uninitialised storage: skips random init, which costs minutes on a large model."""
-    from sparsemoe.model import MoETransformer
-
-    with torch.device("meta"):
-        model = MoETransformer(config).to(dtype)  # the routers' selection biases stay float32
-    model.to_empty(device=device)
-    model.reset_buffers()  # the only state not read from the checkpoint: the RoPE tables
-    return model
 
 
 def _copy_piece(files: CheckpointFiles, piece: Piece, target: torch.Tensor) -> None:

@@ -3,7 +3,7 @@
 from sparsemoe.model.attention import KVCache, RMSNorm
 from sparsemoe.model.config import PRESETS, ModelConfig, preset
 from sparsemoe.model.generate import generate, sample_next, stream
-from sparsemoe.model.transformer import DenseMLP, ModelOutput, MoETransformer
+from sparsemoe.model.transformer import DenseMLP, ModelOutput, MoETransformer, empty_model
 
 __all__ = [
     "PRESETS",
@@ -13,6 +13,7 @@ __all__ = [
     "ModelOutput",
     "MoETransformer",
     "RMSNorm",
+    "empty_model",
     "generate",
     "preset",
     "sample_next",

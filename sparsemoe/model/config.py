@@ -303,11 +303,24 @@ class ModelConfig:
 
 
 # Presets. "tiny" trains in seconds (tests); "demo" is `sparsemoe train`'s default (about five minutes on
-# two CPU cores); "mixtral" is Mixtral-8x7B's shape, for benchmarks and shape checks only.
+# two CPU cores); "gpu" is sized for one 80-140 GB GPU (983 M parameters, 303 M active per token; its
+# dense twin, `dense_baseline()`, has the same 303 M); "mixtral" is Mixtral-8x7B's shape, for benchmarks
+# and shape checks only.
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(dim=32, n_layers=2, n_heads=2, max_seq_len=64, num_experts=4, top_k=2, moe_hidden_dim=32),
     "demo": dict(
         dim=128, n_layers=4, n_heads=4, n_kv_heads=2, max_seq_len=256, num_experts=8, top_k=2, moe_hidden_dim=128
+    ),
+    "gpu": dict(
+        dim=1536,
+        n_layers=12,
+        n_heads=12,
+        n_kv_heads=4,
+        max_seq_len=2048,
+        rope_theta=1e6,
+        num_experts=16,
+        top_k=4,
+        moe_hidden_dim=1024,
     ),
     "mixtral": dict(
         vocab_size=32000,

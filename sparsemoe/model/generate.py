@@ -65,9 +65,13 @@ def stream(
     use_cache: bool = True,
     generator: Optional[torch.Generator] = None,
 ) -> Iterator[Tensor]:
-    """Yield the next token of each row, [B] long, `max_new_tokens` times. prompt_ids: [S] or [B, S].
+    """Yield the next token of each row, [B] long, on the model's device, `max_new_tokens` times.
+    prompt_ids: [S] or [B, S], on any device.
 
     The model is put in eval mode for the duration (dropout off, routing noise off) and restored after.
+    The KV cache lives on the model's device, in its dtype. With a `generator`, each step's last logits
+    [B, V] are sampled on the generator's device (a host generator: the same seed gives the same tokens
+    from the same logits on every device).
     """
     _check_sampling(temperature, top_k, top_p, max_new_tokens)
     tokens = prompt_ids.view(1, -1) if prompt_ids.dim() == 1 else prompt_ids
@@ -94,7 +98,8 @@ def stream(
                 fed = tokens.shape[1] - window_start
             else:
                 logits = model(tokens[:, window_start:], last_only=True).logits
-            nxt = sample_next(logits[:, -1], temperature, top_k, top_p, generator)
+            last = logits[:, -1] if generator is None else logits[:, -1].to(generator.device)
+            nxt = sample_next(last, temperature, top_k, top_p, generator).to(tokens.device)
             tokens = torch.cat([tokens, nxt[:, None]], dim=1)
             yield nxt
     finally:

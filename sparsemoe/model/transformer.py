@@ -170,10 +170,14 @@ class MoETransformer(nn.Module):
         return rope_table(c.rotary_dim, c.max_seq_len, c.rope_theta, c.rope_scaling)  # float32
 
     def reset_buffers(self) -> None:
-        """Recompute the state that is neither a parameter nor saved: the RoPE tables (float32)."""
+        """Reset the state that is neither a parameter nor saved: the RoPE tables (float32), recomputed, and
+        the routers' step-mode load counts since the last bias update (`bias_update="step"`), zeroed."""
         device = self.embed.weight.device
         cos, sin = self._rope_tables()
         self.rope_cos, self.rope_sin = cos.to(device), sin.to(device)
+        for layer in self.moe_layers:
+            if layer.router.pending_load is not None:
+                layer.router.pending_load.zero_()
 
     def reset_parameters(self) -> None:
         """Every parameter and buffer to its initial value (see `_init_projections` for the scheme).
@@ -299,3 +303,14 @@ class MoETransformer(nn.Module):
     def new_cache(self, batch_size: int) -> KVCache:
         p = self.embed.weight
         return KVCache(self.config, batch_size, device=p.device, dtype=p.dtype)
+
+
+def empty_model(config: ModelConfig, dtype: torch.dtype = torch.float32, device="cpu") -> MoETransformer:
+    """The model with uninitialised weights on `device`, for loading a checkpoint into: built on the meta
+    device, so random initialisation (minutes on a large model) and a host copy are skipped. The state
+    no checkpoint holds is reset (`reset_buffers`); every weight must then be loaded."""
+    with torch.device("meta"):
+        model = MoETransformer(config).to(dtype)  # the routers' selection biases stay float32
+    model.to_empty(device=device)
+    model.reset_buffers()
+    return model

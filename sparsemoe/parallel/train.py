@@ -129,10 +129,10 @@ class ParallelTrainer(Trainer):
         optimizer_state = full_optimizer_state(self.optimizer, self.model)  # collective
         path = None
         if self.is_main:
-            rng = {"torch": torch.get_rng_state()}
-            rng.update({f"data.{k}": v for k, v in self.train_batches.state_dict().items()})
             meta = dict(self.meta, train_config=self.full_config.to_dict())
-            path = save_checkpoint(self.run_dir / "checkpoints", self.step, model_state, optimizer_state, meta, rng)
+            path = save_checkpoint(
+                self.run_dir / "checkpoints", self.step, model_state, optimizer_state, meta, self.rng_states()
+            )
         with collective("barrier after a checkpoint", None):
             dist.barrier()  # nobody runs ahead (or exits) while rank 0 is still writing
         return path
@@ -158,12 +158,19 @@ def run_parallel_training(
     progress: bool = True,
     max_bytes: Optional[int] = None,
     log: Callable[[str], None] = print,
+    peak_tflops: Optional[float] = None,
 ) -> dict[str, Any]:
-    """`sparsemoe.train.run.run_training` across the ranks of `groups` (every rank calls it)."""
+    """`sparsemoe.train.run.run_training` across the ranks of `groups` (every rank calls it).
+
+    peak_tflops: one device's peak, for MFU where sparsemoe.device does not know it (MFU is over all W).
+    """
+    from sparsemoe.device import peak_tflops as peak_device_tflops
+    from sparsemoe.device import resolve_precision
     from sparsemoe.model import MoETransformer
+    from sparsemoe.model.flops import training_flops_per_token
     from sparsemoe.train.data import RandomBatches, check_length, eval_batches, load_corpus
     from sparsemoe.train.report import write_report
-    from sparsemoe.train.run import check_same_model, describe_sizes, saved_configs
+    from sparsemoe.train.run import check_same_model, describe_sizes, performance_rows, saved_configs
     from sparsemoe.train.trainer import build_optimizer
 
     W, rank = groups.world_size, groups.rank
@@ -189,8 +196,12 @@ def run_parallel_training(
         broadcast_model(model)  # a dense model: plain data parallelism
     else:
         raise ValueError(f"--ep-size {groups.ep_size} needs MoE layers; this model is dense (use --ep-size 1)")
-    device = str(next(model.parameters()).device)
+    device = next(model.parameters()).device
     optimizer = build_optimizer(model, train_config)
+    with torch.device("meta"):  # the whole model's sizes and FLOPs: this rank holds a shard of its experts
+        whole = MoETransformer(model_config)
+    flops = training_flops_per_token(whole, train_config.seq_len)
+    peak = peak_tflops or peak_device_tflops(device, resolve_precision(train_config.precision, device))
     B, S = train_config.batch_size, train_config.seq_len
     train_batches = GlobalBatchSlices(RandomBatches(corpus.train, B, S, seed=train_config.seed), rank, W)
     val = slice_batches(eval_batches(corpus.val, B, S, train_config.eval_batches), rank, W)
@@ -200,7 +211,10 @@ def run_parallel_training(
         "max_bytes": max_bytes,
         "parallel": {"world_size": W, "ep_size": groups.ep_size},
     }
-    trainer = ParallelTrainer(model, optimizer, train_config, train_batches, val, run_dir, groups=groups, meta=meta, progress=progress, device=device)
+    trainer = ParallelTrainer(
+        model, optimizer, train_config, train_batches, val, run_dir, groups=groups, meta=meta, progress=progress,
+        device=device, flops_per_token=flops, peak_tflops=peak * W if peak else None,
+    )
     if resume:
         trainer.resume(run_dir)
         if rank == 0:
@@ -219,11 +233,12 @@ def run_parallel_training(
     if rank == 0:
         rows = {
             "model": f"MoE {model_config.num_experts} experts, top-{model_config.top_k}",
-            **describe_sizes(MoETransformer(model_config)),
+            **describe_sizes(whole),
             "processes": f"{W} ({dist.get_backend()}), expert-parallel size {groups.ep_size}",
             "steps": f"{summary['step']} of {train_config.max_steps}",
             "tokens per step (global)": f"{train_config.tokens_per_step:,}",
             "throughput this session (tokens/s, all processes)": f"{summary['tokens_per_s']:.0f}",
+            **performance_rows(summary, peak * W if peak else None),
             "torch / threads per process": f"{torch.__version__} / {torch.get_num_threads()}",
         }
         title = f"{run_dir.name} ({W} processes, ep {groups.ep_size})"
@@ -233,6 +248,23 @@ def run_parallel_training(
 
 def _plural(n: int, one: str, many: str) -> str:
     return f"{n} {one if n == 1 else many}"
+
+
+def dist_backend(device: str, backend: Optional[str]) -> Optional[str]:
+    """The process-group backend for `--device` (every process takes the same kind of device: with NCCL
+    the GPU of its LOCAL_RANK, with gloo the CPU): cpu -> gloo, cuda -> nccl, auto -> --dist-backend's
+    default (NCCL where there are GPUs). A named GPU or a contradicting --dist-backend is refused."""
+    from sparsemoe.cli import CommandError
+
+    wanted = {"auto": backend, "cpu": "gloo", "cuda": "nccl"}
+    if device not in wanted:
+        raise CommandError(f"--device {device!r}: under torchrun give auto, cpu or cuda (each process takes the "
+                           "GPU of its LOCAL_RANK)")
+    if backend is not None and wanted[device] not in (None, backend):
+        raise CommandError(f"--device {device} runs on {wanted[device]}, not --dist-backend {backend}")
+    if wanted[device] == "nccl" and not torch.cuda.is_available():
+        raise CommandError("--device cuda was asked for, but no CUDA GPU is available here; use cpu (or auto)")
+    return wanted[device]
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
@@ -254,7 +286,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from sparsemoe.cli import CommandError
-    from sparsemoe.commands.train import build_configs
+    from sparsemoe.commands.train import build_configs, speed_summary
     from sparsemoe.train import CheckpointError, DataError
     from sparsemoe.train.run import run_exists
 
@@ -264,7 +296,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if args.threads is not None:
             torch.set_num_threads(args.threads)
-        groups = init_parallel(args.ep_size, args.dist_backend, args.dist_timeout)
+        groups = init_parallel(args.ep_size, dist_backend(args.device, args.dist_backend), args.dist_timeout)
         model_cfg, train_cfg, run_dir = build_configs(args)
         if args.resume and not run_exists(run_dir):
             raise CommandError(f"--resume: no checkpoint in {str(run_dir)!r} to resume")
@@ -272,7 +304,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise CommandError(f"run folder {str(run_dir)!r} already holds a checkpoint; pass --resume or another --run-dir")
         summary = run_parallel_training(
             model_cfg, train_cfg, run_dir, groups, data=args.data, resume=args.resume,
-            progress=not args.no_progress, max_bytes=args.max_bytes,
+            progress=not args.no_progress, max_bytes=args.max_bytes, peak_tflops=args.peak_tflops,
         )
     except (CommandError, DataError, CheckpointError, ValueError, ExpertParallelError) as err:
         rank = dist.get_rank() if dist.is_initialized() else 0
@@ -284,7 +316,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if groups.rank == 0:
         val = f", validation loss {summary['val_loss']:.4f}" if "val_loss" in summary else ""
         print(f"{'stopped' if summary['stopped_early'] else 'finished'} at step {summary['step']}{val}; "
-              f"{summary['tokens_per_s']:.0f} tokens/s; report {summary['report']}")
+              f"{speed_summary(summary)}; report {summary['report']}")
     return 0
 
 

@@ -24,6 +24,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Optional, Union
 
+import torch
 from torch import Tensor
 
 FORMAT = "sparsemoe-checkpoint/1"
@@ -188,19 +189,24 @@ def load_checkpoint(path: Union[str, Path], with_optimizer: bool = True) -> dict
     return out
 
 
-def load_model(path: Union[str, Path], map_location: str = "cpu"):
-    """(MoETransformer in eval mode, checkpoint meta) from a run folder or checkpoint folder."""
-    from sparsemoe.model import ModelConfig, MoETransformer
+def load_model(path: Union[str, Path], device: Union[str, torch.device] = "cpu", dtype: Optional[torch.dtype] = None):
+    """(MoETransformer in eval mode, checkpoint meta) from a run folder or checkpoint folder.
+
+    The model is built on the meta device and materialised on `device` (in `dtype`, default the
+    checkpoint's float32) before the weights are copied in (`sparsemoe.model.empty_model`): no random
+    initialisation, no second copy on the host. Checkpoints hold no device: one written on CUDA loads on
+    the CPU and the other way round.
+    """
+    from sparsemoe.model import ModelConfig, empty_model
 
     ckpt = load_checkpoint(path, with_optimizer=False)
     try:
         config = ModelConfig.from_dict(ckpt["meta"]["model_config"])
     except (KeyError, TypeError, ValueError) as err:
         raise CheckpointError(f"checkpoint {str(ckpt['dir'])!r} has no usable model_config ({err})") from None
-    model = MoETransformer(config)
+    model = empty_model(config, dtype or torch.float32, device)
     load_model_state(model, ckpt["model"], ckpt["dir"])
-    model.to(map_location).eval()
-    return model, ckpt["meta"]
+    return model.eval(), ckpt["meta"]
 
 
 def load_model_state(model, state: dict[str, Tensor], where: Union[str, Path]) -> None:

@@ -6,6 +6,8 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from sparsemoe.device import PRECISIONS
+
 
 @dataclass
 class TrainConfig:
@@ -25,7 +27,8 @@ class TrainConfig:
     eval_batches: int = 8  # validation batches (a fixed set of windows); >= 1
     log_interval: int = 10  # one metrics line per n steps; >= 1
     checkpoint_interval: int = 200  # save every n steps (and at the end); >= 1
-    bf16: bool = False  # bfloat16 autocast for the forward pass
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 elsewhere) | fp32 | bf16: autocast of the forward,
+    #                          weights and AdamW float32 either way (sparsemoe.device)
     compile: bool = False  # torch.compile the model
     activation_checkpointing: bool = False  # recompute each block's activations in the backward: less memory,
     #                                         about one more forward of compute; bias balancing: bias_update='step'
@@ -54,7 +57,12 @@ class TrainConfig:
         _in_range("grad_clip", self.grad_clip, 0, math.inf)
         _in_range("expert_lr_mult", self.expert_lr_mult, 0, math.inf, low_open=True)
         _in_range("val_fraction", self.val_fraction, 0, 1, low_open=True, high_open=True)
-        for name in ("bf16", "compile", "activation_checkpointing"):
+        if self.precision not in PRECISIONS:
+            raise ValueError(
+                f"TrainConfig.precision={self.precision!r} is invalid: expected one of {', '.join(PRECISIONS)} "
+                "(float16 would need loss scaling; bf16 trains without it)"
+            )
+        for name in ("compile", "activation_checkpointing"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r} is invalid: expected True or False")
 
@@ -68,10 +76,13 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        values = {k: v for k, v in data.items() if k in known}
+        if "bf16" in data and "precision" not in data:  # checkpoints from before `precision`: a bf16 flag
+            values["precision"] = "bf16" if data["bf16"] else "fp32"
+        return cls(**values)
 
 
-# Defaults per model preset: "demo" is tuned to about five minutes on two CPU cores.
+# Defaults per model preset: "demo" is tuned to about five minutes on two CPU cores, "gpu" to one GPU.
 TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(
         max_steps=40,
@@ -85,6 +96,18 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
         checkpoint_interval=20,
     ),
     "demo": dict(),
+    # 16 x 2048 = 32,768 tokens per step, about 40 GiB under bf16 autocast (sparsemoe.train.memory)
+    "gpu": dict(
+        max_steps=1000,
+        batch_size=16,
+        seq_len=2048,
+        lr=1e-3,
+        warmup_steps=100,
+        eval_interval=250,
+        eval_batches=8,
+        log_interval=10,
+        checkpoint_interval=500,
+    ),
     "mixtral": dict(max_steps=10, batch_size=1, seq_len=128, eval_interval=10, eval_batches=1, log_interval=1),
 }
 

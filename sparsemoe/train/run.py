@@ -12,10 +12,14 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from sparsemoe.device import describe_device, resolve_device, resolve_precision
+from sparsemoe.device import peak_tflops as peak_device_tflops
 from sparsemoe.model import ModelConfig, MoETransformer
+from sparsemoe.model.flops import training_flops_per_token
 from sparsemoe.train.checkpoint import CheckpointError, has_checkpoint, load_meta, resolve_checkpoint
 from sparsemoe.train.config import TrainConfig
 from sparsemoe.train.data import RandomBatches, check_length, eval_batches, load_corpus
+from sparsemoe.train.memory import check_fits, estimate_training_memory
 from sparsemoe.train.report import write_report
 from sparsemoe.train.trainer import Trainer, build_optimizer
 
@@ -67,12 +71,22 @@ def run_training(
     max_bytes: Optional[int] = None,
     log: Callable[[str], None] = print,
     setup: Optional[Callable[[Trainer], None]] = None,
+    device: Any = "auto",
+    peak_tflops: Optional[float] = None,
 ) -> dict[str, Any]:
     """Train (or resume) a run in `run_dir`; write checkpoints, metrics and the report there.
 
     setup: called with the Trainer before training (e.g. to install a signal handler).
+    device: "auto" (CUDA when available), "cpu", "cuda", "cuda:N" or a torch.device; a run resumes on any.
+    peak_tflops: the device's peak for MFU, where sparsemoe.device does not know it.
+
+    The model is initialised on the CPU from the seed and then moved, so a seed gives the same initial
+    weights on every device. Before anything is allocated, the memory the run needs is estimated
+    (sparsemoe.train.memory) and a run that cannot fit the device is refused (DeviceError).
     """
     run_dir = Path(run_dir)
+    device = resolve_device(device)
+    precision = resolve_precision(train_config.precision, device)
     if train_config.seq_len > model_config.max_seq_len:
         raise ValueError(
             f"seq_len={train_config.seq_len} is longer than the model's max_seq_len={model_config.max_seq_len}; "
@@ -82,16 +96,24 @@ def run_training(
     if resume:
         saved_model, _, _ = saved_configs(run_dir)
         changed = check_same_model(saved_model, model_config, run_dir)
+    estimate = estimate_training_memory(model_config, train_config, precision)
+    size = f"{estimate.parameters / 4e9:.2f} B parameters, batch {train_config.batch_size} x {train_config.seq_len}"
+    check_fits(estimate, device, f"this run ({size}, {precision})")
     corpus = load_corpus(data, train_config.val_fraction, max_bytes)
     check_length(corpus, train_config.seq_len)
 
     torch.manual_seed(train_config.seed)
-    model = MoETransformer(model_config)
+    model = MoETransformer(model_config).to(device)
     optimizer = build_optimizer(model, train_config)
+    flops = training_flops_per_token(model, train_config.seq_len)
+    peak = peak_tflops or peak_device_tflops(device, precision)
     train_batches = RandomBatches(corpus.train, train_config.batch_size, train_config.seq_len, seed=train_config.seed)
     val = eval_batches(corpus.val, train_config.batch_size, train_config.seq_len, train_config.eval_batches)
     meta = {"model_config": model_config.to_dict(), "data": corpus.source, "max_bytes": max_bytes}
-    trainer = Trainer(model, optimizer, train_config, train_batches, val, run_dir, meta=meta, progress=progress)
+    trainer = Trainer(
+        model, optimizer, train_config, train_batches, val, run_dir, meta=meta, progress=progress,
+        device=device, flops_per_token=flops, peak_tflops=peak,
+    )  # fmt: skip
     if resume:
         trainer.resume(run_dir)
         log(f"resumed {run_dir} at step {trainer.step}{changed}")
@@ -111,6 +133,7 @@ def run_training(
         f"data {corpus.source}: {corpus.train.numel():,} train / {corpus.val.numel():,} validation bytes from "
         f"{corpus.num_files} file(s); run folder {run_dir}"
     )
+    log(f"on {describe_device(device)}, {precision}; memory needed {estimate.describe()}")
     if setup is not None:
         setup(trainer)
     summary = trainer.fit()
@@ -123,12 +146,27 @@ def run_training(
         "wall time this session": f"{summary['seconds']:.0f} s for {summary['steps_this_session']} steps",
         "CPU time this session (all threads)": f"{summary['cpu_seconds']:.0f} s",
         "throughput this session (tokens/s)": f"{summary['tokens_per_s']:.0f}",
+        "training steps after the first (tokens/s)": f"{summary['train_tokens_per_s']:.0f}",
+        "model FLOPs per token (training)": f"{flops / 1e9:.3f} GFLOP" if flops >= 1e8 else f"{flops / 1e6:.2f} MFLOP",
+        **performance_rows(summary, peak),
+        "device / precision": f"{describe_device(device)} / {precision}",
+        "memory estimate": estimate.describe(),
         "torch / threads": f"{torch.__version__} / {torch.get_num_threads()}",
     }
     report = write_report(run_dir, {"title": f"{run_dir.name} ({kind})", "rows": rows}, model_config.moe_layer_ids)
     summary["report"] = str(report)
     summary["model"] = model
     return summary
+
+
+def performance_rows(summary: dict[str, Any], peak_tflops: Optional[float]) -> dict[str, str]:
+    """Report rows for MFU and peak memory, where the run measured them."""
+    rows = {}
+    if "mfu" in summary:
+        rows["MFU (model FLOPs utilisation)"] = f"{summary['mfu']:.1%} of {peak_tflops:g} TFLOP/s"
+    if "peak_memory_bytes" in summary:
+        rows["peak memory allocated"] = f"{summary['peak_memory_bytes'] / 2**30:.2f} GiB"
+    return rows
 
 
 def run_exists(run_dir: Path) -> bool:

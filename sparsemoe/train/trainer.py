@@ -1,5 +1,9 @@
 """The training loop: AdamW, warmup + cosine, clipping, accumulation, autocast, validation, checkpoints.
 
+Device and precision (sparsemoe.device): the model and optimizer arrive on the trainer's device; the
+batches come from the host, pinned and copied without blocking on CUDA; the forward runs under the
+precision's autocast. A step syncs with the device once, at its end, to read its numbers for the log.
+
 The `Trainer` takes a built model, optimizer and data iterators, so data- or expert-parallel training
 can wrap or subclass it from outside: the seams are `reduce_metrics` (average logged numbers across
 ranks), `is_main` (only the main process writes metrics, checkpoints and the progress bar),
@@ -16,13 +20,13 @@ from __future__ import annotations
 import json
 import math
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
 from torch import Tensor, nn
 
+from sparsemoe.device import autocast, configure_matmuls, resolve_precision
 from sparsemoe.layer import moe_layers, set_aux_loss_scale, update_expert_biases
 from sparsemoe.train.checkpoint import CheckpointError, load_checkpoint, load_model_state, save_checkpoint
 from sparsemoe.train.config import TrainConfig
@@ -83,7 +87,24 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
         for name, params in groups.items()
         if params
     ]
-    return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    # fused: one kernel for the whole update on CUDA (the CPU keeps the default for-each implementation)
+    fused = all(p.is_cuda for group in param_groups for p in group["params"]) or None
+    return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
+
+
+# Optimizer settings that say how the update is computed on this device, not what it computes: a
+# checkpoint's values are replaced by the running optimizer's on resume (a CUDA run's fused AdamW
+# resumes on the CPU with the CPU's, and the other way round).
+_IMPLEMENTATION_FLAGS = ("fused", "foreach", "capturable")
+
+
+def adopt_implementation_flags(state: dict[str, Any], optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """`state` (an optimizer state dict) with the implementation flags of `optimizer`'s groups."""
+    groups = [
+        {**saved, **{k: now[k] for k in _IMPLEMENTATION_FLAGS if k in now}}
+        for saved, now in zip(state["param_groups"], optimizer.param_groups)
+    ]
+    return {**state, "param_groups": groups + state["param_groups"][len(groups) :]}
 
 
 class MetricsLog:
@@ -128,8 +149,13 @@ class Trainer:
         meta: Optional[dict[str, Any]] = None,
         progress: bool = True,
         is_main: bool = True,
-        device: str = "cpu",
+        device: Any = None,
+        flops_per_token: Optional[float] = None,
+        peak_tflops: Optional[float] = None,
     ) -> None:
+        """device: where the model and optimizer are, batches are moved there (default: the model's).
+        flops_per_token: model FLOPs of one training token (sparsemoe.model.flops); with `peak_tflops`,
+        the device's peak, the log records MFU."""
         self.model = model
         self.optimizer = optimizer
         self.config = config
@@ -139,7 +165,10 @@ class Trainer:
         self.meta = dict(meta or {})  # saved into every checkpoint (model_config, data source, ...)
         self.progress = progress
         self.is_main = is_main
-        self.device = device
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.precision = resolve_precision(config.precision, self.device)
+        configure_matmuls(self.device, self.precision)
+        self.flops_per_token, self.peak_tflops = flops_per_token, peak_tflops
         self.step = 0  # optimizer steps done
         self.stop_requested = False  # set from a signal handler: stop after the current step
         if config.activation_checkpointing:
@@ -163,9 +192,13 @@ class Trainer:
 
     # --- one step ------------------------------------------------------------------------------------
     def _autocast(self):
-        if not self.config.bf16:
-            return nullcontext()
-        return torch.autocast(device_type=torch.device(self.device).type, dtype=torch.bfloat16)
+        return autocast(self.device, self.precision)
+
+    def _to_device(self, batch: Tensor) -> Tensor:
+        """A host batch on the trainer's device: through pinned memory without blocking on CUDA."""
+        if self.device.type == "cuda":
+            return batch.pin_memory().to(self.device, non_blocking=True)
+        return batch.to(self.device)
 
     def train_step(self) -> dict[str, Any]:
         """One optimizer step over `accum_steps` micro-batches; returns this step's numbers."""
@@ -176,34 +209,39 @@ class Trainer:
             group["lr"] = cfg.lr * factor * group.get("lr_mult", 1.0)
         set_aux_loss_scale(self.model, 1.0 / cfg.accum_steps)
         layers = moe_layers(self.model)
-        loss_sum = aux_sum = 0.0
-        imbalance = 0.0
-        load = [torch.zeros(layer.config.num_experts) for layer in layers]
+        # Summed on the device over the micro-batches, read once at the end (one sync per step).
+        sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss, aux_loss, load imbalance
+        load = [torch.zeros(layer.config.num_experts, device=self.device) for layer in layers]
         for _ in range(cfg.accum_steps):
             inputs, targets = next(self.train_batches)
-            inputs, targets = inputs.to(self.device), targets.to(self.device)
+            inputs, targets = self._to_device(inputs), self._to_device(targets)
             with self._autocast():
                 out = self.forward_model(inputs, targets)
             # Inject mode: aux_loss is detached, adding it changes only the number; return mode: it is the graph.
             ((out.loss + out.aux_loss) / cfg.accum_steps).backward()
-            loss_sum += out.loss.item()
-            aux_sum += out.aux_loss.item()
+            sums[0] += out.loss.detach().double()
+            sums[1] += out.aux_loss.detach().double()
             for i, layer in enumerate(layers):
                 if layer.stats is not None:
-                    load[i] += layer.stats.tokens_per_expert.cpu()
-                    imbalance += layer.stats.load_imbalance.item()
+                    load[i] += layer.stats.tokens_per_expert.to(self.device)
+                    sums[2] += layer.stats.load_imbalance.to(self.device)
         grad_norm = None
         if cfg.grad_clip > 0:
-            grad_norm = float(nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip))
+            grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip).reshape(1).float()
         self.optimizer.step()
         update_expert_biases(self.model)  # bias_update="step": once per step, from all its micro-batches
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
+        numbers = torch.cat([sums, *([grad_norm.to(self.device)] if grad_norm is not None else []), *load])
+        numbers = numbers.cpu()  # the step's one device-to-host sync: the numbers of the log
+        (loss, aux, imbalance), rest = numbers[:3].tolist(), numbers[3:]
+        if grad_norm is not None:
+            grad_norm, rest = float(rest[0]), rest[1:]
         return {
-            "loss": loss_sum / cfg.accum_steps,
-            "aux_loss": aux_sum / cfg.accum_steps,
+            "loss": loss / cfg.accum_steps,
+            "aux_loss": aux / cfg.accum_steps,
             "load_imbalance": imbalance / (cfg.accum_steps * len(layers)) if layers else None,
-            "expert_load": [x.tolist() for x in load],
+            "expert_load": [x.tolist() for x in rest.split([len(x) for x in load])],
             "grad_norm": grad_norm,
             "lr": cfg.lr * factor,
         }
@@ -212,41 +250,52 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         was_training = self.model.training
         self.model.eval()
-        total, count = 0.0, 0
+        total, count = torch.zeros((), dtype=torch.float64, device=self.device), 0
         for inputs, targets in self.val_batches:
             with self._autocast():
-                out = self.forward_model(inputs.to(self.device), targets.to(self.device))
-            total += out.loss.item() * inputs.numel()
+                out = self.forward_model(self._to_device(inputs), self._to_device(targets))
+            total += out.loss.double() * inputs.numel()
             count += inputs.numel()
         self.model.train(was_training)
-        values = self.reduce_metrics({"val_loss": total / max(count, 1)})
+        values = self.reduce_metrics({"val_loss": total.item() / max(count, 1)})
         values["val_ppl"] = math.exp(min(values["val_loss"], 50.0))
         return values
 
     # --- the loop --------------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
-        """Train until max_steps (or a stop request); returns a summary of the run."""
+        """Train until max_steps (or a stop request); returns a summary of the run.
+
+        Throughput: `tokens_per_s` over the whole session (validation, checkpoints and the first step's
+        compilation or autotuning included); `train_tokens_per_s` over the training steps after the
+        session's first; `mfu` from it where the trainer knows the FLOPs per token and the device's peak;
+        `peak_memory_bytes` on CUDA (what the caching allocator handed out at most).
+        """
         cfg = self.config
         bar = self._progress_bar()
         window: list[dict[str, Any]] = []
-        window_start = time.perf_counter()
+        window_seconds = 0.0
+        step_seconds: list[float] = []
         started, start_step = time.perf_counter(), self.step
         cpu_started = time.process_time()  # on a shared machine CPU time says more than wall time
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
         last_val: Optional[dict[str, float]] = None
         try:
             while self.step < cfg.max_steps and not self.stop_requested:
-                window.append(self.train_step())
+                step_start = time.perf_counter()
+                window.append(self.train_step())  # ends with a sync: the time is the device's too
+                step_seconds.append(time.perf_counter() - step_start)
+                window_seconds += step_seconds[-1]
                 if bar is not None:
                     bar.update(1)
                 at_end = self.step == cfg.max_steps
                 if self.step % cfg.log_interval == 0 or at_end or self.stop_requested:
-                    elapsed = time.perf_counter() - window_start
-                    record = self._log_record(window, elapsed)
+                    record = self._log_record(window, window_seconds)
                     self.metrics.write(record)  # a no-op log on non-main ranks (no path)
                     self._postfix(bar, record)
                     for hook in self.on_log:
                         hook(record)
-                    window, window_start = [], time.perf_counter()
+                    window, window_seconds = [], 0.0
                 if self.step % cfg.eval_interval == 0 or at_end:
                     last_val = self.evaluate()
                     self.metrics.write({"event": "eval", "step": self.step, **last_val})
@@ -257,18 +306,36 @@ class Trainer:
                 bar.close()
         seconds = time.perf_counter() - started
         steps = self.step - start_step
-        return {
+        steady = step_seconds[1:] or step_seconds  # the first step compiles, autotunes, warms the allocator
+        train_tokens_per_s = len(steady) * cfg.tokens_per_step / sum(steady) if sum(steady) > 0 else 0.0
+        summary = {
             "step": self.step,
             "steps_this_session": steps,
             "seconds": seconds,
             "cpu_seconds": time.process_time() - cpu_started,
             "tokens_per_s": steps * cfg.tokens_per_step / seconds if seconds > 0 else 0.0,
+            "train_tokens_per_s": train_tokens_per_s,
             "stopped_early": self.step < cfg.max_steps,
             **(last_val or {}),
         }
+        mfu = self.mfu(train_tokens_per_s)
+        if mfu is not None:
+            summary["mfu"] = mfu
+        if self.device.type == "cuda":
+            summary["peak_memory_bytes"] = torch.cuda.max_memory_allocated(self.device)
+        return summary
+
+    def mfu(self, tokens_per_s: Optional[float]) -> Optional[float]:
+        """Model FLOPs utilisation at this throughput: tokens/s * FLOPs per token / peak; None if unknown."""
+        if not tokens_per_s or not self.flops_per_token or not self.peak_tflops:
+            return None
+        return tokens_per_s * self.flops_per_token / (self.peak_tflops * 1e12)
 
     def _log_record(self, window: list[dict[str, Any]], elapsed: float) -> dict[str, Any]:
+        """The log line of a window of steps; `elapsed`: the seconds its training steps took."""
         n = len(window)
+        tokens_per_s = n * self.config.tokens_per_step / elapsed if elapsed > 0 else None
+        mfu = self.mfu(tokens_per_s)
         values = {
             "loss": sum(w["loss"] for w in window) / n,
             "aux_loss": sum(w["aux_loss"] for w in window) / n,
@@ -288,7 +355,8 @@ class Trainer:
             "lr": window[-1]["lr"],
             **values,
             "grad_norm": sum(norms) / len(norms) if norms else None,
-            "tokens_per_s": n * self.config.tokens_per_step / elapsed if elapsed > 0 else None,
+            "tokens_per_s": tokens_per_s,
+            **({"mfu": mfu} if mfu is not None else {}),
             "expert_load": load,
         }
 
@@ -308,19 +376,33 @@ class Trainer:
             post["imb"] = f"{record['load_imbalance']:.2f}"
         if record.get("tokens_per_s"):
             post["tok/s"] = f"{record['tokens_per_s']:.0f}"
+        if record.get("mfu") is not None:
+            post["mfu"] = f"{record['mfu']:.0%}"
         bar.set_postfix(post, refresh=True)
 
     # --- checkpoints ---------------------------------------------------------------------------------
     def save(self) -> Optional[Path]:
         if self.run_dir is None or not self.is_main:
             return None
-        rng = {"torch": torch.get_rng_state()}
-        if hasattr(self.train_batches, "state_dict"):
-            rng.update({f"data.{k}": v for k, v in self.train_batches.state_dict().items()})
         meta = dict(self.meta, train_config=self.config.to_dict())
         return save_checkpoint(
-            self.run_dir / "checkpoints", self.step, self.model_state_dict(), self.optimizer.state_dict(), meta, rng
+            self.run_dir / "checkpoints",
+            self.step,
+            self.model_state_dict(),
+            self.optimizer.state_dict(),
+            meta,
+            self.rng_states(),
         )
+
+    def rng_states(self) -> dict[str, Tensor]:
+        """What a resumed run needs to draw the same numbers: torch's CPU generator, on CUDA the device's
+        generator (dropout and router noise run there), and the data sampler's position."""
+        rng = {"torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        if hasattr(self.train_batches, "state_dict"):
+            rng.update({f"data.{k}": v for k, v in self.train_batches.state_dict().items()})
+        return rng
 
     def resume(self, path: Any) -> dict[str, Any]:
         """Restore model, optimizer, step, RNG and data position from a checkpoint; returns its meta."""
@@ -329,12 +411,14 @@ class Trainer:
         if ckpt["optimizer"] is None:
             raise CheckpointError(f"checkpoint {str(ckpt['dir'])!r} has no optimizer state; it cannot be resumed")
         try:
-            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.optimizer.load_state_dict(adopt_implementation_flags(ckpt["optimizer"], self.optimizer))
         except (ValueError, KeyError) as err:
             raise CheckpointError(f"checkpoint {str(ckpt['dir'])!r}: optimizer state does not match ({err})") from None
         rng = ckpt["rng"]
         if "torch" in rng:
             torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and self.device.type == "cuda":  # a CPU run's checkpoint has none: the seed's stands
+            torch.cuda.set_rng_state(rng["cuda"], self.device)
         data_state = {k[5:]: v for k, v in rng.items() if k.startswith("data.")}
         if data_state and hasattr(self.train_batches, "load_state_dict"):
             self.train_batches.load_state_dict(data_state)

@@ -1,0 +1,45 @@
+"""The `--device` and `--dtype` options every command that runs a model shares (see sparsemoe.device)."""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from sparsemoe.cli import CommandError
+from sparsemoe.device import DeviceError, resolve_device
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def add_device_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--device",
+        default="auto",
+        metavar="DEVICE",
+        help="where to run: auto (the CUDA GPU when there is one, else the CPU), cpu, cuda or cuda:N (default auto)",
+    )
+
+
+def add_dtype_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--dtype",
+        choices=("auto", *DTYPES),
+        default="auto",
+        help="the weights' dtype while running: auto (bfloat16 on CUDA, float32 on the CPU), float32 or bfloat16 "
+        "(routers' selection bias stays float32) (default auto)",
+    )
+
+
+def device_from_args(args: argparse.Namespace) -> torch.device:
+    """args.device as a torch.device; a device that cannot be used here is one CommandError line."""
+    try:
+        return resolve_device(args.device)
+    except DeviceError as err:
+        raise CommandError(f"--{err}") from None
+
+
+def dtype_from_args(args: argparse.Namespace, device: torch.device) -> torch.dtype:
+    if args.dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return DTYPES[args.dtype]
