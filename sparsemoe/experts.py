@@ -12,7 +12,7 @@ w_in and F for w_out, so each expert starts like an ordinary feed-forward block.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -100,6 +100,10 @@ class ExpertView:
 
     def expert(self, x: Tensor, e: int) -> Tensor:
         return mlp(x, self.w_in[e], self.w_out[e], self.activation, self.dropout, self.training)
+
+    def cast(self, dtype: torch.dtype) -> "ExpertView":
+        """The same view with the weights cast to `dtype` (differentiably), as `Experts.cast`."""
+        return replace(self, w_in=self.w_in.to(dtype), w_out=self.w_out.to(dtype))
 
 
 class SharedExperts(Experts):

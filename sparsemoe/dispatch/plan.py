@@ -14,7 +14,7 @@ All shapes are static (N = T*K or E*C), so the plan traces under `torch.compile(
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
@@ -69,33 +69,61 @@ def _segment_positions(sorted_expert_ids: Tensor, num_experts: int) -> tuple[Ten
 def build_plan(routing: RoutingResult, capacity: Optional[int], priority: str = "position") -> DispatchPlan:
     """Sort the assignments by expert and apply the capacity C (None = dropless)."""
     E = routing.num_experts
-    dropping = capacity is not None and not routing.expert_choice  # expert-choice is exactly C per expert
-    order = _priority_order(routing, priority) if dropping else None
-    ids = routing.expert_ids if order is None else routing.expert_ids[order]
-    by_expert = torch.sort(ids, stable=True).indices
-    order = by_expert if order is None else order[by_expert]
+    if capacity is None or routing.expert_choice:  # dropless; expert-choice is exactly C per expert
+        plan = sort_assignments(routing.token_ids, routing.expert_ids, routing.weights, routing.num_tokens, E)
+        return plan if capacity is None else replace(plan, capacity=capacity)
+    order = _priority_order(routing, priority)
+    order = order[torch.sort(routing.expert_ids[order], stable=True).indices]
     expert_ids = routing.expert_ids[order]
-    slots, counts, offsets = _segment_positions(expert_ids, E)
-    keep = None
-    if dropping:
-        keep = slots < capacity
-        # Move overflowing rows to the end (expert id E); kept rows stay grouped and in priority order.
-        marked = torch.where(keep, expert_ids, torch.full_like(expert_ids, E))
-        regroup = torch.sort(marked, stable=True).indices
-        order, expert_ids, slots, keep = order[regroup], marked[regroup], slots[regroup], keep[regroup]
-        counts = counts.clamp(max=capacity)
-        offsets = counts.cumsum(0)
-    weights = routing.weights[order]
-    if keep is not None:
-        weights = weights * keep
+    slots, counts, _ = _segment_positions(expert_ids, E)
+    keep = slots < capacity
+    # Move overflowing rows to the end (expert id E); kept rows stay grouped and in priority order.
+    marked = torch.where(keep, expert_ids, torch.full_like(expert_ids, E))
+    regroup = torch.sort(marked, stable=True).indices
+    order, expert_ids, slots, keep = order[regroup], marked[regroup], slots[regroup], keep[regroup]
+    counts = counts.clamp(max=capacity)
     return DispatchPlan(
         token_ids=routing.token_ids[order],
         expert_ids=expert_ids,
-        weights=weights,
+        weights=routing.weights[order] * keep,
         slots=slots,
         counts=counts,
-        offsets=offsets,
+        offsets=counts.cumsum(0),
         num_tokens=routing.num_tokens,
         num_experts=E,
         capacity=capacity,
     )
+
+
+def sort_assignments(
+    token_ids: Tensor, expert_ids: Tensor, weights: Tensor, num_tokens: int, num_experts: int
+) -> DispatchPlan:
+    """The dropless plan of N assignments [N] (stable sort by expert). An expert id of E marks a dropped
+    assignment: it sorts last, past offsets[-1], where no backend computes it (give it weight 0)."""
+    order = torch.sort(expert_ids, stable=True).indices
+    sorted_ids = expert_ids[order]
+    slots, counts, offsets = _segment_positions(sorted_ids, num_experts)
+    return DispatchPlan(
+        token_ids=token_ids[order],
+        expert_ids=sorted_ids,
+        weights=weights[order],
+        slots=slots,
+        counts=counts,
+        offsets=offsets,
+        num_tokens=num_tokens,
+        num_experts=num_experts,
+        capacity=None,
+    )
+
+
+def plan_from_topk(expert_ids_TK: Tensor, weights_TK: Tensor, num_experts: int) -> DispatchPlan:
+    """The dropless plan of top-k choices made by another router (e.g. a Hugging Face model's):
+    expert_ids_TK [T, K] long, weights_TK [T, K] (any float dtype; the plan's are float32 and carry its
+    gradient). An id outside [0, E) (an expert-parallel placeholder) becomes a dropped row of weight 0."""
+    T, K = expert_ids_TK.shape
+    ids = expert_ids_TK.reshape(-1).long()
+    valid = (ids >= 0) & (ids < num_experts)
+    ids = torch.where(valid, ids, torch.full_like(ids, num_experts))
+    weights = torch.where(valid, weights_TK.reshape(-1).float(), 0.0)
+    token_ids = torch.arange(T, device=ids.device).repeat_interleave(K)
+    return sort_assignments(token_ids, ids, weights, T, num_experts)
