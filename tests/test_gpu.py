@@ -130,3 +130,30 @@ def test_the_memory_estimate_is_near_the_allocators_peak(corpus, precision):
     peak = torch.cuda.max_memory_allocated()
     print(f"{precision}: estimate {estimate.total / 2**20:.0f} MiB, measured peak {peak / 2**20:.0f} MiB")
     assert 0.6 * peak < estimate.total < 1.5 * peak
+
+
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
+def test_transformers_experts_implementation_on_cuda(family):
+    """experts_implementation="sparsemoe" on CUDA (Triton for the fused layout, the general path for GPT-OSS):
+    float32 logits and gradients as eager's, and a bfloat16 forward."""
+    pytest.importorskip("transformers.integrations.moe")
+    import sparsemoe.hf  # noqa: F401  (registers "sparsemoe")
+    from sparsemoe.hf.families import experts_families, random_model
+
+    model = random_model(experts_families()[family]).cuda()
+    ids = torch.randint(0, 256, (2, 11), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+    out, grads = {}, {}
+    for implementation in ("eager", "sparsemoe"):
+        model.set_experts_implementation(implementation)
+        model.zero_grad()
+        y = model(input_ids=ids).logits
+        (y * torch.linspace(-1, 1, y.shape[-1], device="cuda")).sum().backward()
+        out[implementation] = y.detach()
+        grads[implementation] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    torch.testing.assert_close(out["sparsemoe"], out["eager"], atol=1e-4, rtol=1e-4)
+    for name, grad in grads["eager"].items():
+        err = ((grads["sparsemoe"][name] - grad).abs().max() / grad.abs().max().clamp_min(1e-12)).item()
+        assert err < 1e-3, name
+    model.to(torch.bfloat16).set_experts_implementation("sparsemoe")
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=ids).logits).all()

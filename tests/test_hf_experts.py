@@ -336,3 +336,11 @@ def test_every_combination_of_flags_is_handled():
         got, grads = run(module, "sparsemoe", x, ids, weights)
         assert_close_relative(got, expected, 1e-5, f"output {flags}")
         assert_grads_match(grads, expected_grads, 1e-5, str(flags))
+
+
+def test_quantized_weights_are_refused_by_name():
+    module = make_experts("swiglu", "sparsemoe")
+    module.gate_up_proj = nn.Parameter(module.gate_up_proj.detach().to(torch.int8), requires_grad=False)
+    ids, weights = routing(3, 5, 2)
+    with pytest.raises(UnsupportedExperts, match=r"Experts: expert weights of dtype torch.int8/torch.float32"):
+        module(torch.randn(3, 24), ids, weights)

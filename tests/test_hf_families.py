@@ -121,3 +121,43 @@ def test_training_steps_match_eager():
             opt.zero_grad()
             losses[implementation].append(loss.item())
     torch.testing.assert_close(torch.tensor(losses["sparsemoe"]), torch.tensor(losses["eager"]), rtol=1e-5, atol=1e-5)
+
+
+def test_hf_bench_command_writes_reports(tmp_path, capsys):
+    import json
+
+    from sparsemoe.cli import main
+
+    out = tmp_path / "hf"
+    rc = main(["hf-bench", "--quick", "--families", "mixtral,gpt_oss", "--dtypes", "float32", "--out", str(out)])
+    assert rc == 0
+    result = json.loads((out / "hf_bench.json").read_text())
+    assert [c["family"] for c in result["cases"]] == ["mixtral", "gpt_oss"]
+    for case in result["cases"]:
+        names = [r["implementation"] for r in case["rows"]]
+        assert names[:3] == ["eager", "grouped_mm", "sparsemoe"] and len(names) == 4  # + the no-op experts run
+        ours = case["rows"][2]
+        assert ours["logits_error_vs_eager"] < 1e-5 and ours["prefill_ms"] > 0 and case["decode_expert_bound_ms"] > 0
+    text = (out / "hf_bench.md").read_text()
+    assert "## mixtral (MixtralForCausalLM" in text and "| sparsemoe |" in text
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [(["--families", "nosuch"], "--families: nosuch not found"), (["--decode", "1"], "--decode must be at least 2"),
+     (["--impls", "eager,fastest"], "--impls: fastest not registered")],
+)  # fmt: skip
+def test_hf_bench_bad_arguments(argv, message, tmp_path, capsys):
+    from sparsemoe.cli import main
+
+    assert main(["hf-bench", "--quick", "--out", str(tmp_path), *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_hf_bench_unknown_dtype_is_an_argument_error(tmp_path, capsys):
+    from sparsemoe.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["hf-bench", "--quick", "--dtypes", "float16", "--out", str(tmp_path)])
+    assert exit_.value.code == 2 and "unknown dtypes ['float16']; accepted: float32, bfloat16" in capsys.readouterr().err

@@ -182,6 +182,19 @@ def test_unsupported_model_type_is_reported():
         head_dim=8,
     )
     hf = transformers.HunYuanMoEV1ForCausalLM(config).eval()
-    report = patch_hf_model(hf)
+    x = _ids()
+    with torch.no_grad():
+        expected = hf(x).logits
+    report = patch_hf_model(hf, backend="grouped", experts_fallback=False)
     assert not report.patched and len(report.skipped) == 2  # every MoE block, each with the reason
     assert all("model_type 'hunyuan_v1_moe' is not supported" in e.reason for e in report.skipped)
+    assert all("experts_implementation='sparsemoe'" in e.reason for e in report.skipped)  # where to go instead
+    assert not report.experts_only and hf.config._experts_implementation != "sparsemoe_grouped"
+
+    # By default the blocks it cannot map still run their experts on sparsemoe's backends.
+    report = patch_hf_model(hf, backend="grouped")
+    assert not report.patched and [e.experts_implementation for e in report.experts_only] == ["sparsemoe_grouped"] * 2
+    assert hf.config._experts_implementation == "sparsemoe_grouped"
+    assert "the experts of 2 more run on sparsemoe's backends" in str(report)
+    with torch.no_grad():
+        torch.testing.assert_close(hf(x).logits, expected, atol=1e-5, rtol=1e-5)

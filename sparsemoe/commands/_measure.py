@@ -1,4 +1,4 @@
-"""What `sparsemoe bench` and `sparsemoe profile` share: argument types, device, output folder, command line."""
+"""What `sparsemoe bench`, `hf-bench` and `profile` share: argument types, device, output folder, command line."""
 
 from __future__ import annotations
 
@@ -18,6 +18,26 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise ValueError
     return value
+
+
+def csv_list(kind: str, accepted=None, convert=str):
+    """An argparse type: a comma-separated list of `kind`, each converted and (if given) one of `accepted`."""
+
+    def parse(text: str):
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        if not items:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {kind}")
+        try:
+            values = tuple(convert(t) for t in items)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {kind}, got {text!r}") from None
+        if accepted is not None:
+            bad = [v for v in values if v not in accepted]
+            if bad:
+                raise argparse.ArgumentTypeError(f"unknown {kind} {bad}; accepted: {', '.join(map(str, accepted))}")
+        return values
+
+    return parse
 
 
 def setup_device(args: argparse.Namespace) -> torch.device:

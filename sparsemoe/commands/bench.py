@@ -14,7 +14,7 @@ import torch
 
 from sparsemoe.cli import CommandError
 from sparsemoe.commands._device import add_device_argument
-from sparsemoe.commands._measure import command_line, output_dir, positive_int, setup_device
+from sparsemoe.commands._measure import command_line, csv_list, output_dir, positive_int, setup_device
 
 # Presets: their values stand where the corresponding option is not given on the command line.
 QUICK = dict(configs=("tiny",), tokens=(1, 16, 128), dtypes=("float32",), routings=("random",), repeats=1)
@@ -25,24 +25,6 @@ GPU = dict(
     routings=("random",), repeats=10, recompute=False, backward_min_tokens=1024,
     impls=("sparsemoe auto", "sparsemoe triton", "sparsemoe grouped", "dense ideal", "torch._grouped_mm", "hf grouped_mm"),
 )  # fmt: skip
-
-
-def _csv(kind: str, accepted=None, convert=str):
-    def parse(text: str):
-        items = [t.strip() for t in text.split(",") if t.strip()]
-        if not items:
-            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {kind}")
-        try:
-            values = tuple(convert(t) for t in items)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {kind}, got {text!r}") from None
-        if accepted is not None:
-            bad = [v for v in values if v not in accepted]
-            if bad:
-                raise argparse.ArgumentTypeError(f"unknown {kind} {bad}; accepted: {', '.join(map(str, accepted))}")
-        return values
-
-    return parse
 
 
 def _capacity_factor(text: str):
@@ -64,20 +46,20 @@ def register(subparsers) -> argparse.ArgumentParser:
         description="Time every dispatch backend, `auto`, the dense ideal, Hugging Face's Mixtral experts "
         "(eager and grouped_mm) and plain torch._grouped_mm on the same inputs; write markdown, JSON and plots.",
     )
-    p.add_argument("--configs", type=_csv("configs", BENCH_CONFIGS), default=None,
+    p.add_argument("--configs", type=csv_list("configs", BENCH_CONFIGS), default=None,
                    help=f"comma-separated: {', '.join(BENCH_CONFIGS)} (default: {','.join(DEFAULT_CONFIGS)})")
-    p.add_argument("--tokens", type=_csv("token counts", convert=positive_int), default=None,
+    p.add_argument("--tokens", type=csv_list("token counts", convert=positive_int), default=None,
                    help=f"comma-separated token counts T (default: {','.join(map(str, DEFAULT_TOKENS))})")
-    p.add_argument("--dtypes", type=_csv("dtypes", DTYPES), default=None,
+    p.add_argument("--dtypes", type=csv_list("dtypes", DTYPES), default=None,
                    help="comma-separated: float32, bfloat16, float16 (default: float32,bfloat16)")
-    p.add_argument("--routings", type=_csv("routings", ROUTINGS), default=None,
+    p.add_argument("--routings", type=csv_list("routings", ROUTINGS), default=None,
                    help="comma-separated: balanced, random, skewed (Zipf) (default: all)")
-    p.add_argument("--modes", type=_csv("modes", MODES), default=MODES,
+    p.add_argument("--modes", type=csv_list("modes", MODES), default=MODES,
                    help="comma-separated: forward, backward (= forward+backward) (default: both)")
     p.add_argument("--backward-min-tokens", type=positive_int, default=None,
                    help="time forward+backward only for T at or above this; smaller T (decode) forward only "
                    "(default 1: every T)")
-    p.add_argument("--impls", type=_csv("implementation patterns"), default=None,
+    p.add_argument("--impls", type=csv_list("implementation patterns"), default=None,
                    help="only these implementations (shell patterns, e.g. 'sparsemoe*,dense ideal,hf grouped_mm')")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     p.add_argument("--no-recompute", action="store_true", help="leave out the grouped backend with recomputation")
@@ -92,8 +74,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--sweep", action="store_true", help="also sweep top-k and capacity factor (utilisation plots)")
     p.add_argument("--sweep-config", default=None, help="config of the sweep (default: the first of --configs)")
     p.add_argument("--sweep-tokens", type=positive_int, default=2048, help="T of the sweep (default 2048)")
-    p.add_argument("--sweep-ks", type=_csv("k values", convert=positive_int), default=(1, 2, 4, 8))
-    p.add_argument("--sweep-cfs", type=_csv("capacity factors", convert=_capacity_factor),
+    p.add_argument("--sweep-ks", type=csv_list("k values", convert=positive_int), default=(1, 2, 4, 8))
+    p.add_argument("--sweep-cfs", type=csv_list("capacity factors", convert=_capacity_factor),
                    default=(1.0, 1.25, 2.0, None), help="comma-separated; 'dropless' for none (default 1,1.25,2,dropless)")
     p.add_argument("--sweep-routing", choices=ROUTINGS, default="skewed")
     p.add_argument("--router", action="store_true", help="also run the router-only benchmark")

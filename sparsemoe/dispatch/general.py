@@ -3,17 +3,19 @@
 Legend: T tokens, D model width, F hidden width, I in-projection rows (2F gated, F otherwise), E experts,
 N plan rows (sorted by expert; dropped rows last, with expert id E).
 
-    h = x[tok] @ w_in[e]^T (+ b_in[e])      grouped GEMM (`sparsemoe::grouped_mm`, its own backward)
-    a = hidden(h)                           any function [n, I] -> [n, F]: a model's own gate
-    o = a @ w_out[e]^T (+ b_out[e])         grouped GEMM
-    o = post(o)                             optional, e.g. a norm after each expert
-    y[tok] += weight * o                    float32 combine
+    for each expert e with rows (its rows tok of the plan, sorted by expert):
+        h = x[tok] @ w_in[e]^T (+ b_in[e])      one GEMM with the bias in its epilogue (F.linear)
+        a = hidden(h)                           any function [n, I] -> [n, F]: a model's own gate
+        o = a @ w_out[e]^T (+ b_out[e])
+        o = post(o)                             optional, e.g. a norm after each expert
+        y[tok] += weight * o                    float32 combine
 
 The fused backends (`grouped`, `decode`, `triton`) compute the expert MLPs that `sparsemoe.experts`
 names (SwiGLU, GeGLU, ReLU, GELU; no biases). This path is for the rest: a gate function given as
 Python (a clamped SwiGLU with its own constants, an interleaved gate/up layout), biases on either
-projection, a norm after each expert. The GEMMs are still grouped (a loop over experts, never tokens);
-everything between them is PyTorch, so autograd gives every gradient, including the functions' own.
+projection, a norm after each expert. It loops over the experts that got rows (never over tokens), one
+expert's rows at a time so that its intermediates stay in cache (a whole batch's [N, I] would not), and is
+plain PyTorch, so autograd gives every gradient, including the functions' own.
 """
 
 from __future__ import annotations
@@ -22,11 +24,10 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from sparsemoe.dispatch.grouped import combine
 from sparsemoe.dispatch.plan import DispatchPlan
-from sparsemoe.ops import grouped_mm
 
 
 @dataclass
@@ -41,23 +42,24 @@ class GeneralExperts:
     post: Optional[Callable[[Tensor], Tensor]] = None  # expert output rows [n, D] -> [n, D], before weighting
 
 
-def _add_bias(rows_NO: Tensor, bias_EO: Optional[Tensor], expert_ids_N: Tensor) -> Tensor:
-    if bias_EO is None:
-        return rows_NO
-    # Dropped rows (expert id E) borrow the last expert's bias; they are masked out before the combine.
-    return rows_NO + bias_EO[expert_ids_N.clamp(max=bias_EO.shape[0] - 1)].to(rows_NO.dtype)
-
-
 def general_forward(x_TD: Tensor, plan: DispatchPlan, experts: GeneralExperts) -> Tensor:
     """y [T, D] float32 = sum over each token's kept rows of weight * expert MLP (see the module docstring)."""
-    x_ND = x_TD[plan.token_ids]
-    h_NI = _add_bias(grouped_mm(x_ND, experts.w_in, plan.offsets), experts.b_in, plan.expert_ids)
-    o_ND = grouped_mm(experts.hidden(h_NI), experts.w_out, plan.offsets)
-    o_ND = _add_bias(o_ND, experts.b_out, plan.expert_ids)
-    if experts.post is not None:
-        o_ND = experts.post(o_ND)
-    if experts.b_in is not None or experts.b_out is not None or experts.post is not None:
-        # A dropped row's output is not zero here (a bias, a norm's shift): keep NaN * 0 out of the sum too.
-        kept = (plan.expert_ids < plan.num_experts).unsqueeze(1)
-        o_ND = torch.where(kept, o_ND, o_ND.new_zeros(()))
-    return combine(o_ND, plan, x_TD.shape[1])
+    T, D = x_TD.shape
+    y_TD = x_TD.new_zeros(T, D, dtype=torch.float32)
+    # Device-to-host sync: the loop over experts needs the group bounds on the host (free on the CPU).
+    bounds = [0] + plan.offsets.tolist()
+    for e in range(plan.num_experts):
+        lo, hi = bounds[e], bounds[e + 1]
+        if hi == lo:
+            continue
+        tok = plan.token_ids[lo:hi]
+        b_in = experts.b_in[e] if experts.b_in is not None else None
+        b_out = experts.b_out[e] if experts.b_out is not None else None
+        h_nI = F.linear(x_TD.index_select(0, tok), experts.w_in[e], b_in)
+        o_nD = F.linear(experts.hidden(h_nI), experts.w_out[e], b_out)
+        if experts.post is not None:
+            o_nD = experts.post(o_nD)
+        y_TD.index_add_(0, tok, o_nD.float() * plan.weights[lo:hi, None])  # in place: no [T, D] copy per expert
+    if bounds[-1] == 0:  # no kept row: still an output of x's graph (an empty sum, so NaN-safe)
+        y_TD = y_TD + x_TD.narrow(1, 0, 0).sum().float()
+    return y_TD

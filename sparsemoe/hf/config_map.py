@@ -100,7 +100,15 @@ def family_of(cfg: dict[str, Any]) -> str:
     raise HFFormatError(
         f"unsupported architecture {arch} (model_type {model_type!r}); supported model_type values: "
         + ", ".join(FAMILIES)
+        + f". {EXPERTS_IMPLEMENTATION_HINT}"
     )
+
+
+# Where the converter and the patcher send a family they do not map.
+EXPERTS_IMPLEMENTATION_HINT = (
+    "Any transformers MoE model runs its experts on sparsemoe's backends without conversion: load it with "
+    "transformers and experts_implementation='sparsemoe' (after `import sparsemoe.hf`)"
+)
 
 
 # transformers' attribute_map aliases: a config.json may spell the expert counts and top-k any of these ways.

@@ -176,12 +176,24 @@ def _linear_layout(weight: Tensor, transposed: bool) -> Tensor:
     return weight.transpose(1, 2) if transposed else weight
 
 
-def _check_shapes(module: nn.Module, x_TD: Tensor, w_in: Tensor, w_out: Tensor, ids_TK: Tensor, weights_TK: Tensor):
-    E, _, D = w_in.shape
-    if w_out.shape[0] != E or w_out.shape[1] != x_TD.shape[1] or D != x_TD.shape[1]:
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def _check_inputs(module: nn.Module, layout: ExpertsLayout, x_TD: Tensor, w_in: Tensor, w_out: Tensor,
+                  ids_TK: Tensor, weights_TK: Tensor) -> None:  # fmt: skip
+    name = type(module).__name__
+    if w_in.dtype not in _FLOAT_DTYPES or w_out.dtype not in _FLOAT_DTYPES:
+        raise UnsupportedExperts(
+            f"{name}: expert weights of dtype {w_in.dtype}/{w_out.dtype} (quantized?) are not supported by the "
+            "sparsemoe experts implementation; it reads float32, bfloat16, float16 or float64 weights"
+        )
+    E, I, D = w_in.shape
+    gated = layout.in_proj == "gate_up_proj"
+    if w_out.shape[0] != E or w_out.shape[1] != D or D != x_TD.shape[1] or I != (2 if gated else 1) * w_out.shape[2]:
         raise ValueError(
-            f"{type(module).__name__}: hidden states [T, {x_TD.shape[1]}] do not fit the experts' weights "
-            f"in-projection {tuple(w_in.shape)} / out-projection {tuple(w_out.shape)} (as [E, out, in])"
+            f"{name}: hidden states [T, {x_TD.shape[1]}] do not fit the experts' weights: in-projection "
+            f"{tuple(w_in.shape)} / out-projection {tuple(w_out.shape)} (as [E, out, in]; "
+            f"{'[E, 2F, D] / [E, D, F] with a gate' if gated else '[E, F, D] / [E, D, F] without a gate'})"
         )
     if ids_TK.shape != weights_TK.shape or ids_TK.dim() != 2 or ids_TK.shape[0] != x_TD.shape[0]:
         raise ValueError(
@@ -205,7 +217,7 @@ def experts_forward(
     w_out = _linear_layout(module.down_proj, layout.transposed)
     T, K = x_TD.shape[0], top_k_index.shape[-1]
     ids_TK, weights_TK = top_k_index.reshape(T, K), top_k_weights.reshape(T, top_k_weights.shape[-1])
-    _check_shapes(module, x_TD, w_in, w_out, ids_TK, weights_TK)
+    _check_inputs(module, layout, x_TD, w_in, w_out, ids_TK, weights_TK)
     plan = plan_from_topk(ids_TK, weights_TK, w_in.shape[0])
     # The GEMMs run in autocast's dtype, else in the weights' (as transformers' grouped_mm).
     dtype = autocast_dtype(x_TD.device.type) or w_in.dtype

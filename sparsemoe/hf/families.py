@@ -64,6 +64,7 @@ class ModelSize:
     layers: int = 2  # at least; more when a per-layer pattern needs them to hold every kind of layer
     max_layers: int = 8
     vocab: int = 256
+    sliding_window: int = 8  # at most (small, so that sliding-window attention is exercised in short inputs)
 
 
 @lru_cache(maxsize=None)
@@ -143,7 +144,7 @@ def _size_fields(size: ModelSize) -> dict[str, int]:
 # Fields capped (never raised): counts that must stay within the sizes above, and layer offsets.
 _CAPS = {
     "n_group": 2, "num_expert_group": 2, "topk_group": 1, "first_k_dense_replace": 1, "num_dense_layers": 1, "moe_layer_start_index": 1,
-    "n_shared_experts": 1, "num_shared_experts": 1, "moe_num_shared_experts": 1, "sliding_window": 8,
+    "n_shared_experts": 1, "num_shared_experts": 1, "moe_num_shared_experts": 1,
     "expert_layer_period": 2, "expert_layer_offset": 1, "attn_layer_period": 2, "attn_layer_offset": 1,
     "index_n_heads": 2, "index_num_heads": 2, "indexer_n_heads": 2,
 }  # fmt: skip
@@ -212,7 +213,8 @@ def shrink_config(config: dict, size: ModelSize) -> dict[str, Any]:
             nested = shrink_config(value, size)
             if nested:
                 changes[key] = nested if "model_type" in value else {**value, **nested}
-    sizes, caps = _size_fields(size), {**_CAPS, **dict.fromkeys(_TOP_K_FIELDS, size.top_k)}
+    sizes = _size_fields(size)
+    caps = {**_CAPS, **dict.fromkeys(_TOP_K_FIELDS, size.top_k), "sliding_window": size.sliding_window}
     for key, value in config.items():
         if value is None and key in _FILL_WHEN_UNSET:
             changes[key] = sizes.get(key, caps.get(key))

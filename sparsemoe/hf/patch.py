@@ -18,6 +18,11 @@ DeepseekV2Moe, DeepseekV3MoE, Glm4MoeMoE, Dots1MoE, ExaoneMoeSparseMoEBlock, Ern
 AfmoeSparseMoeBlock, MiniMaxM2SparseMoeBlock. Older transformers keep one nn.Linear per expert; those cannot
 be stacked without a copy, and are reported as not patched.
 
+Blocks it does not map (another family, a layout it does not know) are left as they are, and by default their
+experts run on sparsemoe's backends anyway, through `experts_implementation="sparsemoe"`
+(`sparsemoe.hf.experts_implementation`): transformers' own router and gate, our dispatch. The report lists them;
+`experts_fallback=False` leaves them on transformers' implementation.
+
 Behaviour differences, all outside inference: the patched layers add no balancing loss unless
 `aux_loss_coef` is given (transformers computes its own from router logits, which patched blocks do not
 record); in training, layers with a selection bias update it (aux-loss-free balancing), after each forward
@@ -32,7 +37,8 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor, nn
 
-from sparsemoe.hf.config_map import FAMILIES, SELECTION_BIAS_FAMILIES, map_moe_config
+from sparsemoe.hf.config_map import EXPERTS_IMPLEMENTATION_HINT, FAMILIES, SELECTION_BIAS_FAMILIES, map_moe_config
+from sparsemoe.hf.experts_implementation import NAME, is_decorated_experts, register_experts
 from sparsemoe.hf.io import HFFormatError
 from sparsemoe.layer import MoE
 
@@ -114,6 +120,7 @@ class PatchEntry:
     block: str  # its class name
     patched: bool
     reason: str = ""  # why it was not patched
+    experts_implementation: str = ""  # when not patched: the sparsemoe experts implementation its experts run on
 
 
 @dataclass
@@ -129,10 +136,21 @@ class PatchReport:
     def skipped(self) -> list[PatchEntry]:
         return [e for e in self.entries if not e.patched]
 
+    @property
+    def experts_only(self) -> list[PatchEntry]:
+        """Blocks not patched whose experts run through the sparsemoe experts implementation."""
+        return [e for e in self.entries if e.experts_implementation]
+
     def __str__(self) -> str:
         lines = [f"patched {len(self.patched)} of {len(self.entries)} MoE blocks (backend {self.backend!r})"]
+        if self.experts_only:
+            lines[0] += (f"; the experts of {len(self.experts_only)} more run on sparsemoe's backends with "
+                         f"experts_implementation={self.experts_only[0].experts_implementation!r}")  # fmt: skip
         for e in self.entries:
             status = "patched" if e.patched else f"not patched: {e.reason}"
+            if e.experts_implementation:
+                status += (f"; its experts run with experts_implementation={e.experts_implementation!r} "
+                           "(transformers' router: no sparsemoe balancing loss or selection-bias update)")  # fmt: skip
             lines.append(f"  {e.name} ({e.block}): {status}")
         return "\n".join(lines)
 
@@ -190,7 +208,8 @@ def _sparsemoe_layer(module: nn.Module, moe_cfg, family: str) -> MoE:
 
 
 def patch_hf_model(
-    model: nn.Module, backend: str = "auto", aux_loss_coef: float = 0.0, bias_update: str = "forward"
+    model: nn.Module, backend: str = "auto", aux_loss_coef: float = 0.0, bias_update: str = "forward",
+    experts_fallback: bool = True,
 ) -> PatchReport:
     """Replace, in place, every supported MoE block of a transformers model by a sparsemoe layer.
 
@@ -198,6 +217,8 @@ def patch_hf_model(
     aux_loss_coef: Switch/GShard balancing loss the patched layers add in training (0 = none).
     bias_update: when a selection bias moves in training (MoEConfig.bias_update): "forward", or "step" (by
         `sparsemoe.update_expert_biases(model)` after each optimizer step; needed with gradient checkpointing).
+    experts_fallback: run the experts of the blocks left unpatched through the sparsemoe experts implementation
+        (with `backend`), where transformers' experts interface allows it.
     Returns a PatchReport listing every MoE-looking block, patched or not, with the reason. Raises ValueError
     for a bad argument (before anything is patched).
     """
@@ -230,6 +251,8 @@ def patch_hf_model(
             config_error = str(err)
     else:
         config_error = f"model_type {model_family!r} is not supported (supported: {', '.join(FAMILIES)})"
+        if not experts_fallback:
+            config_error += f"; {EXPERTS_IMPLEMENTATION_HINT[0].lower()}{EXPERTS_IMPLEMENTATION_HINT[1:]}"
 
     targets = [(name, m) for name, m in model.named_modules() if _looks_like_moe(m)]
     for name, module in targets:
@@ -247,7 +270,30 @@ def patch_hf_model(
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, PatchedMoeBlock(moe, shared, gate, module))
         report.entries.append(PatchEntry(name, block, True))
+    if experts_fallback:
+        _experts_fallback(model, report, backend)
     return report
+
+
+def _experts_fallback(model: nn.Module, report: PatchReport, backend: str) -> None:
+    """Point the decorated experts modules still in the model at the sparsemoe experts implementation."""
+    left = {name: m for name, m in model.named_modules() if is_decorated_experts(m)}
+    if not left:
+        return
+    implementation = register_experts(NAME if backend == "auto" else f"{NAME}_{backend}", backend)
+    if hasattr(model, "set_experts_implementation"):
+        model.set_experts_implementation(implementation)
+    else:  # a bare module holding transformers blocks: each experts module reads its own config
+        for module in left.values():
+            module.config._experts_implementation = implementation
+    for entry in report.entries:
+        if any(name.startswith(entry.name + ".") for name in left):
+            entry.experts_implementation = implementation
+    covered = [e.name + "." for e in report.entries]
+    for name, module in left.items():  # experts in blocks that do not look like MoE blocks
+        if not name.startswith(tuple(covered)):
+            reason = "not an MoE block that patch_hf_model recognises"
+            report.entries.append(PatchEntry(name, type(module).__name__, False, reason, implementation))
 
 
 def unpatch_hf_model(model: nn.Module) -> int:
