@@ -296,3 +296,42 @@ def test_activation_kernels_reject_bad_shapes():
         cpu_kernels.activation_backward(torch.randn(2, 6).bfloat16(), torch.randn(2, 3), torch.rand(2), "swiglu")
     with pytest.raises(ValueError, match="float32 or bfloat16"):
         cpu_kernels.activate(torch.randn(2, 6).half(), "swiglu")
+
+
+@needs_kernel
+@settings(max_examples=60, deadline=None)
+@given(
+    counts=st.lists(st.integers(0, 20), min_size=1, max_size=6), width=st.integers(1, 70), out=st.integers(1, 140),
+    dropped=st.integers(0, 3), threads=st.sampled_from([1, 2]), dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+)  # fmt: skip
+def test_grouped_linear_matches_float64(counts, width, out, dropped, threads, dtype):
+    """One linear layer per expert over rows sorted by expert (the general path's decode projections)."""
+    gen = torch.Generator().manual_seed(len(counts) * 1000 + width)
+    E, kept = len(counts), sum(counts)
+    x = torch.randn(kept + dropped, width, generator=gen)
+    w = torch.randn(E, out, width, generator=gen).to(dtype)
+    offsets = torch.tensor(counts).cumsum(0)
+    torch.set_num_threads(threads)
+    try:
+        y = cpu_kernels.grouped_linear(x, offsets, w)
+    finally:
+        torch.set_num_threads(2)
+    expected = torch.zeros(kept + dropped, out, dtype=torch.float64)
+    lo = 0
+    for e, hi in enumerate(offsets.tolist()):
+        expected[lo:hi] = x[lo:hi].double() @ w[e].double().t()
+        lo = hi
+    assert y.dtype == torch.float32 and y.shape == expected.shape
+    torch.testing.assert_close(y.double(), expected, atol=1e-4 * math.sqrt(width), rtol=1e-5)
+
+
+@needs_kernel
+def test_grouped_linear_rejects_bad_inputs():
+    w = torch.randn(3, 8, 5)
+    with pytest.raises(ValueError, match="grouped_linear: x .* do not fit|expected to fit"):
+        cpu_kernels.grouped_linear(torch.randn(4, 6), torch.tensor([1, 2, 4]), w)
+    with pytest.raises(ValueError, match="offsets decrease"):
+        cpu_kernels.grouped_linear(torch.randn(4, 5), torch.tensor([3, 1, 4]), w)
+    with pytest.raises(ValueError, match="offsets decrease or pass"):
+        cpu_kernels.grouped_linear(torch.randn(4, 5), torch.tensor([1, 2, 9]), w)
+    assert not cpu_kernels.supports_linear(torch.randn(4, 5), w.transpose(1, 2))  # not stored [E, O, K]

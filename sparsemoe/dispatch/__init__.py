@@ -25,7 +25,7 @@ from torch import Tensor
 
 from sparsemoe.amp import autocast_dtype
 from sparsemoe.dispatch.capacity import capacity_forward
-from sparsemoe.dispatch.decode import decode_forward
+from sparsemoe.dispatch.decode import KERNEL_MAX_ROWS_PER_EXPERT, decode_forward
 from sparsemoe.dispatch.grouped import grouped_forward
 from sparsemoe.dispatch.plan import DispatchPlan, build_plan
 from sparsemoe.dispatch.reference import reference_forward
@@ -84,13 +84,9 @@ def resolve_backend(name: str, x_TD: Tensor, plan: DispatchPlan) -> Backend:
 
 
 # Decode when there are at most this many rows per expert on average: up to 4 the expert GEMMs are
-# weight-read bound and the decode path's weight-stationary BLAS GEMMs win. With the native CPU kernel
-# (sparsemoe.ops.cpu_kernels) decode wins up to about 64 in float32, and up to about 8 in bfloat16 (on
-# a CPU with AVX512-BF16, whose bfloat16 dot products the BLAS GEMMs use while the kernel computes in
-# float32). All measured by `sparsemoe bench` forward over T, mixtral-mini and fine-grained; above that
-# the grouped GEMMs are compute bound and BLAS is faster.
+# weight-read bound and the decode path's weight-stationary BLAS GEMMs win; with the native CPU kernel, up
+# to decode.KERNEL_MAX_ROWS_PER_EXPERT (see there).
 _DECODE_MAX_ROWS_PER_EXPERT = 4
-_KERNEL_DECODE_MAX_ROWS_PER_EXPERT = {torch.float32: 64, torch.bfloat16: 8}
 
 
 def run_backend(name: str, x_TD: Tensor, plan: DispatchPlan, experts) -> Tensor:
@@ -117,7 +113,7 @@ def _auto_name(x_TD: Tensor, plan: DispatchPlan) -> str:
         return "grouped"
     rows_per_expert = _DECODE_MAX_ROWS_PER_EXPERT
     if cpu_kernels.available():
-        rows_per_expert = _KERNEL_DECODE_MAX_ROWS_PER_EXPERT.get(x_TD.dtype, rows_per_expert)
+        rows_per_expert = KERNEL_MAX_ROWS_PER_EXPERT.get(x_TD.dtype, rows_per_expert)
     return "decode" if plan.num_rows <= rows_per_expert * plan.num_experts else "grouped"
 
 

@@ -31,6 +31,12 @@ from sparsemoe.experts import Experts, activate
 from sparsemoe.ops import cpu_kernels
 from sparsemoe.ops.grouped_mm import native_grouped_mm, use_native
 
+# The native kernel (sparsemoe.ops.cpu_kernels) beats BLAS's grouped GEMMs up to about this many rows per
+# expert on average: 64 in float32, 8 in bfloat16 (on a CPU with AVX512-BF16, whose bfloat16 dot products
+# the BLAS GEMMs use while the kernel computes in float32). Measured by `sparsemoe bench` forward over T,
+# mixtral-mini and fine-grained; above that the expert GEMMs are compute bound and BLAS is faster.
+KERNEL_MAX_ROWS_PER_EXPERT = {torch.float32: 64, torch.bfloat16: 8}
+
 # Up to this many rows per expert the weight-stationary form wins (measured with torch.mm / torch.bmm on
 # the expert shapes of `sparsemoe bench`, 2 threads: at 1-16 rows `x @ W^T` takes 3-6x the time of
 # summing W; the split `W @ x^T` 1.0-1.1x for one row and 1.2-3.5x up to 16).

@@ -123,6 +123,35 @@ static void WNAME(expert_block)(const WT* W, const float* x, float* y, int64_t K
   WNAME(gemm_nt)(W + e * O * K, x + lo * K, y + lo * O, K, o0, o1, bounds[e + 1] - lo, O);
 }
 
+/* y [N, O] float32 = one linear layer per expert over rows sorted by expert (rows [offsets[e - 1],
+ * offsets[e]) belong to expert e, offsets[-1] = 0): y[r] = W[e] x[r], W [E, O, K] row-major (nn.Linear's
+ * layout), x [N, K] float32. Only the experts with rows are read, each weight row once per block of rows;
+ * rows past offsets[E - 1] are set to zero. Work is split over threads by (expert, block of weight rows).
+ * Returns 0, -1 when out of memory, -3 when the offsets decrease or pass N. */
+int WNAME(sparsemoe_grouped_linear)(const float* x, int64_t N, const int64_t* offsets, int64_t E, const WT* w,
+                                    int64_t O, int64_t K, float* y, int threads) {
+  int64_t prev = 0;
+  for (int64_t e = 0; e < E; e++) {
+    if (offsets[e] < prev || offsets[e] > N) return -3;
+    prev = offsets[e];
+  }
+  int64_t* bounds = malloc((size_t)(2 * E + 1) * sizeof(int64_t)); /* bounds [E + 1], then used [E] */
+  if (!bounds) return -1;
+  int64_t *used = bounds + E + 1, n_used = 0;
+  bounds[0] = 0;
+  for (int64_t e = 0; e < E; e++) {
+    bounds[e + 1] = offsets[e];
+    if (bounds[e + 1] > bounds[e]) used[n_used++] = e;
+  }
+  for (int64_t r = prev; r < N; r++)
+    for (int64_t o = 0; o < O; o++) y[r * O + o] = 0.0f;
+  const int64_t blocks = (O + ROW_BLOCK - 1) / ROW_BLOCK;
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t item = 0; item < n_used * blocks; item++) WNAME(expert_block)(w, x, y, K, O, item, blocks, used, bounds);
+  free(bounds);
+  return 0;
+}
+
 /* y [T, D] float32 = the expert stage of a decode step: for each kept row r (rows sorted by expert, rows
  * [offsets[e - 1], offsets[e]) for expert e, offsets[-1] = 0), y[tok[r]] += wts[r] * W_out[e] act(W_in[e]
  * x[tok[r]]); rows past offsets[E - 1] (dropped) are ignored. x [T, D] is in the weights' type. The rows are

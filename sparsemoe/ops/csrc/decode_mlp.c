@@ -13,7 +13,9 @@
  * extensions give AVX-512, AVX2 or NEON code from the same source. No fast-math: the vector sums are
  * written out, so NaN and infinity behave as in PyTorch.
  *
- * Exported: sparsemoe_decode_mlp_f32 and sparsemoe_decode_mlp_bf16 (see decode_gemm.h for the arguments).
+ * Exported: sparsemoe_decode_mlp_f32 and sparsemoe_decode_mlp_bf16 (the whole expert stage), and
+ * sparsemoe_grouped_linear_f32 / _bf16 (one linear layer per expert, for expert MLPs whose activation is
+ * computed elsewhere); see decode_gemm.h for the arguments.
  */
 #include <stdint.h>
 #include <stdlib.h>
