@@ -22,8 +22,10 @@ def test_the_gpu_check_runs_end_to_end_on_the_cpu(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     out = tmp_path / "out"
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == [
-        "gpu_tests.log", "tiny.log", "tiny/bench.json", "tiny/bench.md", "train.log",
+        "gpu_tests.log", "hf-bench.log", "hf-bench/hf_bench.json", "hf-bench/hf_bench.md", "tiny.log",
+        "tiny/bench.json", "tiny/bench.md", "train.log",
     ]  # fmt: skip
+    assert "| sparsemoe |" in (out / "hf-bench" / "hf_bench.md").read_text()
     assert "tests exit status: 0" in (out / "gpu_tests.log").read_text()
     train = (out / "train.log").read_text()
     assert train.count("finished at step 3") == 2 and "dense baseline" in train and "MoE 16 experts, top-4" in train

@@ -161,3 +161,15 @@ def test_hf_bench_unknown_dtype_is_an_argument_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["hf-bench", "--quick", "--dtypes", "float16", "--out", str(tmp_path)])
     assert exit_.value.code == 2 and "unknown dtypes ['float16']; accepted: float32, bfloat16" in capsys.readouterr().err
+
+
+def test_torch_compile_runs_the_model():
+    """torch.compile over a model whose experts run on sparsemoe (the fused backends are custom ops with
+    fake implementations; the general path's host-side loop is a graph break, not an error)."""
+    model = random_model(FAMILIES["mixtral"])
+    model.set_experts_implementation("sparsemoe")
+    ids = torch.randint(0, 256, (2, 11), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+        got = torch.compile(model)(input_ids=ids).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)

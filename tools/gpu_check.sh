@@ -3,12 +3,14 @@
 #   1. the `gpu`-marked tests (kernels, training, resume across devices, generation, compile);
 #   2. a short training run of the `gpu` preset and of its dense twin (tokens/s, MFU, peak memory, the
 #      memory estimate beside it), each stopped by SIGTERM after TRAIN_SECONDS (it saves and reports);
-#   3. `sparsemoe bench --gpu`, one config at a time (forward+backward at T=16384, decode T=1/16/64).
+#   3. `sparsemoe bench --gpu`, one config at a time (forward+backward at T=16384, decode T=1/16/64);
+#   4. `sparsemoe hf-bench`: a whole transformers Mixtral-like model in bfloat16 with
+#      experts_implementation eager, grouped_mm and sparsemoe (prefill 2048, greedy decode).
 # Each step runs under its own time limit, so one that runs long still leaves the others' reports.
 # Nothing is installed: the package runs from this checkout with the machine's PyTorch and Triton. Logs
-# and reports go to $OUT (default gpu-check/: gpu_tests.log, train.log and per config a log, bench.md and
-# bench.json, 8 files); the training runs' folders (checkpoints of several GB) go to $WORK (default: a
-# temporary folder, removed at the end).
+# and reports go to $OUT (default gpu-check/: gpu_tests.log, train.log, per config a log, bench.md and
+# bench.json, and hf-bench.log with hf-bench/hf_bench.md and .json: 11 files); the training runs' folders
+# (checkpoints of several GB) go to $WORK (default: a temporary folder, removed at the end).
 #
 #   bash tools/gpu_check.sh                       # on the GPU
 #   bash tools/gpu_check.sh --dry-run             # the same steps on the CPU with tiny shapes (CI runs it)
@@ -16,7 +18,8 @@
 #
 # The tests run with SPARSEMOE_TRITON_AUTOTUNE=0 (one tile per kernel: correctness, not tuning); the
 # benchmark and the training runs autotune. Time limits in seconds (environment): TEST_TIMEOUT (120),
-# TRAIN_SECONDS (60 per run, start-up included, then up to 40 more to save), BENCH_TIMEOUT (100 per config).
+# TRAIN_SECONDS (60 per run, start-up included, then up to 40 more to save), BENCH_TIMEOUT (100 per config),
+# HF_BENCH_TIMEOUT (60).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DRY=0
@@ -40,10 +43,12 @@ if [ "$DRY" -eq 1 ]; then  # the same commands on the CPU, on shapes that take s
     TRAIN_SHAPE=(--device cpu --set dim=64 --set n_layers=2 --set n_heads=2 --set n_kv_heads=1
                  --set moe_hidden_dim=32 --batch-size 2 --seq-len 64 --max-steps 3 --max-bytes 200000)
     BENCH_SHAPE=(--device cpu --configs tiny --tokens 1,16,64,256 --repeats 1 --backward-min-tokens 64)
+    HF_BENCH_SHAPE=(--device cpu --quick --families mixtral --dtypes float32)
     configs="tiny"
 else
     TRAIN_SHAPE=()
     BENCH_SHAPE=()
+    HF_BENCH_SHAPE=(--device cuda --families mixtral --dtypes bfloat16 --repeats 3)
     configs=$(python3 -c "from sparsemoe.commands.bench import GPU; print(*GPU['configs'])") || exit 1
 fi
 status=0
@@ -89,10 +94,23 @@ for config in $configs; do
     [ "$rc" -eq 0 ] || { status=1; tail -n 30 "$OUT/$config.log"; }
 done
 
+# Whole transformers models by experts implementation (needs transformers; skipped with a line without it).
+if python3 -c "import transformers.integrations.moe" 2>/dev/null; then
+    echo "== sparsemoe hf-bench ${HF_BENCH_SHAPE[*]}"
+    timeout "${HF_BENCH_TIMEOUT:-60}" python3 -m sparsemoe hf-bench "${HF_BENCH_SHAPE[@]}" --out "$OUT/hf-bench" \
+        > "$OUT/hf-bench.log" 2>&1
+    rc=$?
+    echo "hf-bench exit status: $rc"
+    [ "$rc" -eq 0 ] || { status=1; tail -n 30 "$OUT/hf-bench.log"; }
+else
+    echo "== sparsemoe hf-bench skipped: transformers with its experts interface is not installed"
+fi
+
 [ "$OWN_WORK" -eq 1 ] && rm -rf "$WORK"
 grep -E "passed|failed|error|exit status" "$OUT/gpu_tests.log" | tail -n 5
 grep -E "^== sparsemoe train|parameters|memory needed|^(finished|stopped) at step" "$OUT/train.log"
 for config in $configs; do
     [ -f "$OUT/$config/bench.md" ] && sed -n '/^## /,$p' "$OUT/$config/bench.md"
 done
+[ -f "$OUT/hf-bench/hf_bench.md" ] && sed -n '/^## /,$p' "$OUT/hf-bench/hf_bench.md"
 exit $status
