@@ -160,7 +160,8 @@ def test_hf_bench_unknown_dtype_is_an_argument_error(tmp_path, capsys):
 
     with pytest.raises(SystemExit) as exit_:
         main(["hf-bench", "--quick", "--dtypes", "float16", "--out", str(tmp_path)])
-    assert exit_.value.code == 2 and "unknown dtypes ['float16']; accepted: float32, bfloat16" in capsys.readouterr().err
+    assert exit_.value.code == 2
+    assert "unknown dtypes ['float16']; accepted: float32, bfloat16" in capsys.readouterr().err
 
 
 def test_torch_compile_runs_the_model():

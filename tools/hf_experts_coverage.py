@@ -30,7 +30,8 @@ def main() -> int:
     for r in results:
         status = ("fused" if r.native else "general") if r.passed else f"FAILED: {r.reason}"
         checked = ", ".join(r.float64_checked) or "-"
-        print(f"| {r.family} | {r.model_class} | {status} | {r.output_error:.1e} | {r.gradient_error:.1e} | {checked} |")
+        errors = f"{r.output_error:.1e} | {r.gradient_error:.1e}"
+        print(f"| {r.family} | {r.model_class} | {status} | {errors} | {checked} |")
     return 0 if len(passed) == len(results) else 1
 
 

@@ -123,10 +123,12 @@ def _case(family: str, dtype: str, opts: HFModelBenchOptions, device: torch.devi
     rows = []
     for name in names:
         prefill_ms = timings["prefill", name]["min_ms"]
-        decode_ms = (timings["decodeN", name]["min_ms"] - timings["decode1", name]["min_ms"]) / (opts.decode_tokens - 1)
+        decode_total = timings["decodeN", name]["min_ms"] - timings["decode1", name]["min_ms"]
+        decode_ms = decode_total / (opts.decode_tokens - 1)
         rows.append({
-            "implementation": name, "prefill_ms": prefill_ms, "prefill_tokens_per_s": opts.prefill_tokens / prefill_ms * 1e3,
-            "decode_ms_per_token": decode_ms, "decode_tokens_per_s": 1e3 / decode_ms if decode_ms > 0 else float("inf"),
+            "implementation": name, "prefill_ms": prefill_ms,
+            "prefill_tokens_per_s": opts.prefill_tokens / prefill_ms * 1e3, "decode_ms_per_token": decode_ms,
+            "decode_tokens_per_s": 1e3 / decode_ms if decode_ms > 0 else float("inf"),
             "logits_error_vs_eager": errors.get(name),
         })  # fmt: skip
     if opts.subtract_rest:
@@ -175,6 +177,15 @@ def run_hf_model_bench(opts: HFModelBenchOptions) -> dict:
     }  # fmt: skip
 
 
+def _ms_cell(row: dict, key: str, base) -> str:
+    """A time, with the speed-up over `base` (grouped_mm's row) in brackets; empty when the row lacks it."""
+    if key not in row:
+        return ""
+    if base is None or row is base or row[key] <= 0:
+        return _fmt(row[key])
+    return f"{_fmt(row[key])} ({base[key] / row[key]:.2f}x)"
+
+
 def _fmt(ms: float) -> str:
     return f"{ms:.1f}" if ms >= 10 else f"{ms:.2f}" if ms >= 1 else f"{ms:.3g}"
 
@@ -202,31 +213,24 @@ def hf_model_markdown(result: dict, command: str) -> str:
         "",
     ]
     for case in result["cases"]:
-        rows = case["rows"]
-        base = next((r for r in rows if r["implementation"] == "grouped_mm"), None)
+        base = next((r for r in case["rows"] if r["implementation"] == "grouped_mm"), None)
         lines += [
-            f"## {case['family']} ({case['model_class']}, {case['parameters'] / 1e6:.3g} M parameters), {case['dtype']}",
+            f"## {case['family']} ({case['model_class']}, {case['parameters'] / 1e6:.3g} M parameters), "
+            f"{case['dtype']}",
             "",
             "| implementation | prefill ms | prefill tok/s | experts ms | decode ms/token | decode tok/s "
             f"| experts ms/token | of bound ({_fmt(case['decode_expert_bound_ms'])} ms) | logits vs eager |",
             "|---|---|---|---|---|---|---|---|---|",
         ]
-        for row in rows:
-            def ratio(key: str) -> str:
-                if base is None or key not in row or row is base or row[key] <= 0:
-                    return ""
-                return f" ({base[key] / row[key]:.2f}x)"
-
+        for row in case["rows"]:
             err = row.get("logits_error_vs_eager")
-            lines.append(
-                f"| {row['implementation']} | {_fmt(row['prefill_ms'])}{ratio('prefill_ms')} "
-                f"| {row['prefill_tokens_per_s']:.0f} | "
-                + (f"{_fmt(row['experts_prefill_ms'])}{ratio('experts_prefill_ms')}" if "experts_prefill_ms" in row else "")
-                + f" | {_fmt(row['decode_ms_per_token'])}{ratio('decode_ms_per_token')} | {row['decode_tokens_per_s']:.1f} | "
-                + (f"{_fmt(row['experts_decode_ms_per_token'])}{ratio('experts_decode_ms_per_token')}"
-                   if "experts_decode_ms_per_token" in row else "")
-                + (f" | {row['decode_fraction_of_bound']:.2f}" if "decode_fraction_of_bound" in row else " | ")
-                + f" | {'' if err is None else f'{err:.1e}'} |"
-            )  # fmt: skip
+            cells = [
+                row["implementation"], _ms_cell(row, "prefill_ms", base), f"{row['prefill_tokens_per_s']:.0f}",
+                _ms_cell(row, "experts_prefill_ms", base), _ms_cell(row, "decode_ms_per_token", base),
+                f"{row['decode_tokens_per_s']:.1f}", _ms_cell(row, "experts_decode_ms_per_token", base),
+                f"{row['decode_fraction_of_bound']:.2f}" if "decode_fraction_of_bound" in row else "",
+                "" if err is None else f"{err:.1e}",
+            ]  # fmt: skip
+            lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines) + "\n"

@@ -7,8 +7,6 @@ import argparse
 import dataclasses
 import json
 
-import torch
-
 from sparsemoe.cli import CommandError
 from sparsemoe.commands._device import add_device_argument
 from sparsemoe.commands._measure import command_line, csv_list, output_dir, positive_int, setup_device
@@ -49,7 +47,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--no-rest", action="store_true",
                    help="do not time the no-op experts run (no 'experts' columns)")
     p.add_argument("--quick", action="store_true",
-                   help="smoke run: tiny models (width 64), prefill 64, decode 4, 1 round (given options take precedence)")
+                   help="smoke run: tiny models (width 64), prefill 64, decode 4, 1 round (options given on the "
+                   "command line take precedence)")
     p.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall", help="wall (default) or process CPU time")
     add_device_argument(p)
@@ -83,7 +82,8 @@ def run(args: argparse.Namespace) -> int:
 
     bad = [i for i in args.impls if i != "eager" and i not in ALL_EXPERTS_FUNCTIONS]
     if bad:
-        raise CommandError(f"--impls: {', '.join(bad)} not registered; accepted: eager, {', '.join(ALL_EXPERTS_FUNCTIONS)}")
+        accepted = ", ".join(["eager", *ALL_EXPERTS_FUNCTIONS])
+        raise CommandError(f"--impls: {', '.join(bad)} not registered; accepted: {accepted}")
     device = setup_device(args)
     size = dataclasses.replace(
         DEFAULT_SIZE, hidden=args.hidden, moe_hidden=args.moe_hidden, dense_hidden=args.moe_hidden,

@@ -23,7 +23,7 @@ import importlib
 import inspect
 import logging
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Optional
 
@@ -134,7 +134,8 @@ def _size_fields(size: ModelSize) -> dict[str, int]:
     out = {key: getattr(size, attr) for attr, keys in fields.items() for key in keys}
     half = max(size.head_dim // 2, 2)
     out.update(
-        kv_lora_rank=size.hidden // 4, q_lora_rank=size.hidden // 2, o_lora_rank=size.hidden // 2, qk_rope_head_dim=half, qk_nope_head_dim=half,
+        kv_lora_rank=size.hidden // 4, q_lora_rank=size.hidden // 2, o_lora_rank=size.hidden // 2,
+        qk_rope_head_dim=half, qk_nope_head_dim=half,
         ssm_state_size=16, mamba_d_state=16, chunk_size=16, mamba_num_heads=2 * size.hidden // size.head_dim,
         linear_num_value_heads=size.heads, linear_num_key_heads=size.kv_heads,
     )  # fmt: skip
@@ -143,12 +144,14 @@ def _size_fields(size: ModelSize) -> dict[str, int]:
 
 # Fields capped (never raised): counts that must stay within the sizes above, and layer offsets.
 _CAPS = {
-    "n_group": 2, "num_expert_group": 2, "topk_group": 1, "first_k_dense_replace": 1, "num_dense_layers": 1, "moe_layer_start_index": 1,
+    "n_group": 2, "num_expert_group": 2, "topk_group": 1, "first_k_dense_replace": 1, "num_dense_layers": 1,
+    "moe_layer_start_index": 1,
     "n_shared_experts": 1, "num_shared_experts": 1, "moe_num_shared_experts": 1,
     "expert_layer_period": 2, "expert_layer_offset": 1, "attn_layer_period": 2, "attn_layer_offset": 1,
     "index_n_heads": 2, "index_num_heads": 2, "indexer_n_heads": 2,
 }  # fmt: skip
-_TOP_K_FIELDS = ("num_experts_per_tok", "num_experts_per_token", "moe_k", "moe_topk", "top_k_experts")  # capped at ModelSize.top_k
+# Experts per token, capped at ModelSize.top_k.
+_TOP_K_FIELDS = ("num_experts_per_tok", "num_experts_per_token", "moe_k", "moe_topk", "top_k_experts")
 # Fields that a family's defaults may leave unset (None) although its experts need them.
 _FILL_WHEN_UNSET = (
     "num_experts", "n_routed_experts", "num_local_experts", "moe_num_experts", "moe_intermediate_size", "head_dim",
@@ -273,12 +276,7 @@ def _model_classes(family: Family) -> list[type]:
 def _config(config_class, family: Family, size: ModelSize, overrides: dict):
     hints = _HINTS.get(family.name, {})
     defaults = {**config_class().to_dict(), **hints}
-    try:
-        return config_class(**{**hints, **shrink_config(defaults, size), **overrides})
-    except Exception as err:  # some families require as many key/value heads as query heads
-        if "num_key_value_heads" not in str(err) or size.kv_heads == size.heads:
-            raise
-        return config_class(**{**hints, **shrink_config(defaults, replace(size, kv_heads=size.heads)), **overrides})
+    return config_class(**{**hints, **shrink_config(defaults, size), **overrides})
 
 
 class ModelBuildError(RuntimeError):
