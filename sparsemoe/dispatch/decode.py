@@ -9,12 +9,13 @@ bfloat16 on the CPU the whole expert stage (gather, every expert, weighted combi
 the native kernel (`sparsemoe.ops.cpu_kernels`: each weight row streamed once against the expert's rows,
 OpenMP threads over blocks of weight rows; bfloat16 weights read as they are and widened in registers).
 In plain eager mode the op's function is called directly: the `torch.library` dispatcher costs a
-visible share of a one-token step, and only the compiler and dispatch modes need the op. Without that
-kernel (no C compiler), in bfloat16/float16 the native grouped GEMM (`torch._grouped_mm`) is faster
-than per-expert calls and is used; in float32 the loop below runs each GEMM weight-stationary,
-`W @ x^T` with W split into one row block per thread as one `bmm`, for experts with up to
-`_STATIONARY_MAX_ROWS` rows. Inputs are gathered and outputs combined once for
-all experts (N is small).
+visible share of a one-token step, and only the compiler and dispatch modes need the op. Weights that
+kernel does not take, stored [in, out] and read through a transposed view (as some Hugging Face families
+keep them), go through the native grouped linear kernel one projection at a time. Without the native
+kernels (no C compiler), in bfloat16/float16 the native grouped GEMM (`torch._grouped_mm`) is faster
+than per-expert calls and is used; in float32 the loop below runs each GEMM weight-stationary, `W @ x^T`
+with W split into one row block per thread as one `bmm`, for experts with up to `_STATIONARY_MAX_ROWS`
+rows. Inputs are gathered and outputs combined once for all experts (N is small).
 Without gradients this path runs as plain tensor code; with gradients it hands over to the fused op
 (`sparsemoe.dispatch.fused`), whose backward is exact and shared with the grouped backend.
 """
@@ -91,7 +92,12 @@ def _decode_mlp(
     kept = bounds[-1]
     x_ND = x_TD.index_select(0, token_ids[:kept])
     y_TD = torch.zeros(T, D, dtype=torch.float32, device=x_TD.device)
-    if use_native(x_ND, w_in) and use_native(x_ND, w_out):
+    if cpu_kernels.supports_linear(x_ND, w_in) and cpu_kernels.supports_linear(x_ND, w_out):
+        # Weights the whole-stage kernel does not take (stored [in, out], read through a transposed view):
+        # each projection streamed once by the grouped linear kernel, h and act(h) in float32 as there.
+        a_NF = activate(cpu_kernels.grouped_linear(x_ND, offsets, w_in), activation)
+        o_ND = cpu_kernels.grouped_linear(a_NF, offsets, w_out)
+    elif use_native(x_ND, w_in) and use_native(x_ND, w_out):
         # bfloat16/float16: the native grouped kernel beats per-expert BLAS calls at every small T measured.
         # x_ND holds exactly the kept rows (offsets[-1] of them), so no row is left past the last group.
         a_NF = activate(native_grouped_mm(x_ND, w_in, offsets), activation)

@@ -16,9 +16,9 @@ Python (a clamped SwiGLU with its own constants, an interleaved gate/up layout),
 projection, a norm after each expert. It loops over the experts that got rows (never over tokens), one
 expert's rows at a time so that its intermediates stay in cache (a whole batch's [N, I] would not), and is
 plain PyTorch, so autograd gives every gradient, including the functions' own. Without gradients and with
-a few rows per expert (decoding) on the CPU, the projections stored in nn.Linear's layout run on the native
-kernel that streams each weight once (`cpu_kernels.grouped_linear`; BLAS reads them at about 0.6 of copy
-speed in one-row products), with the module's functions between them as before.
+a few rows per expert (decoding) on the CPU, the projections run on the native kernel that streams each
+weight once (`cpu_kernels.grouped_linear`, weights stored [out, in] or [in, out]; BLAS reads them at about
+0.6 and 0.8 of copy speed in one-row products), with the module's functions between them as before.
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ def _streams_weights(x_TD: Tensor, plan: DispatchPlan, experts: GeneralExperts, 
 
 def _linear_rows(x_nK: Tensor, offsets: Tensor, w_EOK: Tensor, bounds: list[int]) -> Tensor:
     """float32 [n, O]: each expert's rows times its weights, streaming them once (the native kernel) when
-    they are stored in nn.Linear's layout, else one BLAS product per expert with rows."""
+    they are stored contiguous, [out, in] or [in, out], else one BLAS product per expert with rows."""
     if cpu_kernels.supports_linear(x_nK, w_EOK):
         return cpu_kernels.grouped_linear(x_nK, offsets, w_EOK)
     y_nO = x_nK.new_zeros(x_nK.shape[0], w_EOK.shape[1], dtype=torch.float32)

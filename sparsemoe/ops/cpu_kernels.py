@@ -10,8 +10,9 @@ Legend: N rows sorted by expert, n rows, E experts, D model width, F hidden widt
         x and the weights float32 or bfloat16 (read as they are, widened to float32 in registers), sums and
         activations in float32
     grouped_linear(x_NK, offsets [E], w [E, O, K]) -> y_NO float32, one linear layer per expert over rows
-        sorted by expert: y[r] = W[e] x[r] (nn.Linear's layout), each weight row read once; for a few rows
-        per expert of the expert MLPs whose activation runs in PyTorch (sparsemoe.dispatch.general)
+        sorted by expert: y[r] = W[e] x[r], W stored [E, O, K] (nn.Linear's layout) or [E, K, O], each weight
+        read once; for a few rows per expert of the expert MLPs whose activation runs in PyTorch
+        (sparsemoe.dispatch.general)
     activate(h_nI, activation) -> a_nF = act(h)
     activation_backward(h_nI, dA_nF, w_n, activation) -> (aw_nF, dH_nI, d_w_n float32)
         for o = w * (W_out act(h)) with dA = d loss / d act(h) before the weighting: aw = w act(h)
@@ -135,8 +136,8 @@ def _bind(path: Path) -> ctypes.CDLL:
     signatures = {
         "sparsemoe_decode_mlp_f32": ([p, p, p, i64, p, i64, p, p, i64, i64, i64, i64, i32, p, i32], ctypes.c_int),
         "sparsemoe_decode_mlp_bf16": ([p, p, p, i64, p, i64, p, p, i64, i64, i64, i64, i32, p, i32], ctypes.c_int),
-        "sparsemoe_grouped_linear_f32": ([p, i64, p, i64, p, i64, i64, p, i32], ctypes.c_int),
-        "sparsemoe_grouped_linear_bf16": ([p, i64, p, i64, p, i64, i64, p, i32], ctypes.c_int),
+        "sparsemoe_grouped_linear_f32": ([p, i64, p, i64, p, i64, i64, i32, p, i32], ctypes.c_int),
+        "sparsemoe_grouped_linear_bf16": ([p, i64, p, i64, p, i64, i64, i32, p, i32], ctypes.c_int),
         "sparsemoe_activate_f32": ([p, p, i64, i64, i64, i32, i32], None),
         "sparsemoe_activate_bf16": ([p, p, i64, i64, i64, i32, i32], None),
         "sparsemoe_activation_backward_f32": ([p, p, p, p, p, p, i64, i64, i64, i32, i32], None),
@@ -299,31 +300,35 @@ def decode_mlp(
 
 
 def supports_linear(x: Tensor, w: Tensor) -> bool:
-    """Whether `grouped_linear` takes these: CPU tensors, weights float32 or bfloat16, contiguous [E, O, K]."""
+    """Whether `grouped_linear` takes these: CPU tensors, weights float32 or bfloat16, stored contiguous as
+    [E, O, K] or [E, K, O] (w given as its [E, O, K] view either way)."""
     return (
         x.device.type == "cpu"
         and w.device.type == "cpu"
         and w.dtype in KERNEL_DTYPES
         and w.dim() == 3
-        and w.is_contiguous()
+        and (w.is_contiguous() or w.transpose(1, 2).is_contiguous())
         and available()
     )
 
 
 def grouped_linear(x_NK: Tensor, offsets: Tensor, w_EOK: Tensor) -> Tensor:
     """y [N, O] float32: y[r] = x[r] @ w[e]^T for the rows r of expert e (rows sorted by expert, expert e's
-    rows [offsets[e - 1], offsets[e])); rows past offsets[-1] are zero. Check `supports_linear` first; x is
-    taken as float32, offsets as int64."""
+    rows [offsets[e - 1], offsets[e])); rows past offsets[-1] are zero. w_EOK is the [E, O, K] view of
+    weights stored contiguous as [E, O, K] (nn.Linear's layout) or [E, K, O] (read in place). Check
+    `supports_linear` first; x is taken as float32, offsets as int64."""
     E, O, K = w_EOK.shape
+    kn = not w_EOK.is_contiguous()
+    stored = w_EOK.transpose(1, 2) if kn else w_EOK
     x_NK = x_NK.float().contiguous()
-    if x_NK.dim() != 2 or x_NK.shape[1] != K or offsets.shape != (E,) or not w_EOK.is_contiguous():
-        raise ValueError(f"grouped_linear: x {tuple(x_NK.shape)}, offsets {tuple(offsets.shape)} and contiguous "
-                         f"w {tuple(w_EOK.shape)} [E, O, K] expected to fit")  # fmt: skip
+    if x_NK.dim() != 2 or x_NK.shape[1] != K or offsets.shape != (E,) or not stored.is_contiguous():
+        raise ValueError(f"grouped_linear: x {tuple(x_NK.shape)}, offsets {tuple(offsets.shape)} and w "
+                         f"{tuple(w_EOK.shape)} stored contiguous as [E, O, K] or [E, K, O] expected to fit")  # fmt: skip
     offsets = offsets.to(torch.int64).contiguous()
     N = x_NK.shape[0]
     y_NO = x_NK.new_empty(N, O)
-    kernel = _kernel("grouped_linear", w_EOK.dtype)
-    status = kernel(x_NK.data_ptr(), N, offsets.data_ptr(), E, w_EOK.data_ptr(), O, K, y_NO.data_ptr(),
+    kernel = _kernel("grouped_linear", stored.dtype)
+    status = kernel(x_NK.data_ptr(), N, offsets.data_ptr(), E, stored.data_ptr(), O, K, int(kn), y_NO.data_ptr(),
                     torch.get_num_threads())  # fmt: skip
     if status != 0:
         error, why = _DECODE_ERRORS[status]

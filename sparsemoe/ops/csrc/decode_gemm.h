@@ -123,32 +123,93 @@ static void WNAME(expert_block)(const WT* W, const float* x, float* y, int64_t K
   WNAME(gemm_nt)(W + e * O * K, x + lo * K, y + lo * O, K, o0, o1, bounds[e + 1] - lo, O);
 }
 
+/* Work item `item` of the [in, out]-stored GEMM: expert e = used[item / chunks] and its weight rows
+ * [k0, k1) (a K_CHUNK of W [E, K, O]) add x[r, k] W[e, k, :] into acc[r, :] for the expert's rows r. Each
+ * weight row is one contiguous stream read once; acc (this thread's partial sums, a few rows of O floats)
+ * stays in cache. */
+static void WNAME(expert_chunk_kn)(const WT* W, const float* x, float* acc, int64_t K, int64_t O, int64_t item,
+                                   int64_t chunks, const int64_t* used, const int64_t* bounds) {
+  int64_t e = used[item / chunks], k0 = (item % chunks) * K_CHUNK;
+  int64_t k1 = k0 + K_CHUNK < K ? k0 + K_CHUNK : K, lo = bounds[e], hi = bounds[e + 1];
+  const int64_t vec_end = O / VL * VL;
+  for (int64_t k = k0; k < k1; k++) {
+    const WT* w = W + (e * K + k) * O;
+    for (int64_t r = lo; r < hi; r++) {
+      const float xk = x[r * K + k];
+      const vf xv = splat(xk);
+      float* a = acc + r * O;
+      int64_t o = 0;
+      for (; o + 4 * VL <= vec_end; o += 4 * VL) {
+        vf w0 = WLOAD(w + o), w1 = WLOAD(w + o + VL), w2 = WLOAD(w + o + 2 * VL), w3 = WLOAD(w + o + 3 * VL);
+        store(a + o, load(a + o) + w0 * xv);
+        store(a + o + VL, load(a + o + VL) + w1 * xv);
+        store(a + o + 2 * VL, load(a + o + 2 * VL) + w2 * xv);
+        store(a + o + 3 * VL, load(a + o + 3 * VL) + w3 * xv);
+      }
+      for (; o < vec_end; o += VL) store(a + o, load(a + o) + WLOAD(w + o) * xv);
+      for (; o < O; o++) a[o] += xk * WGET(w + o);
+    }
+  }
+}
+
 /* y [N, O] float32 = one linear layer per expert over rows sorted by expert (rows [offsets[e - 1],
- * offsets[e]) belong to expert e, offsets[-1] = 0): y[r] = W[e] x[r], W [E, O, K] row-major (nn.Linear's
- * layout), x [N, K] float32. Only the experts with rows are read, each weight row once per block of rows;
- * rows past offsets[E - 1] are set to zero. Work is split over threads by (expert, block of weight rows).
- * Returns 0, -1 when out of memory, -3 when the offsets decrease or pass N. */
+ * offsets[e]) belong to expert e, offsets[-1] = 0): y[r] = W[e] x[r], with W [E, O, K] row-major (nn.Linear's
+ * layout) or, when `kn`, W [E, K, O] (stored [in, out]); x [N, K] float32. Only the experts with rows are
+ * read, each weight once per block of rows; rows past offsets[E - 1] are set to zero. [out, in]: work split
+ * over threads by (expert, block of weight rows). [in, out]: by (expert, chunk of K weight rows), each
+ * thread summing into its own partial y, added up at the end. Returns 0, -1 when out of memory, -3 when
+ * the offsets decrease or pass N. */
 int WNAME(sparsemoe_grouped_linear)(const float* x, int64_t N, const int64_t* offsets, int64_t E, const WT* w,
-                                    int64_t O, int64_t K, float* y, int threads) {
+                                    int64_t O, int64_t K, int kn, float* y, int threads) {
   int64_t prev = 0;
   for (int64_t e = 0; e < E; e++) {
     if (offsets[e] < prev || offsets[e] > N) return -3;
     prev = offsets[e];
   }
+  const int64_t kept = prev;
+  if (threads < 1) threads = 1;
   int64_t* bounds = malloc((size_t)(2 * E + 1) * sizeof(int64_t)); /* bounds [E + 1], then used [E] */
-  if (!bounds) return -1;
+  float* partial = kn ? calloc((size_t)(threads * kept * O + 1), sizeof(float)) : NULL; /* [threads, kept, O] */
+  if (!bounds || (kn && !partial)) {
+    free(bounds);
+    free(partial);
+    return -1;
+  }
   int64_t *used = bounds + E + 1, n_used = 0;
   bounds[0] = 0;
   for (int64_t e = 0; e < E; e++) {
     bounds[e + 1] = offsets[e];
     if (bounds[e + 1] > bounds[e]) used[n_used++] = e;
   }
-  for (int64_t r = prev; r < N; r++)
+  for (int64_t r = kept; r < N; r++)
     for (int64_t o = 0; o < O; o++) y[r * O + o] = 0.0f;
-  const int64_t blocks = (O + ROW_BLOCK - 1) / ROW_BLOCK;
+  if (!kn) {
+    const int64_t blocks = (O + ROW_BLOCK - 1) / ROW_BLOCK;
 #pragma omp parallel for schedule(static) num_threads(threads)
-  for (int64_t item = 0; item < n_used * blocks; item++) WNAME(expert_block)(w, x, y, K, O, item, blocks, used, bounds);
+    for (int64_t item = 0; item < n_used * blocks; item++)
+      WNAME(expert_block)(w, x, y, K, O, item, blocks, used, bounds);
+  } else {
+    const int64_t chunks = (K + K_CHUNK - 1) / K_CHUNK;
+#pragma omp parallel num_threads(threads)
+    {
+      int t = 0;
+#ifdef _OPENMP
+      t = omp_get_thread_num();
+#endif
+#pragma omp for schedule(static)
+      for (int64_t item = 0; item < n_used * chunks; item++)
+        WNAME(expert_chunk_kn)(w, x, partial + t * kept * O, K, O, item, chunks, used, bounds);
+#pragma omp for schedule(static)
+      for (int64_t r = 0; r < kept; r++)
+        for (int64_t o = 0; o < O; o++) {
+          float s = 0.0f;
+          for (int u = 0; u < threads; u++) s += partial[(u * kept + r) * O + o];
+          y[r * O + o] = s;
+        }
+    }
+  }
   free(bounds);
+  free(partial);
   return 0;
 }
 

@@ -19,11 +19,15 @@
  */
 #include <stdint.h>
 #include <stdlib.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #include "activation.h"
 #include "vec.h"
 
 #define ROW_BLOCK 64        /* weight rows per work item */
+#define K_CHUNK 32          /* input rows per work item of the [in, out]-stored GEMM */
 #define PREFETCH_BYTES 2048 /* how far ahead of the weight stream the row kernels prefetch */
 
 #define WT float
