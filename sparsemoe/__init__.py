@@ -1,25 +1,44 @@
-"""sparsemoe: sparse Mixture-of-Experts layers, models and tools for PyTorch."""
+"""sparsemoe: sparse Mixture-of-Experts layers, models and tools for PyTorch.
 
-from sparsemoe.config import MoEConfig
-from sparsemoe.dispatch import DispatchPlan, build_plan, register_backend
-from sparsemoe.layer import MoE, MoEStats, moe_layers, set_aux_loss_scale, update_expert_biases
-from sparsemoe.model import ModelConfig, MoETransformer
-from sparsemoe.routing import Router, RoutingResult
+The public names below are imported on first use (PEP 562), so that `import sparsemoe.cli` stays light:
+the `sparsemoe` command starts its heavy imports (torch) inside its own error handling, where Ctrl-C
+during start-up is one line, not a traceback from an import.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "DispatchPlan",
-    "MoE",
-    "MoEConfig",
-    "MoEStats",
-    "ModelConfig",
-    "MoETransformer",
-    "Router",
-    "RoutingResult",
-    "build_plan",
-    "moe_layers",
-    "register_backend",
-    "set_aux_loss_scale",
-    "update_expert_biases",
-]
+# Public name -> the module that defines it.
+_EXPORTS = {
+    "MoEConfig": "sparsemoe.config",
+    "DispatchPlan": "sparsemoe.dispatch",
+    "build_plan": "sparsemoe.dispatch",
+    "register_backend": "sparsemoe.dispatch",
+    "MoE": "sparsemoe.layer",
+    "MoEStats": "sparsemoe.layer",
+    "moe_layers": "sparsemoe.layer",
+    "set_aux_loss_scale": "sparsemoe.layer",
+    "update_expert_biases": "sparsemoe.layer",
+    "ModelConfig": "sparsemoe.model",
+    "MoETransformer": "sparsemoe.model",
+    "Router": "sparsemoe.routing",
+    "RoutingResult": "sparsemoe.routing",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'sparsemoe' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

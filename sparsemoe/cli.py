@@ -36,18 +36,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 2
-    try:
+    command = None
+    try:  # Ctrl-C at any moment, start-up included (imports, argument parsing): one line, status 130
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        command = args.command
+        if not getattr(args, "func", None):
+            parser.print_help()
+            return 2
         return int(args.func(args) or 0)
     except CommandError as err:
-        print(f"sparsemoe {args.command}: error: {err}", file=sys.stderr)
+        print(f"sparsemoe {command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"sparsemoe {args.command}: interrupted", file=sys.stderr)
+        print(f"sparsemoe{f' {command}' if command else ''}: interrupted", file=sys.stderr)
         return 130
 
 

@@ -85,8 +85,8 @@ class MoEConfig:
 
     # --- execution -------------------------------------------------------------------------------------
     backend: str = "auto"  # dispatch backend: auto | reference | grouped | capacity (see sparsemoe.dispatch)
-    check_finite: bool = True  # NaN/inf router logits raise a ValueError (eager CPU) or a device assert
-    #                            (CUDA, no host sync); skipped inside torch.compile
+    check_finite: bool = True  # NaN/inf router logits or layer output raise a ValueError (eager CPU) or a
+    #                            device assert (CUDA, no host sync); skipped inside torch.compile
 
     def __post_init__(self) -> None:
         _int_at_least(self, "dim", 1)

@@ -7,7 +7,7 @@ Legend: T tokens (all leading dimensions flattened), D model width, E experts, K
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -121,7 +121,7 @@ class MoE(nn.Module):
 
         self._check_not_recomputing()
         logits_TE = self.router.logits(x_TD)
-        self._check_logits(logits_TE)
+        self._check_finite(logits_TE, "router logits are", lambda: "check the input and the router weights")
         capacity = cfg.capacity(T, self.training) if T else None
         routing = self._route(logits_TE, capacity)
         plan = build_plan(routing, capacity, cfg.capacity_priority)
@@ -129,6 +129,11 @@ class MoE(nn.Module):
         if self.shared_experts is not None:
             y_TD = y_TD + self.shared_experts(x_TD).float()
         y = y_TD.to(x.dtype).reshape(*lead_shape, cfg.dim)
+        self._check_finite(
+            y.reshape(T, cfg.dim), "output is",
+            lambda: f"the router logits were finite, so the experts overflowed {y.dtype} (input magnitude up to "
+            f"{x_TD.detach().abs().max().item():.3g}); check the input's scale and the expert weights",
+        )  # fmt: skip
 
         losses, load_E = self._balance(routing, seq_len)
         terms = list(losses.values())
@@ -253,18 +258,19 @@ class MoE(nn.Module):
             "or run under torch.autocast"
         )
 
-    def _check_logits(self, logits_TE: Tensor) -> None:
+    def _check_finite(self, values_TX: Tensor, what: str, hint: Callable[[], str]) -> None:
+        """With config.check_finite: a ValueError (CPU) or a device assert (no host sync) for NaN/inf values
+        [T, X] (the router logits, then the layer's output); `hint()` ends the CPU message, built on failure."""
         if not self.config.check_finite or torch.compiler.is_compiling():
             return
-        if logits_TE.device.type == "cpu":
-            if not torch.isfinite(logits_TE).all().item():  # host tensor: no device sync
-                bad = (~torch.isfinite(logits_TE).all(dim=-1)).sum().item()
+        if values_TX.device.type == "cpu":
+            if not torch.isfinite(values_TX).all().item():  # host tensor: no device sync
+                bad = (~torch.isfinite(values_TX).all(dim=-1)).sum().item()
                 raise ValueError(
-                    f"MoE router logits are not finite (NaN or inf) for {bad} of {logits_TE.shape[0]} tokens; "
-                    "check the input and the router weights"
+                    f"MoE {what} not finite (NaN or inf) for {bad} of {values_TX.shape[0]} tokens; {hint()}"
                 )
         else:
-            torch._assert_async(torch.isfinite(logits_TE).all(), "MoE router logits are not finite (NaN or inf)")
+            torch._assert_async(torch.isfinite(values_TX).all(), f"MoE {what} not finite (NaN or inf)")
 
     def extra_repr(self) -> str:
         c = self.config

@@ -13,9 +13,8 @@ import torch
 from torch import nn
 
 from sparsemoe.bench.configs import BenchConfig
+from sparsemoe.bench.impls import HF_IMPLEMENTATIONS
 from sparsemoe.bench.measure import time_interleaved
-
-HF_IMPLEMENTATIONS = ("eager", "grouped_mm")
 
 
 class _Holder(nn.Module):

@@ -168,6 +168,16 @@ def _torch_grouped_mm(case: BenchCase) -> Optional[Impl]:
     return Impl("torch._grouped_mm", forward, [x, w_TK, w_in, w_out])
 
 
+HF_IMPLEMENTATIONS = ("eager", "grouped_mm")
+
+
+def implementation_names() -> tuple[str, ...]:
+    """Every implementation name `build_impls` may produce (what --impls patterns are matched against)."""
+    ours = tuple(f"sparsemoe {backend}" for backend in backend_names())
+    hf = tuple(f"hf {name}" for name in HF_IMPLEMENTATIONS)
+    return (*ours, "sparsemoe grouped +recompute", "dense ideal", *hf, "torch._grouped_mm")
+
+
 def build_impls(
     case: BenchCase, with_recompute: bool = True, wanted: Callable[[str], bool] = lambda name: True
 ) -> tuple[list[Impl], dict[str, str]]:
@@ -194,7 +204,7 @@ def build_impls(
         impls.append(_ours(case, "grouped", recompute=True))
     if wanted("dense ideal"):
         impls.append(_dense(case))
-    for implementation in ("eager", "grouped_mm"):
+    for implementation in HF_IMPLEMENTATIONS:
         name = f"hf {implementation}"
         if not wanted(name):
             continue

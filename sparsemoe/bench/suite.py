@@ -14,7 +14,7 @@ from typing import Callable, Optional
 import torch
 
 from sparsemoe.bench.configs import BENCH_CONFIGS, DEFAULT_CONFIGS, DEFAULT_TOKENS, ROUTINGS, make_routing
-from sparsemoe.bench.impls import BenchCase, Impl, build_impls, make_case
+from sparsemoe.bench.impls import BenchCase, Impl, build_impls, implementation_names, make_case
 from sparsemoe.bench.measure import copy_bandwidth, environment, peak_memory_bytes, synchronize, time_interleaved
 
 MODES = ("forward", "backward")  # backward = forward + backward
@@ -41,7 +41,17 @@ class SuiteOptions:
 
 
 def _selected(name: str, patterns: Optional[tuple[str, ...]]) -> bool:
-    return patterns is None or any(fnmatch.fnmatch(name, p) or p == name for p in patterns)
+    return patterns is None or any(_matches(name, p) for p in patterns)
+
+
+def _matches(name: str, pattern: str) -> bool:
+    return fnmatch.fnmatch(name, pattern) or pattern == name
+
+
+def unmatched_patterns(patterns: Optional[tuple[str, ...]]) -> list[str]:
+    """The --impls patterns that match no implementation name (a typo would otherwise give an empty report)."""
+    names = implementation_names()
+    return [p for p in patterns or () if not any(_matches(n, p) for n in names)]
 
 
 def _step(impl: Impl, mode: str, grads: dict, device: torch.device) -> Callable[[], None]:
@@ -158,12 +168,23 @@ def run_case(case: BenchCase, opts: SuiteOptions, bandwidth: float) -> dict:
     return result
 
 
-def run_suite(opts: SuiteOptions) -> dict:
-    """Run the grid; returns {"environment", "copy_bandwidth_gbs", "options", "cases": [...]}."""
-    device = torch.device(opts.device)
+def check_options(opts: SuiteOptions) -> None:
+    """ValueError for a config name or an --impls pattern that names nothing (before anything runs)."""
     for name in opts.configs:
         if name not in BENCH_CONFIGS:
             raise ValueError(f"unknown benchmark config {name!r}; accepted: {', '.join(BENCH_CONFIGS)}")
+    unmatched = unmatched_patterns(opts.impls)
+    if unmatched:
+        raise ValueError(
+            f"--impls {', '.join(map(repr, unmatched))} matches no implementation; the names are: "
+            + ", ".join(implementation_names())
+        )
+
+
+def run_suite(opts: SuiteOptions) -> dict:
+    """Run the grid; returns {"environment", "copy_bandwidth_gbs", "options", "cases": [...]}."""
+    check_options(opts)
+    device = torch.device(opts.device)
     bandwidth = copy_bandwidth(device)
     env = environment(device)
     env["clock"] = opts.clock

@@ -1,4 +1,5 @@
-"""The `--device` and `--dtype` options every command that runs a model shares (see sparsemoe.device)."""
+"""The options every command that runs a model shares: `--device` and `--dtype` (see sparsemoe.device), and
+`--no-verify` for the commands that read a checkpoint."""
 
 from __future__ import annotations
 
@@ -28,6 +29,15 @@ def add_dtype_argument(parser: argparse.ArgumentParser) -> None:
         default="auto",
         help="the weights' dtype while running: auto (bfloat16 on CUDA, float32 on the CPU), float32 or bfloat16 "
         "(routers' selection bias stays float32) (default auto)",
+    )
+
+
+def add_verify_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="do not check the checkpoint's files against their SHA-256 checksums (checked by default: a changed "
+        "byte is reported with the file named, before anything runs)",
     )
 
 

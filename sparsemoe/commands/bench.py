@@ -100,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
     from sparsemoe.bench.configs import BENCH_CONFIGS
     from sparsemoe.bench.plots import plot_suite, plot_utilisation
     from sparsemoe.bench.report import write_reports
-    from sparsemoe.bench.suite import SuiteOptions, run_suite
+    from sparsemoe.bench.suite import SuiteOptions, check_options, run_suite
     from sparsemoe.bench.sweeps import router_markdown, run_router_bench, run_sweep, sweep_markdown
 
     if args.quick and args.gpu:
@@ -125,6 +125,10 @@ def run(args: argparse.Namespace) -> int:
         **chosen, modes=args.modes, memory=not args.no_memory, device=str(device),
         recompute=not args.no_recompute and preset.get("recompute", True), clock=args.clock,
     )  # fmt: skip
+    try:
+        check_options(opts)
+    except ValueError as err:
+        raise CommandError(str(err)) from None
     result = run_suite(opts)
     written = write_reports(result, out, command)
     print((out / "bench.md").read_text())

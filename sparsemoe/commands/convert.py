@@ -82,6 +82,12 @@ def register(subparsers) -> argparse.ArgumentParser:
         help="sparsemoe -> HF: split the weights into files of at most SIZE (default 5GB)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace the converted files already in OUT")
+    p.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="sparsemoe -> HF: do not check the checkpoint's files against their SHA-256 checksums (checked by "
+        "default)",
+    )
     p.set_defaults(func=run)
     return p
 
@@ -121,6 +127,7 @@ def run(args) -> int:
                 fused=args.fused,
                 max_shard_bytes=args.max_shard_size,
                 overwrite=args.overwrite,
+                verify=not args.no_verify,
             )
             print(f"wrote Hugging Face {family} folder {out}")
     except HFFormatError as err:

@@ -8,7 +8,9 @@ import sys
 import time
 
 from sparsemoe.cli import CommandError
-from sparsemoe.commands._device import add_device_argument, add_dtype_argument, device_from_args, dtype_from_args
+from sparsemoe.commands._device import (
+    add_device_argument, add_dtype_argument, add_verify_argument, device_from_args, dtype_from_args,
+)  # fmt: skip
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -39,6 +41,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     )
     add_device_argument(p)
     add_dtype_argument(p)
+    add_verify_argument(p)
     p.add_argument(
         "--tokenizer",
         metavar="DIR",
@@ -59,15 +62,15 @@ def run(args) -> int:
 
     if args.max_new_tokens < 0:
         raise CommandError(f"--max-new-tokens {args.max_new_tokens}: expected an integer >= 0")
-    if args.temperature < 0:
-        raise CommandError(f"--temperature {args.temperature}: expected a number >= 0 (0 = greedy)")
+    if not 0 <= args.temperature < float("inf"):  # NaN fails too
+        raise CommandError(f"--temperature {args.temperature}: expected a finite number >= 0 (0 = greedy)")
     if args.top_k < 0:
         raise CommandError(f"--top-k {args.top_k}: expected an integer >= 0 (0 = off)")
     if not 0 < args.top_p <= 1:
         raise CommandError(f"--top-p {args.top_p}: expected a number in (0, 1]")
     device = device_from_args(args)
     try:
-        model, _ = load_model(args.checkpoint, device, dtype_from_args(args, device))
+        model, _ = load_model(args.checkpoint, device, dtype_from_args(args, device), verify=not args.no_verify)
     except CheckpointError as err:
         raise CommandError(str(err)) from None
     tokenizer = _tokenizer(args)

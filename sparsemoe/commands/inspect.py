@@ -7,7 +7,9 @@ import json
 from pathlib import Path
 
 from sparsemoe.cli import CommandError
-from sparsemoe.commands._device import add_device_argument, add_dtype_argument, device_from_args, dtype_from_args
+from sparsemoe.commands._device import (
+    add_device_argument, add_dtype_argument, add_verify_argument, device_from_args, dtype_from_args,
+)  # fmt: skip
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -33,6 +35,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     )
     add_device_argument(p)
     add_dtype_argument(p)
+    add_verify_argument(p)
     p.set_defaults(func=run)
     return p
 
@@ -47,7 +50,7 @@ def run(args) -> int:
             raise CommandError(f"--{name} {getattr(args, name)}: expected an integer >= 1")
     device = device_from_args(args)
     try:
-        model, meta = load_model(args.checkpoint, device, dtype_from_args(args, device))
+        model, meta = load_model(args.checkpoint, device, dtype_from_args(args, device), verify=not args.no_verify)
     except CheckpointError as err:
         raise CommandError(str(err)) from None
     if not model.config.moe_layer_ids:

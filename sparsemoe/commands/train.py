@@ -22,6 +22,9 @@ _TRAIN_FLAGS = {
     "lr": (float, "peak learning rate of AdamW (demo 3e-3)"),
     "min_lr_ratio": (float, "the cosine schedule ends at lr * this (default 0.1)"),
     "warmup_steps": (int, "linear warmup steps before the cosine decay (demo 50)"),
+    "schedule_steps": (int, "the step where the cosine decay ends, at lr * min_lr_ratio (default: max-steps). On "
+                       "--resume with another --max-steps the run keeps its own schedule unless this is given "
+                       "(e.g. --schedule-steps equal to the new --max-steps stretches the cosine to the new end)"),
     "weight_decay": (float, "AdamW weight decay on matrices; norms and biases are never decayed (default 0.1)"),
     "grad_clip": (float, "clip the global gradient norm to this value; 0 turns clipping off (default 1.0)"),
     "expert_lr_mult": (float, "learning-rate multiplier for the routed experts' weights (default 1.0)"),
@@ -67,6 +70,12 @@ def register(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--resume", action="store_true", help="continue the run in --run-dir from its latest checkpoint, exactly"
+    )
+    p.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="on --resume, do not check the checkpoint's files against their SHA-256 checksums (checked by default: "
+        "a changed byte stops the run with the file named)",
     )
     p.add_argument(
         "--dense",
@@ -192,13 +201,15 @@ def build_configs(args):
     if name not in PRESETS:
         raise CommandError(f"--preset {name!r} is unknown; accepted: {', '.join(PRESETS)}")
     run_dir = Path(args.run_dir or f"runs/{name}{'-dense' if args.dense else ''}")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise CommandError(f"--run-dir {str(run_dir)!r} is a file, not a folder; choose a folder (created if missing)")
     overrides = parse_overrides(args.set)
     train_over = _train_overrides(args)
     if args.resume and not run_exists(run_dir):
         raise CommandError(f"--resume: no checkpoint in {str(run_dir)!r} to resume; start the run without --resume")
     try:
         if args.resume:
-            saved_model, saved_train, _ = saved_configs(run_dir)
+            saved_model, saved_train, _ = saved_configs(run_dir, not args.no_verify)
             model_cfg = saved_model
             if args.preset or args.dense:
                 model_cfg = ModelConfig(**{**PRESETS[name], **overrides})
@@ -256,6 +267,7 @@ def run(args) -> int:
                 setup=stopper.attach,
                 device=device,
                 peak_tflops=args.peak_tflops,
+                verify=not args.no_verify,
             )
     except (DataError, CheckpointError, ValueError) as err:
         raise CommandError(str(err)) from None

@@ -29,7 +29,13 @@ from sparsemoe.hf.tokenizer import TOKENIZER_DIR, copy_tokenizer_files
 
 
 def is_hf_folder(path: Union[str, Path]) -> bool:
-    return (Path(path) / "config.json").is_file()
+    """A Hugging Face model folder: a config.json, and not a sparsemoe run or checkpoint folder (a run of
+    `sparsemoe train` has a config.json of its own beside checkpoints/)."""
+    p = Path(path)
+    from sparsemoe.train.checkpoint import LATEST, META_FILE
+
+    own = (p / "checkpoints" / LATEST).is_file() or (p / META_FILE).is_file() or (p / LATEST).is_file()
+    return (p / "config.json").is_file() and not own
 
 
 def _fresh_dir(path: Path, overwrite: bool) -> None:
@@ -53,7 +59,9 @@ def _fresh_dir(path: Path, overwrite: bool) -> None:
 
 def save_converted_checkpoint(model: nn.Module, out_dir: Union[str, Path], source: dict[str, Any]) -> Path:
     """Write `model` as a step-0 sparsemoe checkpoint under OUT/checkpoints; returns the checkpoint folder."""
-    from sparsemoe.train.checkpoint import FORMAT, LATEST, META_FILE, MODEL_FILE, OPTIMIZER_FILE, step_dir_name
+    from sparsemoe.train.checkpoint import (
+        FORMAT, META_FILE, MODEL_FILE, OPTIMIZER_FILE, commit_checkpoint, step_dir_name,
+    )  # fmt: skip
 
     root = Path(out_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
@@ -74,12 +82,7 @@ def save_converted_checkpoint(model: nn.Module, out_dir: Union[str, Path], sourc
         "converted_from": source,
     }
     (tmp / META_FILE).write_text(json.dumps(meta, indent=1), encoding="utf-8")
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)  # atomic: a crash leaves a stray temporary folder, never a half checkpoint
-    latest_tmp = root / f".{LATEST}.tmp-{os.getpid()}"
-    latest_tmp.write_text(final.name + "\n", encoding="utf-8")
-    os.replace(latest_tmp, root / LATEST)
+    commit_checkpoint(tmp, final, (MODEL_FILE, OPTIMIZER_FILE, META_FILE))  # a crash leaves no half checkpoint
     return final
 
 
@@ -109,18 +112,24 @@ def hf_to_sparsemoe(
     return checkpoint, loaded
 
 
-def read_sparsemoe_checkpoint(path: Union[str, Path], dtype: Optional[torch.dtype] = None) -> nn.Module:
+def read_sparsemoe_checkpoint(
+    path: Union[str, Path], dtype: Optional[torch.dtype] = None, verify: bool = True
+) -> nn.Module:
     """A sparsemoe run or checkpoint folder's model, read tensor by tensor into place (eval mode).
 
-    The same checks as `sparsemoe.train.checkpoint.load_model` (format, file sizes, matching keys), but
-    without loading the whole file beside the model.
+    The same checks as `sparsemoe.train.checkpoint.load_model` (checksums with `verify`, format, file
+    sizes, matching keys, finite values), but without loading the whole file beside the model.
     """
     from sparsemoe.model import ModelConfig
-    from sparsemoe.train.checkpoint import MODEL_FILE, CheckpointError, load_meta, resolve_checkpoint
+    from sparsemoe.train.checkpoint import (
+        MODEL_FILE, CheckpointError, load_meta, read_checksums, resolve_checkpoint, verify_file,
+    )  # fmt: skip
 
     try:
         ckpt_dir = resolve_checkpoint(path)
-        meta = load_meta(ckpt_dir)
+        meta = load_meta(ckpt_dir, verify)
+        if verify:
+            verify_file(ckpt_dir, MODEL_FILE, read_checksums(ckpt_dir))
         config = ModelConfig.from_dict(meta["model_config"])
     except CheckpointError as err:
         raise HFFormatError(str(err)) from None
@@ -141,6 +150,8 @@ def read_sparsemoe_checkpoint(path: Union[str, Path], dtype: Optional[torch.dtyp
         )
     for name, tensor in state.items():
         files.read_into(name, tensor)
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise HFFormatError(f"checkpoint {str(ckpt_dir)!r} holds NaN or infinite values in {name}")
     return model.eval()
 
 
@@ -159,12 +170,14 @@ def sparsemoe_to_hf(
     fused: bool = False,
     max_shard_bytes: int = 5 * 2**30,
     overwrite: bool = False,
+    verify: bool = True,
 ) -> tuple[Path, str]:
     """Convert a sparsemoe run or checkpoint folder to a Hugging Face folder -> (folder, format written).
 
     family: one of sparsemoe.hf.export.EXPORT_FAMILIES, or "auto" (the first of them that expresses the model).
+    verify: check the checkpoint's files against their checksums first.
     """
-    model = read_sparsemoe_checkpoint(src)
+    model = read_sparsemoe_checkpoint(src, verify=verify)
     family = export_family(model, family)  # checked before the output folder is touched
     out = Path(out_dir)
     _fresh_dir(out, overwrite)

@@ -159,10 +159,12 @@ def run_parallel_training(
     max_bytes: Optional[int] = None,
     log: Callable[[str], None] = print,
     peak_tflops: Optional[float] = None,
+    verify: bool = True,
 ) -> dict[str, Any]:
     """`sparsemoe.train.run.run_training` across the ranks of `groups` (every rank calls it).
 
     peak_tflops: one device's peak, for MFU where sparsemoe.device does not know it (MFU is over all W).
+    verify: on resume, check the checkpoint's files against their checksums.
     """
     from sparsemoe.device import peak_tflops as peak_device_tflops
     from sparsemoe.device import resolve_precision
@@ -170,7 +172,7 @@ def run_parallel_training(
     from sparsemoe.model.flops import training_flops_per_token
     from sparsemoe.train.data import RandomBatches, check_length, eval_batches, load_corpus
     from sparsemoe.train.report import write_report
-    from sparsemoe.train.run import check_same_model, describe_sizes, performance_rows, saved_configs
+    from sparsemoe.train.run import check_same_model, describe_sizes, performance_rows, resume_schedule, saved_configs
     from sparsemoe.train.trainer import build_optimizer
 
     W, rank = groups.world_size, groups.rank
@@ -182,7 +184,11 @@ def run_parallel_training(
     if train_config.seq_len > model_config.max_seq_len:
         raise ValueError(f"seq_len={train_config.seq_len} is longer than the model's max_seq_len={model_config.max_seq_len}")
     run_dir = Path(run_dir)
-    changed = check_same_model(saved_configs(run_dir)[0], model_config, run_dir) if resume else ""
+    changed, schedule_note = "", ""
+    if resume:
+        saved_model, saved_train, saved_meta = saved_configs(run_dir, verify)
+        changed = check_same_model(saved_model, model_config, run_dir)
+        train_config, schedule_note = resume_schedule(saved_train, train_config, saved_meta["step"])
     corpus = load_corpus(data, train_config.val_fraction, max_bytes)
     check_length(corpus, train_config.seq_len)
 
@@ -216,9 +222,11 @@ def run_parallel_training(
         device=device, flops_per_token=flops, peak_tflops=peak * W if peak else None,
     )
     if resume:
-        trainer.resume(run_dir)
+        trainer.resume(run_dir, verify)
         if rank == 0:
             log(f"resumed {run_dir} at step {trainer.step} on {W} processes{changed}")
+            if schedule_note:
+                log(schedule_note)
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         config = {"model_config": model_config.to_dict(), "train_config": train_config.to_dict(), "data": corpus.source}
@@ -305,6 +313,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         summary = run_parallel_training(
             model_cfg, train_cfg, run_dir, groups, data=args.data, resume=args.resume,
             progress=not args.no_progress, max_bytes=args.max_bytes, peak_tflops=args.peak_tflops,
+            verify=not args.no_verify,
         )
     except (CommandError, DataError, CheckpointError, ValueError, ExpertParallelError) as err:
         rank = dist.get_rank() if dist.is_initialized() else 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import Any, Optional
 
 from sparsemoe.device import PRECISIONS
 
@@ -18,6 +18,8 @@ class TrainConfig:
     lr: float = 3e-3  # peak learning rate; > 0
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio; [0, 1]
     warmup_steps: int = 50  # linear warmup steps; >= 0
+    schedule_steps: Optional[int] = None  # the step where the cosine decay ends (None: max_steps); later steps
+    #                                       run at lr * min_lr_ratio; >= 1 (a resumed, extended run keeps its own)
     weight_decay: float = 0.1  # AdamW decay on matrices (never on norms, biases); >= 0
     beta1: float = 0.9  # AdamW beta1; [0, 1)
     beta2: float = 0.95  # AdamW beta2; [0, 1)
@@ -48,6 +50,8 @@ class TrainConfig:
         ):
             _int_at_least(name, getattr(self, name), 1)
         _int_at_least("warmup_steps", self.warmup_steps, 0)
+        if self.schedule_steps is not None:
+            _int_at_least("schedule_steps", self.schedule_steps, 1)
         _int_at_least("seed", self.seed, 0)
         _in_range("lr", self.lr, 0, math.inf, low_open=True)
         _in_range("min_lr_ratio", self.min_lr_ratio, 0, 1)
@@ -123,5 +127,8 @@ def _in_range(name: str, value: Any, low: float, high: float, low_open: bool = F
         ok = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
         ok = ok and not math.isinf(value)
     if not ok:
-        lo, hi = ("(" if low_open else "[") + f"{low:g}", f"{high:g}" + (")" if high_open else "]")
-        raise ValueError(f"TrainConfig.{name}={value!r} is invalid: expected a number in {lo}, {hi}")
+        if math.isinf(high):  # infinity itself is never accepted: say "finite"
+            expected = f"a finite number {'>' if low_open else '>='} {low:g}"
+        else:
+            expected = "a number in " + ("(" if low_open else "[") + f"{low:g}, {high:g}" + (")" if high_open else "]")
+        raise ValueError(f"TrainConfig.{name}={value!r} is invalid: expected {expected}")

@@ -5,6 +5,11 @@ ships: real text, no download. Files are read in sorted relative-path order (det
 Python version), test folders and site-packages are skipped. The train/validation split is by file: a
 file goes to validation when a hash of its relative path falls in the validation share, so the split
 does not move when other files are added. A single-file corpus is split at its last `val_fraction`.
+
+Text means UTF-8: a file given on its own that is binary (a NUL byte) or not valid UTF-8 is refused with
+the position of the first bad byte; inside a folder such files are skipped and counted (`Corpus.skipped`).
+`max_bytes` is exact: the corpus holds at most that many bytes (the last file read is cut, at a
+character boundary).
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ class Corpus:
     val: Tensor  # [M] uint8 bytes
     source: str  # where it came from, for reports
     num_files: int
+    skipped: int = 0  # files of a folder left out: binary or not UTF-8
 
     @property
     def num_bytes(self) -> int:
@@ -63,25 +69,38 @@ def stdlib_files() -> list[tuple[str, Path]]:
     return sorted(found)
 
 
-def _looks_binary(path: Path) -> bool:
-    """A NUL byte in the first 8 KiB: images, archives, compiled files; text never has one."""
+def _not_text(data: bytes) -> Optional[str]:
+    """Why `data` is not UTF-8 text (a NUL byte: images, archives, compiled files; or invalid UTF-8), else None."""
+    nul = data.find(b"\0")
+    if nul >= 0:
+        return f"it is binary (a NUL byte at offset {nul})"
     try:
-        with open(path, "rb") as fh:
-            return b"\0" in fh.read(8192)
-    except OSError:
-        return False  # reported when read
+        data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        return f"it is not UTF-8 text (byte 0x{data[err.start]:02x} at offset {err.start})"
+    return None
 
 
 def _files_under(folder: Path) -> list[tuple[str, Path]]:
-    """Every non-hidden, non-binary file below `folder`, sorted by relative path."""
+    """Every non-hidden file below `folder`, sorted by relative path."""
     found = []
     for dirpath, dirnames, filenames in os.walk(folder):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d != "__pycache__")
         for name in filenames:
             path = Path(dirpath) / name
-            if not name.startswith(".") and path.is_file() and not _looks_binary(path):
+            if not name.startswith(".") and path.is_file():
                 found.append((path.relative_to(folder).as_posix(), path))
     return sorted(found)
+
+
+def _cut(data: bytes, limit: int) -> bytes:
+    """The first `limit` bytes, shortened to end at a UTF-8 character boundary."""
+    if len(data) <= limit:
+        return data
+    end = limit
+    while end > 0 and (data[end] & 0xC0) == 0x80:  # a continuation byte: the character started before
+        end -= 1
+    return data[:end]
 
 
 def _is_val(rel_path: str, val_fraction: float) -> bool:
@@ -105,10 +124,15 @@ def load_corpus(path: Optional[str] = None, val_fraction: float = 0.05, max_byte
             return _single_file_corpus(p, val_fraction, max_bytes)
         files, source = _files_under(p), str(p)
         if not files:
-            raise DataError(f"data folder {path!r} has no text files (hidden and binary files are skipped)")
-    train, val, total, used = [], [], 0, 0
+            raise DataError(f"data folder {path!r} has no text files (hidden files are skipped)")
+    train, val, total, used, skipped = [], [], 0, 0, 0
     for rel, file in files:
         data = _read(file)
+        if path is not None and _not_text(data):
+            skipped += 1
+            continue
+        if max_bytes is not None:
+            data = _cut(data, max_bytes - total)
         if not data:
             continue
         (val if _is_val(rel, val_fraction) else train).append(data)
@@ -117,10 +141,15 @@ def load_corpus(path: Optional[str] = None, val_fraction: float = 0.05, max_byte
         if max_bytes is not None and total >= max_bytes:
             break
     if total == 0:
+        if skipped:
+            raise DataError(f"data folder {path!r} has no text files ({skipped} binary or non-UTF-8 files skipped)")
         raise DataError(f"data path {path or source!r} holds no text (all files are empty)")
     if not train or not val:  # too few files for a split by file: split the stream instead
-        return _split_bytes(b"".join(train + val), val_fraction, source, used)
-    return Corpus(_as_tensor(b"".join(train)), _as_tensor(b"".join(val)), source, used)
+        corpus = _split_bytes(b"".join(train + val), val_fraction, source, used)
+    else:
+        corpus = Corpus(_as_tensor(b"".join(train)), _as_tensor(b"".join(val)), source, used)
+    corpus.skipped = skipped
+    return corpus
 
 
 def _read(path: Path) -> bytes:
@@ -132,8 +161,11 @@ def _read(path: Path) -> bytes:
 
 def _single_file_corpus(path: Path, val_fraction: float, max_bytes: Optional[int]) -> Corpus:
     data = _read(path)
+    why = _not_text(data)
+    if why:
+        raise DataError(f"data file {str(path)!r} cannot be trained on: {why}; give UTF-8 text")
     if max_bytes is not None:
-        data = data[:max_bytes]
+        data = _cut(data, max_bytes)
     if not data:
         raise DataError(f"data file {str(path)!r} is empty")
     return _split_bytes(data, val_fraction, str(path), 1)

@@ -7,6 +7,7 @@ parallel launcher builds the same pieces itself, with its own sampler and traine
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -21,12 +22,12 @@ from sparsemoe.train.config import TrainConfig
 from sparsemoe.train.data import RandomBatches, check_length, eval_batches, load_corpus
 from sparsemoe.train.memory import check_fits, estimate_training_memory
 from sparsemoe.train.report import write_report
-from sparsemoe.train.trainer import Trainer, build_optimizer
+from sparsemoe.train.trainer import Trainer, build_optimizer, lr_factor
 
 
-def saved_configs(run_dir: Path) -> tuple[ModelConfig, TrainConfig, dict[str, Any]]:
-    """The model and train configs stored in a run's latest checkpoint."""
-    meta = load_meta(resolve_checkpoint(run_dir))
+def saved_configs(run_dir: Path, verify: bool = True) -> tuple[ModelConfig, TrainConfig, dict[str, Any]]:
+    """The model and train configs stored in a run's latest checkpoint (its trainer.json checksum verified)."""
+    meta = load_meta(resolve_checkpoint(run_dir), verify)
     try:
         return ModelConfig.from_dict(meta["model_config"]), TrainConfig.from_dict(meta["train_config"]), meta
     except (KeyError, TypeError, ValueError) as err:
@@ -53,6 +54,33 @@ def check_same_model(saved: ModelConfig, given: ModelConfig, where: Any) -> str:
     return ", with changed training settings: " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in diff.items())
 
 
+def resume_schedule(saved: TrainConfig, given: TrainConfig, step: int) -> tuple[TrainConfig, str]:
+    """(the config a resumed run trains with, a note for the log or ""). A run resumed with another max_steps
+    keeps its learning-rate schedule (its cosine still ends where it was planned; steps past it run at the
+    minimum): changing max_steps alone would move every step's learning rate, the ones already trained
+    included. A schedule_steps given on resume re-plans it, and the note says what that does now."""
+    planned = saved.schedule_steps or saved.max_steps
+    if given.schedule_steps != saved.schedule_steps:  # re-planned on purpose
+        end = given.schedule_steps or given.max_steps
+        if end == planned:
+            return given, ""
+        before, after = lr_factor(step, saved) * saved.lr, lr_factor(step, given) * given.lr
+        return given, (
+            f"the learning-rate schedule now ends at step {end} (planned: {planned}); the learning rate at step "
+            f"{step} moves from {before:.3g} to {after:.3g}"
+        )
+    if given.max_steps == saved.max_steps:
+        return given, ""
+    kept = replace(given, schedule_steps=planned)
+    stretched = lr_factor(step, replace(given, schedule_steps=given.max_steps)) * given.lr
+    return kept, (
+        f"max_steps {saved.max_steps} -> {given.max_steps}: the learning-rate schedule keeps its cosine ending at "
+        f"step {planned} (steps after it train at lr x {given.min_lr_ratio:g}); --schedule-steps "
+        f"{given.max_steps} stretches it to the new end instead (the learning rate at step {step} then moves "
+        f"from {lr_factor(step, kept) * given.lr:.3g} to {stretched:.3g})"
+    )
+
+
 def describe_sizes(model: MoETransformer) -> dict[str, str]:
     return {
         "parameters": f"{model.num_params():,}",
@@ -73,12 +101,14 @@ def run_training(
     setup: Optional[Callable[[Trainer], None]] = None,
     device: Any = "auto",
     peak_tflops: Optional[float] = None,
+    verify: bool = True,
 ) -> dict[str, Any]:
     """Train (or resume) a run in `run_dir`; write checkpoints, metrics and the report there.
 
     setup: called with the Trainer before training (e.g. to install a signal handler).
     device: "auto" (CUDA when available), "cpu", "cuda", "cuda:N" or a torch.device; a run resumes on any.
     peak_tflops: the device's peak for MFU, where sparsemoe.device does not know it.
+    verify: on resume, check the checkpoint's files against their checksums (sparsemoe.train.checkpoint).
 
     The model is initialised on the CPU from the seed and then moved, so a seed gives the same initial
     weights on every device. Before anything is allocated, the memory the run needs is estimated
@@ -92,10 +122,11 @@ def run_training(
             f"seq_len={train_config.seq_len} is longer than the model's max_seq_len={model_config.max_seq_len}; "
             f"use a seq_len of at most {model_config.max_seq_len}"
         )
-    changed = ""
+    changed, schedule_note = "", ""
     if resume:
-        saved_model, _, _ = saved_configs(run_dir)
+        saved_model, saved_train, saved_meta = saved_configs(run_dir, verify)
         changed = check_same_model(saved_model, model_config, run_dir)
+        train_config, schedule_note = resume_schedule(saved_train, train_config, saved_meta["step"])
     estimate = estimate_training_memory(model_config, train_config, precision)
     size = f"{estimate.parameters / 4e9:.2f} B parameters, batch {train_config.batch_size} x {train_config.seq_len}"
     check_fits(estimate, device, f"this run ({size}, {precision})")
@@ -115,8 +146,10 @@ def run_training(
         device=device, flops_per_token=flops, peak_tflops=peak,
     )  # fmt: skip
     if resume:
-        trainer.resume(run_dir)
+        trainer.resume(run_dir, verify)
         log(f"resumed {run_dir} at step {trainer.step}{changed}")
+        if schedule_note:
+            log(schedule_note)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(
         json.dumps(
@@ -131,7 +164,9 @@ def run_training(
     log(
         f"{kind}: {model.num_params():,} parameters, {model.num_active_params():,} active per token; "
         f"data {corpus.source}: {corpus.train.numel():,} train / {corpus.val.numel():,} validation bytes from "
-        f"{corpus.num_files} file(s); run folder {run_dir}"
+        f"{corpus.num_files} file(s)"
+        + (f" ({corpus.skipped} binary or non-UTF-8 file(s) skipped)" if corpus.skipped else "")
+        + f"; run folder {run_dir}"
     )
     log(f"on {describe_device(device)}, {precision}; memory needed {estimate.describe()}")
     if setup is not None:

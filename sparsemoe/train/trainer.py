@@ -57,10 +57,11 @@ def _compiled(model: nn.Module, checkpointed: bool) -> Callable:
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
-    """Multiplier of the peak lr for optimizer step `step` (0-based): linear warmup, then cosine."""
+    """Multiplier of the peak lr for optimizer step `step` (0-based): linear warmup, then a cosine that ends
+    at `schedule_steps` (max_steps when unset) at min_lr_ratio, which holds after it."""
     if step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
-    span = max(1, cfg.max_steps - cfg.warmup_steps)
+    span = max(1, (cfg.schedule_steps or cfg.max_steps) - cfg.warmup_steps)
     progress = min(1.0, (step - cfg.warmup_steps) / span)
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
@@ -280,6 +281,10 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         last_val: Optional[dict[str, float]] = None
+        # Records past the step training starts from belong to a run that was killed before it saved them
+        # (a resume has already dropped them; a fresh start in a folder whose first save was interrupted
+        # drops them here), so no step appears twice.
+        self.metrics.truncate_after(self.step)
         try:
             while self.step < cfg.max_steps and not self.stop_requested:
                 step_start = time.perf_counter()
@@ -404,9 +409,10 @@ class Trainer:
             rng.update({f"data.{k}": v for k, v in self.train_batches.state_dict().items()})
         return rng
 
-    def resume(self, path: Any) -> dict[str, Any]:
-        """Restore model, optimizer, step, RNG and data position from a checkpoint; returns its meta."""
-        ckpt = load_checkpoint(path)
+    def resume(self, path: Any, verify: bool = True) -> dict[str, Any]:
+        """Restore model, optimizer, step, RNG and data position from a checkpoint; returns its meta.
+        verify: check the checkpoint's files against their checksums first."""
+        ckpt = load_checkpoint(path, verify=verify)
         self.load_model_state(ckpt["model"], ckpt["dir"])
         if ckpt["optimizer"] is None:
             raise CheckpointError(f"checkpoint {str(ckpt['dir'])!r} has no optimizer state; it cannot be resumed")
