@@ -21,8 +21,15 @@ class CommandError(Exception):
     """A user mistake: printed as one line ("sparsemoe: error: ..."), exit status 2, no traceback."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a bad argument reported in one line (argparse prints the usage too), status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="sparsemoe",
         description="Sparse Mixture-of-Experts: train and sample a small MoE language model, benchmark, "
         "profile and convert MoE layers and checkpoints.",

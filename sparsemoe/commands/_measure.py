@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -17,6 +18,21 @@ def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise ValueError
+    return value
+
+
+# More threads than this is a typo, not a setting (torch would try to start them all).
+MAX_THREADS = max(256, 4 * (os.cpu_count() or 1))
+
+
+def thread_count(text: str) -> int:
+    """An argparse type for --threads: an integer in [1, MAX_THREADS]."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= MAX_THREADS:
+        raise argparse.ArgumentTypeError(f"expected an integer from 1 to {MAX_THREADS}, got {text!r}")
     return value
 
 

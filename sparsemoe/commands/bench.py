@@ -14,7 +14,7 @@ import torch
 
 from sparsemoe.cli import CommandError
 from sparsemoe.commands._device import add_device_argument
-from sparsemoe.commands._measure import command_line, csv_list, output_dir, positive_int, setup_device
+from sparsemoe.commands._measure import command_line, csv_list, output_dir, positive_int, setup_device, thread_count
 
 # Presets: their values stand where the corresponding option is not given on the command line.
 QUICK = dict(configs=("tiny",), tokens=(1, 16, 128), dtypes=("float32",), routings=("random",), repeats=1)
@@ -64,7 +64,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     p.add_argument("--no-recompute", action="store_true", help="leave out the grouped backend with recomputation")
     p.add_argument("--repeats", type=positive_int, default=None, help="timed rounds per case (default 5)")
-    p.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--threads", type=thread_count, default=None, help="torch threads (default: torch's)")
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                    help="wall time (default), or this process's CPU time: steadier on a machine shared with "
                    "other work, best with --threads 1")

@@ -64,6 +64,10 @@ def run(args) -> int:
         raise CommandError(f"--max-new-tokens {args.max_new_tokens}: expected an integer >= 0")
     if not 0 <= args.temperature < float("inf"):  # NaN fails too
         raise CommandError(f"--temperature {args.temperature}: expected a finite number >= 0 (0 = greedy)")
+    from sparsemoe.train.config import MAX_SEED
+
+    if not 0 <= args.seed <= MAX_SEED:
+        raise CommandError(f"--seed {args.seed}: expected an integer from 0 to {MAX_SEED}")
     if args.top_k < 0:
         raise CommandError(f"--top-k {args.top_k}: expected an integer >= 0 (0 = off)")
     if not 0 < args.top_p <= 1:

@@ -9,7 +9,7 @@ import json
 
 from sparsemoe.cli import CommandError
 from sparsemoe.commands._device import add_device_argument
-from sparsemoe.commands._measure import command_line, csv_list, output_dir, positive_int, setup_device
+from sparsemoe.commands._measure import command_line, csv_list, output_dir, positive_int, setup_device, thread_count
 
 QUICK = dict(hidden=64, moe_hidden=32, dense_hidden=32, heads=4, kv_heads=2, head_dim=16, layers=2, vocab=256)
 
@@ -49,7 +49,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true",
                    help="smoke run: tiny models (width 64), prefill 64, decode 4, 1 round (options given on the "
                    "command line take precedence)")
-    p.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--threads", type=thread_count, default=None, help="torch threads (default: torch's)")
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall", help="wall (default) or process CPU time")
     add_device_argument(p)
     p.add_argument("--out", default="hf-bench-results", help="output folder (default hf-bench-results)")

@@ -11,7 +11,7 @@ import json
 
 from sparsemoe.cli import CommandError
 from sparsemoe.commands._device import add_device_argument
-from sparsemoe.commands._measure import command_line, output_dir, positive_int, setup_device
+from sparsemoe.commands._measure import command_line, output_dir, positive_int, setup_device, thread_count
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -30,7 +30,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--recompute", action="store_true", help="recompute expert activations in backward")
     p.add_argument("--capacity-factor", type=float, default=None, help="capacity factor (default dropless)")
     p.add_argument("--steps", type=positive_int, default=3, help="profiled steps, averaged (default 3)")
-    p.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--threads", type=thread_count, default=None, help="torch threads (default: torch's)")
     add_device_argument(p)
     p.add_argument("--out", default="profile-results", help="output folder (default profile-results)")
     p.add_argument("--quick", action="store_true", help="smoke run: tiny config, T=64, 1 step")

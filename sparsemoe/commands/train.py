@@ -10,6 +10,7 @@ from typing import Any
 
 from sparsemoe.cli import CommandError
 from sparsemoe.commands._device import add_device_argument, device_from_args
+from sparsemoe.commands._measure import thread_count
 from sparsemoe.device import PRECISIONS
 
 # Training options: CLI flag -> TrainConfig field. Defaults are None so that the preset (or, on
@@ -122,7 +123,7 @@ def register(subparsers) -> argparse.ArgumentParser:
         "more forward of compute (with bias_balancing, needs --set bias_update=step)",
     )
     p.add_argument(
-        "--threads", type=int, default=None, metavar="N", help="CPU threads for torch (default: torch's choice)"
+        "--threads", type=thread_count, default=None, metavar="N", help="CPU threads for torch (default: torch's choice)"
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar (metrics still go to metrics.jsonl)")
     p.set_defaults(func=run)
@@ -237,8 +238,6 @@ def run(args) -> int:
     from sparsemoe.train.run import run_exists, run_training
 
     if args.threads is not None:
-        if args.threads < 1:
-            raise CommandError(f"--threads {args.threads}: expected an integer >= 1")
         torch.set_num_threads(args.threads)
     if args.max_bytes is not None and args.max_bytes < 1:
         raise CommandError(f"--max-bytes {args.max_bytes}: expected an integer >= 1")

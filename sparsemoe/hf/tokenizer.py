@@ -63,10 +63,15 @@ class HFTokenizer:
             ) from None
         if not Path(folder).is_dir():
             raise TokenizerError(f"tokenizer folder {str(folder)!r} does not exist")
+        if not any((Path(folder) / name).is_file() for name in TOKENIZER_FILES):
+            raise TokenizerError(
+                f"tokenizer folder {str(folder)!r} holds no tokenizer files (one of {', '.join(TOKENIZER_FILES)})"
+            )
         try:
             self._tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-        except Exception as err:  # transformers raises many types for unreadable folders
-            raise TokenizerError(f"cannot load a tokenizer from {str(folder)!r}: {err}") from None
+        except Exception as err:  # transformers raises many types, with messages of several lines
+            why = " ".join(str(err).split())
+            raise TokenizerError(f"cannot load a tokenizer from {str(folder)!r}: {why}") from None
         self.vocab_size = len(self._tok)
 
     def encode(self, text: str) -> list[int]:

@@ -116,6 +116,13 @@ def verify_file(ckpt_dir: Path, name: str, checksums: Optional[dict[str, str]]) 
         )
 
 
+def verify_files(ckpt_dir: Path, names: tuple[str, ...], checksums: Optional[dict[str, str]]) -> None:
+    """`verify_file` for several files at once (one thread each: hashing releases the GIL)."""
+    if checksums is not None:
+        with ThreadPoolExecutor(max_workers=len(names)) as pool:
+            list(pool.map(lambda name: verify_file(ckpt_dir, name, checksums), names))
+
+
 def commit_checkpoint(tmp: Path, final: Path, names: tuple[str, ...]) -> None:
     """Checksum, flush and publish a checkpoint written into `tmp`: rename it to `final` (atomic), then
     point `latest` at it. A crash before the rename leaves only a stray temporary folder."""
@@ -279,9 +286,11 @@ def load_checkpoint(path: Union[str, Path], with_optimizer: bool = True, verify:
     """
     ckpt_dir = resolve_checkpoint(path)
     meta = load_meta(ckpt_dir, verify)
-    out: dict[str, Any] = {"dir": ckpt_dir, "meta": meta, "model": load_tensors(ckpt_dir / MODEL_FILE, verify)}
+    if verify:
+        verify_files(ckpt_dir, (MODEL_FILE, OPTIMIZER_FILE) if with_optimizer else (MODEL_FILE,), read_checksums(ckpt_dir))
+    out: dict[str, Any] = {"dir": ckpt_dir, "meta": meta, "model": load_tensors(ckpt_dir / MODEL_FILE, False)}
     if with_optimizer:
-        extra = load_tensors(ckpt_dir / OPTIMIZER_FILE, verify)
+        extra = load_tensors(ckpt_dir / OPTIMIZER_FILE, False)
         out["rng"] = {k[4:]: v for k, v in extra.items() if k.startswith("rng.")}
         out["optimizer"] = optimizer_from_flat(extra, meta["optimizer"]) if "optimizer" in meta else None
     return out

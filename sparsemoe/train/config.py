@@ -9,6 +9,9 @@ from typing import Any, Optional
 from sparsemoe.device import PRECISIONS
 
 
+MAX_SEED = 2**63 - 1  # torch's generators take a 64-bit signed seed
+
+
 @dataclass
 class TrainConfig:
     max_steps: int = 600  # optimizer steps; >= 1
@@ -34,7 +37,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model
     activation_checkpointing: bool = False  # recompute each block's activations in the backward: less memory,
     #                                         about one more forward of compute; bias balancing: bias_update='step'
-    seed: int = 0  # model init, data order, dropout; >= 0
+    seed: int = 0  # model init, data order, dropout; 0 .. 2**63 - 1
     val_fraction: float = 0.05  # share of the corpus held out for validation; (0, 1)
 
     def __post_init__(self) -> None:
@@ -53,6 +56,8 @@ class TrainConfig:
         if self.schedule_steps is not None:
             _int_at_least("schedule_steps", self.schedule_steps, 1)
         _int_at_least("seed", self.seed, 0)
+        if self.seed > MAX_SEED:
+            raise ValueError(f"TrainConfig.seed={self.seed} is invalid: expected an integer from 0 to {MAX_SEED}")
         _in_range("lr", self.lr, 0, math.inf, low_open=True)
         _in_range("min_lr_ratio", self.min_lr_ratio, 0, 1)
         _in_range("weight_decay", self.weight_decay, 0, math.inf)
