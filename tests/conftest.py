@@ -13,6 +13,14 @@ def _seed():
     yield
 
 
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    """Commands run in-process set torch's thread count (--threads): each test leaves it as it found it."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(params=["cpu-kernels", "pytorch"])
 def native_kernels(request, monkeypatch) -> bool:
     """Run a test with the native CPU kernels, and again on the PyTorch/BLAS paths used without a compiler."""

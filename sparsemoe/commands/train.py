@@ -16,7 +16,8 @@ from sparsemoe.device import PRECISIONS
 # Training options: CLI flag -> TrainConfig field. Defaults are None so that the preset (or, on
 # --resume, the checkpoint) supplies what the user did not give.
 _TRAIN_FLAGS = {
-    "max_steps": (int, "optimizer steps to train for (tiny 40, demo 600)"),
+    "max_steps": (int, "optimizer steps to train for (tiny 40, demo 600); on --resume a larger value extends the "
+                  "run and keeps its learning-rate schedule (see --schedule-steps)"),
     "batch_size": (int, "sequences per micro-batch (demo 16)"),
     "seq_len": (int, "tokens (bytes) per training sequence; at most the model's max_seq_len (demo 256)"),
     "accum_steps": (int, "micro-batches accumulated per optimizer step (default 1)"),
