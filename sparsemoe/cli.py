@@ -15,10 +15,7 @@ from typing import Optional, Sequence
 
 import sparsemoe
 import sparsemoe.commands
-
-
-class CommandError(Exception):
-    """A user mistake: printed as one line ("sparsemoe: error: ..."), exit status 2, no traceback."""
+from sparsemoe.commands import CommandError
 
 
 class _Parser(argparse.ArgumentParser):

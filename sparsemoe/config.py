@@ -13,6 +13,9 @@ from typing import Any, Optional
 
 ACTIVATIONS = ("swiglu", "geglu", "relu", "gelu")
 GATED_ACTIVATIONS = ("swiglu", "geglu")
+# The dispatch backends MoEConfig.backend accepts (sparsemoe.dispatch registers their implementations; "auto"
+# picks one per input). Here, below dispatch, so that the config never imports the layer that reads it.
+BACKEND_NAMES = ("auto", "reference", "grouped", "capacity", "decode", "triton")
 ROUTERS = ("topk", "group_limited", "expert_choice")
 SCORE_FUNCS = ("softmax", "sigmoid")
 SCORE_ORDERS = ("before_topk", "after_topk")
@@ -142,8 +145,6 @@ class MoEConfig:
         _bool(self, "recompute_activations")
         if self.expert_dropout > 0 and self.router == "expert_choice":
             _fail("expert_dropout", self.expert_dropout, "0 with router='expert_choice'")
-        from sparsemoe.dispatch import BACKEND_NAMES  # local import: dispatch imports this module
-
         _choice(self, "backend", BACKEND_NAMES)
         _bool(self, "check_finite")
 

@@ -282,7 +282,7 @@ def test_generate_and_inspect_run_in_bfloat16(run_dir, tmp_path, capsys):
 
 def test_parallel_runs_pair_the_device_with_the_process_group_backend(monkeypatch):
     from sparsemoe.cli import CommandError
-    from sparsemoe.parallel.train import dist_backend
+    from sparsemoe.commands.train_parallel import dist_backend
 
     assert dist_backend("cpu", None) == "gloo" and dist_backend("auto", None) is None
     assert dist_backend("auto", "gloo") == "gloo"

@@ -77,22 +77,23 @@ def world_of_one(monkeypatch):
 
 
 def test_entry_point_rejects_bad_ep_size_in_one_line(world_of_one, tmp_path, capsys):
-    from sparsemoe.parallel.train import main
+    from sparsemoe.cli import main
 
-    assert main(["--ep-size", "3", "--preset", "tiny", "--run-dir", str(tmp_path / "r")]) == 2
+    assert main(["train-parallel", "--ep-size", "3", "--preset", "tiny", "--run-dir", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "ep_size=3 must divide the world size 1" in err[0]
+    assert len(err) == 1 and err[0].startswith("sparsemoe train-parallel: error: (rank 0)")
+    assert "ep_size=3 must divide the world size 1" in err[0]
     assert not dist.is_initialized()
 
 
 def test_entry_point_trains_one_process_and_writes_a_full_checkpoint(world_of_one, tmp_path, capsys):
-    from sparsemoe.parallel.train import main
+    from sparsemoe.cli import main
     from sparsemoe.train import load_model
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        code = main(["--preset", "tiny", "--max-steps", "2", "--batch-size", "4", "--max-bytes", "60000",
+        code = main(["train-parallel", "--preset", "tiny", "--max-steps", "2", "--batch-size", "4", "--max-bytes", "60000",
                      "--run-dir", str(tmp_path / "r"), "--no-progress", "--eval-batches", "1"])
     finally:
         torch.set_num_threads(threads)

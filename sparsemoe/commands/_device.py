@@ -7,7 +7,7 @@ import argparse
 
 import torch
 
-from sparsemoe.cli import CommandError
+from sparsemoe.commands import CommandError
 from sparsemoe.device import DeviceError, resolve_device
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from sparsemoe.cli import CommandError
+from sparsemoe.commands import CommandError
 from sparsemoe.commands._device import device_from_args
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from sparsemoe.cli import CommandError
+from sparsemoe.commands import CommandError
 from sparsemoe.commands._device import add_device_argument
 from sparsemoe.commands._measure import command_line, csv_list, output_dir, positive_int, setup_device, thread_count
 

@@ -6,7 +6,7 @@ import argparse
 import re
 import sys
 
-from sparsemoe.cli import CommandError
+from sparsemoe.commands import CommandError
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMG]?)B?\s*$", re.IGNORECASE)
 

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from sparsemoe.cli import CommandError
+from sparsemoe.commands import CommandError
 from sparsemoe.commands._device import (
     add_device_argument, add_dtype_argument, add_verify_argument, device_from_args, dtype_from_args,
 )  # fmt: skip

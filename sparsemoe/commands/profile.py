@@ -9,7 +9,7 @@ import argparse
 import json
 
 
-from sparsemoe.cli import CommandError
+from sparsemoe.commands import CommandError
 from sparsemoe.commands._device import add_device_argument
 from sparsemoe.commands._measure import command_line, output_dir, positive_int, setup_device, thread_count
 

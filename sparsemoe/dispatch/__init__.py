@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from sparsemoe.amp import autocast_dtype
+from sparsemoe.config import BACKEND_NAMES
 from sparsemoe.dispatch.capacity import capacity_forward
 from sparsemoe.dispatch.decode import KERNEL_MAX_ROWS_PER_EXPERT, decode_forward
 from sparsemoe.dispatch.grouped import grouped_forward
@@ -63,8 +64,6 @@ def _register_optional_backends() -> None:
 
 _register_optional_backends()
 
-# Names accepted by MoEConfig.backend (kernels registered later are accepted too, see backend_names()).
-BACKEND_NAMES = ("auto", "reference", "grouped", "capacity", "decode", "triton")
 
 
 def backend_names() -> tuple[str, ...]:

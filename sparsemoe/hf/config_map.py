@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from sparsemoe.hf.io import HFFormatError
-from sparsemoe.model.mla import YARN_KEYS
+from sparsemoe.model.rope import YARN_KEYS
 
 FAMILIES = (
     "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "flex_olmo", "granitemoe", "granitemoeshared", "deepseek_v2",

@@ -7,8 +7,8 @@ Layers with a sliding window (ModelConfig.sliding_window, on the layers of slidi
 last `window` keys up to each position; the KV cache still keeps every position. Layers in
 ModelConfig.nope_layers attend without positions (NoPE): the causal mask is their only order.
 
-RoPE uses the "rotate half" layout (the first and second halves of each head are the pair), the layout
-of Hugging Face's Llama/Mixtral/Qwen checkpoints, so their q/k weights load without a permutation.
+RoPE (sparsemoe.model.rope) uses the "rotate half" layout, the layout of Hugging Face's Llama/Mixtral/Qwen
+checkpoints, so their q/k weights load without a permutation.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sparsemoe.model.config import ModelConfig
+from sparsemoe.model.rope import apply_rope
 
 
 class RMSNorm(nn.Module):
@@ -37,30 +38,6 @@ class RMSNorm(nn.Module):
         x32 = x.float()
         y = x32 * torch.rsqrt(x32.square().mean(dim=-1, keepdim=True) + self.eps)
         return (y * self.weight.float()).to(x.dtype)
-
-
-def rope_table(width: int, max_len: int, theta: float, scaling: Optional[dict] = None) -> tuple[Tensor, Tensor]:
-    """cos, sin [max_len, width] for the rotate-half layout over the `width` rotated dims of a head
-    (ModelConfig.rotary_dim), in float32; `scaling` = ModelConfig.rope_scaling."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, width, 2, dtype=torch.float64) / width)
-    factor = 1.0
-    if scaling is not None:
-        from sparsemoe.model.mla import yarn_frequencies
-
-        inv_freq, factor = yarn_frequencies(width, theta, scaling)
-    angles = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)
-    angles = torch.cat([angles, angles], dim=-1)
-    return (angles.cos() * factor).float(), (angles.sin() * factor).float()
-
-
-def apply_rope(x_BHSd: Tensor, cos_Sr: Tensor, sin_Sr: Tensor) -> Tensor:
-    """Rotate the first r = cos_Sr.shape[-1] dims of each head (rotate-half pairs); the rest pass through."""
-    r = cos_Sr.shape[-1]
-    if r < x_BHSd.shape[-1]:  # partial rotary (GLM-4.5)
-        return torch.cat([apply_rope(x_BHSd[..., :r], cos_Sr, sin_Sr), x_BHSd[..., r:]], dim=-1)
-    half = r // 2
-    rotated = torch.cat([-x_BHSd[..., half:], x_BHSd[..., :half]], dim=-1)
-    return (x_BHSd.float() * cos_Sr + rotated.float() * sin_Sr).to(x_BHSd.dtype)
 
 
 def causal_mask(S: int, past: int, window: Optional[int], device) -> tuple[Optional[Tensor], bool]:
@@ -92,10 +69,9 @@ class KVCache:
 
     def __init__(self, config: ModelConfig, batch_size: int, device=None, dtype=torch.float32) -> None:
         k_shape = v_shape = (batch_size, config.n_kv_heads, config.max_seq_len, config.head_dim)
-        if config.attention == "mla":  # MLA caches its compressed latent and rotary key instead
-            from sparsemoe.model.mla import latent_cache_shapes
-
-            k_shape, v_shape = latent_cache_shapes(config, batch_size)
+        if config.attention == "mla":  # MLA caches its normalised latent [B, 1, L, R] and rotary key [B, 1, L, Rd]
+            k_shape = (batch_size, 1, config.max_seq_len, config.kv_lora_rank)
+            v_shape = (batch_size, 1, config.max_seq_len, config.head_dim)
         self.keys = [torch.zeros(k_shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
         self.values = [torch.zeros(v_shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
         self.max_len = config.max_seq_len

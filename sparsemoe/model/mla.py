@@ -19,62 +19,15 @@ Parameters (nn.Linear layout, no biases):
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sparsemoe.model.attention import KVCache, RMSNorm, apply_rope
+from sparsemoe.model.attention import KVCache, RMSNorm
 from sparsemoe.model.config import ModelConfig
-
-YARN_KEYS = ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale", "mscale_all_dim")
-
-
-def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
-    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
-
-
-def yarn_frequencies(head_dim: int, theta: float, scaling: dict) -> tuple[Tensor, float]:
-    """YaRN (Peng et al. 2023) RoPE: inverse frequencies [head_dim/2] (float64) and the cos/sin factor.
-
-    Low frequencies (longer than the pre-training context) are interpolated by `factor`, high ones kept,
-    with a linear ramp between the dimensions that make beta_fast and beta_slow rotations over
-    original_max_position_embeddings positions. The cos/sin factor is mscale(factor, mscale) /
-    mscale(factor, mscale_all_dim), or 0.1 ln(factor) + 1 without those keys (DeepSeek, transformers).
-    """
-    factor, original = float(scaling["factor"]), float(scaling["original_max_position_embeddings"])
-    mscale, mscale_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
-    attention = scaling.get("attention_factor")
-    if attention is None:
-        attention = (
-            _yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all)
-            if mscale and mscale_all
-            else _yarn_mscale(factor)
-        )
-    fast, slow = scaling.get("beta_fast") or 32, scaling.get("beta_slow") or 1
-
-    def dim_of(rotations: float) -> float:  # the dimension that turns `rotations` times over the original context
-        return head_dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(theta))
-
-    low, high = dim_of(fast), dim_of(slow)
-    if scaling.get("truncate", True):
-        low, high = math.floor(low), math.ceil(high)
-    low, high = max(low, 0), min(high, head_dim - 1)
-    high = high + 0.001 if low == high else high  # avoid a zero-width ramp
-    ramp = ((torch.arange(head_dim // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
-    extrapolated = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-    inv_freq = extrapolated / factor * ramp + extrapolated * (1 - ramp)
-    return inv_freq, float(attention)
-
-
-def yarn_softmax_scale(scaling: Optional[dict]) -> float:
-    """DeepSeek's extra attention-logit scale under YaRN: mscale(factor, mscale_all_dim)^2 (1 without YaRN)."""
-    if not scaling or not scaling.get("mscale_all_dim"):
-        return 1.0
-    return _yarn_mscale(float(scaling["factor"]), float(scaling["mscale_all_dim"])) ** 2
-
+from sparsemoe.model.rope import apply_rope, yarn_softmax_scale
 
 # DeepSeek's latent norms use a fixed epsilon, not rms_norm_eps (their reference code and transformers agree).
 LATENT_NORM_EPS = 1e-6
@@ -151,13 +104,3 @@ class MultiHeadLatentAttention(nn.Module):
             scale=self.scale,
         )
         return self.o_proj(y.transpose(1, 2).reshape(B, S, H * self.v_dim))
-
-
-def latent_cache_shapes(config: ModelConfig, batch_size: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """KVCache slot shapes for MLA: the normalised latent [B, 1, max_len, R] and rotary key [B, 1, max_len, Rd]."""
-    return (batch_size, 1, config.max_seq_len, config.kv_lora_rank), (
-        batch_size,
-        1,
-        config.max_seq_len,
-        config.head_dim,
-    )

@@ -48,7 +48,9 @@ from torch.utils.checkpoint import checkpoint
 
 from sparsemoe.experts import SharedExperts, in_rows, mlp
 from sparsemoe.layer import MoE
-from sparsemoe.model.attention import Attention, KVCache, RMSNorm, rope_table
+from sparsemoe.model.attention import Attention, KVCache, RMSNorm
+from sparsemoe.model.mla import MultiHeadLatentAttention
+from sparsemoe.model.rope import rope_table
 from sparsemoe.model.config import ModelConfig
 from sparsemoe.routing import Router
 
@@ -89,8 +91,6 @@ class Block(nn.Module):
         super().__init__()
         self.attn_norm = RMSNorm(config.dim, config.norm_eps)
         if config.attention == "mla":
-            from sparsemoe.model.mla import MultiHeadLatentAttention
-
             self.attn: nn.Module = MultiHeadLatentAttention(config, layer_id)
         else:
             self.attn = Attention(config, layer_id)

@@ -1,32 +1,30 @@
 """Data + expert parallel training of the MoE language model with the project's trainer, under torchrun.
 
-    torchrun --standalone --nproc-per-node 4 -m sparsemoe.parallel.train --ep-size 2 --preset tiny
-
-takes every option of `sparsemoe train` plus --ep-size / --dist-backend / --dist-timeout. The W
+`run_parallel_training` is what `sparsemoe train-parallel` runs on every rank
+(`torchrun --standalone --nproc-per-node 4 -m sparsemoe train-parallel --ep-size 2 --preset tiny`),
+with every option of `sparsemoe train` plus --ep-size / --dist-backend / --dist-timeout. The W
 processes split each global batch of --batch-size sequences into W equal slices (the same sequences a
 single process would draw, so losses match the single-process run), experts are sharded over groups
 of --ep-size consecutive ranks, and gradients are averaged as DistributedDataParallel would.
 Checkpoints hold full, unsharded tensors written by rank 0 (model and optimizer state) plus the data
 position, in the format of `sparsemoe train`: a run trained on 4 processes resumes on 1 (with
-`sparsemoe train --resume`) or on any other world size (with this entry point), and the other way round.
+`sparsemoe train --resume`) or on any other world size (with `train-parallel`), and the other way round.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from sparsemoe.layer import moe_layers
-from sparsemoe.parallel.comm import ExpertParallelError, collective
-from sparsemoe.parallel.groups import ParallelGroups, init_parallel
+from sparsemoe.parallel.comm import collective
+from sparsemoe.parallel.groups import ParallelGroups
 from sparsemoe.parallel.shard import broadcast_model, shard_experts
 from sparsemoe.parallel.state import (
     clip_grad_norm,
@@ -256,78 +254,3 @@ def run_parallel_training(
 
 def _plural(n: int, one: str, many: str) -> str:
     return f"{n} {one if n == 1 else many}"
-
-
-def dist_backend(device: str, backend: Optional[str]) -> Optional[str]:
-    """The process-group backend for `--device` (every process takes the same kind of device: with NCCL
-    the GPU of its LOCAL_RANK, with gloo the CPU): cpu -> gloo, cuda -> nccl, auto -> --dist-backend's
-    default (NCCL where there are GPUs). A named GPU or a contradicting --dist-backend is refused."""
-    from sparsemoe.cli import CommandError
-
-    wanted = {"auto": backend, "cpu": "gloo", "cuda": "nccl"}
-    if device not in wanted:
-        raise CommandError(f"--device {device!r}: under torchrun give auto, cpu or cuda (each process takes the "
-                           "GPU of its LOCAL_RANK)")
-    if backend is not None and wanted[device] not in (None, backend):
-        raise CommandError(f"--device {device} runs on {wanted[device]}, not --dist-backend {backend}")
-    if wanted[device] == "nccl" and not torch.cuda.is_available():
-        raise CommandError("--device cuda was asked for, but no CUDA GPU is available here; use cpu (or auto)")
-    return wanted[device]
-
-
-def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
-    """The `sparsemoe train` options (reused from that command) plus the parallel ones."""
-    from sparsemoe.commands import train as train_command
-
-    parser = argparse.ArgumentParser(prog="torchrun ... -m sparsemoe.parallel.train")
-    sub = parser.add_subparsers(dest="command")
-    p = train_command.register(sub)
-    p.prog = "torchrun [torchrun options] -m sparsemoe.parallel.train"
-    p.description = "Data + expert parallel training under torchrun; every option of `sparsemoe train`, plus:"
-    p.add_argument("--ep-size", type=int, default=1, help="processes that share one copy of the experts (divides "
-                   "the number of processes and num_experts; default 1 = data parallel only)")
-    p.add_argument("--dist-backend", default=None, choices=("gloo", "nccl"), help="default: nccl with GPUs, else gloo")
-    p.add_argument("--dist-timeout", type=float, default=600.0, metavar="SECONDS", help="how long a collective "
-                   "waits for a peer that died or stalled before the run stops with an error (default 600)")
-    return parser, p
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    from sparsemoe.cli import CommandError
-    from sparsemoe.commands.train import build_configs, speed_summary
-    from sparsemoe.train import CheckpointError, DataError
-    from sparsemoe.train.run import run_exists
-
-    parser, _ = build_parser()
-    args = parser.parse_args(["train", *(sys.argv[1:] if argv is None else argv)])
-    prog = "sparsemoe.parallel.train"
-    try:
-        if args.threads is not None:
-            torch.set_num_threads(args.threads)
-        groups = init_parallel(args.ep_size, dist_backend(args.device, args.dist_backend), args.dist_timeout)
-        model_cfg, train_cfg, run_dir = build_configs(args)
-        if args.resume and not run_exists(run_dir):
-            raise CommandError(f"--resume: no checkpoint in {str(run_dir)!r} to resume")
-        if not args.resume and run_exists(run_dir):
-            raise CommandError(f"run folder {str(run_dir)!r} already holds a checkpoint; pass --resume or another --run-dir")
-        summary = run_parallel_training(
-            model_cfg, train_cfg, run_dir, groups, data=args.data, resume=args.resume,
-            progress=not args.no_progress, max_bytes=args.max_bytes, peak_tflops=args.peak_tflops,
-            verify=not args.no_verify,
-        )
-    except (CommandError, DataError, CheckpointError, ValueError, ExpertParallelError) as err:
-        rank = dist.get_rank() if dist.is_initialized() else 0
-        print(f"{prog} (rank {rank}): error: {err}", file=sys.stderr)
-        return 2
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    if groups.rank == 0:
-        val = f", validation loss {summary['val_loss']:.4f}" if "val_loss" in summary else ""
-        print(f"{'stopped' if summary['stopped_early'] else 'finished'} at step {summary['step']}{val}; "
-              f"{speed_summary(summary)}; report {summary['report']}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -175,7 +175,7 @@ def check_fits(estimate: MemoryEstimate, device: torch.device, what: str) -> Non
     if estimate.states > free:
         advice = (
             "its weights, gradients and AdamW alone do not fit: shrink the model (--set dim=... --set n_layers=... "
-            "--set num_experts=...), or shard its experts over several devices (sparsemoe.parallel.train)"
+            "--set num_experts=...), or shard its experts over several devices (sparsemoe train-parallel)"
         )
     else:
         advice = (
