@@ -7,11 +7,14 @@ run) together with the median.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import statistics
+import sys
+import tempfile
 import time
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -45,6 +48,31 @@ def time_interleaved(
     }
 
 
+# What torch.profiler's C++ side (kineto, the CPU allocator) writes straight to the process's stderr on
+# every start and stop: progress notes, not errors.
+_PROFILER_NOISE = ("USDT:", "STAGE:", "SyncActivityProfilerHandler", "CPUAllocator.cpp")
+
+
+@contextlib.contextmanager
+def quiet_profiler_output() -> Iterator[None]:
+    """Keep torch.profiler's own console lines (written by C++ to file descriptor 2) out of the user's
+    console; anything else written to stderr meanwhile is passed on when the block ends."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            for line in captured.read().decode(errors="replace").splitlines(keepends=True):
+                if not any(mark in line for mark in _PROFILER_NOISE):
+                    sys.stderr.write(line)
+
+
 def peak_memory_bytes(fn: Callable[[], None], device: torch.device = torch.device("cpu")) -> int:
     """Peak of the bytes allocated by `fn` above what was allocated before it, on `device`.
 
@@ -61,7 +89,7 @@ def peak_memory_bytes(fn: Callable[[], None], device: torch.device = torch.devic
         return max(0, torch.cuda.max_memory_allocated(device) - before)
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with quiet_profiler_output(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
     events.sort(key=lambda e: e.start_ns())

@@ -277,7 +277,8 @@ def run(args) -> int:
     except (DataError, CheckpointError, ValueError) as err:
         raise CommandError(str(err)) from None
     val = (
-        f", validation loss {summary['val_loss']:.4f} (perplexity {summary['val_ppl']:.2f})"
+        f", validation loss {summary['val_loss']:.4f} (perplexity {summary['val_ppl']:.2f}) at step "
+        f"{summary['val_step']}"
         if "val_loss" in summary
         else ""
     )

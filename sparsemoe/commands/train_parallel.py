@@ -83,7 +83,7 @@ def run(args) -> int:
         if dist.is_initialized():
             dist.destroy_process_group()
     if rank == 0:
-        val = f", validation loss {summary['val_loss']:.4f}" if "val_loss" in summary else ""
+        val = f", validation loss {summary['val_loss']:.4f} at step {summary['val_step']}" if "val_loss" in summary else ""
         print(f"{'stopped' if summary['stopped_early'] else 'finished'} at step {summary['step']}{val}; "
               f"{train_command.speed_summary(summary)}; report {summary['report']}")
     return 0

@@ -246,14 +246,33 @@ def plot_specialization(spec: Specialization, path) -> None:
     ax.set_ylabel("expert")
     ax.set_title("token share")
     fig.colorbar(im, ax=ax, fraction=0.05)
+    lifts = {i: np.array([p.categories for p in spec.profiles if p.layer == i], dtype=float) for i in spec.layer_ids}
+    with np.errstate(divide="ignore", invalid="ignore"):
+        logs = {i: np.log2(lift) for i, lift in lifts.items()}  # lift 0 -> -inf (never routed), absent -> NaN
+    finite = np.concatenate([v[np.isfinite(v)] for v in logs.values()] or [np.zeros(1)])
+    span = float(np.clip(np.abs(finite).max(initial=1.0), 1.0, 6.0))  # the data's own range, at most 64x
+    cmap = matplotlib.colormaps["coolwarm"].copy()
+    cmap.set_bad("white")  # a byte class the text does not hold: no lift (labelled "absent")
+    absent = set()
     for li, i in enumerate(spec.layer_ids):
-        lift = np.array([p.categories for p in spec.profiles if p.layer == i])  # [E, categories]
         ax = axes[0][li + 1]
-        im = ax.imshow(np.log2(np.clip(lift, 1 / 8, 8)), cmap="coolwarm", vmin=-3, vmax=3, aspect="auto")
+        shown = np.ma.masked_invalid(np.where(np.isneginf(logs[i]), -span, logs[i]))
+        im = ax.imshow(shown, cmap=cmap, vmin=-span, vmax=span, aspect="auto")
         ax.set_xticks(range(len(CATEGORIES)), CATEGORIES, rotation=60, fontsize=7)
         ax.set_yticks(range(E))
+        ax.set_ylabel("expert")
         ax.set_title(f"layer {i}: byte-class lift (log2)")
-    fig.colorbar(im, ax=axes[0][-1], fraction=0.05)
-    fig.tight_layout()
+        for c in range(len(CATEGORIES)):
+            if np.isnan(logs[i][:, c]).all():
+                absent.add(CATEGORIES[c])
+                ax.text(c, (E - 1) / 2, "absent", rotation=90, ha="center", va="center", fontsize=7, color="dimgrey")
+    bar = fig.colorbar(im, ax=axes[0][-1], fraction=0.05)
+    bar.set_label("log2 lift")
+    note = (f"lift: an expert's share of a byte class over its share of all tokens; 0 = its average, "
+            f"{-span:.2g} = never routed there")  # fmt: skip
+    if absent:
+        note += f"; absent: {', '.join(sorted(absent))} does not occur in the text (no lift)"
+    fig.text(0.01, 0.01, note, fontsize=7)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)

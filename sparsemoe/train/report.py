@@ -62,10 +62,12 @@ def plot_expert_load(records: list[dict[str, Any]], path: Path, layer_ids: Optio
     num_layers = len(train[0]["expert_load"])
     layer_ids = layer_ids or list(range(num_layers))
     steps = [r["step"] for r in train]
+    shares = [np.array([r["expert_load"][i] for r in train]).T for i in range(num_layers)]  # each [E, steps]
+    num_experts = shares[0].shape[0]
+    vmax = max(2.0 / num_experts, max(float(s.max()) for s in shares))  # one scale for every layer
     fig, axes = plt.subplots(num_layers, 1, figsize=(8, 1.2 + 1.3 * num_layers), squeeze=False, sharex=True)
     image = None
-    for i in range(num_layers):
-        share = np.array([r["expert_load"][i] for r in train]).T  # [E, steps]
+    for i, share in enumerate(shares):
         ax = axes[i][0]
         image = ax.imshow(
             share,
@@ -73,13 +75,19 @@ def plot_expert_load(records: list[dict[str, Any]], path: Path, layer_ids: Optio
             interpolation="nearest",
             cmap="viridis",
             vmin=0,
-            vmax=max(2.0 / share.shape[0], float(share.max())),
-            extent=(steps[0] - 0.5, steps[-1] + 0.5, share.shape[0] - 0.5, -0.5),
+            vmax=vmax,
+            extent=(steps[0] - 0.5, steps[-1] + 0.5, num_experts - 0.5, -0.5),
         )
+        every = max(1, num_experts // 8)  # every expert up to 8, else every few
+        ax.set_yticks(range(0, num_experts, every))
         ax.set_ylabel(f"layer {layer_ids[i]}\nexpert")
     axes[-1][0].set_xlabel("step")
-    fig.suptitle("share of routed tokens per expert over training (uniform = 1/E)")
-    fig.colorbar(image, ax=[a[0] for a in axes], fraction=0.03)
+    fig.suptitle(f"share of each MoE layer's routed tokens per expert over training (uniform = 1/{num_experts})")
+    bar = fig.colorbar(image, ax=[a[0] for a in axes], fraction=0.03)
+    bar.set_label("share of the layer's tokens")
+    bar.ax.axhline(1 / num_experts, color="white", linewidth=1.5)  # the uniform share
+    bar.ax.text(-0.2, 1 / num_experts, f"1/{num_experts}", transform=bar.ax.get_yaxis_transform(), va="center",
+                ha="right", fontsize=7)  # fmt: skip
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True

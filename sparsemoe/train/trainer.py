@@ -304,6 +304,7 @@ class Trainer:
                 if self.step % cfg.eval_interval == 0 or at_end:
                     last_val = self.evaluate()
                     self.metrics.write({"event": "eval", "step": self.step, **last_val})
+                    last_val["val_step"] = self.step  # for the summary: which step the loss is from
                 if self.step % cfg.checkpoint_interval == 0 or at_end or self.stop_requested:
                     self.save()
         finally:
