@@ -1,6 +1,6 @@
 """Configuration of the MoE layer: one flat dataclass, validated on construction.
 
-Every field carries a comment with its meaning and valid range; the README's configuration table is
+Every field carries a comment with its meaning and valid range; the configuration table of docs/layer.md is
 written from these comments. Defaults are the Mixtral setting: 8 experts, top-2, SwiGLU, softmax over
 all experts then top-k with the two weights renormalised, dropless.
 """

@@ -1,5 +1,5 @@
 """Every MoE family of the installed transformers, run with experts_implementation="sparsemoe" against
-"eager": a tiny random model of each, logits and one backward's gradients (the README's coverage figure)."""
+"eager": a tiny random model of each, logits and one backward's gradients (the coverage figure of the README and docs/transformers-experts.md)."""
 
 from __future__ import annotations
 

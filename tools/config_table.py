@@ -1,4 +1,4 @@
-"""Print the README's configuration table, generated from the comments in a config dataclass.
+"""Print the configuration table of docs/layer.md, generated from the comments in a config dataclass.
 
     python tools/config_table.py                      # MoEConfig
     python tools/config_table.py sparsemoe.model.config ModelConfig

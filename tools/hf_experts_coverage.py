@@ -1,4 +1,4 @@
-"""Print the README's coverage table of experts_implementation="sparsemoe": every MoE family of the installed
+"""Print the coverage table (docs/transformers-experts.md) of experts_implementation="sparsemoe": every MoE family of the installed
 transformers, checked as `tests/test_hf_families.py` checks it (a tiny random model, logits and one backward's
 gradients against "eager").
 
