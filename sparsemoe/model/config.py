@@ -302,7 +302,7 @@ class ModelConfig:
         return {k: (a[k], b[k]) for k in a if a[k] != b[k]}
 
 
-# Presets. "tiny" trains in seconds (tests); "demo" is `sparsemoe train`'s default (about five minutes on
+# Presets. "tiny" trains in seconds (tests); "demo" is `sparsemoe train`'s default (about 3.5 minutes on
 # two CPU cores); "gpu" is sized for one 80-140 GB GPU (983 M parameters, 303 M active per token; its
 # dense twin, `dense_baseline()`, has the same 303 M); "mixtral" is Mixtral-8x7B's shape, for benchmarks
 # and shape checks only.

@@ -91,7 +91,8 @@ class TrainConfig:
         return cls(**values)
 
 
-# Defaults per model preset: "demo" is tuned to about five minutes on two CPU cores, "gpu" to one GPU.
+# Defaults per model preset: "demo" takes about 3.5 minutes on two CPU cores (measured, docs/training.md);
+# "gpu" is sized for one GPU.
 TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(
         max_steps=40,
