@@ -384,7 +384,9 @@ def bad_arguments(draw):
     return command, option, value
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(bad_arguments(), st.integers(0, 10**6))
 def test_fuzz_every_option_gives_success_or_one_line(fuzz_dir, capsys, case_args, case):
     command, option, value = case_args
