@@ -5,6 +5,7 @@
  *   WNAME(f)    the name of function f for this type (f_f32, f_bf16)
  *   WLOAD(p)    VL weights from p as a float vector
  *   WGET(p)     one weight from p as a float
+ * and the type-independent helpers kept_rows and expert_groups (decode_mlp.c defines them).
  * Inputs x, outputs y and every sum are float32 whatever the weight type: the weights are widened as they
  * are loaded, so a bfloat16 weight costs half the memory traffic of a float32 one and the same arithmetic.
  *
@@ -161,12 +162,8 @@ static void WNAME(expert_chunk_kn)(const WT* W, const float* x, float* acc, int6
  * the offsets decrease or pass N. */
 int WNAME(sparsemoe_grouped_linear)(const float* x, int64_t N, const int64_t* offsets, int64_t E, const WT* w,
                                     int64_t O, int64_t K, int kn, float* y, int threads) {
-  int64_t prev = 0;
-  for (int64_t e = 0; e < E; e++) {
-    if (offsets[e] < prev || offsets[e] > N) return -3;
-    prev = offsets[e];
-  }
-  const int64_t kept = prev;
+  const int64_t kept = kept_rows(offsets, E, N);
+  if (kept < 0) return -3;
   if (threads < 1) threads = 1;
   int64_t* bounds = malloc((size_t)(2 * E + 1) * sizeof(int64_t)); /* bounds [E + 1], then used [E] */
   float* partial = kn ? calloc((size_t)(threads * kept * O + 1), sizeof(float)) : NULL; /* [threads, kept, O] */
@@ -175,12 +172,8 @@ int WNAME(sparsemoe_grouped_linear)(const float* x, int64_t N, const int64_t* of
     free(partial);
     return -1;
   }
-  int64_t *used = bounds + E + 1, n_used = 0;
-  bounds[0] = 0;
-  for (int64_t e = 0; e < E; e++) {
-    bounds[e + 1] = offsets[e];
-    if (bounds[e + 1] > bounds[e]) used[n_used++] = e;
-  }
+  int64_t* used = bounds + E + 1;
+  const int64_t n_used = expert_groups(offsets, E, bounds, used);
   for (int64_t r = kept; r < N; r++)
     for (int64_t o = 0; o < O; o++) y[r * O + o] = 0.0f;
   if (!kn) {
@@ -223,12 +216,8 @@ int WNAME(sparsemoe_grouped_linear)(const float* x, int64_t N, const int64_t* of
 int WNAME(sparsemoe_decode_mlp)(const WT* x, const int64_t* tok, const float* wts, int64_t N,
                                 const int64_t* offsets, int64_t E, const WT* w_in, const WT* w_out, int64_t T,
                                 int64_t D, int64_t F, int64_t I, int act, float* y, int threads) {
-  int64_t prev = 0;
-  for (int64_t e = 0; e < E; e++) {
-    if (offsets[e] < prev || offsets[e] > N) return -3;
-    prev = offsets[e];
-  }
-  const int64_t kept = prev;
+  const int64_t kept = kept_rows(offsets, E, N);
+  if (kept < 0) return -3;
   for (int64_t r = 0; r < kept; r++)
     if (tok[r] < 0 || tok[r] >= T) return -2;
   int64_t* bounds = malloc((size_t)(2 * E + 1) * sizeof(int64_t)); /* bounds [E + 1], then used [E] */
@@ -238,12 +227,8 @@ int WNAME(sparsemoe_decode_mlp)(const WT* x, const int64_t* tok, const float* wt
     free(xs);
     return -1;
   }
-  int64_t *used = bounds + E + 1, n_used = 0;
-  bounds[0] = 0;
-  for (int64_t e = 0; e < E; e++) {
-    bounds[e + 1] = offsets[e];
-    if (bounds[e + 1] > bounds[e]) used[n_used++] = e;
-  }
+  int64_t* used = bounds + E + 1;
+  const int64_t n_used = expert_groups(offsets, E, bounds, used);
   float *h = xs + kept * D, *a = h + kept * I, *o = a + kept * F;
   const int64_t blocks_in = (I + ROW_BLOCK - 1) / ROW_BLOCK, blocks_out = (D + ROW_BLOCK - 1) / ROW_BLOCK;
 #pragma omp parallel num_threads(threads)

@@ -30,6 +30,30 @@
 #define K_CHUNK 32          /* input rows per work item of the [in, out]-stored GEMM */
 #define PREFETCH_BYTES 2048 /* how far ahead of the weight stream the row kernels prefetch */
 
+/* Rows sorted by expert: rows [offsets[e - 1], offsets[e]) belong to expert e, offsets[-1] = 0, and rows
+ * past offsets[E - 1] are dropped. The number of kept rows (offsets[E - 1], 0 when E is 0), or -3 when the
+ * offsets decrease or pass N. */
+static int64_t kept_rows(const int64_t* offsets, int64_t E, int64_t N) {
+  int64_t prev = 0;
+  for (int64_t e = 0; e < E; e++) {
+    if (offsets[e] < prev || offsets[e] > N) return -3;
+    prev = offsets[e];
+  }
+  return prev;
+}
+
+/* The same offsets as bounds [E + 1] (expert e's rows are [bounds[e], bounds[e + 1])) and the experts that
+ * have rows, in order, as used [n_used]; returns n_used. */
+static int64_t expert_groups(const int64_t* offsets, int64_t E, int64_t* bounds, int64_t* used) {
+  int64_t n_used = 0;
+  bounds[0] = 0;
+  for (int64_t e = 0; e < E; e++) {
+    bounds[e + 1] = offsets[e];
+    if (bounds[e + 1] > bounds[e]) used[n_used++] = e;
+  }
+  return n_used;
+}
+
 #define WT float
 #define WNAME(name) name##_f32
 #define WLOAD(p) load(p)
