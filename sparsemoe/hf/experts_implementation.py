@@ -31,31 +31,23 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Callable, Optional, Union
+from typing import Optional, Union
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sparsemoe.amp import autocast_dtype
+from sparsemoe.config import ACTIVATIONS, GATED_ACTIVATIONS
 from sparsemoe.dispatch import backend_names, run_backend
 from sparsemoe.dispatch.general import GeneralExperts, general_forward
 from sparsemoe.dispatch.plan import plan_from_topk
-from sparsemoe.experts import ExpertView
+from sparsemoe.experts import ExpertView, activate
 
 NAME = "sparsemoe"
 # The decorator's layout flags this module reads (transformers' `use_experts_implementation` keywords).
 KNOWN_FLAGS = ("is_concatenated", "is_transposed", "has_bias", "has_gate", "has_post_expert_norm")
 _NOT_FLAGS = ("experts_class", "experts_interface")
 
-# Elementwise functions we compute natively, by the name our gated / plain activations give them.
-_NATIVE_FUNCTIONS: dict[str, Callable[[Tensor], Tensor]] = {
-    "silu": F.silu,
-    "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
-    "relu": F.relu,
-}
-_GATED_NAMES = {"silu": "swiglu", "gelu_tanh": "geglu"}
-_PLAIN_NAMES = {"relu": "relu", "gelu_tanh": "gelu"}
 _CACHE_ATTR = "_sparsemoe_layout"
 
 
@@ -95,8 +87,9 @@ def _unknown_flags(module: nn.Module) -> list[str]:
     return unknown
 
 
-def _elementwise_name(fn) -> Optional[str]:
-    """The name of our function that `fn` computes (bit for bit on a wide probe), else None."""
+def _computed_activation(fn, gated: bool) -> Optional[str]:
+    """The name of our activation whose elementwise function `fn` computes, bit for bit on a wide probe
+    (gated: ours applied to [probe; ones], whose up half of ones leaves act(gate) exact), else None."""
     if fn is None:
         return None
     probe = torch.linspace(-30.0, 30.0, 2401)
@@ -105,10 +98,11 @@ def _elementwise_name(fn) -> Optional[str]:
             out = fn(probe)
     except Exception:  # not an elementwise function of one tensor: the general path calls it as it is
         return None
-    for name, ours in _NATIVE_FUNCTIONS.items():
-        if isinstance(out, Tensor) and out.shape == probe.shape and torch.equal(out, ours(probe)):
-            return name
-    return None
+    if not isinstance(out, Tensor) or out.shape != probe.shape:
+        return None
+    h = torch.cat([probe, torch.ones_like(probe)]) if gated else probe
+    names = [name for name in ACTIVATIONS if (name in GATED_ACTIVATIONS) == gated]
+    return next((name for name in names if torch.equal(out, activate(h, name))), None)
 
 
 def _uses_default_gate(module: nn.Module) -> bool:
@@ -120,11 +114,10 @@ def _uses_default_gate(module: nn.Module) -> bool:
 
 
 def _native_activation(module: nn.Module, gated: bool, concatenated: bool) -> Optional[str]:
-    name = _elementwise_name(getattr(module, "act_fn", None))
-    if gated:
-        # transformers' default gate is act(first half) * second half: our layout, when concatenated.
-        return _GATED_NAMES.get(name) if concatenated and _uses_default_gate(module) else None
-    return _PLAIN_NAMES.get(name)
+    # transformers' default gate is act(first half) * second half: our layout, when concatenated.
+    if gated and not (concatenated and _uses_default_gate(module)):
+        return None
+    return _computed_activation(getattr(module, "act_fn", None), gated)
 
 
 def _missing(module: nn.Module, flag: str, what: str) -> UnsupportedExperts:
