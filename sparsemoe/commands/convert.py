@@ -46,7 +46,7 @@ def register(subparsers) -> argparse.ArgumentParser:
         "--dtype",
         choices=("auto", "float32", "bfloat16", "float16"),
         default="auto",
-        help="dtype of the written weights (default auto: keep the source's dtype)",
+        help="dtype of the written weights (default auto: keep the source's dtype; bfloat16 for an FP8 checkpoint)",
     )
     p.add_argument(
         "--max-seq-len",

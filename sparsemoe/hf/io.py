@@ -38,6 +38,7 @@ _DTYPE_NAMES = {
     torch.int8: "I8",
     torch.uint8: "U8",
     torch.bool: "BOOL",
+    torch.float8_e4m3fn: "F8_E4M3",  # FP8 block-quantised weights, dequantised on load (sparsemoe.hf.fp8)
 }
 
 
@@ -137,7 +138,7 @@ class CheckpointFiles:
         if name not in _DTYPES:
             raise HFFormatError(
                 f"weight {key!r} is stored as {name}, which is not supported "
-                f"(supported: {', '.join(_DTYPES)}; dequantise FP8 checkpoints first)"
+                f"(supported: {', '.join(_DTYPES)})"
             )
         return _DTYPES[name]
 

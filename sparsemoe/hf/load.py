@@ -4,6 +4,9 @@ Memory: the model is built on the meta device (no random initialisation, no memo
 in the target dtype, and each checkpoint tensor is read from its file straight into its place in the
 model (or through one temporary tensor when it must be cast or permuted). Peak memory is the model
 plus at most the largest single tensor; the checkpoint is never held in memory beside the model.
+
+FP8 block-quantised checkpoints (sparsemoe.hf.fp8) load the same way: each float8 weight is dequantised,
+with its `_scale_inv` companion, as it is copied into place, into the model's dtype.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import torch
 from torch import nn
 
 from sparsemoe.hf.config_map import SAVED_KEY, MappedConfig, map_config, read_hf_config
+from sparsemoe.hf.fp8 import FP8_DTYPE, FP8Blocks, check_fp8_weight, fp8_blocks_of, read_fp8_into
 from sparsemoe.hf.io import CheckpointFiles, HFFormatError
 from sparsemoe.hf.weights import Piece, detect_layout, ignorable, layout_name, model_pieces
 from sparsemoe.model import empty_model
@@ -34,12 +38,22 @@ class LoadedModel:
 
 
 def resolve_dtype(
-    dtype: Union[str, torch.dtype, None], files: Optional[CheckpointFiles] = None, key: str = ""
+    dtype: Union[str, torch.dtype, None], files: Optional[CheckpointFiles] = None, key: str = "", fp8: bool = False
 ) -> torch.dtype:
-    """A torch dtype from a name; "auto" (or None) = the checkpoint's own dtype (float32 if unknown)."""
+    """A torch dtype from a name. None: float32, or bfloat16 for an FP8 checkpoint (`fp8`); "auto": the
+    checkpoint's own float dtype (that of `key`), bfloat16 for an FP8 checkpoint, float32 if unknown.
+
+    FP8 is a storage format, not one to compute in: its weights are dequantised into bfloat16 (the dtype
+    such checkpoints keep their other tensors in, half a float32 model's memory) unless asked otherwise;
+    float32 keeps every dequantised product exactly.
+    """
     if isinstance(dtype, torch.dtype):
         return dtype
-    if dtype in (None, "auto"):
+    if fp8 and dtype in (None, "auto"):
+        return torch.bfloat16
+    if dtype is None:
+        return torch.float32
+    if dtype == "auto":
         if files is not None and key in files and files.dtype(key).is_floating_point:
             return files.dtype(key)
         return torch.float32
@@ -48,7 +62,8 @@ def resolve_dtype(
     return _DTYPES[dtype]
 
 
-def _copy_piece(files: CheckpointFiles, piece: Piece, target: torch.Tensor) -> None:
+def _copy_piece(files: CheckpointFiles, piece: Piece, target: torch.Tensor, fp8: Optional[FP8Blocks]) -> None:
+    """Copy one checkpoint tensor into its place in `target`; the single place where FP8 weights are dequantised."""
     view = target[piece.index] if piece.index else target
     shape = files.shape(piece.src)
     if shape != tuple(view.shape):
@@ -56,17 +71,40 @@ def _copy_piece(files: CheckpointFiles, piece: Piece, target: torch.Tensor) -> N
             f"weight {piece.src!r} has shape {shape} but the model described by config.json "
             f"needs {tuple(view.shape)} (for {piece.dst})"
         )
+    quantised = fp8 is not None and files.dtype(piece.src) == FP8_DTYPE
     if piece.transform is None:
-        files.read_into(piece.src, view)  # straight into the parameter's storage when dtypes agree
+        if quantised:
+            read_fp8_into(files, piece.src, view, fp8)  # dequantised straight into place
+        else:
+            files.read_into(piece.src, view)  # straight into the parameter's storage when dtypes agree
         return
+    if quantised:
+        weight = read_fp8_into(files, piece.src, torch.empty(shape, dtype=view.dtype), fp8)
+    else:
+        weight = files.get(piece.src)
     with torch.no_grad():
-        view.copy_(piece.transform(files.get(piece.src)))
+        view.copy_(piece.transform(weight))
+
+
+def _fp8_plan(
+    files: CheckpointFiles, pieces: list[Piece], declared: Optional[FP8Blocks]
+) -> tuple[Optional[FP8Blocks], set[str]]:
+    """(the FP8 quantisation to undo, or None for a float checkpoint; the scale keys it consumes).
+
+    A weight is FP8 when it is stored as float8 E4M3, whatever modules_to_not_convert lists. Each one's scale
+    is checked (present, float, the right shape) from the headers alone, before any memory is allocated.
+    """
+    quantised = [p.src for p in pieces if files.dtype(p.src) == FP8_DTYPE]
+    if not quantised:
+        return None, set()
+    fp8 = declared or FP8Blocks(from_config=False)
+    return fp8, {check_fp8_weight(files, key, fp8) for key in quantised}
 
 
 def load_hf(
     path: Union[str, Path],
     *,
-    dtype: Union[str, torch.dtype, None] = "float32",
+    dtype: Union[str, torch.dtype, None] = None,
     device: Union[str, torch.device] = "cpu",
     max_seq_len: Optional[int] = None,
     backend: Optional[str] = None,
@@ -74,13 +112,16 @@ def load_hf(
 ) -> LoadedModel:
     """Load a Hugging Face MoE model folder (any family of `sparsemoe.hf.config_map.FAMILIES`).
 
-    dtype: "float32" (default), "bfloat16", "float16" or "auto" (the checkpoint's dtype).
+    dtype: "float32", "bfloat16", "float16", "auto" (the checkpoint's dtype) or None (default): float32, or
+        bfloat16 for an FP8 block-quantised checkpoint (whose weights are dequantised into it; "auto" too).
     max_seq_len: cap the model's context (and its RoPE table / KV cache) below max_position_embeddings.
     backend: the MoE dispatch backend (MoEConfig.backend), e.g. "grouped"; default "auto".
     strict: refuse checkpoint tensors that the config does not account for.
     """
     directory = Path(path)
-    mapped = map_config(read_hf_config(directory), max_seq_len)
+    cfg = read_hf_config(directory)
+    mapped = map_config(cfg, max_seq_len)
+    declared = fp8_blocks_of(cfg)  # refuses other quantisation schemes
     if backend is not None:
         try:
             mapped.model_config = replace(mapped.model_config, moe_backend=backend)
@@ -97,7 +138,8 @@ def load_hf(
             f"checkpoint in {str(directory)!r} lacks weight(s) {missing[:3]}{more} that its config.json "
             f"({mapped.family}) requires"
         )
-    used = {p.src for p in pieces}
+    fp8, scales = _fp8_plan(files, pieces, declared)
+    used = {p.src for p in pieces} | scales
     skipped = sorted(k for k in files.keys() - used if ignorable(k, config.n_layers, layout.prefix))
     if any(".layers." in k or k.startswith("layers.") for k in skipped):
         mapped.notes.append(
@@ -110,11 +152,6 @@ def load_hf(
     unexpected = sorted(k for k in files.keys() - used - set(skipped) if math.prod(files.shape(k)) > 0)
     if config.tie_embeddings and "lm_head.weight" in unexpected:
         unexpected.remove("lm_head.weight")  # some tied checkpoints store the shared matrix twice
-    if any(k.endswith("_scale_inv") for k in unexpected):
-        raise HFFormatError(
-            f"checkpoint in {str(directory)!r} is FP8 block-quantised (weight_scale_inv tensors); "
-            "dequantise it to bfloat16 or float32 first"
-        )
     if unexpected and strict:
         more = f" and {len(unexpected) - 3} more" if len(unexpected) > 3 else ""
         raise HFFormatError(
@@ -122,11 +159,19 @@ def load_hf(
             f"({mapped.family}) does not account for; the config and weights do not match"
         )
 
-    model = empty_model(config, resolve_dtype(dtype, files, pieces[0].src), device)
+    target = resolve_dtype(dtype, files, pieces[0].src, fp8=fp8 is not None)
+    if fp8 is not None:
+        bo, bi = fp8.block
+        source = "" if fp8.from_config else ", the default: config.json has no quantization_config"
+        mapped.notes.append(
+            f"FP8 block-quantised checkpoint: {len(scales)} float8 weights dequantised (blocks of {bo}x{bi}"
+            f"{source}) into {str(target).removeprefix('torch.')}"
+        )
+    model = empty_model(config, target, device)
     state = model.state_dict(keep_vars=True)
     filled = set()
     for piece in pieces:
-        _copy_piece(files, piece, state[piece.dst])
+        _copy_piece(files, piece, state[piece.dst], fp8)
         filled.add(piece.dst)
     for name in set(state) - filled:
         if not name.endswith(_DEFAULT_ZERO):
