@@ -31,6 +31,7 @@ from sparsemoe.dispatch.grouped import grouped_forward
 from sparsemoe.dispatch.plan import DispatchPlan, build_plan
 from sparsemoe.dispatch.reference import reference_forward
 from sparsemoe.ops import cpu_kernels
+from sparsemoe.quant.experts import QuantizedExperts, kernel_applies, kernel_forward
 
 BackendFn = Callable[[Tensor, DispatchPlan, "object"], Tensor]
 
@@ -95,12 +96,24 @@ def run_backend(name: str, x_TD: Tensor, plan: DispatchPlan, experts) -> Tensor:
     are cast to it (differentiably) and the backend runs with autocast off, so that its own kernels and
     custom ops see consistent dtypes.
     """
+    if isinstance(experts, QuantizedExperts):
+        return _run_quantized(name, x_TD, plan, experts)
     device_type = x_TD.device.type
     dtype = autocast_dtype(device_type)
     if dtype is not None:
         with torch.autocast(device_type, enabled=False):
             return run_backend(name, x_TD.to(dtype), plan, experts.cast(dtype))
     return resolve_backend(name, x_TD, plan).forward(x_TD, plan, experts)
+
+
+def _run_quantized(name: str, x_TD: Tensor, plan: DispatchPlan, experts: QuantizedExperts) -> Tensor:
+    """Quantized experts: "auto" and "decode" read them as stored with the native kernel when it applies (a
+    few rows per expert, inference); otherwise the backend runs on the weights dequantized for this call
+    (in x's dtype; the only way on GPUs for now), which costs one pass over the hit weights next to GEMMs
+    that are compute bound at that size."""
+    if name in ("auto", "decode") and kernel_applies(x_TD, experts, plan.num_rows):
+        return kernel_forward(x_TD, plan.token_ids, plan.weights, plan.offsets, experts)
+    return run_backend(name, x_TD, plan, experts.dequantize(x_TD.dtype))
 
 
 def _auto_name(x_TD: Tensor, plan: DispatchPlan) -> str:

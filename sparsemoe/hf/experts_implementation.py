@@ -42,6 +42,7 @@ from sparsemoe.dispatch import backend_names, run_backend
 from sparsemoe.dispatch.general import GeneralExperts, general_forward
 from sparsemoe.dispatch.plan import plan_from_topk
 from sparsemoe.experts import ExpertView, activate
+from sparsemoe.quant import QuantizationError, QuantizedExperts, QuantizedWeight, QuantScheme, register_quantizer
 
 NAME = "sparsemoe"
 # The decorator's layout flags this module reads (transformers' `use_experts_implementation` keywords).
@@ -49,6 +50,8 @@ KNOWN_FLAGS = ("is_concatenated", "is_transposed", "has_bias", "has_gate", "has_
 _NOT_FLAGS = ("experts_class", "experts_interface")
 
 _CACHE_ATTR = "_sparsemoe_layout"
+QUANTIZED_ATTR = "sparsemoe_quantized"  # the submodule holding a quantized module's expert weights
+_REGISTERED: set[str] = set()  # the experts_implementation names that run `experts_forward`
 
 
 class UnsupportedExperts(NotImplementedError):
@@ -177,8 +180,9 @@ def _check_inputs(module: nn.Module, layout: ExpertsLayout, x_TD: Tensor, w_in: 
     name = type(module).__name__
     if w_in.dtype not in _FLOAT_DTYPES or w_out.dtype not in _FLOAT_DTYPES:
         raise UnsupportedExperts(
-            f"{name}: expert weights of dtype {w_in.dtype}/{w_out.dtype} (quantized?) are not supported by the "
-            "sparsemoe experts implementation; it reads float32, bfloat16, float16 or float64 weights"
+            f"{name}: expert weights of dtype {w_in.dtype}/{w_out.dtype} are not supported by the "
+            "sparsemoe experts implementation; it reads float32, bfloat16, float16 or float64 weights (quantize with "
+            "sparsemoe.quant.quantize instead)"
         )
     E, I, D = w_in.shape
     gated = layout.in_proj == "gate_up_proj"
@@ -206,8 +210,12 @@ def experts_forward(
     layout = read_layout(module)
     shape = hidden_states.shape
     x_TD = hidden_states.reshape(-1, shape[-1])
-    w_in = _linear_layout(getattr(module, layout.in_proj), layout.transposed)
-    w_out = _linear_layout(module.down_proj, layout.transposed)
+    quantized = module._modules.get(QUANTIZED_ATTR)
+    if quantized is not None:  # `sparsemoe.quant.quantize` stored the weights quantized (see quantize_experts)
+        w_in, w_out = quantized.w_in, quantized.w_out
+    else:
+        w_in = _linear_layout(getattr(module, layout.in_proj), layout.transposed)
+        w_out = _linear_layout(module.down_proj, layout.transposed)
     T, K = x_TD.shape[0], top_k_index.shape[-1]
     ids_TK, weights_TK = top_k_index.reshape(T, K), top_k_weights.reshape(T, top_k_weights.shape[-1])
     _check_inputs(module, layout, x_TD, w_in, w_out, ids_TK, weights_TK)
@@ -215,7 +223,11 @@ def experts_forward(
     # The GEMMs run in autocast's dtype, else in the weights' (as transformers' grouped_mm).
     dtype = autocast_dtype(x_TD.device.type) or w_in.dtype
     x_TD = x_TD.to(dtype)
-    if layout.activation is not None:
+    if isinstance(quantized, QuantizedExperts):
+        y_TD = run_backend(backend, x_TD, plan, quantized)  # the quantized decode kernel, or dequantized weights
+    elif quantized is not None:  # the general path's layouts: their weights dequantized for the call
+        y_TD = general_forward(x_TD, plan, _general_experts(module, layout, w_in.dequantize(dtype), w_out.dequantize(dtype)))
+    elif layout.activation is not None:
         view = ExpertView(w_in, w_out, layout.activation, 0.0, module.training, False)
         y_TD = run_backend(backend, x_TD, plan, view)  # casts the weights under autocast itself
     else:
@@ -256,7 +268,38 @@ def register_experts(name: str = NAME, backend: str = "auto") -> str:
 
     forward.__name__ = forward.__qualname__ = f"sparsemoe_experts_forward_{backend}"
     ExpertsInterface.register(name, forward)
+    _REGISTERED.add(name)
     return name
+
+
+def quantize_experts(module: nn.Module, scheme: QuantScheme) -> None:
+    """Store a decorated experts module's weights quantized, in place (`sparsemoe.quant.quantize` calls this
+    for every such module): the float in- and out-projections are replaced by the submodule
+    `sparsemoe_quantized` (a `QuantizedExperts` for the layouts our backends run, else the two quantized
+    weights, dequantized per call for the general path). Biases and norms stay float. The model must run its
+    experts through a sparsemoe experts implementation, which is what reads them."""
+    implementation = getattr(getattr(module, "config", None), "_experts_implementation", None)
+    if implementation not in _REGISTERED:
+        raise QuantizationError(
+            f"{type(module).__name__} runs experts_implementation={implementation!r}; quantized transformers experts "
+            f"run through sparsemoe's: load the model with experts_implementation={NAME!r} (or call "
+            f"model.set_experts_implementation({NAME!r})) first"
+        )
+    layout = read_layout(module)
+    w_in = _linear_layout(getattr(module, layout.in_proj), layout.transposed)
+    w_out = _linear_layout(module.down_proj, layout.transposed)
+    E, _, D = w_in.shape
+    if layout.activation is not None:
+        quantized: nn.Module = QuantizedExperts(E, D, w_out.shape[2], layout.activation, scheme, w_in.dtype, device=w_in.device)
+        quantized.train(module.training)
+    else:
+        quantized = nn.Module()
+    quantized.w_in = QuantizedWeight.from_float(w_in, scheme)
+    quantized.w_out = QuantizedWeight.from_float(w_out, scheme)
+    delattr(module, layout.in_proj)
+    delattr(module, "down_proj")
+    module.add_module(QUANTIZED_ATTR, quantized)
+
 
 
 def is_decorated_experts(cls: Union[type, nn.Module]) -> bool:
@@ -269,3 +312,6 @@ def is_decorated_experts(cls: Union[type, nn.Module]) -> bool:
     owner = next((klass for klass in cls.__mro__ if "forward" in klass.__dict__), None)
     code = getattr(owner.__dict__["forward"], "__code__", None) if owner is not None else None
     return code is not None and code.co_filename == moe.__file__
+
+
+register_quantizer(is_decorated_experts, quantize_experts)

@@ -52,6 +52,7 @@ from sparsemoe.model.attention import Attention, KVCache, RMSNorm
 from sparsemoe.model.mla import MultiHeadLatentAttention
 from sparsemoe.model.rope import rope_table
 from sparsemoe.model.config import ModelConfig
+from sparsemoe.quant import quantized_layout
 from sparsemoe.routing import Router
 
 
@@ -305,12 +306,19 @@ class MoETransformer(nn.Module):
         return KVCache(self.config, batch_size, device=p.device, dtype=p.dtype)
 
 
-def empty_model(config: ModelConfig, dtype: torch.dtype = torch.float32, device="cpu") -> MoETransformer:
+def empty_model(
+    config: ModelConfig, dtype: torch.dtype = torch.float32, device="cpu", quantization: Optional[dict] = None
+) -> MoETransformer:
     """The model with uninitialised weights on `device`, for loading a checkpoint into: built on the meta
     device, so random initialisation (minutes on a large model) and a host copy are skipped. The state
-    no checkpoint holds is reset (`reset_buffers`); every weight must then be loaded."""
+    no checkpoint holds is reset (`reset_buffers`); every weight must then be loaded. `quantization`
+    ({"scheme", "group_size", "shared"}, as a quantized checkpoint records it): the experts are laid out
+    quantized (`sparsemoe.quant.quantized_layout`), so the float expert weights are never allocated."""
     with torch.device("meta"):
         model = MoETransformer(config).to(dtype)  # the routers' selection biases stay float32
+        if quantization is not None:
+            quantized_layout(model, quantization["scheme"], quantization.get("group_size") or None,
+                             shared=quantization.get("shared", True))
     model.to_empty(device=device)
     model.reset_buffers()
     return model

@@ -13,6 +13,11 @@ Legend: N rows sorted by expert, n rows, E experts, D model width, F hidden widt
         sorted by expert: y[r] = W[e] x[r], W stored [E, O, K] (nn.Linear's layout) or [E, K, O], each weight
         read once; for a few rows per expert of the expert MLPs whose activation runs in PyTorch
         (sparsemoe.dispatch.general)
+    decode_mlp_quantized(x_TD, token_ids, weights, offsets, (data, scale) of w_in, of w_out, bits, group,
+        hidden width, activation) -> y_TD float32: the same stage with quantized expert weights (int8 per
+        output channel or int4 group-wise, sparsemoe.quant.schemes), read in their stored bytes and widened
+        in registers; x float32 or bfloat16
+    dequantize(data, scale, bits, group, K, dtype) -> the float weight [..., O, K] in float32 or bfloat16
     activate(h_nI, activation) -> a_nF = act(h)
     activation_backward(h_nI, dA_nF, w_n, activation) -> (aw_nF, dH_nI, d_w_n float32)
         for o = w * (W_out act(h)) with dA = d loss / d act(h) before the weighting: aw = w act(h)
@@ -41,6 +46,7 @@ import ctypes
 import functools
 import hashlib
 import logging
+import math
 import os
 import platform
 import shutil
@@ -56,7 +62,8 @@ log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = (CSRC / "decode_mlp.c", CSRC / "activation.c")
-HEADERS = (CSRC / "vec.h", CSRC / "activation.h", CSRC / "activation_rows.h", CSRC / "decode_gemm.h")
+HEADERS = (CSRC / "vec.h", CSRC / "activation.h", CSRC / "activation_rows.h", CSRC / "decode_gemm.h",
+           CSRC / "quant_gemm.h")
 ENV_SWITCH = "SPARSEMOE_CPU_KERNELS"
 ENV_CACHE = "SPARSEMOE_CACHE_DIR"
 # Tried in order; the first set the compiler accepts is used.
@@ -136,6 +143,9 @@ def _bind(path: Path) -> ctypes.CDLL:
     signatures = {
         "sparsemoe_decode_mlp_f32": ([p, p, p, i64, p, i64, p, p, i64, i64, i64, i64, i32, p, i32], ctypes.c_int),
         "sparsemoe_decode_mlp_bf16": ([p, p, p, i64, p, i64, p, p, i64, i64, i64, i64, i32, p, i32], ctypes.c_int),
+        "sparsemoe_decode_mlp_quant": (
+            [p, i32, p, p, i64, p, i64, p, p, p, p, i32, i64, i64, i64, i64, i64, i32, p, i32], ctypes.c_int),
+        "sparsemoe_dequantize": ([p, p, i32, i64, i64, i64, i64, p, i32, i32], ctypes.c_int),
         "sparsemoe_grouped_linear_f32": ([p, i64, p, i64, p, i64, i64, i32, p, i32], ctypes.c_int),
         "sparsemoe_grouped_linear_bf16": ([p, i64, p, i64, p, i64, i64, i32, p, i32], ctypes.c_int),
         "sparsemoe_activate_f32": ([p, p, i64, i64, i64, i32, i32], None),
@@ -334,3 +344,71 @@ def grouped_linear(x_NK: Tensor, offsets: Tensor, w_EOK: Tensor) -> Tensor:
         error, why = _DECODE_ERRORS[status]
         raise error(f"{kernel.__name__}: {why}")
     return y_NO
+
+
+# The quantized decode kernel beats dequantizing the experts and running BLAS up to about this many rows
+# per expert on average (measured by `python tools/quant_bench.py`, T = 1-256, mixtral-mini and
+# fine-grained): every row past 8 per expert runs on float32 tiles unpacked once per block.
+QUANT_KERNEL_MAX_ROWS = 64
+QUANT_BITS = {"int8": 8, "int4": 4}
+
+
+def supports_quantized(x: Tensor, data: Tensor) -> bool:
+    """Whether `decode_mlp_quantized` takes an input x (float32 or bfloat16) and stored data on the CPU."""
+    return x.device.type == "cpu" and data.device.type == "cpu" and x.dtype in KERNEL_DTYPES and available()
+
+
+def decode_mlp_quantized(
+    x_TD: Tensor, token_ids: Tensor, weights: Tensor, offsets: Tensor, w_in: tuple[Tensor, Tensor],
+    w_out: tuple[Tensor, Tensor], scheme: str, group_size: int, hidden_dim: int, activation: str,
+) -> Tensor:
+    """y [T, D] float32: `decode_mlp` with quantized expert weights, each given as (data, scale) in the
+    layouts of `sparsemoe.quant.schemes` (int8: data [E, O, K], scale [E, O]; int4: data [E, O, Kp / 2],
+    scale [E, O, Kp / G] bfloat16); rows past offsets[-1] dropped. Check `supports_quantized` first."""
+    bits = QUANT_BITS[scheme]
+    (in_data, in_scale), (out_data, out_scale) = w_in, w_out
+    T, D = x_TD.shape
+    E, I = in_data.shape[:2]
+    F = hidden_dim
+    N = token_ids.shape[0]
+    if (in_data.shape[0] != E or out_data.shape[:2] != (E, D) or offsets.shape != (E,) or token_ids.shape != (N,)
+            or weights.shape != (N,) or not all(t.is_contiguous() for t in (in_data, in_scale, out_data, out_scale))):
+        raise ValueError(f"decode_mlp_quantized: shapes x {tuple(x_TD.shape)}, w_in {tuple(in_data.shape)}, w_out "
+                         f"{tuple(out_data.shape)}, offsets {tuple(offsets.shape)}, token_ids {tuple(token_ids.shape)} "
+                         "do not fit, or the stored weights are not contiguous")  # fmt: skip
+    if token_ids.dtype != torch.int64 or offsets.dtype != torch.int64:
+        raise ValueError(f"decode_mlp_quantized: token_ids and offsets must be int64, got {token_ids.dtype}, {offsets.dtype}")
+    x_TD, token_ids, offsets = x_TD.contiguous(), token_ids.contiguous(), offsets.contiguous()
+    weights = weights.float().contiguous()
+    y_TD = x_TD.new_empty(T, D, dtype=torch.float32)
+    status = _library().sparsemoe_decode_mlp_quant(
+        x_TD.data_ptr(), int(x_TD.dtype == torch.bfloat16), token_ids.data_ptr(), weights.data_ptr(), N,
+        offsets.data_ptr(), E, in_data.data_ptr(), in_scale.data_ptr(), out_data.data_ptr(), out_scale.data_ptr(),
+        bits, group_size, T, D, F, I, ACTIVATION_CODES[activation], y_TD.data_ptr(), torch.get_num_threads(),
+    )
+    if status != 0:
+        error, why = _DECODE_ERRORS[status]
+        raise error(f"sparsemoe_decode_mlp_quant: {why}")
+    return y_TD
+
+
+def supports_dequantize(data: Tensor, dtype: torch.dtype) -> bool:
+    """Whether `dequantize` takes stored data on the CPU, to float32 or bfloat16."""
+    return data.device.type == "cpu" and dtype in KERNEL_DTYPES and available()
+
+
+def dequantize(data: Tensor, scale: Tensor, scheme: str, group_size: int, K: int, dtype: torch.dtype) -> Tensor:
+    """The float weight [..., O, K] in `dtype` (float32 or bfloat16) that stored (data, scale) stand for
+    (`sparsemoe.quant.schemes.dequantize_weight`, computed by the native kernel in one pass)."""
+    bits = QUANT_BITS[scheme]
+    data, scale = data.contiguous(), scale.contiguous()
+    rows = math.prod(data.shape[:-1])
+    Kp = data.shape[-1] * (2 if bits == 4 else 1)
+    out = torch.empty(*data.shape[:-1], K, dtype=dtype)
+    status = _library().sparsemoe_dequantize(
+        data.data_ptr(), scale.data_ptr(), bits, rows, K, Kp, group_size, out.data_ptr(),
+        int(dtype == torch.bfloat16), torch.get_num_threads(),
+    )
+    if status != 0:
+        raise MemoryError("sparsemoe_dequantize: out of memory")
+    return out

@@ -193,6 +193,14 @@ def save_checkpoint(
     return final
 
 
+def save_model_checkpoint(model, out_dir: Union[str, Path], meta: dict[str, Any]) -> Path:
+    """Write `model` alone (no optimizer state: a run that resumes from it starts its optimizer afresh) as
+    step 0 of run folder `out_dir`, with `meta` (e.g. where it came from) beside its model_config in
+    trainer.json; atomic and checksummed like every checkpoint. Returns the checkpoint folder."""
+    meta = {"model_config": model.config.to_dict(), **meta}
+    return save_checkpoint(Path(out_dir) / "checkpoints", 0, model.state_dict(), None, meta)
+
+
 def _prune(root: Path, keep: int, newest: str) -> None:
     steps = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-"))
     for old in steps[: max(0, len(steps) - keep)]:
@@ -314,9 +322,33 @@ def load_model(
         config = ModelConfig.from_dict(ckpt["meta"]["model_config"])
     except (KeyError, TypeError, ValueError) as err:
         raise CheckpointError(f"checkpoint {str(ckpt['dir'])!r} has no usable model_config ({err})") from None
-    model = empty_model(config, dtype or torch.float32, device)
+    model = empty_model(config, dtype or torch.float32, device, checkpoint_quantization(ckpt["meta"], ckpt["dir"]))
     load_model_state(model, ckpt["model"], ckpt["dir"])
     return model.eval(), ckpt["meta"]
+
+
+def refuse_quantized(meta: dict[str, Any], where: Union[str, Path]) -> None:
+    """Training cannot continue from a quantized checkpoint (its experts are no parameters): one clear error."""
+    if meta.get("quantization"):
+        raise CheckpointError(f"checkpoint {str(where)!r} is quantized (inference only); resume from the float "
+                              "checkpoint it was made from")
+
+
+def checkpoint_quantization(meta: dict[str, Any], where: Union[str, Path]) -> Optional[dict[str, Any]]:
+    """The "quantization" entry of a quantized checkpoint's trainer.json ({"scheme", "group_size", "shared"};
+    written by `sparsemoe quantize`), checked; None for a float checkpoint."""
+    from sparsemoe.quant import QuantizationError, QuantScheme
+
+    quant = meta.get("quantization")
+    if quant is None:
+        return None
+    try:
+        if not isinstance(quant, dict) or not isinstance(quant.get("shared", True), bool):
+            raise QuantizationError(f"expected {{'scheme', 'group_size', 'shared'}}, got {quant!r}")
+        QuantScheme.make(quant.get("scheme"), quant.get("group_size") or None)
+    except QuantizationError as err:
+        raise CheckpointError(f"checkpoint {str(where)!r} has an unusable quantization entry: {err}") from None
+    return quant
 
 
 def load_model_state(model, state: dict[str, Tensor], where: Union[str, Path]) -> None:
@@ -344,4 +376,7 @@ def load_model_state(model, state: dict[str, Tensor], where: Union[str, Path]) -
         if shapes:
             parts.append(f"shape mismatch {shapes[:2]}")
         raise CheckpointError(f"checkpoint {str(where)!r} does not match this model config: {'; '.join(parts)}")
-    model.load_state_dict(state)
+    try:
+        model.load_state_dict(state)
+    except ValueError as err:  # a quantized weight's stored data or scales that do not fit (QuantizationError)
+        raise CheckpointError(f"checkpoint {str(where)!r}: {err}") from None

@@ -17,7 +17,7 @@ from sparsemoe.device import describe_device, resolve_device, resolve_precision
 from sparsemoe.device import peak_tflops as peak_device_tflops
 from sparsemoe.model import ModelConfig, MoETransformer
 from sparsemoe.model.flops import training_flops_per_token
-from sparsemoe.train.checkpoint import CheckpointError, has_checkpoint, load_meta, resolve_checkpoint
+from sparsemoe.train.checkpoint import CheckpointError, has_checkpoint, load_meta, refuse_quantized, resolve_checkpoint
 from sparsemoe.train.config import TrainConfig
 from sparsemoe.train.data import RandomBatches, check_length, eval_batches, load_corpus
 from sparsemoe.train.memory import check_fits, estimate_training_memory
@@ -28,6 +28,7 @@ from sparsemoe.train.trainer import Trainer, build_optimizer, lr_factor
 def saved_configs(run_dir: Path, verify: bool = True) -> tuple[ModelConfig, TrainConfig, dict[str, Any]]:
     """The model and train configs stored in a run's latest checkpoint (its trainer.json checksum verified)."""
     meta = load_meta(resolve_checkpoint(run_dir), verify)
+    refuse_quantized(meta, run_dir)
     try:
         return ModelConfig.from_dict(meta["model_config"]), TrainConfig.from_dict(meta["train_config"]), meta
     except (KeyError, TypeError, ValueError) as err:

@@ -28,7 +28,9 @@ from torch import Tensor, nn
 
 from sparsemoe.device import autocast, configure_matmuls, resolve_precision
 from sparsemoe.layer import moe_layers, set_aux_loss_scale, update_expert_biases
-from sparsemoe.train.checkpoint import CheckpointError, load_checkpoint, load_model_state, save_checkpoint
+from sparsemoe.train.checkpoint import (
+    CheckpointError, load_checkpoint, load_model_state, refuse_quantized, save_checkpoint,
+)  # fmt: skip
 from sparsemoe.train.config import TrainConfig
 
 
@@ -414,6 +416,7 @@ class Trainer:
         """Restore model, optimizer, step, RNG and data position from a checkpoint; returns its meta.
         verify: check the checkpoint's files against their checksums first."""
         ckpt = load_checkpoint(path, verify=verify)
+        refuse_quantized(ckpt["meta"], ckpt["dir"])
         self.load_model_state(ckpt["model"], ckpt["dir"])
         if ckpt["optimizer"] is None:
             raise CheckpointError(f"checkpoint {str(ckpt['dir'])!r} has no optimizer state; it cannot be resumed")

@@ -1,10 +1,11 @@
 /* The decode GEMM `y = x W^T` for a handful of input rows, for one weight type: included once per type by
  * decode_mlp.c, like a C++ template (no include guard on purpose). Before including, define (it
  * undefines them at its end)
- *   WT          the weight element type (float, or uint16_t holding bfloat16 bits)
- *   WNAME(f)    the name of function f for this type (f_f32, f_bf16)
+ *   WT          the weight element type (float, uint16_t holding bfloat16 bits, or int8_t)
+ *   WNAME(f)    the name of function f for this type (f_f32, f_bf16, f_i8)
  *   WLOAD(p)    VL weights from p as a float vector
  *   WGET(p)     one weight from p as a float
+ *   WNO_LINEAR  (optional) leave out grouped_linear and its [in, out] kernel (the int8 instantiation)
  * and the type-independent helpers kept_rows and expert_groups (decode_mlp.c defines them).
  * Inputs x, outputs y and every sum are float32 whatever the weight type: the weights are widened as they
  * are loaded, so a bfloat16 weight costs half the memory traffic of a float32 one and the same arithmetic.
@@ -124,6 +125,7 @@ static void WNAME(expert_block)(const WT* W, const float* x, float* y, int64_t K
   WNAME(gemm_nt)(W + e * O * K, x + lo * K, y + lo * O, K, o0, o1, bounds[e + 1] - lo, O);
 }
 
+#ifndef WNO_LINEAR /* the [in, out]-stored GEMM and grouped_linear: float32 and bfloat16 weights only */
 /* Work item `item` of the [in, out]-stored GEMM: expert e = used[item / chunks] and its weight rows
  * [k0, k1) (a K_CHUNK of W [E, K, O]) add x[r, k] W[e, k, :] into acc[r, :] for the expert's rows r. Each
  * weight row is one contiguous stream read once; acc (this thread's partial sums, a few rows of O floats)
@@ -206,60 +208,11 @@ int WNAME(sparsemoe_grouped_linear)(const float* x, int64_t N, const int64_t* of
   return 0;
 }
 
-/* y [T, D] float32 = the expert stage of a decode step: for each kept row r (rows sorted by expert, rows
- * [offsets[e - 1], offsets[e]) for expert e, offsets[-1] = 0), y[tok[r]] += wts[r] * W_out[e] act(W_in[e]
- * x[tok[r]]); rows past offsets[E - 1] (dropped) are ignored. x [T, D] is in the weights' type. The rows are
- * gathered (and widened to float32), run through their experts, and combined into y in row order, all in
- * one parallel region: work is split over threads by (expert with rows, block of weight rows), so only the
- * experts that got rows are read, and the combine by blocks of columns of y. Returns 0, -1 when out of
- * memory, -2 when a token id is outside [0, T), -3 when the offsets decrease or pass N. */
-int WNAME(sparsemoe_decode_mlp)(const WT* x, const int64_t* tok, const float* wts, int64_t N,
-                                const int64_t* offsets, int64_t E, const WT* w_in, const WT* w_out, int64_t T,
-                                int64_t D, int64_t F, int64_t I, int act, float* y, int threads) {
-  const int64_t kept = kept_rows(offsets, E, N);
-  if (kept < 0) return -3;
-  for (int64_t r = 0; r < kept; r++)
-    if (tok[r] < 0 || tok[r] >= T) return -2;
-  int64_t* bounds = malloc((size_t)(2 * E + 1) * sizeof(int64_t)); /* bounds [E + 1], then used [E] */
-  float* xs = malloc((size_t)(kept * (2 * D + I + F) + 1) * sizeof(float)); /* x rows, h, a, o */
-  if (!bounds || !xs) {
-    free(bounds);
-    free(xs);
-    return -1;
-  }
-  int64_t* used = bounds + E + 1;
-  const int64_t n_used = expert_groups(offsets, E, bounds, used);
-  float *h = xs + kept * D, *a = h + kept * I, *o = a + kept * F;
-  const int64_t blocks_in = (I + ROW_BLOCK - 1) / ROW_BLOCK, blocks_out = (D + ROW_BLOCK - 1) / ROW_BLOCK;
-#pragma omp parallel num_threads(threads)
-  {
-#pragma omp for schedule(static)
-    for (int64_t r = 0; r < kept; r++)
-      for (int64_t k = 0; k < D; k++) xs[r * D + k] = WGET(x + tok[r] * D + k);
-#pragma omp for schedule(static)
-    for (int64_t item = 0; item < n_used * blocks_in; item++)
-      WNAME(expert_block)(w_in, xs, h, D, I, item, blocks_in, used, bounds);
-#pragma omp for schedule(static)
-    for (int64_t r = 0; r < kept; r++) sparsemoe_activate_row_f32(h + r * I, a + r * F, F, act);
-#pragma omp for schedule(static)
-    for (int64_t item = 0; item < n_used * blocks_out; item++)
-      WNAME(expert_block)(w_out, a, o, F, D, item, blocks_out, used, bounds);
-#pragma omp for schedule(static)
-    for (int64_t block = 0; block < blocks_out; block++) { /* each thread owns columns [d0, d1) of y */
-      int64_t d0 = block * ROW_BLOCK, d1 = d0 + ROW_BLOCK < D ? d0 + ROW_BLOCK : D;
-      for (int64_t t = 0; t < T; t++)
-        for (int64_t d = d0; d < d1; d++) y[t * D + d] = 0.0f;
-      for (int64_t r = 0; r < kept; r++)
-        for (int64_t d = d0; d < d1; d++) y[tok[r] * D + d] += wts[r] * o[r * D + d];
-    }
-  }
-  free(bounds);
-  free(xs);
-  return 0;
-}
+#endif
 
 /* The parameters are this instantiation's only: the next one defines its own. */
 #undef WT
 #undef WNAME
 #undef WLOAD
 #undef WGET
+#undef WNO_LINEAR

@@ -13,9 +13,12 @@
  * extensions give AVX-512, AVX2 or NEON code from the same source. No fast-math: the vector sums are
  * written out, so NaN and infinity behave as in PyTorch.
  *
- * Exported: sparsemoe_decode_mlp_f32 and sparsemoe_decode_mlp_bf16 (the whole expert stage), and
+ * Quantized weights (int8 per output channel, int4 group-wise; quant_gemm.h) are read in their stored
+ * bytes and widened in registers the same way.
+ *
+ * Exported: sparsemoe_decode_mlp_f32, _bf16 and _quant (the whole expert stage, decode_stage below),
  * sparsemoe_grouped_linear_f32 / _bf16 (one linear layer per expert, for expert MLPs whose activation is
- * computed elsewhere); see decode_gemm.h for the arguments.
+ * computed elsewhere; decode_gemm.h), and sparsemoe_dequantize (quantized rows back to float).
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -65,3 +68,132 @@ static int64_t expert_groups(const int64_t* offsets, int64_t E, int64_t* bounds,
 #define WLOAD(p) load_bf16(p)
 #define WGET(p) bf16_to_float(*(p))
 #include "decode_gemm.h"
+
+#define WT int8_t
+#define WNAME(name) name##_i8
+#define WLOAD(p) load_i8(p)
+#define WGET(p) ((float)*(p))
+#define WNO_LINEAR
+#include "decode_gemm.h"
+
+#include "quant_gemm.h"
+
+/* y [T, D] float32 = the expert stage of a decode step: for each kept row r (rows sorted by expert, rows
+ * [offsets[e - 1], offsets[e]) for expert e, offsets[-1] = 0), y[tok[r]] += wts[r] * W_out[e] act(W_in[e]
+ * x[tok[r]]); rows past offsets[E - 1] (dropped) are ignored. x [T, D] float32 or (x_bf16) bfloat16. The
+ * rows are gathered (widened to float32, zero-padded to the stored input width of W_in), run through their
+ * experts, and combined into y in row order, all in one parallel region: work is split over threads by
+ * (expert with rows, block of weight rows), so only the experts that got rows are read, and the combine by
+ * blocks of columns of y. Returns 0, -1 when out of memory, -2 when a token id is outside [0, T), -3 when
+ * the offsets decrease or pass N. */
+static int decode_stage(const void* x, int x_bf16, const int64_t* tok, const float* wts, int64_t N,
+                        const int64_t* offsets, int64_t E, const weights_t* w_in, const weights_t* w_out, int64_t T,
+                        int64_t D, int64_t F, int64_t I, int act, float* y, int threads) {
+  const int64_t kept = kept_rows(offsets, E, N);
+  if (kept < 0) return -3;
+  for (int64_t r = 0; r < kept; r++)
+    if (tok[r] < 0 || tok[r] >= T) return -2;
+  const int64_t Dp = w_in->K, Fp = w_out->K; /* stored input widths (>= D, F; larger for padded int4) */
+  int64_t* bounds = malloc((size_t)(2 * E + 1) * sizeof(int64_t)); /* bounds [E + 1], then used [E] */
+  float* xs = malloc((size_t)(kept * (Dp + I + Fp + D) + 1) * sizeof(float)); /* x rows, h, a, o */
+  if (!bounds || !xs) {
+    free(bounds);
+    free(xs);
+    return -1;
+  }
+  int64_t* used = bounds + E + 1;
+  const int64_t n_used = expert_groups(offsets, E, bounds, used);
+  float *h = xs + kept * Dp, *a = h + kept * I, *o = a + kept * Fp;
+  const int64_t blocks_in = (I + ROW_BLOCK - 1) / ROW_BLOCK, blocks_out = (D + ROW_BLOCK - 1) / ROW_BLOCK;
+  int status = 0;
+#pragma omp parallel num_threads(threads)
+  {
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < kept; r++) {
+      float* xr = xs + r * Dp;
+      if (x_bf16)
+        for (int64_t k = 0; k < D; k++) xr[k] = bf16_to_float(((const uint16_t*)x)[tok[r] * D + k]);
+      else
+        for (int64_t k = 0; k < D; k++) xr[k] = ((const float*)x)[tok[r] * D + k];
+      for (int64_t k = D; k < Dp; k++) xr[k] = 0.0f;
+    }
+#pragma omp for schedule(static)
+    for (int64_t item = 0; item < n_used * blocks_in; item++)
+      if (weights_expert_block(w_in, xs, h, item, blocks_in, used, bounds)) status = -1;
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < kept; r++) {
+      sparsemoe_activate_row_f32(h + r * I, a + r * Fp, F, act);
+      for (int64_t f = F; f < Fp; f++) a[r * Fp + f] = 0.0f;
+    }
+#pragma omp for schedule(static)
+    for (int64_t item = 0; item < n_used * blocks_out; item++)
+      if (weights_expert_block(w_out, a, o, item, blocks_out, used, bounds)) status = -1;
+#pragma omp for schedule(static)
+    for (int64_t block = 0; block < blocks_out; block++) { /* each thread owns columns [d0, d1) of y */
+      int64_t d0 = block * ROW_BLOCK, d1 = d0 + ROW_BLOCK < D ? d0 + ROW_BLOCK : D;
+      for (int64_t t = 0; t < T; t++)
+        for (int64_t d = d0; d < d1; d++) y[t * D + d] = 0.0f;
+      for (int64_t r = 0; r < kept; r++)
+        for (int64_t d = d0; d < d1; d++) y[tok[r] * D + d] += wts[r] * o[r * D + d];
+    }
+  }
+  free(bounds);
+  free(xs);
+  return status;
+}
+
+/* The decode stage with float32 or bfloat16 weights (x of the same type): see decode_stage. */
+#define DEFINE_FLOAT_DECODE(SUFFIX, T_, FMT, X_BF16)                                                          \
+  int sparsemoe_decode_mlp_##SUFFIX(const T_* x, const int64_t* tok, const float* wts, int64_t N,            \
+                                    const int64_t* offsets, int64_t E, const T_* w_in, const T_* w_out,      \
+                                    int64_t T, int64_t D, int64_t F, int64_t I, int act, float* y,           \
+                                    int threads) {                                                           \
+    const weights_t win = {w_in, NULL, I, D, 0, FMT}, wout = {w_out, NULL, D, F, 0, FMT};                    \
+    return decode_stage(x, X_BF16, tok, wts, N, offsets, E, &win, &wout, T, D, F, I, act, y, threads);       \
+  }
+DEFINE_FLOAT_DECODE(f32, float, FMT_F32, 0)
+DEFINE_FLOAT_DECODE(bf16, uint16_t, FMT_BF16, 1)
+#undef DEFINE_FLOAT_DECODE
+
+/* The decode stage with quantized weights (bits 8 or 4; group: int4 columns per scale), x float32 or
+ * (x_bf16) bfloat16: see decode_stage and quant_gemm.h. For int4 the stored input widths are D and F
+ * rounded up to multiples of the group. */
+int sparsemoe_decode_mlp_quant(const void* x, int x_bf16, const int64_t* tok, const float* wts, int64_t N,
+                               const int64_t* offsets, int64_t E, const void* w_in, const void* s_in,
+                               const void* w_out, const void* s_out, int bits, int64_t group, int64_t T, int64_t D,
+                               int64_t F, int64_t I, int act, float* y, int threads) {
+  const int fmt = bits == 8 ? FMT_I8 : FMT_I4;
+  const int64_t Dp = bits == 8 ? D : (D + group - 1) / group * group;
+  const int64_t Fp = bits == 8 ? F : (F + group - 1) / group * group;
+  const weights_t win = {w_in, s_in, I, Dp, group, fmt}, wout = {w_out, s_out, D, Fp, group, fmt};
+  return decode_stage(x, x_bf16, tok, wts, N, offsets, E, &win, &wout, T, D, F, I, act, y, threads);
+}
+
+/* out [rows, K] (float32, or bfloat16 when out_bf16) = the quantized weight rows dequantized (bits 8: data
+ * int8 [rows, K], scale float32 [rows]; bits 4: data packed [rows, Kp / 2], scale bfloat16 [rows, Kp / G]),
+ * columns past K dropped. Returns 0, or -1 when out of memory. */
+int sparsemoe_dequantize(const void* data, const void* scale, int bits, int64_t rows, int64_t K, int64_t Kp,
+                         int64_t group, void* out, int out_bf16, int threads) {
+  int status = 0;
+#pragma omp parallel num_threads(threads)
+  {
+    float* row = malloc((size_t)(Kp + VL) * sizeof(float));
+    if (!row) status = -1;
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+      if (!row) continue;
+      if (bits == 8) i8_unpack_row((const int8_t*)data + r * K, ((const float*)scale)[r], K, row);
+      else q4_unpack_row((const uint8_t*)data + r * (Kp / 2), (const uint16_t*)scale + r * (Kp / group), Kp, group, row);
+      if (out_bf16) {
+        uint16_t* dst = (uint16_t*)out + r * K;
+        int64_t k = 0;
+        for (; k + VL <= K; k += VL) store_bf16(dst + k, load(row + k));
+        if (k < K) store_part_bf16(dst + k, load(row + k), K - k);
+      } else {
+        memcpy((float*)out + r * K, row, (size_t)K * sizeof(float));
+      }
+    }
+    free(row);
+  }
+  return status;
+}

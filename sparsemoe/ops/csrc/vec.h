@@ -50,6 +50,19 @@ static inline vf load_bf16(const uint16_t* p) { return (vf)(__builtin_convertvec
 static inline void store_bf16(uint16_t* p, vf v) { *(vbf16u*)p = __builtin_convertvector(bf16_bits(v), vbf16); }
 #endif
 
+/* 16 bytes from p: unsigned, zero-extended into the lanes of an int32 vector; signed, as floats. */
+typedef uint8_t vu8x16 __attribute__((vector_size(16), aligned(1)));
+typedef int8_t vi8x16 __attribute__((vector_size(16), aligned(1)));
+#if defined(__AVX512F__) /* GCC scalarises the generic conversions below: one instruction each here */
+static inline vi load_u8x16(const uint8_t* p) { return (vi)_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)p)); }
+static inline vf load_i8(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
+}
+#else
+static inline vi load_u8x16(const uint8_t* p) { return __builtin_convertvector(*(const vu8x16*)p, vi); }
+static inline vf load_i8(const int8_t* p) { return __builtin_convertvector(__builtin_convertvector(*(const vi8x16*)p, vi), vf); }
+#endif
+
 static inline float bf16_to_float(uint16_t b) {
   uint32_t bits = (uint32_t)b << 16;
   float f;
