@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from sparsemoe.config import MoEConfig
 from sparsemoe.dispatch import backend_names
+from sparsemoe.experts import Experts
 from sparsemoe.layer import MoE
 from sparsemoe.ops import cpu_kernels
 from sparsemoe.quant import (
@@ -132,7 +133,45 @@ def test_kernel_matches_dequantized_reference(D, F, E, k, T, scheme, activation,
     with torch.no_grad():
         y, y_ref = q(x).float(), reference(x.float())
     tol = 3e-2 if bf16 else 2e-5
+    if scheme[0] == "int4" and scheme[1] % 64 == 0 and cpu_kernels.int4_activations_int8():
+        tol = max(tol, 2e-2)  # activations rounded to int8 per group (the next test checks that path exactly)
     assert torch.allclose(y, y_ref, rtol=tol, atol=tol * y_ref.abs().max().item() + 1e-6)
+
+
+@pytest.mark.skipif(not cpu_kernels.int4_activations_int8(), reason="no AVX-512 VNNI: int4 runs on the float path")
+@settings(max_examples=30, deadline=None)
+@given(D=st.integers(1, 150), F=st.integers(1, 150), T=st.integers(1, 8), group=st.sampled_from([64, 128]),
+       activation=st.sampled_from(["swiglu", "relu"]), seed=st.integers(0, 10_000))  # fmt: skip
+def test_int4_vnni_path_matches_its_definition(D, F, T, group, activation, seed):
+    """Up to 8 rows per expert, int4 with groups of 64k columns: the kernel computes with each activation
+    row (x, then act(h)) rounded to int8 per group (`cpu_kernels.quantize_activations`); against that
+    definition, written out per token here, only float rounding remains."""
+    from sparsemoe.dispatch.plan import plan_from_topk
+    from sparsemoe.experts import activate
+    from sparsemoe.quant.experts import kernel_forward
+
+    torch.manual_seed(seed)
+    E, K = 3, 2
+    experts = QuantizedExperts.from_experts(Experts(E, D, F, activation), QuantScheme.make("int4", group))
+    x = torch.randn(T, D) * torch.rand(T, 1) * 4
+    ids = torch.stack([torch.randperm(E)[:K] for _ in range(T)])
+    weights = torch.rand(T, K)
+    plan = plan_from_topk(ids, weights, E)
+    with torch.no_grad():
+        y = kernel_forward(x, plan.token_ids, plan.weights, plan.offsets, experts)
+    w_in, w_out = experts.w_in.dequantize(torch.float64), experts.w_out.dequantize(torch.float64)
+
+    def rounded(v, width):  # the group-wise int8 rounding of a row, on its zero-padded stored width
+        padded = torch.nn.functional.pad(v[None], (0, -(-width // group) * group - width))
+        return cpu_kernels.quantize_activations(padded, group)[0, :width].double()
+
+    expected = torch.zeros(T, D, dtype=torch.float64)
+    for t in range(T):
+        for j in range(K):
+            e = int(ids[t, j])
+            a = activate((w_in[e] @ rounded(x[t], D)).float(), activation)
+            expected[t] += weights[t, j].double() * (w_out[e] @ rounded(a, F))
+    assert torch.allclose(y.double(), expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item() + 1e-6)
 
 
 @pytest.mark.parametrize("backend", [b for b in backend_names() if b != "triton"])
@@ -349,3 +388,30 @@ def test_quantized_checkpoint_validation(trained_run, tmp_path, capsys):
     assert "unusable quantization entry" in _error(capsys, "generate")
     assert main(["train", "--run-dir", str(out), "--resume", "--no-verify", "--max-steps", "2", "--no-progress"]) == 2
     assert "quantized (inference only)" in _error(capsys, "train")
+
+
+def test_bench_quant_reports_every_scheme(trained_run, tmp_path, capsys):
+    from sparsemoe.cli import main
+
+    out = tmp_path / "bench"
+    args = ["bench", "--quant", "--configs", "tiny", "--tokens", "1,16,128", "--model", "none", "--checkpoint",
+            str(trained_run), "--repeats", "1", "--decode-tokens", "4", "--out", str(out), "--group-size", "32"]  # fmt: skip
+    assert main(args) == 0
+    result = json.loads((out / "quant.json").read_text())
+    impls = {r["impl"] for r in result["layers"]}
+    assert {"float32", "bfloat16", "int8", "int4"} <= impls
+    if result["environment"]["torchao"]:
+        assert "torchao int8" in impls
+    assert {r["scheme"] for r in result["models"]} == {"float32", "bfloat16", "int8", "int4"}
+    losses = {r["scheme"]: r["val_loss"] for r in result["loss"]}
+    assert abs(losses["int8"] / losses["float32"] - 1) < 0.01
+    assert all(r["bytes"] > 0 and r["min_ms"] > 0 for r in result["layers"])
+    # int4 stores a quarter of float32's bytes and a little more (the group scales)
+    rows = {(r["T"], r["impl"]): r for r in result["layers"]}
+    assert 0.125 < rows[(1, "int4")]["bytes"] / rows[(1, "float32")]["bytes"] < 0.2
+    assert "| tiny | 1 | int4 |" in (out / "quant.md").read_text()
+    capsys.readouterr()
+    assert main(["bench", "--quant", "--group-size", "48", "--out", str(out)]) == 2
+    assert "multiple of 32" in _error(capsys, "bench")
+    assert main(["bench", "--checkpoint", str(trained_run), "--out", str(out)]) == 2
+    assert "--quant" in _error(capsys, "bench")

@@ -33,6 +33,9 @@ class BenchConfig:
 BENCH_CONFIGS = {
     "mixtral-mini": BenchConfig("mixtral-mini", dim=512, hidden_dim=1408, num_experts=8, top_k=2),
     "fine-grained": BenchConfig("fine-grained", dim=512, hidden_dim=256, num_experts=64, top_k=8),
+    # Mixtral's proportions at D=1024: two experts' weights (69 MB in float32) are larger than a CPU's
+    # last-level cache, so a decode step reads them from memory (the quantization benchmark's third shape).
+    "mixtral-1k": BenchConfig("mixtral-1k", dim=1024, hidden_dim=2816, num_experts=8, top_k=2),
     # A few-millisecond shape for smoke runs (`--quick`) and tests.
     "tiny": BenchConfig("tiny", dim=64, hidden_dim=96, num_experts=8, top_k=2),
     # Full-size layers for a GPU (`--gpu`): Mixtral 8x7B's experts, and a fine-grained layer of 128 small

@@ -92,8 +92,55 @@ def register(subparsers) -> argparse.ArgumentParser:
                    "random routing, 10 repeats, forward+backward from T=1024 on; sparsemoe auto/triton/grouped, dense "
                    "ideal, torch._grouped_mm, hf grouped_mm (options given on the command line take precedence; "
                    "--device cpu with small --configs and --tokens is a dry run of the preset on the CPU)")
+    q = p.add_argument_group(
+        "quantized experts (--quant: this benchmark instead of the suite above; CPU)",
+        "The expert stage with float32, bfloat16, int8 and int4 experts and torchao's int8 weight-only linears "
+        "(if installed) on the same weights against each scheme's weight-read bound; whole-model greedy decode in "
+        "every scheme; with --checkpoint, that model's decode and validation loss in every scheme (a quantized "
+        "checkpoint: as it is). --configs and --tokens choose the layer shapes (default mixtral-mini, fine-grained, "
+        "mixtral-1k at T=1,16,2048). Writes quant.md and quant.json.",
+    )  # fmt: skip
+    q.add_argument("--quant", action="store_true", help="run the quantized-experts benchmark")
+    q.add_argument("--checkpoint", metavar="RUN", default=None,
+                   help="a sparsemoe run or checkpoint folder (float or quantized) to decode and evaluate")
+    q.add_argument("--model", choices=("mixtral-1k", "none"), default="mixtral-1k",
+                   help="random whole model to decode in every scheme: mixtral-1k (D=1024, F=2816, 8 experts, top-2, "
+                   "8 layers, vocabulary 32000; 0.66 B parameters) or none (default mixtral-1k)")
+    q.add_argument("--group-size", type=positive_int, default=64, metavar="N",
+                   help="int4 input columns per scale, a multiple of 32 (default 64)")
+    q.add_argument("--decode-tokens", type=positive_int, default=32, metavar="N",
+                   help="tokens generated per timed decode (default 32)")
     p.set_defaults(func=run)
     return p
+
+
+def _run_quant(args: argparse.Namespace) -> int:
+    from sparsemoe.bench.quant import QuantBenchOptions, quant_markdown, run_quant_bench
+    from sparsemoe.quant import QuantizationError
+    from sparsemoe.train import CheckpointError
+
+    if args.device not in ("auto", "cpu"):
+        raise CommandError("--quant measures the CPU kernels; leave out --device (or give --device cpu)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = output_dir(args.out)
+    defaults = QuantBenchOptions()
+    opts = QuantBenchOptions(
+        configs=args.configs or defaults.configs, tokens=args.tokens or defaults.tokens,
+        group_size=args.group_size, repeats=args.repeats or defaults.repeats,
+        model=None if args.model == "none" else args.model, checkpoint=args.checkpoint,
+        decode_tokens=args.decode_tokens, clock=args.clock,
+    )  # fmt: skip
+    try:
+        result = run_quant_bench(opts, progress=lambda what: print(f"... {what}", flush=True))
+    except (QuantizationError, CheckpointError) as err:
+        raise CommandError(str(err)) from None
+    (out / "quant.json").write_text(json.dumps(result, indent=1))
+    text = quant_markdown(result, command_line("bench"))
+    (out / "quant.md").write_text(text)
+    print(text)
+    print(f"wrote {out / 'quant.md'}, {out / 'quant.json'}")
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
@@ -105,6 +152,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.quick and args.gpu:
         raise CommandError("--quick and --gpu are two different presets; pick one")
+    if args.quant:
+        return _run_quant(args)
+    if args.checkpoint is not None:
+        raise CommandError("--checkpoint belongs to --quant (the quantized-experts benchmark); add --quant")
     if args.gpu and args.device == "auto":
         if not torch.cuda.is_available():
             raise CommandError(

@@ -146,6 +146,7 @@ def _bind(path: Path) -> ctypes.CDLL:
         "sparsemoe_decode_mlp_quant": (
             [p, i32, p, p, i64, p, i64, p, p, p, p, i32, i64, i64, i64, i64, i64, i32, p, i32], ctypes.c_int),
         "sparsemoe_dequantize": ([p, p, i32, i64, i64, i64, i64, p, i32, i32], ctypes.c_int),
+        "sparsemoe_int4_activations_int8": ([], ctypes.c_int),
         "sparsemoe_grouped_linear_f32": ([p, i64, p, i64, p, i64, i64, i32, p, i32], ctypes.c_int),
         "sparsemoe_grouped_linear_bf16": ([p, i64, p, i64, p, i64, i64, i32, p, i32], ctypes.c_int),
         "sparsemoe_activate_f32": ([p, p, i64, i64, i64, i32, i32], None),
@@ -347,8 +348,8 @@ def grouped_linear(x_NK: Tensor, offsets: Tensor, w_EOK: Tensor) -> Tensor:
 
 
 # The quantized decode kernel beats dequantizing the experts and running BLAS up to about this many rows
-# per expert on average (measured by `python tools/quant_bench.py`, T = 1-256, mixtral-mini and
-# fine-grained): every row past 8 per expert runs on float32 tiles unpacked once per block.
+# per expert on average (as the float32 kernel: past 8 rows per expert its int4 weights are unpacked once
+# per block of weight rows and the float32 tiles run on them, and int8 weights are widened in the tiles).
 QUANT_KERNEL_MAX_ROWS = 64
 QUANT_BITS = {"int8": 8, "int4": 4}
 
@@ -390,6 +391,26 @@ def decode_mlp_quantized(
         error, why = _DECODE_ERRORS[status]
         raise error(f"sparsemoe_decode_mlp_quant: {why}")
     return y_TD
+
+
+def int4_activations_int8() -> bool:
+    """Whether int4 experts with a group size that is a multiple of 64 run, at up to 8 rows per expert,
+    against activations quantized to int8 per group (VNNI integer dot products, as llama.cpp's 4-bit
+    formats do; built where the CPU has AVX-512 VNNI). The float path computes dequantize-then-matmul to
+    float rounding; this one also rounds each activation group to 255 levels (`quantize_activations`)."""
+    return available() and bool(_library().sparsemoe_int4_activations_int8())
+
+
+def quantize_activations(x_nK: Tensor, group_size: int) -> Tensor:
+    """What the int4 VNNI path computes with instead of x [n, K] (K a multiple of the group size): each group
+    of `group_size` columns rounded to int8 with the scale max|x| / 127 (round half to even), dequantized.
+    A reference for tests."""
+    n, K = x_nK.shape
+    groups = x_nK.float().reshape(n, K // group_size, group_size)
+    amax = groups.abs().amax(dim=2, keepdim=True)
+    inv = torch.where(amax > 0, torch.tensor(127.0) / amax, torch.zeros_like(amax))
+    scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    return (torch.round(groups * inv) * scale).reshape(n, K)
 
 
 def supports_dequantize(data: Tensor, dtype: torch.dtype) -> bool:

@@ -94,12 +94,30 @@ static int decode_stage(const void* x, int x_bf16, const int64_t* tok, const flo
   for (int64_t r = 0; r < kept; r++)
     if (tok[r] < 0 || tok[r] >= T) return -2;
   const int64_t Dp = w_in->K, Fp = w_out->K; /* stored input widths (>= D, F; larger for padded int4) */
+  const int q_in = q4_vnni_applies(w_in), q_out = q4_vnni_applies(w_out);
+  const int64_t Gi = q_in ? w_in->G : 1, Go = q_out ? w_out->G : 1;
   int64_t* bounds = malloc((size_t)(2 * E + 1) * sizeof(int64_t)); /* bounds [E + 1], then used [E] */
   float* xs = malloc((size_t)(kept * (Dp + I + Fp + D) + 1) * sizeof(float)); /* x rows, h, a, o */
-  if (!bounds || !xs) {
+  /* x and a quantized for the int4 VNNI path: int8 values, then per group a float scale and an int32 sum */
+  const int64_t q_bytes = kept * ((q_in ? Dp + 8 * (Dp / Gi) : 0) + (q_out ? Fp + 8 * (Fp / Go) : 0));
+  char* qbuf = q_bytes ? malloc((size_t)q_bytes) : NULL;
+  if (!bounds || !xs || (q_bytes && !qbuf)) {
     free(bounds);
     free(xs);
+    free(qbuf);
     return -1;
+  }
+  qrows_t xq = {0}, aq = {0};
+  if (q_in) {
+    xq.scale = (float*)qbuf;
+    xq.sum = (int32_t*)(xq.scale + kept * (Dp / Gi));
+    xq.q = (int8_t*)(xq.sum + kept * (Dp / Gi));
+  }
+  if (q_out) {
+    char* base = qbuf + (q_in ? kept * (Dp + 8 * (Dp / Gi)) : 0);
+    aq.scale = (float*)base;
+    aq.sum = (int32_t*)(aq.scale + kept * (Fp / Go));
+    aq.q = (int8_t*)(aq.sum + kept * (Fp / Go));
   }
   int64_t* used = bounds + E + 1;
   const int64_t n_used = expert_groups(offsets, E, bounds, used);
@@ -116,18 +134,20 @@ static int decode_stage(const void* x, int x_bf16, const int64_t* tok, const flo
       else
         for (int64_t k = 0; k < D; k++) xr[k] = ((const float*)x)[tok[r] * D + k];
       for (int64_t k = D; k < Dp; k++) xr[k] = 0.0f;
+      if (q_in) quantize_row_q8(xs, r, Dp, Gi, &xq);
     }
 #pragma omp for schedule(static)
     for (int64_t item = 0; item < n_used * blocks_in; item++)
-      if (weights_expert_block(w_in, xs, h, item, blocks_in, used, bounds)) status = -1;
+      if (weights_expert_block(w_in, xs, q_in ? &xq : NULL, h, item, blocks_in, used, bounds)) status = -1;
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < kept; r++) {
       sparsemoe_activate_row_f32(h + r * I, a + r * Fp, F, act);
       for (int64_t f = F; f < Fp; f++) a[r * Fp + f] = 0.0f;
+      if (q_out) quantize_row_q8(a, r, Fp, Go, &aq);
     }
 #pragma omp for schedule(static)
     for (int64_t item = 0; item < n_used * blocks_out; item++)
-      if (weights_expert_block(w_out, a, o, item, blocks_out, used, bounds)) status = -1;
+      if (weights_expert_block(w_out, a, q_out ? &aq : NULL, o, item, blocks_out, used, bounds)) status = -1;
 #pragma omp for schedule(static)
     for (int64_t block = 0; block < blocks_out; block++) { /* each thread owns columns [d0, d1) of y */
       int64_t d0 = block * ROW_BLOCK, d1 = d0 + ROW_BLOCK < D ? d0 + ROW_BLOCK : D;
@@ -139,6 +159,7 @@ static int decode_stage(const void* x, int x_bf16, const int64_t* tok, const flo
   }
   free(bounds);
   free(xs);
+  free(qbuf);
   return status;
 }
 
@@ -168,6 +189,10 @@ int sparsemoe_decode_mlp_quant(const void* x, int x_bf16, const int64_t* tok, co
   const weights_t win = {w_in, s_in, I, Dp, group, fmt}, wout = {w_out, s_out, D, Fp, group, fmt};
   return decode_stage(x, x_bf16, tok, wts, N, offsets, E, &win, &wout, T, D, F, I, act, y, threads);
 }
+
+/* 1 when int4 weights with a group size that is a multiple of 64 run against int8-quantized activations
+ * with VNNI dot products for up to 8 rows per expert (quant_gemm.h), else 0. */
+int sparsemoe_int4_activations_int8(void) { return Q4_VNNI; }
 
 /* out [rows, K] (float32, or bfloat16 when out_bf16) = the quantized weight rows dequantized (bits 8: data
  * int8 [rows, K], scale float32 [rows]; bits 4: data packed [rows, Kp / 2], scale bfloat16 [rows, Kp / G]),

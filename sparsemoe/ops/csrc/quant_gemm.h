@@ -107,11 +107,112 @@ static void i8_unpack_row(const int8_t* q, float s, int64_t K, float* out) {
   for (; k < K; k++) out[k] = (float)q[k] * s;
 }
 
+/* With AVX-512 VNNI, int4 weights against a few rows run on integer dot products (vpdpbusd: 64 multiply-adds
+ * of unsigned bytes by signed bytes per instruction), the way llama.cpp runs its 4-bit formats: each
+ * activation row is quantized to int8 per group of G columns (scale = max|x| / 127, round to nearest even),
+ * and sum_k (u_k - 8) x_k = sum_k u_k x_k - 8 sum_k x_k per group, the second sum computed once per row.
+ * This path is taken when G is a multiple of 64 (the default); it rounds the activations (relative error
+ * at most 1/254 of the group's largest value), which the float path does not. */
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define Q4_VNNI 1
+#else
+#define Q4_VNNI 0
+#endif
+
+/* Activation rows quantized for the VNNI path: q [n, Kp] int8 (each 64-column chunk in the order of the
+ * unpacked weights: columns 0-15, 32-47, 16-31, 48-63), scale [n, Kp / G], sum [n, Kp / G] of q. */
+typedef struct {
+  int8_t* q;
+  float* scale;
+  int32_t* sum;
+} qrows_t;
+
+static int q4_vnni_applies(const weights_t* W) { return Q4_VNNI && W->fmt == FMT_I4 && W->G % 64 == 0; }
+
+#if Q4_VNNI
+/* Row r of x [.., Kp] quantized into rows (see qrows_t). A non-finite group gets its largest magnitude as
+ * scale and zeros, so that NaN or inf reach the output as NaN. */
+static void quantize_row_q8(const float* x, int64_t r, int64_t Kp, int64_t G, const qrows_t* rows) {
+  static const int offsets[4] = {0, 32, 16, 48};
+  int8_t* q = rows->q + r * Kp;
+  for (int64_t g = 0; g < Kp / G; g++) {
+    const float* xg = x + r * Kp + g * G;
+    __m512 m = _mm512_setzero_ps();
+    for (int64_t k = 0; k < G; k += 16) m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(xg + k)));
+    float amax = _mm512_reduce_max_ps(m);
+    for (int64_t k = 0; k < G; k++) /* _mm512_max_ps drops NaN */
+      if (xg[k] != xg[k]) amax = xg[k];
+    const int finite = amax <= 3.4028235e38f && amax > 0.0f;
+    const __m512 inv = _mm512_set1_ps(finite ? 127.0f / amax : 0.0f);
+    rows->scale[r * (Kp / G) + g] = finite ? amax / 127.0f : (amax == 0.0f ? 1.0f : amax);
+    __m512i total = _mm512_setzero_si512();
+    for (int64_t c = 0; c < G; c += 64)
+      for (int p = 0; p < 4; p++) {
+        __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xg + c + offsets[p]), inv));
+        total = _mm512_add_epi32(total, v);
+        _mm_storeu_si128((__m128i*)(q + g * G + c + 16 * p), _mm512_cvtepi32_epi8(v));
+      }
+    rows->sum[r * (Kp / G) + g] = _mm512_reduce_add_epi32(total);
+  }
+}
+
+/* One int4 weight row against XB quantized rows (rows past rj repeat row 0 and are not stored). */
+#define DEFINE_Q4V_ROW(XB)                                                                                 \
+  static void q4v_row_##XB(const uint8_t* wq, const uint16_t* s, const qrows_t* xr, int64_t j, float* y,  \
+                           int64_t Kp, int64_t G, int64_t rj, int64_t ldy) {                              \
+    const int8_t* xq[XB];                                                                                  \
+    const float* xs[XB];                                                                                   \
+    const int32_t* xsum[XB];                                                                               \
+    for (int b = 0; b < XB; b++) {                                                                         \
+      const int64_t row = j + (b < rj ? b : 0);                                                            \
+      xq[b] = xr->q + row * Kp;                                                                            \
+      xs[b] = xr->scale + row * (Kp / G);                                                                  \
+      xsum[b] = xr->sum + row * (Kp / G);                                                                  \
+    }                                                                                                      \
+    const __m256i low4 = _mm256_set1_epi8(0x0F);                                                           \
+    __m512 acc[XB];                                                                                        \
+    float corr[XB];                                                                                        \
+    for (int b = 0; b < XB; b++) {                                                                         \
+      acc[b] = _mm512_setzero_ps();                                                                        \
+      corr[b] = 0.0f;                                                                                      \
+    }                                                                                                      \
+    for (int64_t g = 0; g < Kp / G; g++) {                                                                 \
+      __m512i dot[XB];                                                                                     \
+      for (int b = 0; b < XB; b++) dot[b] = _mm512_setzero_si512();                                        \
+      for (int64_t k = g * G; k < (g + 1) * G; k += 64) {                                                  \
+        const __m256i packed = _mm256_loadu_si256((const __m256i*)(wq + k / 2));                           \
+        const __m256i lo = _mm256_and_si256(packed, low4);                                                 \
+        const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low4);                           \
+        const __m512i u = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);                           \
+        for (int b = 0; b < XB; b++)                                                                       \
+          dot[b] = _mm512_dpbusd_epi32(dot[b], u, _mm512_loadu_si512((const void*)(xq[b] + k)));           \
+      }                                                                                                    \
+      const float sw = bf16_to_float(s[g]);                                                                \
+      for (int b = 0; b < XB; b++) {                                                                       \
+        const float sc = sw * xs[b][g];                                                                    \
+        acc[b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[b]), _mm512_set1_ps(sc), acc[b]);                  \
+        corr[b] += sc * (float)xsum[b][g];                                                                 \
+      }                                                                                                    \
+    }                                                                                                      \
+    for (int b = 0; b < rj; b++) y[b * ldy] = _mm512_reduce_add_ps(acc[b]) - 8.0f * corr[b];               \
+  }
+DEFINE_Q4V_ROW(1)
+DEFINE_Q4V_ROW(2)
+DEFINE_Q4V_ROW(4)
+DEFINE_Q4V_ROW(8)
+#undef DEFINE_Q4V_ROW
+#else
+static void quantize_row_q8(const float* x, int64_t r, int64_t Kp, int64_t G, const qrows_t* rows) {
+  (void)x, (void)r, (void)Kp, (void)G, (void)rows;
+}
+#endif
+
 /* Work item `item` of an int4 GEMM (as expert_block): y[r * O + o] = W[e, o] . x[r] for the rows r of
- * expert e = used[item / blocks] and its block of weight rows [o0, o1); x [.., Kp]. Returns -1 when out of
- * memory (the unpacked block of the many-rows path), else 0. */
-static int q4_expert_block(const weights_t* W, const float* x, float* y, int64_t item, int64_t blocks,
-                           const int64_t* used, const int64_t* bounds) {
+ * expert e = used[item / blocks] and its block of weight rows [o0, o1); x [.., Kp], and xq the same rows
+ * quantized (NULL: not prepared, the float path runs). Returns -1 when out of memory (the unpacked block
+ * of the many-rows path), else 0. */
+static int q4_expert_block(const weights_t* W, const float* x, const qrows_t* xq, float* y, int64_t item,
+                           int64_t blocks, const int64_t* used, const int64_t* bounds) {
   const int64_t O = W->O, Kp = W->K, G = W->G;
   const int64_t e = used[item / blocks], o0 = (item % blocks) * ROW_BLOCK;
   const int64_t o1 = o0 + ROW_BLOCK < O ? o0 + ROW_BLOCK : O, lo = bounds[e], n = bounds[e + 1] - lo;
@@ -119,6 +220,20 @@ static int q4_expert_block(const weights_t* W, const float* x, float* y, int64_t
   const uint16_t* s = (const uint16_t*)W->scale + e * O * (Kp / G);
   x += lo * Kp;
   y += lo * O;
+  (void)xq; /* read by the VNNI path only */
+#if Q4_VNNI
+  if (n <= 8 && xq) {
+    for (int64_t o = o0; o < o1; o++) {
+      const uint8_t* row = wq + o * (Kp / 2);
+      const uint16_t* rs = s + o * (Kp / G);
+      if (n >= 5) q4v_row_8(row, rs, xq, lo, y + o, Kp, G, n, O);
+      else if (n >= 3) q4v_row_4(row, rs, xq, lo, y + o, Kp, G, n, O);
+      else if (n == 2) q4v_row_2(row, rs, xq, lo, y + o, Kp, G, n, O);
+      else q4v_row_1(row, rs, xq, lo, y + o, Kp, G, n, O);
+    }
+    return 0;
+  }
+#endif
   if (n <= 8) {
     for (int64_t o = o0; o < o1; o++) {
       const uint8_t* row = wq + o * (Kp / 2);
@@ -139,9 +254,9 @@ static int q4_expert_block(const weights_t* W, const float* x, float* y, int64_t
 }
 
 /* Work item `item` of the GEMM y = x W^T over the experts with rows, for any weight format (x [.., W->K],
- * y [.., W->O]). Returns 0, or -1 when out of memory. */
-static int weights_expert_block(const weights_t* W, const float* x, float* y, int64_t item, int64_t blocks,
-                                const int64_t* used, const int64_t* bounds) {
+ * y [.., W->O]; xq: x quantized for the int4 VNNI path, or NULL). Returns 0, or -1 when out of memory. */
+static int weights_expert_block(const weights_t* W, const float* x, const qrows_t* xq, float* y, int64_t item,
+                                int64_t blocks, const int64_t* used, const int64_t* bounds) {
   switch (W->fmt) {
     case FMT_F32:
       expert_block_f32((const float*)W->w, x, y, W->K, W->O, item, blocks, used, bounds);
@@ -159,6 +274,6 @@ static int weights_expert_block(const weights_t* W, const float* x, float* y, in
       return 0;
     }
     default:
-      return q4_expert_block(W, x, y, item, blocks, used, bounds);
+      return q4_expert_block(W, x, xq, y, item, blocks, used, bounds);
   }
 }
