@@ -146,7 +146,7 @@ def _bind(path: Path) -> ctypes.CDLL:
         "sparsemoe_decode_mlp_quant": (
             [p, i32, p, p, i64, p, i64, p, p, p, p, i32, i64, i64, i64, i64, i64, i32, p, i32], ctypes.c_int),
         "sparsemoe_dequantize": ([p, p, i32, i64, i64, i64, i64, p, i32, i32], ctypes.c_int),
-        "sparsemoe_int4_activations_int8": ([], ctypes.c_int),
+        "sparsemoe_vnni_activations_int8": ([], ctypes.c_int),
         "sparsemoe_grouped_linear_f32": ([p, i64, p, i64, p, i64, i64, i32, p, i32], ctypes.c_int),
         "sparsemoe_grouped_linear_bf16": ([p, i64, p, i64, p, i64, i64, i32, p, i32], ctypes.c_int),
         "sparsemoe_activate_f32": ([p, p, i64, i64, i64, i32, i32], None),
@@ -393,17 +393,21 @@ def decode_mlp_quantized(
     return y_TD
 
 
-def int4_activations_int8() -> bool:
-    """Whether int4 experts with a group size that is a multiple of 64 run, at up to 8 rows per expert,
-    against activations quantized to int8 per group (VNNI integer dot products, as llama.cpp's 4-bit
-    formats do; built where the CPU has AVX-512 VNNI). The float path computes dequantize-then-matmul to
-    float rounding; this one also rounds each activation group to 255 levels (`quantize_activations`)."""
-    return available() and bool(_library().sparsemoe_int4_activations_int8())
+# Activation columns per int8 scale against int8 weights on the VNNI path (int4: the weights' group size).
+INT8_ACTIVATION_GROUP = 64
+
+
+def activations_int8() -> bool:
+    """Whether quantized experts (int8, and int4 with a group size that is a multiple of 64) run, at up to 8
+    rows per expert, against activations rounded to int8 per group (VNNI integer dot products, as llama.cpp's
+    formats do; built where the CPU has AVX-512 VNNI). The float path computes dequantize-then-matmul to float
+    rounding; this one also rounds each activation group to 255 levels (`quantize_activations`)."""
+    return available() and bool(_library().sparsemoe_vnni_activations_int8())
 
 
 def quantize_activations(x_nK: Tensor, group_size: int) -> Tensor:
-    """What the int4 VNNI path computes with instead of x [n, K] (K a multiple of the group size): each group
-    of `group_size` columns rounded to int8 with the scale max|x| / 127 (round half to even), dequantized.
+    """What the VNNI path computes with instead of x [n, K] (K a multiple of the group size): each group of
+    `group_size` columns rounded to int8 with the scale max|x| / 127 (round half to even), dequantized.
     A reference for tests."""
     n, K = x_nK.shape
     groups = x_nK.float().reshape(n, K // group_size, group_size)

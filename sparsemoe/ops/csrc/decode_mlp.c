@@ -94,12 +94,14 @@ static int decode_stage(const void* x, int x_bf16, const int64_t* tok, const flo
   for (int64_t r = 0; r < kept; r++)
     if (tok[r] < 0 || tok[r] >= T) return -2;
   const int64_t Dp = w_in->K, Fp = w_out->K; /* stored input widths (>= D, F; larger for padded int4) */
-  const int q_in = q4_vnni_applies(w_in), q_out = q4_vnni_applies(w_out);
-  const int64_t Gi = q_in ? w_in->G : 1, Go = q_out ? w_out->G : 1;
+  /* x and a rounded to int8 for the VNNI path (quant_gemm.h): Kq = 0 where the float path runs */
+  int64_t Kq_in, G_in, Kq_out, G_out;
+  vnni_activation_layout(w_in, &Kq_in, &G_in);
+  vnni_activation_layout(w_out, &Kq_out, &G_out);
   int64_t* bounds = malloc((size_t)(2 * E + 1) * sizeof(int64_t)); /* bounds [E + 1], then used [E] */
   float* xs = malloc((size_t)(kept * (Dp + I + Fp + D) + 1) * sizeof(float)); /* x rows, h, a, o */
-  /* x and a quantized for the int4 VNNI path: int8 values, then per group a float scale and an int32 sum */
-  const int64_t q_bytes = kept * ((q_in ? Dp + 8 * (Dp / Gi) : 0) + (q_out ? Fp + 8 * (Fp / Go) : 0));
+  /* per row: scales and sums (4 bytes each per group), then the int8 values */
+  const int64_t q_in_bytes = kept * (Kq_in + 8 * (Kq_in / G_in)), q_bytes = q_in_bytes + kept * (Kq_out + 8 * (Kq_out / G_out));
   char* qbuf = q_bytes ? malloc((size_t)q_bytes) : NULL;
   if (!bounds || !xs || (q_bytes && !qbuf)) {
     free(bounds);
@@ -108,16 +110,15 @@ static int decode_stage(const void* x, int x_bf16, const int64_t* tok, const flo
     return -1;
   }
   qrows_t xq = {0}, aq = {0};
-  if (q_in) {
-    xq.scale = (float*)qbuf;
-    xq.sum = (int32_t*)(xq.scale + kept * (Dp / Gi));
-    xq.q = (int8_t*)(xq.sum + kept * (Dp / Gi));
+  if (Kq_in) {
+    xq = (qrows_t){NULL, (float*)qbuf, NULL, Kq_in, G_in, w_in->fmt == FMT_I4};
+    xq.sum = (int32_t*)(xq.scale + kept * (Kq_in / G_in));
+    xq.q = (int8_t*)(xq.sum + kept * (Kq_in / G_in));
   }
-  if (q_out) {
-    char* base = qbuf + (q_in ? kept * (Dp + 8 * (Dp / Gi)) : 0);
-    aq.scale = (float*)base;
-    aq.sum = (int32_t*)(aq.scale + kept * (Fp / Go));
-    aq.q = (int8_t*)(aq.sum + kept * (Fp / Go));
+  if (Kq_out) {
+    aq = (qrows_t){NULL, (float*)(qbuf + q_in_bytes), NULL, Kq_out, G_out, w_out->fmt == FMT_I4};
+    aq.sum = (int32_t*)(aq.scale + kept * (Kq_out / G_out));
+    aq.q = (int8_t*)(aq.sum + kept * (Kq_out / G_out));
   }
   int64_t* used = bounds + E + 1;
   const int64_t n_used = expert_groups(offsets, E, bounds, used);
@@ -134,20 +135,20 @@ static int decode_stage(const void* x, int x_bf16, const int64_t* tok, const flo
       else
         for (int64_t k = 0; k < D; k++) xr[k] = ((const float*)x)[tok[r] * D + k];
       for (int64_t k = D; k < Dp; k++) xr[k] = 0.0f;
-      if (q_in) quantize_row_q8(xs, r, Dp, Gi, &xq);
+      if (Kq_in) quantize_row_q8(xr, D, r, &xq);
     }
 #pragma omp for schedule(static)
     for (int64_t item = 0; item < n_used * blocks_in; item++)
-      if (weights_expert_block(w_in, xs, q_in ? &xq : NULL, h, item, blocks_in, used, bounds)) status = -1;
+      if (weights_expert_block(w_in, xs, Kq_in ? &xq : NULL, h, item, blocks_in, used, bounds)) status = -1;
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < kept; r++) {
       sparsemoe_activate_row_f32(h + r * I, a + r * Fp, F, act);
       for (int64_t f = F; f < Fp; f++) a[r * Fp + f] = 0.0f;
-      if (q_out) quantize_row_q8(a, r, Fp, Go, &aq);
+      if (Kq_out) quantize_row_q8(a + r * Fp, F, r, &aq);
     }
 #pragma omp for schedule(static)
     for (int64_t item = 0; item < n_used * blocks_out; item++)
-      if (weights_expert_block(w_out, a, q_out ? &aq : NULL, o, item, blocks_out, used, bounds)) status = -1;
+      if (weights_expert_block(w_out, a, Kq_out ? &aq : NULL, o, item, blocks_out, used, bounds)) status = -1;
 #pragma omp for schedule(static)
     for (int64_t block = 0; block < blocks_out; block++) { /* each thread owns columns [d0, d1) of y */
       int64_t d0 = block * ROW_BLOCK, d1 = d0 + ROW_BLOCK < D ? d0 + ROW_BLOCK : D;
@@ -190,9 +191,9 @@ int sparsemoe_decode_mlp_quant(const void* x, int x_bf16, const int64_t* tok, co
   return decode_stage(x, x_bf16, tok, wts, N, offsets, E, &win, &wout, T, D, F, I, act, y, threads);
 }
 
-/* 1 when int4 weights with a group size that is a multiple of 64 run against int8-quantized activations
- * with VNNI dot products for up to 8 rows per expert (quant_gemm.h), else 0. */
-int sparsemoe_int4_activations_int8(void) { return Q4_VNNI; }
+/* 1 when quantized weights (int8, and int4 with a group size that is a multiple of 64) run against
+ * activations rounded to int8 with VNNI dot products for up to 8 rows per expert (quant_gemm.h), else 0. */
+int sparsemoe_vnni_activations_int8(void) { return VNNI; }
 
 /* out [rows, K] (float32, or bfloat16 when out_bf16) = the quantized weight rows dequantized (bits 8: data
  * int8 [rows, K], scale float32 [rows]; bits 4: data packed [rows, Kp / 2], scale bfloat16 [rows, Kp / G]),

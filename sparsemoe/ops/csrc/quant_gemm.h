@@ -107,112 +107,189 @@ static void i8_unpack_row(const int8_t* q, float s, int64_t K, float* out) {
   for (; k < K; k++) out[k] = (float)q[k] * s;
 }
 
-/* With AVX-512 VNNI, int4 weights against a few rows run on integer dot products (vpdpbusd: 64 multiply-adds
- * of unsigned bytes by signed bytes per instruction), the way llama.cpp runs its 4-bit formats: each
- * activation row is quantized to int8 per group of G columns (scale = max|x| / 127, round to nearest even),
- * and sum_k (u_k - 8) x_k = sum_k u_k x_k - 8 sum_k x_k per group, the second sum computed once per row.
- * This path is taken when G is a multiple of 64 (the default); it rounds the activations (relative error
- * at most 1/254 of the group's largest value), which the float path does not. */
+/* With AVX-512 VNNI, quantized weights against a few rows run on integer dot products (vpdpbusd: 64
+ * multiply-adds of unsigned by signed bytes per instruction), as llama.cpp runs its formats: each activation
+ * row is rounded to int8 per group of columns (scale = max|x| / 127, round half to even; the group is the
+ * weights' for int4, 64 columns for int8), which the float path does not do (relative error at most 1/254
+ * of the group's largest value). The unsigned operand carries an offset that one sum per group removes:
+ *   int4  u = q + 8 in [0, 15]:             sum_k q_k x_k = sum_k u_k x_k - 8 sum_k x_k
+ *   int8  u = q + 128 (the sign bit flipped): sum_k q_k x_k = sum_k u_k x_k - 128 sum_k x_k
+ * with sum_k x_k of the int8 activations computed once per row and group. Taken for up to 8 rows per
+ * expert; for int4 when the group size is a multiple of 64 (the default). */
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-#define Q4_VNNI 1
+#define VNNI 1
 #else
-#define Q4_VNNI 0
+#define VNNI 0
 #endif
+#define Q8_GROUP 64 /* activation columns per scale against int8 weights */
 
-/* Activation rows quantized for the VNNI path: q [n, Kp] int8 (each 64-column chunk in the order of the
- * unpacked weights: columns 0-15, 32-47, 16-31, 48-63), scale [n, Kp / G], sum [n, Kp / G] of q. */
+/* Activation rows rounded to int8 for the VNNI path: q [n, Kq] (Kq = the width rounded up to a whole
+ * number of groups, zeros past the real width; for int4 each 64-column chunk in the order of the unpacked
+ * weights: columns 0-15, 32-47, 16-31, 48-63), scale [n, Kq / G], sum [n, Kq / G] of q. */
 typedef struct {
   int8_t* q;
   float* scale;
   int32_t* sum;
+  int64_t Kq, G;
+  int nibble_order;
 } qrows_t;
 
-static int q4_vnni_applies(const weights_t* W) { return Q4_VNNI && W->fmt == FMT_I4 && W->G % 64 == 0; }
-
-#if Q4_VNNI
-/* Row r of x [.., Kp] quantized into rows (see qrows_t). A non-finite group gets its largest magnitude as
- * scale and zeros, so that NaN or inf reach the output as NaN. */
-static void quantize_row_q8(const float* x, int64_t r, int64_t Kp, int64_t G, const qrows_t* rows) {
-  static const int offsets[4] = {0, 32, 16, 48};
-  int8_t* q = rows->q + r * Kp;
-  for (int64_t g = 0; g < Kp / G; g++) {
-    const float* xg = x + r * Kp + g * G;
-    __m512 m = _mm512_setzero_ps();
-    for (int64_t k = 0; k < G; k += 16) m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(xg + k)));
-    float amax = _mm512_reduce_max_ps(m);
-    for (int64_t k = 0; k < G; k++) /* _mm512_max_ps drops NaN */
-      if (xg[k] != xg[k]) amax = xg[k];
-    const int finite = amax <= 3.4028235e38f && amax > 0.0f;
-    const __m512 inv = _mm512_set1_ps(finite ? 127.0f / amax : 0.0f);
-    rows->scale[r * (Kp / G) + g] = finite ? amax / 127.0f : (amax == 0.0f ? 1.0f : amax);
-    __m512i total = _mm512_setzero_si512();
-    for (int64_t c = 0; c < G; c += 64)
-      for (int p = 0; p < 4; p++) {
-        __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xg + c + offsets[p]), inv));
-        total = _mm512_add_epi32(total, v);
-        _mm_storeu_si128((__m128i*)(q + g * G + c + 16 * p), _mm512_cvtepi32_epi8(v));
-      }
-    rows->sum[r * (Kp / G) + g] = _mm512_reduce_add_epi32(total);
+/* (Kq, G) of the activations the VNNI path needs for W, or Kq = 0 when W runs on the float path. */
+static void vnni_activation_layout(const weights_t* W, int64_t* Kq, int64_t* G) {
+  *Kq = 0;
+  *G = 1;
+  if (!VNNI) return;
+  if (W->fmt == FMT_I4 && W->G % 64 == 0) {
+    *Kq = W->K;
+    *G = W->G;
+  } else if (W->fmt == FMT_I8) {
+    *Kq = (W->K + Q8_GROUP - 1) / Q8_GROUP * Q8_GROUP;
+    *G = Q8_GROUP;
   }
 }
 
-/* One int4 weight row against XB quantized rows (rows past rj repeat row 0 and are not stored). */
-#define DEFINE_Q4V_ROW(XB)                                                                                 \
-  static void q4v_row_##XB(const uint8_t* wq, const uint16_t* s, const qrows_t* xr, int64_t j, float* y,  \
-                           int64_t Kp, int64_t G, int64_t rj, int64_t ldy) {                              \
+#if VNNI
+/* Row r of the activations (K values at x) rounded into rows (see qrows_t). A non-finite group gets its
+ * largest magnitude as scale and zeros, so that NaN or inf reach the output as NaN. */
+static void quantize_row_q8(const float* x, int64_t K, int64_t r, const qrows_t* rows) {
+  static const int nibble_offsets[4] = {0, 32, 16, 48}, plain_offsets[4] = {0, 16, 32, 48};
+  const int* offsets = rows->nibble_order ? nibble_offsets : plain_offsets;
+  const int64_t Kq = rows->Kq, G = rows->G;
+  int8_t* q = rows->q + r * Kq;
+  for (int64_t g = 0; g < Kq / G; g++) {
+    const int64_t k0 = g * G;
+    __m512 m = _mm512_setzero_ps();
+    float amax = 0.0f;
+    for (int64_t k = k0; k < k0 + G && k < K; k += 16) {
+      const __m512 v = _mm512_maskz_loadu_ps(K - k >= 16 ? 0xFFFF : (__mmask16)((1u << (K - k)) - 1), x + k);
+      m = _mm512_max_ps(m, _mm512_abs_ps(v));
+    }
+    amax = _mm512_reduce_max_ps(m);
+    for (int64_t k = k0; k < k0 + G && k < K; k++) /* _mm512_max_ps drops NaN */
+      if (x[k] != x[k]) amax = x[k];
+    const int finite = amax <= 3.4028235e38f && amax > 0.0f;
+    const __m512 inv = _mm512_set1_ps(finite ? 127.0f / amax : 0.0f);
+    rows->scale[r * (Kq / G) + g] = finite ? amax / 127.0f : (amax == 0.0f ? 1.0f : amax);
+    __m512i total = _mm512_setzero_si512();
+    for (int64_t c = k0; c < k0 + G; c += 64)
+      for (int p = 0; p < 4; p++) {
+        const int64_t k = c + offsets[p], left = K - k;
+        const __mmask16 mask = left >= 16 ? 0xFFFF : left > 0 ? (__mmask16)((1u << left) - 1) : 0;
+        __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(mask, x + k), inv));
+        total = _mm512_add_epi32(total, v);
+        _mm_storeu_si128((__m128i*)(q + c + 16 * p), _mm512_cvtepi32_epi8(v));
+      }
+    rows->sum[r * (Kq / G) + g] = _mm512_reduce_add_epi32(total);
+  }
+}
+
+/* One quantized weight row against XB rounded activation rows (rows past rj repeat row 0 and are not
+ * stored): y[b * ldy] = w . x[j + b]. UNPACK(k) gives the 64 unsigned weight bytes of columns [k, k + 64)
+ * in the activations' order; SCALE(g) the weights' scale of group g (1 for int8: applied per row below);
+ * OFFSET the unsigned offset. */
+#define DEFINE_VNNI_ROW(NAME, XB, WT, UNPACK, SCALE, OFFSET)                                              \
+  static void NAME##_##XB(const WT* wq, const void* s, const qrows_t* xr, int64_t j, float* y, int64_t K, \
+                          int64_t rj, int64_t ldy) {                                                      \
+    const int64_t Kq = xr->Kq, G = xr->G;                                                                  \
+    (void)K, (void)s; /* read by UNPACK / SCALE of one of the formats only */                               \
     const int8_t* xq[XB];                                                                                  \
     const float* xs[XB];                                                                                   \
     const int32_t* xsum[XB];                                                                               \
     for (int b = 0; b < XB; b++) {                                                                         \
       const int64_t row = j + (b < rj ? b : 0);                                                            \
-      xq[b] = xr->q + row * Kp;                                                                            \
-      xs[b] = xr->scale + row * (Kp / G);                                                                  \
-      xsum[b] = xr->sum + row * (Kp / G);                                                                  \
+      xq[b] = xr->q + row * Kq;                                                                            \
+      xs[b] = xr->scale + row * (Kq / G);                                                                  \
+      xsum[b] = xr->sum + row * (Kq / G);                                                                  \
     }                                                                                                      \
-    const __m256i low4 = _mm256_set1_epi8(0x0F);                                                           \
     __m512 acc[XB];                                                                                        \
     float corr[XB];                                                                                        \
     for (int b = 0; b < XB; b++) {                                                                         \
       acc[b] = _mm512_setzero_ps();                                                                        \
       corr[b] = 0.0f;                                                                                      \
     }                                                                                                      \
-    for (int64_t g = 0; g < Kp / G; g++) {                                                                 \
+    for (int64_t g = 0; g < Kq / G; g++) {                                                                 \
       __m512i dot[XB];                                                                                     \
       for (int b = 0; b < XB; b++) dot[b] = _mm512_setzero_si512();                                        \
       for (int64_t k = g * G; k < (g + 1) * G; k += 64) {                                                  \
-        const __m256i packed = _mm256_loadu_si256((const __m256i*)(wq + k / 2));                           \
-        const __m256i lo = _mm256_and_si256(packed, low4);                                                 \
-        const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low4);                           \
-        const __m512i u = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);                           \
+        const __m512i u = UNPACK(k);                                                                       \
         for (int b = 0; b < XB; b++)                                                                       \
           dot[b] = _mm512_dpbusd_epi32(dot[b], u, _mm512_loadu_si512((const void*)(xq[b] + k)));           \
       }                                                                                                    \
-      const float sw = bf16_to_float(s[g]);                                                                \
+      const float sw = SCALE(g);                                                                           \
       for (int b = 0; b < XB; b++) {                                                                       \
         const float sc = sw * xs[b][g];                                                                    \
         acc[b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[b]), _mm512_set1_ps(sc), acc[b]);                  \
         corr[b] += sc * (float)xsum[b][g];                                                                 \
       }                                                                                                    \
     }                                                                                                      \
-    for (int b = 0; b < rj; b++) y[b * ldy] = _mm512_reduce_add_ps(acc[b]) - 8.0f * corr[b];               \
+    for (int b = 0; b < rj; b++) y[b * ldy] = _mm512_reduce_add_ps(acc[b]) - (OFFSET) * corr[b];           \
   }
-DEFINE_Q4V_ROW(1)
-DEFINE_Q4V_ROW(2)
-DEFINE_Q4V_ROW(4)
-DEFINE_Q4V_ROW(8)
-#undef DEFINE_Q4V_ROW
+
+/* int4: 32 packed bytes -> 64 nibbles (low nibbles of both 32-column blocks, then the high ones). */
+static inline __m512i q4_unpack64(const uint8_t* p) {
+  const __m256i packed = _mm256_loadu_si256((const __m256i*)p), low4 = _mm256_set1_epi8(0x0F);
+  const __m256i lo = _mm256_and_si256(packed, low4), hi = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low4);
+  return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+}
+/* int8: 64 weights (past K: masked to 0) with the sign bit flipped, i.e. q + 128 as unsigned bytes. */
+static inline __m512i q8_unpack64(const int8_t* p, int64_t left) {
+  const __mmask64 mask = left >= 64 ? ~(__mmask64)0 : left > 0 ? (((__mmask64)1 << left) - 1) : 0;
+  return _mm512_xor_si512(_mm512_maskz_loadu_epi8(mask, p), _mm512_set1_epi8((char)0x80));
+}
+#define Q4_UNPACK(k) q4_unpack64(wq + (k) / 2)
+#define Q4_SCALE(g) bf16_to_float(((const uint16_t*)s)[g])
+#define Q8_UNPACK(k) q8_unpack64(wq + (k), K - (k))
+#define Q8_SCALE(g) 1.0f
+#define DEFINE_VNNI_ROWS(NAME, WT, UNPACK, SCALE, OFFSET) \
+  DEFINE_VNNI_ROW(NAME, 1, WT, UNPACK, SCALE, OFFSET)     \
+  DEFINE_VNNI_ROW(NAME, 2, WT, UNPACK, SCALE, OFFSET)     \
+  DEFINE_VNNI_ROW(NAME, 4, WT, UNPACK, SCALE, OFFSET)     \
+  DEFINE_VNNI_ROW(NAME, 8, WT, UNPACK, SCALE, OFFSET)
+DEFINE_VNNI_ROWS(q4v_row, uint8_t, Q4_UNPACK, Q4_SCALE, 8.0f)
+DEFINE_VNNI_ROWS(q8v_row, int8_t, Q8_UNPACK, Q8_SCALE, 128.0f)
+#undef DEFINE_VNNI_ROWS
+#undef DEFINE_VNNI_ROW
+
+/* Rows [lo, lo + n) (n <= 8) of one expert against its weight rows [o0, o1) on the VNNI path:
+ * y[(lo + b) * O + o] = W[e, o] . x[lo + b]. int8 rows are multiplied by their channel's scale. */
+static void vnni_expert_rows(const weights_t* W, const qrows_t* xq, float* y, int64_t e, int64_t o0, int64_t o1,
+                             int64_t lo, int64_t n) {
+  const int64_t O = W->O, K = W->K;
+  for (int64_t o = o0; o < o1; o++) {
+    float* yo = y + lo * O + o;
+    if (W->fmt == FMT_I4) {
+      const uint8_t* row = (const uint8_t*)W->w + (e * O + o) * (K / 2);
+      const uint16_t* rs = (const uint16_t*)W->scale + (e * O + o) * (K / W->G);
+      if (n >= 5) q4v_row_8(row, rs, xq, lo, yo, K, n, O);
+      else if (n >= 3) q4v_row_4(row, rs, xq, lo, yo, K, n, O);
+      else if (n == 2) q4v_row_2(row, rs, xq, lo, yo, K, n, O);
+      else q4v_row_1(row, rs, xq, lo, yo, K, n, O);
+    } else {
+      const int8_t* row = (const int8_t*)W->w + (e * O + o) * K;
+      if (n >= 5) q8v_row_8(row, NULL, xq, lo, yo, K, n, O);
+      else if (n >= 3) q8v_row_4(row, NULL, xq, lo, yo, K, n, O);
+      else if (n == 2) q8v_row_2(row, NULL, xq, lo, yo, K, n, O);
+      else q8v_row_1(row, NULL, xq, lo, yo, K, n, O);
+      const float sw = ((const float*)W->scale)[e * O + o];
+      for (int64_t b = 0; b < n; b++) yo[b * O] *= sw;
+    }
+  }
+}
 #else
-static void quantize_row_q8(const float* x, int64_t r, int64_t Kp, int64_t G, const qrows_t* rows) {
-  (void)x, (void)r, (void)Kp, (void)G, (void)rows;
+static void quantize_row_q8(const float* x, int64_t K, int64_t r, const qrows_t* rows) {
+  (void)x, (void)K, (void)r, (void)rows;
+}
+static void vnni_expert_rows(const weights_t* W, const qrows_t* xq, float* y, int64_t e, int64_t o0, int64_t o1,
+                             int64_t lo, int64_t n) {
+  (void)W, (void)xq, (void)y, (void)e, (void)o0, (void)o1, (void)lo, (void)n;
 }
 #endif
 
 /* Work item `item` of an int4 GEMM (as expert_block): y[r * O + o] = W[e, o] . x[r] for the rows r of
- * expert e = used[item / blocks] and its block of weight rows [o0, o1); x [.., Kp], and xq the same rows
- * quantized (NULL: not prepared, the float path runs). Returns -1 when out of memory (the unpacked block
- * of the many-rows path), else 0. */
-static int q4_expert_block(const weights_t* W, const float* x, const qrows_t* xq, float* y, int64_t item,
-                           int64_t blocks, const int64_t* used, const int64_t* bounds) {
+ * expert e = used[item / blocks] and its block of weight rows [o0, o1); x [.., Kp]. Returns -1 when out of
+ * memory (the unpacked block of the many-rows path), else 0. */
+static int q4_expert_block(const weights_t* W, const float* x, float* y, int64_t item, int64_t blocks,
+                           const int64_t* used, const int64_t* bounds) {
   const int64_t O = W->O, Kp = W->K, G = W->G;
   const int64_t e = used[item / blocks], o0 = (item % blocks) * ROW_BLOCK;
   const int64_t o1 = o0 + ROW_BLOCK < O ? o0 + ROW_BLOCK : O, lo = bounds[e], n = bounds[e + 1] - lo;
@@ -220,20 +297,6 @@ static int q4_expert_block(const weights_t* W, const float* x, const qrows_t* xq
   const uint16_t* s = (const uint16_t*)W->scale + e * O * (Kp / G);
   x += lo * Kp;
   y += lo * O;
-  (void)xq; /* read by the VNNI path only */
-#if Q4_VNNI
-  if (n <= 8 && xq) {
-    for (int64_t o = o0; o < o1; o++) {
-      const uint8_t* row = wq + o * (Kp / 2);
-      const uint16_t* rs = s + o * (Kp / G);
-      if (n >= 5) q4v_row_8(row, rs, xq, lo, y + o, Kp, G, n, O);
-      else if (n >= 3) q4v_row_4(row, rs, xq, lo, y + o, Kp, G, n, O);
-      else if (n == 2) q4v_row_2(row, rs, xq, lo, y + o, Kp, G, n, O);
-      else q4v_row_1(row, rs, xq, lo, y + o, Kp, G, n, O);
-    }
-    return 0;
-  }
-#endif
   if (n <= 8) {
     for (int64_t o = o0; o < o1; o++) {
       const uint8_t* row = wq + o * (Kp / 2);
@@ -257,6 +320,14 @@ static int q4_expert_block(const weights_t* W, const float* x, const qrows_t* xq
  * y [.., W->O]; xq: x quantized for the int4 VNNI path, or NULL). Returns 0, or -1 when out of memory. */
 static int weights_expert_block(const weights_t* W, const float* x, const qrows_t* xq, float* y, int64_t item,
                                 int64_t blocks, const int64_t* used, const int64_t* bounds) {
+  if (xq) { /* the VNNI path, for an expert with up to 8 rows */
+    const int64_t e = used[item / blocks], lo = bounds[e], n = bounds[e + 1] - lo;
+    const int64_t o0 = (item % blocks) * ROW_BLOCK, o1 = o0 + ROW_BLOCK < W->O ? o0 + ROW_BLOCK : W->O;
+    if (n <= 8) {
+      vnni_expert_rows(W, xq, y, e, o0, o1, lo, n);
+      return 0;
+    }
+  }
   switch (W->fmt) {
     case FMT_F32:
       expert_block_f32((const float*)W->w, x, y, W->K, W->O, item, blocks, used, bounds);
@@ -274,6 +345,6 @@ static int weights_expert_block(const weights_t* W, const float* x, const qrows_
       return 0;
     }
     default:
-      return q4_expert_block(W, x, xq, y, item, blocks, used, bounds);
+      return q4_expert_block(W, x, y, item, blocks, used, bounds);
   }
 }
