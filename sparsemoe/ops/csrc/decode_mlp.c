@@ -95,13 +95,11 @@ static int decode_stage(const void* x, int x_bf16, const int64_t* tok, const flo
     if (tok[r] < 0 || tok[r] >= T) return -2;
   const int64_t Dp = w_in->K, Fp = w_out->K; /* stored input widths (>= D, F; larger for padded int4) */
   /* x and a rounded to int8 for the VNNI path (quant_gemm.h): Kq = 0 where the float path runs */
-  int64_t Kq_in, G_in, Kq_out, G_out;
-  vnni_activation_layout(w_in, &Kq_in, &G_in);
-  vnni_activation_layout(w_out, &Kq_out, &G_out);
+  qrows_t xq = vnni_activation_layout(w_in), aq = vnni_activation_layout(w_out);
   int64_t* bounds = malloc((size_t)(2 * E + 1) * sizeof(int64_t)); /* bounds [E + 1], then used [E] */
   float* xs = malloc((size_t)(kept * (Dp + I + Fp + D) + 1) * sizeof(float)); /* x rows, h, a, o */
   /* per row: scales and sums (4 bytes each per group), then the int8 values */
-  const int64_t q_in_bytes = kept * (Kq_in + 8 * (Kq_in / G_in)), q_bytes = q_in_bytes + kept * (Kq_out + 8 * (Kq_out / G_out));
+  const int64_t q_in_bytes = kept * (xq.Kq + 8 * xq.groups), q_bytes = q_in_bytes + kept * (aq.Kq + 8 * aq.groups);
   char* qbuf = q_bytes ? malloc((size_t)q_bytes) : NULL;
   if (!bounds || !xs || (q_bytes && !qbuf)) {
     free(bounds);
@@ -109,16 +107,15 @@ static int decode_stage(const void* x, int x_bf16, const int64_t* tok, const flo
     free(qbuf);
     return -1;
   }
-  qrows_t xq = {0}, aq = {0};
-  if (Kq_in) {
-    xq = (qrows_t){NULL, (float*)qbuf, NULL, Kq_in, G_in, w_in->fmt == FMT_I4};
-    xq.sum = (int32_t*)(xq.scale + kept * (Kq_in / G_in));
-    xq.q = (int8_t*)(xq.sum + kept * (Kq_in / G_in));
+  if (xq.Kq) {
+    xq.scale = (float*)qbuf;
+    xq.sum = (int32_t*)(xq.scale + kept * xq.groups);
+    xq.q = (int8_t*)(xq.sum + kept * xq.groups);
   }
-  if (Kq_out) {
-    aq = (qrows_t){NULL, (float*)(qbuf + q_in_bytes), NULL, Kq_out, G_out, w_out->fmt == FMT_I4};
-    aq.sum = (int32_t*)(aq.scale + kept * (Kq_out / G_out));
-    aq.q = (int8_t*)(aq.sum + kept * (Kq_out / G_out));
+  if (aq.Kq) {
+    aq.scale = (float*)(qbuf + q_in_bytes);
+    aq.sum = (int32_t*)(aq.scale + kept * aq.groups);
+    aq.q = (int8_t*)(aq.sum + kept * aq.groups);
   }
   int64_t* used = bounds + E + 1;
   const int64_t n_used = expert_groups(offsets, E, bounds, used);
@@ -135,20 +132,20 @@ static int decode_stage(const void* x, int x_bf16, const int64_t* tok, const flo
       else
         for (int64_t k = 0; k < D; k++) xr[k] = ((const float*)x)[tok[r] * D + k];
       for (int64_t k = D; k < Dp; k++) xr[k] = 0.0f;
-      if (Kq_in) quantize_row_q8(xr, D, r, &xq);
+      if (xq.Kq) quantize_row_q8(xr, D, r, &xq);
     }
 #pragma omp for schedule(static)
     for (int64_t item = 0; item < n_used * blocks_in; item++)
-      if (weights_expert_block(w_in, xs, Kq_in ? &xq : NULL, h, item, blocks_in, used, bounds)) status = -1;
+      if (weights_expert_block(w_in, xs, xq.Kq ? &xq : NULL, h, item, blocks_in, used, bounds)) status = -1;
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < kept; r++) {
       sparsemoe_activate_row_f32(h + r * I, a + r * Fp, F, act);
       for (int64_t f = F; f < Fp; f++) a[r * Fp + f] = 0.0f;
-      if (Kq_out) quantize_row_q8(a + r * Fp, F, r, &aq);
+      if (aq.Kq) quantize_row_q8(a + r * Fp, F, r, &aq);
     }
 #pragma omp for schedule(static)
     for (int64_t item = 0; item < n_used * blocks_out; item++)
-      if (weights_expert_block(w_out, a, Kq_out ? &aq : NULL, o, item, blocks_out, used, bounds)) status = -1;
+      if (weights_expert_block(w_out, a, aq.Kq ? &aq : NULL, o, item, blocks_out, used, bounds)) status = -1;
 #pragma omp for schedule(static)
     for (int64_t block = 0; block < blocks_out; block++) { /* each thread owns columns [d0, d1) of y */
       int64_t d0 = block * ROW_BLOCK, d1 = d0 + ROW_BLOCK < D ? d0 + ROW_BLOCK : D;

@@ -122,131 +122,147 @@ static void i8_unpack_row(const int8_t* q, float s, int64_t K, float* out) {
 #define VNNI 0
 #endif
 #define Q8_GROUP 64 /* activation columns per scale against int8 weights */
+#define Q4_CHUNK 128 /* int4 columns per 64-byte load on the VNNI path */
 
-/* Activation rows rounded to int8 for the VNNI path: q [n, Kq] (Kq = the width rounded up to a whole
- * number of groups, zeros past the real width; for int4 each 64-column chunk in the order of the unpacked
- * weights: columns 0-15, 32-47, 16-31, 48-63), scale [n, Kq / G], sum [n, Kq / G] of q. */
+/* Activation rows rounded to int8 for the VNNI path: per row, q [Kq] (the values, zeros past the real
+ * width; Kq = the stored weight width rounded up to a whole chunk), scale [groups] and sum [groups] of q
+ * per group of G columns. int4 keeps each 128-column chunk in the order its 64 packed bytes unpack to:
+ * the low nibbles (columns 0-15, 32-47, 64-79, 96-111), then the high ones (16-31, 48-63, 80-95, 112-127). */
 typedef struct {
   int8_t* q;
   float* scale;
   int32_t* sum;
-  int64_t Kq, G;
+  int64_t Kq, G, groups;
   int nibble_order;
 } qrows_t;
 
-/* (Kq, G) of the activations the VNNI path needs for W, or Kq = 0 when W runs on the float path. */
-static void vnni_activation_layout(const weights_t* W, int64_t* Kq, int64_t* G) {
-  *Kq = 0;
-  *G = 1;
-  if (!VNNI) return;
-  if (W->fmt == FMT_I4 && W->G % 64 == 0) {
-    *Kq = W->K;
-    *G = W->G;
-  } else if (W->fmt == FMT_I8) {
-    *Kq = (W->K + Q8_GROUP - 1) / Q8_GROUP * Q8_GROUP;
-    *G = Q8_GROUP;
-  }
+/* The activation layout the VNNI path needs for W (Kq = 0 when W runs on the float path). */
+static qrows_t vnni_activation_layout(const weights_t* W) {
+  qrows_t rows = {0};
+  if (VNNI && W->fmt == FMT_I4 && W->G % 64 == 0)
+    rows = (qrows_t){NULL, NULL, NULL, (W->K + Q4_CHUNK - 1) / Q4_CHUNK * Q4_CHUNK, W->G, W->K / W->G, 1};
+  else if (VNNI && W->fmt == FMT_I8)
+    rows = (qrows_t){NULL, NULL, NULL, (W->K + Q8_GROUP - 1) / Q8_GROUP * Q8_GROUP, Q8_GROUP,
+                     (W->K + Q8_GROUP - 1) / Q8_GROUP, 0};
+  return rows;
 }
 
 #if VNNI
+static inline __mmask16 first_lanes(int64_t n) { return n >= 16 ? (__mmask16)0xFFFF : n > 0 ? (__mmask16)((1u << n) - 1) : 0; }
+
+/* Where the 16 columns starting at k (a multiple of 16) go in a rounded row. */
+static inline int64_t rounded_position(int64_t k, int nibble_order) {
+  if (!nibble_order) return k;
+  const int64_t t = k % Q4_CHUNK;
+  return k - t + (t % 32 >= 16 ? 64 : 0) + t / 32 * 16;
+}
+
 /* Row r of the activations (K values at x) rounded into rows (see qrows_t). A non-finite group gets its
  * largest magnitude as scale and zeros, so that NaN or inf reach the output as NaN. */
 static void quantize_row_q8(const float* x, int64_t K, int64_t r, const qrows_t* rows) {
-  static const int nibble_offsets[4] = {0, 32, 16, 48}, plain_offsets[4] = {0, 16, 32, 48};
-  const int* offsets = rows->nibble_order ? nibble_offsets : plain_offsets;
-  const int64_t Kq = rows->Kq, G = rows->G;
-  int8_t* q = rows->q + r * Kq;
-  for (int64_t g = 0; g < Kq / G; g++) {
+  const int64_t G = rows->G;
+  int8_t* q = rows->q + r * rows->Kq;
+  for (int64_t g = 0; g < rows->groups; g++) {
     const int64_t k0 = g * G;
     __m512 m = _mm512_setzero_ps();
-    float amax = 0.0f;
-    for (int64_t k = k0; k < k0 + G && k < K; k += 16) {
-      const __m512 v = _mm512_maskz_loadu_ps(K - k >= 16 ? 0xFFFF : (__mmask16)((1u << (K - k)) - 1), x + k);
-      m = _mm512_max_ps(m, _mm512_abs_ps(v));
-    }
-    amax = _mm512_reduce_max_ps(m);
+    for (int64_t k = k0; k < k0 + G && k < K; k += 16)
+      m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_maskz_loadu_ps(first_lanes(K - k), x + k)));
+    float amax = _mm512_reduce_max_ps(m);
     for (int64_t k = k0; k < k0 + G && k < K; k++) /* _mm512_max_ps drops NaN */
       if (x[k] != x[k]) amax = x[k];
     const int finite = amax <= 3.4028235e38f && amax > 0.0f;
     const __m512 inv = _mm512_set1_ps(finite ? 127.0f / amax : 0.0f);
-    rows->scale[r * (Kq / G) + g] = finite ? amax / 127.0f : (amax == 0.0f ? 1.0f : amax);
+    rows->scale[r * rows->groups + g] = finite ? amax / 127.0f : (amax == 0.0f ? 1.0f : amax);
     __m512i total = _mm512_setzero_si512();
-    for (int64_t c = k0; c < k0 + G; c += 64)
-      for (int p = 0; p < 4; p++) {
-        const int64_t k = c + offsets[p], left = K - k;
-        const __mmask16 mask = left >= 16 ? 0xFFFF : left > 0 ? (__mmask16)((1u << left) - 1) : 0;
-        __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(mask, x + k), inv));
-        total = _mm512_add_epi32(total, v);
-        _mm_storeu_si128((__m128i*)(q + c + 16 * p), _mm512_cvtepi32_epi8(v));
-      }
-    rows->sum[r * (Kq / G) + g] = _mm512_reduce_add_epi32(total);
+    for (int64_t k = k0; k < k0 + G; k += 16) {
+      const __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(first_lanes(K - k), x + k), inv));
+      total = _mm512_add_epi32(total, v);
+      _mm_storeu_si128((__m128i*)(q + rounded_position(k, rows->nibble_order)), _mm512_cvtepi32_epi8(v));
+    }
+    rows->sum[r * rows->groups + g] = _mm512_reduce_add_epi32(total);
   }
+  for (int64_t k = rows->groups * G; k < rows->Kq; k += 16) /* past the last group: zeros */
+    _mm_storeu_si128((__m128i*)(q + rounded_position(k, rows->nibble_order)), _mm_setzero_si128());
 }
 
 /* One quantized weight row against XB rounded activation rows (rows past rj repeat row 0 and are not
- * stored): y[b * ldy] = w . x[j + b]. UNPACK(k) gives the 64 unsigned weight bytes of columns [k, k + 64)
- * in the activations' order; SCALE(g) the weights' scale of group g (1 for int8: applied per row below);
- * OFFSET the unsigned offset. */
-#define DEFINE_VNNI_ROW(NAME, XB, WT, UNPACK, SCALE, OFFSET)                                              \
+ * stored): y[b * ldy] = w . x[j + b]. Per chunk of CW columns at k, LOAD_W(k) loads the weights and
+ * DOT(b, k) gives row b's 16 int32 partial sums; LANE_SCALE(b, off) the scale of each lane (weights' times
+ * activations' for the group the lane's columns belong to; off = k - the first column of the batch of
+ * groups). The scales of 16 groups are multiplied at a time: SCALES(g0, mask) gives the weights' (ones
+ * for int8, whose channel scale is applied per row by the caller). OFFSET: the unsigned weights' offset. */
+#define DEFINE_VNNI_ROW(NAME, XB, WT, CW, LOAD_W, DOT, SCALES, LANE_SCALE, OFFSET)                        \
   static void NAME##_##XB(const WT* wq, const void* s, const qrows_t* xr, int64_t j, float* y, int64_t K, \
                           int64_t rj, int64_t ldy) {                                                      \
-    const int64_t Kq = xr->Kq, G = xr->G;                                                                  \
-    (void)K, (void)s; /* read by UNPACK / SCALE of one of the formats only */                               \
+    const int64_t Kq = xr->Kq, G = xr->G, groups = xr->groups;                                             \
+    (void)s;                                                                                               \
     const int8_t* xq[XB];                                                                                  \
     const float* xs[XB];                                                                                   \
     const int32_t* xsum[XB];                                                                               \
     for (int b = 0; b < XB; b++) {                                                                         \
       const int64_t row = j + (b < rj ? b : 0);                                                            \
       xq[b] = xr->q + row * Kq;                                                                            \
-      xs[b] = xr->scale + row * (Kq / G);                                                                  \
-      xsum[b] = xr->sum + row * (Kq / G);                                                                  \
+      xs[b] = xr->scale + row * groups;                                                                    \
+      xsum[b] = xr->sum + row * groups;                                                                    \
     }                                                                                                      \
-    __m512 acc[XB];                                                                                        \
-    float corr[XB];                                                                                        \
-    for (int b = 0; b < XB; b++) {                                                                         \
-      acc[b] = _mm512_setzero_ps();                                                                        \
-      corr[b] = 0.0f;                                                                                      \
-    }                                                                                                      \
-    for (int64_t g = 0; g < Kq / G; g++) {                                                                 \
-      __m512i dot[XB];                                                                                     \
-      for (int b = 0; b < XB; b++) dot[b] = _mm512_setzero_si512();                                        \
-      for (int64_t k = g * G; k < (g + 1) * G; k += 64) {                                                  \
-        const __m512i u = UNPACK(k);                                                                       \
-        for (int b = 0; b < XB; b++)                                                                       \
-          dot[b] = _mm512_dpbusd_epi32(dot[b], u, _mm512_loadu_si512((const void*)(xq[b] + k)));           \
-      }                                                                                                    \
-      const float sw = SCALE(g);                                                                           \
+    __m512 acc[XB], corr[XB], scv[XB];                                                                     \
+    float sc[XB][16];                                                                                      \
+    for (int b = 0; b < XB; b++) acc[b] = corr[b] = _mm512_setzero_ps();                                   \
+    for (int64_t g0 = 0; g0 < groups; g0 += 16) {                                                          \
+      const __mmask16 mask = first_lanes(groups - g0);                                                     \
+      const __m512 sw = SCALES(g0, mask);                                                                  \
       for (int b = 0; b < XB; b++) {                                                                       \
-        const float sc = sw * xs[b][g];                                                                    \
-        acc[b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[b]), _mm512_set1_ps(sc), acc[b]);                  \
-        corr[b] += sc * (float)xsum[b][g];                                                                 \
+        scv[b] = _mm512_mul_ps(sw, _mm512_maskz_loadu_ps(mask, xs[b] + g0));                               \
+        _mm512_storeu_ps(sc[b], scv[b]);                                                                   \
+        corr[b] = _mm512_fmadd_ps(scv[b], _mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(mask, xsum[b] + g0)), \
+                                  corr[b]);                                                                \
+      }                                                                                                    \
+      const int64_t c0 = g0 * G, c1 = (g0 + 16 < groups ? g0 + 16 : groups) * G;                           \
+      for (int64_t k = c0; k < c1; k += CW) {                                                              \
+        LOAD_W(k);                                                                                         \
+        for (int b = 0; b < XB; b++)                                                                       \
+          acc[b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(DOT(b, k)), LANE_SCALE(b, k - c0), acc[b]);          \
       }                                                                                                    \
     }                                                                                                      \
-    for (int b = 0; b < rj; b++) y[b * ldy] = _mm512_reduce_add_ps(acc[b]) - (OFFSET) * corr[b];           \
+    for (int b = 0; b < rj; b++)                                                                           \
+      y[b * ldy] = _mm512_reduce_add_ps(_mm512_fmadd_ps(corr[b], _mm512_set1_ps(-(OFFSET)), acc[b]));      \
   }
 
-/* int4: 32 packed bytes -> 64 nibbles (low nibbles of both 32-column blocks, then the high ones). */
-static inline __m512i q4_unpack64(const uint8_t* p) {
-  const __m256i packed = _mm256_loadu_si256((const __m256i*)p), low4 = _mm256_set1_epi8(0x0F);
-  const __m256i lo = _mm256_and_si256(packed, low4), hi = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low4);
-  return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+/* int4: 128 columns are 64 packed bytes (masked past the row's K / 2 bytes): lo holds the low nibbles and
+ * hi the high ones, each against its half of the rounded chunk. With groups of 64 columns, lanes 0-7 of a
+ * chunk's sums belong to its first group and lanes 8-15 to its second. */
+#define Q4_LOAD_W(k)                                                                                       \
+  const __m512i packed = (k) + Q4_CHUNK <= K ? _mm512_loadu_si512((const void*)(wq + (k) / 2))             \
+                                             : _mm512_maskz_loadu_epi8(((__mmask64)1 << ((K - (k)) / 2)) - 1, wq + (k) / 2); \
+  const __m512i lo = _mm512_and_si512(packed, _mm512_set1_epi8(0x0F));                                     \
+  const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(packed, 4), _mm512_set1_epi8(0x0F))
+#define Q4_DOT(b, k)                                                                                       \
+  _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512((const void*)(xq[b] + (k)))), \
+                      hi, _mm512_loadu_si512((const void*)(xq[b] + (k) + 64)))
+static inline __m512 pair_of_lanes(__m512 v, int64_t i) { /* lanes 0-7: v[i], lanes 8-15: v[i + 1] */
+  const __m512i upper = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+  return _mm512_permutexvar_ps(_mm512_add_epi32(upper, _mm512_set1_epi32((int)i)), v);
 }
+#define Q4_LANE_SCALE(b, off) (G == 64 ? pair_of_lanes(scv[b], (off) / 64) : _mm512_set1_ps(sc[b][(off) / G]))
+/* 16 bfloat16 scales from p (lanes past mask: 0) as floats. */
+static inline __m512 load_bf16_scales(const uint16_t* p, __mmask16 mask) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p)), 16));
+}
+#define Q4_SCALES(g0, mask) load_bf16_scales((const uint16_t*)s + (g0), mask)
 /* int8: 64 weights (past K: masked to 0) with the sign bit flipped, i.e. q + 128 as unsigned bytes. */
-static inline __m512i q8_unpack64(const int8_t* p, int64_t left) {
-  const __mmask64 mask = left >= 64 ? ~(__mmask64)0 : left > 0 ? (((__mmask64)1 << left) - 1) : 0;
-  return _mm512_xor_si512(_mm512_maskz_loadu_epi8(mask, p), _mm512_set1_epi8((char)0x80));
-}
-#define Q4_UNPACK(k) q4_unpack64(wq + (k) / 2)
-#define Q4_SCALE(g) bf16_to_float(((const uint16_t*)s)[g])
-#define Q8_UNPACK(k) q8_unpack64(wq + (k), K - (k))
-#define Q8_SCALE(g) 1.0f
-#define DEFINE_VNNI_ROWS(NAME, WT, UNPACK, SCALE, OFFSET) \
-  DEFINE_VNNI_ROW(NAME, 1, WT, UNPACK, SCALE, OFFSET)     \
-  DEFINE_VNNI_ROW(NAME, 2, WT, UNPACK, SCALE, OFFSET)     \
-  DEFINE_VNNI_ROW(NAME, 4, WT, UNPACK, SCALE, OFFSET)     \
-  DEFINE_VNNI_ROW(NAME, 8, WT, UNPACK, SCALE, OFFSET)
-DEFINE_VNNI_ROWS(q4v_row, uint8_t, Q4_UNPACK, Q4_SCALE, 8.0f)
-DEFINE_VNNI_ROWS(q8v_row, int8_t, Q8_UNPACK, Q8_SCALE, 128.0f)
+#define Q8_LOAD_W(k)                                                                                       \
+  const __mmask64 wmask = K - (k) >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << (K - (k))) - 1);               \
+  const __m512i u = _mm512_xor_si512(_mm512_maskz_loadu_epi8(wmask, wq + (k)), _mm512_set1_epi8((char)0x80))
+#define Q8_DOT(b, k) _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, _mm512_loadu_si512((const void*)(xq[b] + (k))))
+#define Q8_LANE_SCALE(b, off) _mm512_set1_ps(sc[b][(off) / Q8_GROUP])
+#define Q8_SCALES(g0, mask) _mm512_set1_ps(1.0f)
+#define DEFINE_VNNI_ROWS(NAME, WT, CW, LOAD_W, DOT, SCALES, LANE_SCALE, OFFSET) \
+  DEFINE_VNNI_ROW(NAME, 1, WT, CW, LOAD_W, DOT, SCALES, LANE_SCALE, OFFSET)     \
+  DEFINE_VNNI_ROW(NAME, 2, WT, CW, LOAD_W, DOT, SCALES, LANE_SCALE, OFFSET)     \
+  DEFINE_VNNI_ROW(NAME, 4, WT, CW, LOAD_W, DOT, SCALES, LANE_SCALE, OFFSET)     \
+  DEFINE_VNNI_ROW(NAME, 8, WT, CW, LOAD_W, DOT, SCALES, LANE_SCALE, OFFSET)
+DEFINE_VNNI_ROWS(q4v_row, uint8_t, Q4_CHUNK, Q4_LOAD_W, Q4_DOT, Q4_SCALES, Q4_LANE_SCALE, 8.0f)
+DEFINE_VNNI_ROWS(q8v_row, int8_t, Q8_GROUP, Q8_LOAD_W, Q8_DOT, Q8_SCALES, Q8_LANE_SCALE, 128.0f)
 #undef DEFINE_VNNI_ROWS
 #undef DEFINE_VNNI_ROW
 
