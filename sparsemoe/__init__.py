@@ -27,6 +27,7 @@ _EXPORTS = {
     "MoETransformer": "sparsemoe.model",
     "Router": "sparsemoe.routing",
     "RoutingResult": "sparsemoe.routing",
+    "quantize": "sparsemoe.quant",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -8,6 +8,7 @@ and Qwen3's FP8 releases store them.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import shutil
@@ -179,6 +180,30 @@ def test_cli_converts_an_fp8_checkpoint(deepseek_fp8, tmp_path, capsys):
     assert all(torch.equal(v, expected[k]) for k, v in model.state_dict().items())
     assert main(["convert", str(src), str(tmp_path / "run32"), "--dtype", "float32"]) == 0
     assert "into float32" in capsys.readouterr().out
+
+
+def test_fp8_checkpoint_quantized_to_int8(deepseek_fp8, tmp_path, capsys):
+    """`sparsemoe quantize` reads an FP8 folder (dequantised tensor by tensor) and keeps its experts int8: the
+    model computes what its float model computes with the int8-rounded experts."""
+    from sparsemoe.quant import QuantizedExperts, dequantize_weight
+
+    src, _, _ = deepseek_fp8
+    assert main(["quantize", str(src), str(tmp_path / "q"), "--to", "int8"]) == 0
+    quantized, meta = load_model(tmp_path / "q")
+    assert meta["quantization"]["scheme"] == "int8" and meta["quantized_from"]["format"] == "huggingface"
+    reference = load_hf(src, dtype="float32").model
+    for name, module in quantized.named_modules():
+        if isinstance(module, QuantizedExperts):
+            target = reference.get_submodule(name)
+            with torch.no_grad():
+                for attr in ("w_in", "w_out"):
+                    w = getattr(module, attr)
+                    getattr(target, attr).copy_(dequantize_weight(w.data, w.scale, w.scheme, w.shape[2]))
+    ids = torch.randint(0, VOCAB, (1, 9), generator=torch.Generator().manual_seed(2))
+    for layer in quantized.moe_layers:  # the dequantizing backend: no activation rounding (the VNNI path's)
+        layer.config = dataclasses.replace(layer.config, backend="grouped")
+    with torch.no_grad():  # 9 tokens: the shared experts' kernel takes its float path (more than 8 rows)
+        torch.testing.assert_close(quantized(ids).logits, reference(ids).logits, atol=1e-4, rtol=1e-4)
 
 
 # --- errors: one line each ---------------------------------------------------------------------------------

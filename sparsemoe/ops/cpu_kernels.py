@@ -422,14 +422,20 @@ def supports_dequantize(data: Tensor, dtype: torch.dtype) -> bool:
     return data.device.type == "cpu" and dtype in KERNEL_DTYPES and available()
 
 
-def dequantize(data: Tensor, scale: Tensor, scheme: str, group_size: int, K: int, dtype: torch.dtype) -> Tensor:
+def dequantize(data: Tensor, scale: Tensor, scheme: str, group_size: int, K: int, dtype: torch.dtype,
+               out: Optional[Tensor] = None) -> Tensor:
     """The float weight [..., O, K] in `dtype` (float32 or bfloat16) that stored (data, scale) stand for
-    (`sparsemoe.quant.schemes.dequantize_weight`, computed by the native kernel in one pass)."""
+    (`sparsemoe.quant.schemes.dequantize_weight`, computed by the native kernel in one pass), written into
+    `out` (contiguous, of that shape and dtype) when given."""
     bits = QUANT_BITS[scheme]
     data, scale = data.contiguous(), scale.contiguous()
     rows = math.prod(data.shape[:-1])
     Kp = data.shape[-1] * (2 if bits == 4 else 1)
-    out = torch.empty(*data.shape[:-1], K, dtype=dtype)
+    shape = (*data.shape[:-1], K)
+    if out is None:
+        out = torch.empty(shape, dtype=dtype)
+    elif tuple(out.shape) != shape or out.dtype != dtype or not out.is_contiguous():
+        raise ValueError(f"dequantize: out must be a contiguous {dtype} tensor of shape {shape}")
     status = _library().sparsemoe_dequantize(
         data.data_ptr(), scale.data_ptr(), bits, rows, K, Kp, group_size, out.data_ptr(),
         int(dtype == torch.bfloat16), torch.get_num_threads(),

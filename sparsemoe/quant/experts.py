@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from sparsemoe.experts import Experts, ExpertView, SharedExperts, in_rows, mlp
+from sparsemoe.experts import Experts, ExpertView, SharedExperts, activate, in_rows, mlp
 from sparsemoe.ops import cpu_kernels
 from sparsemoe.quant.schemes import QuantScheme, check_stored, dequantize_weight, quantize_weight
 
@@ -62,6 +62,14 @@ class QuantizedWeight(nn.Module):
         if cpu_kernels.supports_dequantize(self.data, dtype):
             return cpu_kernels.dequantize(self.data, self.scale, self.scheme.name, self.scheme.group_size, self.shape[2], dtype)
         return dequantize_weight(self.data, self.scale, self.scheme, self.shape[2], dtype)
+
+    def dequantize_expert(self, e: int, out: Tensor) -> Tensor:
+        """Expert e's float weight [O, K] written into `out` (its dtype) and returned."""
+        data, scale = self.data[e : e + 1], self.scale[e : e + 1]
+        if cpu_kernels.supports_dequantize(self.data, out.dtype) and out.is_contiguous():
+            return cpu_kernels.dequantize(data, scale, self.scheme.name, self.scheme.group_size, self.shape[2],
+                                          out.dtype, out.view(1, *out.shape))[0]  # fmt: skip
+        return out.copy_(dequantize_weight(data, scale, self.scheme, self.shape[2], out.dtype)[0])
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         data, scale = state_dict.get(prefix + "data"), state_dict.get(prefix + "scale")
@@ -195,6 +203,35 @@ def kernel_applies(x_TD: Tensor, experts: QuantizedExperts, rows: int) -> bool:
         and experts.activation in cpu_kernels.ACTIVATION_CODES
         and cpu_kernels.supports_quantized(x_TD, experts.w_in.data)
     )
+
+
+def expertwise_forward(x_TD: Tensor, token_ids: Tensor, weights: Tensor, offsets: Tensor, experts: QuantizedExperts) -> Tensor:
+    """y [T, D] float32 for batches past the kernel's row limit (inference): each expert with rows is
+    dequantized into one buffer reused by every expert (it stays in cache, and no fresh memory is touched
+    per call, where dequantizing all experts at once into new tensors costs a page fault per 4 KiB), then
+    its two GEMMs run (BLAS) in x's dtype. Rows sorted by expert as the plan holds them."""
+    # Device-to-host sync: the loop needs the group bounds on the host; free on the CPU.
+    bounds = [0] + offsets.tolist()
+    kept = bounds[-1]
+    dtype = x_TD.dtype
+    x_ND = x_TD.index_select(0, token_ids[:kept])
+    w_in = torch.empty(experts.w_in.shape[1:], dtype=dtype, device=x_TD.device)
+    w_out = torch.empty(experts.w_out.shape[1:], dtype=dtype, device=x_TD.device)
+    o_ND = torch.empty(kept, experts.dim, dtype=dtype, device=x_TD.device)
+    for e in range(experts.num_experts):
+        lo, hi = bounds[e], bounds[e + 1]
+        if hi > lo:
+            h = torch.mm(x_ND[lo:hi], experts.w_in.dequantize_expert(e, w_in).t())
+            torch.mm(activate_rows(h, experts.activation), experts.w_out.dequantize_expert(e, w_out).t(), out=o_ND[lo:hi])
+    y_TD = torch.zeros(x_TD.shape[0], experts.dim, dtype=torch.float32, device=x_TD.device)
+    return y_TD.index_add_(0, token_ids[:kept], o_ND.float().mul_(weights[:kept, None]))
+
+
+def activate_rows(h_nI: Tensor, activation: str) -> Tensor:
+    """act(h) with the native kernel when it takes h, else PyTorch's ops."""
+    if cpu_kernels.supports_activation(h_nI, activation):
+        return cpu_kernels.activate(h_nI, activation)
+    return activate(h_nI, activation)
 
 
 def dense_forward(x_TD: Tensor, experts: QuantizedExperts) -> Tensor:
