@@ -12,9 +12,10 @@ Legend: T tokens, D model width, F expert hidden width, E experts, K experts per
   interleaved round by round. The weight-read bound is the bytes of the experts the step uses, in each
   scheme's storage (scales included), read once at the copy bandwidth measured in the same run; at large T
   the stage is compute bound and the table shows the time beside float32's instead.
-* model: greedy decode of one model in each scheme (routers, attention, norms and embeddings in float32,
-  or all of them in bfloat16 for the bfloat16 row): ms per token after the first, against the bytes one
-  token must read (every weight but the experts it is not routed to; the embedding table counts one row).
+* model: greedy decode of one model in each scheme (the weights that stay floating point, and the
+  computation, in float32, or in bfloat16 for the rows that say so): ms per token after the first, against
+  the bytes one token must read (every weight but the experts it is not routed to; the embedding table
+  counts one row).
 * loss (with a trained checkpoint): validation loss and perplexity of the checkpoint's model in each
   scheme on the same windows of its corpus, and the relative change from float32.
 """
@@ -171,16 +172,17 @@ def decode_bytes_per_token(model: MoETransformer) -> int:
 
 
 def variants_of(model: MoETransformer, group_size: int) -> dict[str, MoETransformer]:
-    """The model in every scheme (a quantized model: only as it is)."""
-    if quantization_of(model) is not None:
-        q = quantization_of(model)
-        return {q["scheme"]: model}
-    return {
-        "float32": model,
-        "bfloat16": copy.deepcopy(model).to(torch.bfloat16),
-        "int8": quantize(copy.deepcopy(model), "int8"),
-        "int4": quantize(copy.deepcopy(model), "int4", group_size),
-    }
+    """The model in every scheme: float32, bfloat16, and int8 / int4 experts with the other weights (and the
+    computation) in float32 and in bfloat16. A quantized model: only as it is."""
+    quantized = quantization_of(model)
+    if quantized is not None:
+        return {quantized["scheme"]: model}
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    variants = {"float32": model, "bfloat16": half}
+    for scheme, group in (("int8", None), ("int4", group_size)):
+        variants[scheme] = quantize(copy.deepcopy(model), scheme, group)
+        variants[f"{scheme} + bfloat16"] = quantize(copy.deepcopy(half), scheme, group)
+    return variants
 
 
 def decode_ms_per_token(model: MoETransformer, prompt: Tensor, new_tokens: int) -> float:

@@ -59,7 +59,7 @@ class QuantizedWeight(nn.Module):
     def dequantize(self, dtype: Optional[torch.dtype] = None) -> Tensor:
         """The float weight [E, O, K] in `dtype` (default: the compute dtype)."""
         dtype = dtype or self.dtype
-        if cpu_kernels.supports_dequantize(self.data, dtype):
+        if cpu_kernels.supports_dequantize(self.data, dtype) and not torch.compiler.is_compiling():
             return cpu_kernels.dequantize(self.data, self.scale, self.scheme.name, self.scheme.group_size, self.shape[2], dtype)
         return dequantize_weight(self.data, self.scale, self.scheme, self.shape[2], dtype)
 
