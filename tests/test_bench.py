@@ -216,7 +216,7 @@ def test_the_gpu_preset_covers_full_size_shapes_decode_and_the_peers():
 def test_bad_list_arguments_name_what_is_accepted(capsys):
     with pytest.raises(SystemExit):
         main(["bench", "--configs", "huge"])
-    assert "accepted: mixtral-mini, fine-grained, tiny, mixtral-8x7b, fine-grained-xl" in capsys.readouterr().err
+    assert "accepted: mixtral-mini, fine-grained, mixtral-1k, tiny, mixtral-8x7b, fine-grained-xl" in capsys.readouterr().err
 
 
 def test_comm_flag_calls_the_comm_report_with_the_output_folder(tmp_path, monkeypatch):
