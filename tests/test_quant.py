@@ -284,6 +284,24 @@ def test_transformers_experts_quantized():
             assert torch.allclose(q(ids[:, :1]).logits, reference(ids[:, :1]).logits, atol=1e-4)
 
 
+def test_patched_transformers_model_quantized():
+    """A transformers model patched by `patch_hf_model` holds sparsemoe layers: quantize swaps their experts."""
+    transformers = pytest.importorskip("transformers")
+    from sparsemoe.hf import patch_hf_model
+
+    config = transformers.MixtralConfig(vocab_size=100, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4)  # fmt: skip
+    model = transformers.MixtralForCausalLM(config).eval()
+    patch_hf_model(model, backend="reference")
+    q = quantize(copy.deepcopy(model), "int8")
+    moes = [m for m in q.modules() if isinstance(m, MoE)]
+    assert moes and all(isinstance(m.experts, QuantizedExperts) for m in moes)
+    reference = _float_twin(q, model)
+    ids = torch.randint(0, 100, (1, 7))
+    with torch.no_grad():  # the reference backend: the dequantized weights, no activation rounding
+        assert torch.allclose(q(ids).logits, reference(ids).logits, atol=1e-5)
+
+
 # --- checkpoints and the command line --------------------------------------------------------------------
 
 

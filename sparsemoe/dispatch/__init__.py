@@ -27,11 +27,12 @@ from sparsemoe.amp import autocast_dtype
 from sparsemoe.config import BACKEND_NAMES
 from sparsemoe.dispatch.capacity import capacity_forward
 from sparsemoe.dispatch.decode import KERNEL_MAX_ROWS_PER_EXPERT, decode_forward
+from sparsemoe.dispatch.fused import forward_by_expert
 from sparsemoe.dispatch.grouped import grouped_forward
 from sparsemoe.dispatch.plan import DispatchPlan, build_plan
 from sparsemoe.dispatch.reference import reference_forward
 from sparsemoe.ops import cpu_kernels
-from sparsemoe.quant.experts import QuantizedExperts, expertwise_forward, kernel_applies, kernel_forward
+from sparsemoe.quant.experts import QuantizedExperts, kernel_applies, kernel_forward
 
 BackendFn = Callable[[Tensor, DispatchPlan, "object"], Tensor]
 
@@ -108,14 +109,15 @@ def run_backend(name: str, x_TD: Tensor, plan: DispatchPlan, experts) -> Tensor:
 
 def _run_quantized(name: str, x_TD: Tensor, plan: DispatchPlan, experts: QuantizedExperts) -> Tensor:
     """Quantized experts: "auto" and "decode" read them as stored with the native kernel when it applies (a
-    few rows per expert, inference). Past that, "auto" on the CPU runs each expert on its weights
-    dequantized into one reused buffer (inference); otherwise (gradients to the input, another backend
+    few rows per expert, inference). Past that, "auto" on the CPU runs the fused op's loop with each
+    expert's weights dequantized into one reused buffer as its turn comes (inference); otherwise (gradients to the input, another backend
     asked for, GPUs for now) the backend runs on all the weights dequantized for this call, in x's dtype."""
     if name in ("auto", "decode") and kernel_applies(x_TD, experts, plan.num_rows):
         return kernel_forward(x_TD, plan.token_ids, plan.weights, plan.offsets, experts)
     inference = not (torch.is_grad_enabled() and x_TD.requires_grad) and not (experts.dropout > 0 and experts.training)
     if name == "auto" and inference and x_TD.device.type == "cpu" and not torch.compiler.is_compiling():
-        return expertwise_forward(x_TD, plan.token_ids, plan.weights, plan.offsets, experts)
+        weights_of = experts.expert_weights(x_TD.dtype)
+        return forward_by_expert(x_TD, plan.token_ids, plan.weights, plan.offsets, weights_of, experts.activation)
     return run_backend(name, x_TD, plan, experts.dequantize(x_TD.dtype))
 
 

@@ -25,7 +25,7 @@ the weights of the experts it uses.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -135,26 +135,41 @@ def expert_mlp_forward(
     save_hidden: bool,
 ) -> tuple[Tensor, Tensor]:
     """(y [T, D] float32, h [N, I] saved for backward, or an empty tensor when `save_hidden` is False)."""
-    T, D = x_TD.shape
     N, I = token_ids.shape[0], w_in.shape[1]
-    y_TD = x_TD.new_zeros(T, D, dtype=torch.float32)
     h_NI = empty_huge(N if save_hidden else 0, I, dtype=x_TD.dtype, device=x_TD.device)
+    y_TD = forward_by_expert(
+        x_TD, token_ids, weights, offsets, lambda e: (w_in[e], w_out[e]), activation, h_NI if save_hidden else None
+    )
+    return y_TD, h_NI
+
+
+def forward_by_expert(
+    x_TD: Tensor, token_ids: Tensor, weights: Tensor, offsets: Tensor,
+    expert_weights: Callable[[int], tuple[Tensor, Tensor]], activation: str, h_NI: Optional[Tensor] = None,
+) -> Tensor:
+    """y [T, D] float32 over expert-sorted plan rows, a run of experts at a time (the module docstring), with
+    expert e's weights (w_in [I, D], w_out [D, F]) from `expert_weights(e)`, asked for once per expert with
+    rows and used before the next is asked for (so it may return the same buffers each time, refilled).
+    h_NI [N, I]: where to keep the in-projection outputs for a backward, or None."""
+    T, D = x_TD.shape
+    y_TD = x_TD.new_zeros(T, D, dtype=torch.float32)
     for start, end, run in _chunks(_bounds(offsets)):
         tok = token_ids[start:end]
         with _stage("permute"):
             x_cD = x_TD.index_select(0, tok)
         o_cD = x_TD.new_empty(end - start, D)
         for e, lo, hi in run:
+            w_in_e, w_out_e = expert_weights(e)
             with _stage("gemm_in"):
-                w = w_in[e].t()
-                h_nI = torch.mm(x_cD[lo:hi], w, out=h_NI[start + lo : start + hi]) if save_hidden else x_cD[lo:hi] @ w
+                w = w_in_e.t()
+                h_nI = x_cD[lo:hi] @ w if h_NI is None else torch.mm(x_cD[lo:hi], w, out=h_NI[start + lo : start + hi])
             with _stage("activation"):
                 a_nF = _hidden(h_nI, activation)
             with _stage("gemm_out"):
-                torch.mm(a_nF, w_out[e].t(), out=o_cD[lo:hi])
+                torch.mm(a_nF, w_out_e.t(), out=o_cD[lo:hi])
         with _stage("combine"):
             y_TD.index_add_(0, tok, o_cD.float().mul_(weights[start:end, None]))  # .float(): no copy when float32
-    return y_TD, h_NI
+    return y_TD
 
 
 @expert_mlp_forward.register_fake

@@ -13,12 +13,12 @@ call. The experts take no gradient (their weights are buffers); gradients still 
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor, nn
 
-from sparsemoe.experts import Experts, ExpertView, SharedExperts, activate, in_rows, mlp
+from sparsemoe.experts import Experts, ExpertView, SharedExperts, in_rows, mlp
 from sparsemoe.ops import cpu_kernels
 from sparsemoe.quant.schemes import QuantScheme, check_stored, dequantize_weight, quantize_weight
 
@@ -130,6 +130,14 @@ class QuantizedExperts(nn.Module):
     def cast(self, dtype: torch.dtype) -> ExpertView:
         return self.dequantize(dtype)
 
+    def expert_weights(self, dtype: torch.dtype) -> Callable[[int], tuple[Tensor, Tensor]]:
+        """e -> expert e's float (w_in [I, D], w_out [D, F]) in `dtype`, dequantized into two buffers that
+        every call refills: one expert's weights, in cache, where dequantizing all experts at once into
+        fresh tensors touches new memory (a page fault per 4 KiB) on every forward."""
+        w_in = torch.empty(self.w_in.shape[1:], dtype=dtype, device=self.w_in.device)
+        w_out = torch.empty(self.w_out.shape[1:], dtype=dtype, device=self.w_out.device)
+        return lambda e: (self.w_in.dequantize_expert(e, w_in), self.w_out.dequantize_expert(e, w_out))
+
     def expert(self, x: Tensor, e: int) -> Tensor:
         """Expert e on rows x [R, D] -> [R, D], from its dequantized weights (for the reference backend)."""
         w_in = self.w_in.dequantize(x.dtype)[e]
@@ -188,9 +196,12 @@ def kernel_forward(x_TD: Tensor, token_ids: Tensor, weights: Tensor, offsets: Te
     """y [T, D] float32 from the native quantized decode kernel (plan rows sorted by expert, as
     `cpu_kernels.decode_mlp`). Check `kernel_applies` first."""
     op = decode_mlp_quantized if torch.compiler.is_compiling() else _decode_mlp_quantized
-    return op(x_TD, token_ids, weights, offsets, experts.w_in.data, experts.w_in.scale, experts.w_out.data,
-              experts.w_out.scale, experts.scheme.name, experts.scheme.group_size, experts.hidden_dim,
-              experts.activation)
+    # The stored tensors straight from the module dictionaries: nn.Module's attribute lookup for the eight
+    # below costs 6 us, a tenth of a one-token step on the small shapes (tools/quant_call_cost.py).
+    w_in, w_out = experts._modules["w_in"]._buffers, experts._modules["w_out"]._buffers
+    scheme = experts.scheme
+    return op(x_TD, token_ids, weights, offsets, w_in["data"], w_in["scale"], w_out["data"], w_out["scale"],
+              scheme.name, scheme.group_size, experts.hidden_dim, experts.activation)
 
 
 def kernel_applies(x_TD: Tensor, experts: QuantizedExperts, rows: int) -> bool:
@@ -203,35 +214,6 @@ def kernel_applies(x_TD: Tensor, experts: QuantizedExperts, rows: int) -> bool:
         and experts.activation in cpu_kernels.ACTIVATION_CODES
         and cpu_kernels.supports_quantized(x_TD, experts.w_in.data)
     )
-
-
-def expertwise_forward(x_TD: Tensor, token_ids: Tensor, weights: Tensor, offsets: Tensor, experts: QuantizedExperts) -> Tensor:
-    """y [T, D] float32 for batches past the kernel's row limit (inference): each expert with rows is
-    dequantized into one buffer reused by every expert (it stays in cache, and no fresh memory is touched
-    per call, where dequantizing all experts at once into new tensors costs a page fault per 4 KiB), then
-    its two GEMMs run (BLAS) in x's dtype. Rows sorted by expert as the plan holds them."""
-    # Device-to-host sync: the loop needs the group bounds on the host; free on the CPU.
-    bounds = [0] + offsets.tolist()
-    kept = bounds[-1]
-    dtype = x_TD.dtype
-    x_ND = x_TD.index_select(0, token_ids[:kept])
-    w_in = torch.empty(experts.w_in.shape[1:], dtype=dtype, device=x_TD.device)
-    w_out = torch.empty(experts.w_out.shape[1:], dtype=dtype, device=x_TD.device)
-    o_ND = torch.empty(kept, experts.dim, dtype=dtype, device=x_TD.device)
-    for e in range(experts.num_experts):
-        lo, hi = bounds[e], bounds[e + 1]
-        if hi > lo:
-            h = torch.mm(x_ND[lo:hi], experts.w_in.dequantize_expert(e, w_in).t())
-            torch.mm(activate_rows(h, experts.activation), experts.w_out.dequantize_expert(e, w_out).t(), out=o_ND[lo:hi])
-    y_TD = torch.zeros(x_TD.shape[0], experts.dim, dtype=torch.float32, device=x_TD.device)
-    return y_TD.index_add_(0, token_ids[:kept], o_ND.float().mul_(weights[:kept, None]))
-
-
-def activate_rows(h_nI: Tensor, activation: str) -> Tensor:
-    """act(h) with the native kernel when it takes h, else PyTorch's ops."""
-    if cpu_kernels.supports_activation(h_nI, activation):
-        return cpu_kernels.activate(h_nI, activation)
-    return activate(h_nI, activation)
 
 
 def dense_forward(x_TD: Tensor, experts: QuantizedExperts) -> Tensor:
