@@ -153,12 +153,18 @@ def test_kernel_matches_its_definition(D, F, E, K, T, scheme, activation, bf16, 
         return cpu_kernels.quantize_activations(padded, group)[0, :width].double()
 
     expected = torch.zeros(T, D, dtype=torch.float64)
+    # The kernel's h is float32 summed in its own order, so an element of act(h) that sits on a rounding
+    # boundary may round one int8 step the other way than here: allowed, twice per token and expert.
+    slack = torch.zeros(T, 1, dtype=torch.float64)
     for t in range(T):
         for j in range(K):
             e = int(ids[t, j])
             a = activate((w_in[e] @ kernel_input(x[t], D, e)).float(), activation)
             expected[t] += weights[t, j].double() * (w_out[e] @ kernel_input(a, F, e))
-    assert torch.allclose(y.double(), expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item() + 1e-6)
+            if _rounds_activations(scheme, int(rows[e])):
+                slack[t] += 2 * weights[t, j].double() * w_out[e].abs().max() * a.abs().max().double() / 127
+    tolerance = 1e-4 * expected.abs().max().item() + 1e-6 + slack
+    assert ((y.double() - expected).abs() <= tolerance + 1e-4 * expected.abs()).all()
 
 
 @pytest.mark.parametrize("backend", [b for b in backend_names() if b != "triton"])
