@@ -110,6 +110,22 @@ def test_native_dequantize_is_exact(scheme, dtype):
 # --- the layer: kernel and every backend against dequantize-then-matmul -------------------------------
 
 
+@pytest.mark.skipif(not cpu_kernels.available(), reason="native CPU kernels unavailable (no C compiler)")
+def test_kernel_refuses_stored_tensors_that_do_not_fit():
+    """The C kernel reads as many bytes as the shapes say: anything else is refused before it runs."""
+    q = QuantizedExperts.from_experts(Experts(4, 40, 24, "swiglu"), QuantScheme.make("int4", 32))
+    args = (torch.randn(1, 40), torch.zeros(2, dtype=torch.long), torch.ones(2), torch.tensor([2, 2, 2, 2]))
+    good_in, good_out = (q.w_in.data, q.w_in.scale), (q.w_out.data, q.w_out.scale)
+    cpu_kernels.decode_mlp_quantized(*args, good_in, good_out, "int4", 32, 24, "swiglu")
+    for w_in, w_out, group in (
+        ((q.w_in.data[:, :10], q.w_in.scale), good_out, 32),  # too few rows
+        (good_in, (q.w_out.data, q.w_out.scale.float()), 32),  # scales of another dtype
+        (good_in, good_out, 64),  # another group size than stored
+    ):
+        with pytest.raises(ValueError, match="do not fit"):
+            cpu_kernels.decode_mlp_quantized(*args, w_in, w_out, "int4", group, 24, "swiglu")
+
+
 def _rounds_activations(scheme, rows: int) -> bool:
     """Whether the kernel rounds the activations of an expert with `rows` rows to int8 (the VNNI path)."""
     vnni_scheme = scheme[0] == "int8" or scheme[1] % 64 == 0

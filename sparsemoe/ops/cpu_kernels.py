@@ -359,6 +359,14 @@ def supports_quantized(x: Tensor, data: Tensor) -> bool:
     return x.device.type == "cpu" and data.device.type == "cpu" and x.dtype in KERNEL_DTYPES and available()
 
 
+def _stored_layout(bits: int, E: int, O: int, K: int, group: int) -> tuple:
+    """(data shape, scale shape, data dtype, scale dtype) of a quantized [E, O, K] weight (quant.schemes)."""
+    if bits == 8:
+        return torch.Size((E, O, K)), torch.Size((E, O)), torch.int8, torch.float32
+    Kp = -(-K // group) * group if group > 0 else -1
+    return torch.Size((E, O, Kp // 2)), torch.Size((E, O, Kp // group if group > 0 else -1)), torch.uint8, torch.bfloat16
+
+
 def decode_mlp_quantized(
     x_TD: Tensor, token_ids: Tensor, weights: Tensor, offsets: Tensor, w_in: tuple[Tensor, Tensor],
     w_out: tuple[Tensor, Tensor], scheme: str, group_size: int, hidden_dim: int, activation: str,
@@ -372,11 +380,15 @@ def decode_mlp_quantized(
     E, I = in_data.shape[:2]
     F = hidden_dim
     N = token_ids.shape[0]
-    if (in_data.shape[0] != E or out_data.shape[:2] != (E, D) or offsets.shape != (E,) or token_ids.shape != (N,)
-            or weights.shape != (N,) or not all(t.is_contiguous() for t in (in_data, in_scale, out_data, out_scale))):
-        raise ValueError(f"decode_mlp_quantized: shapes x {tuple(x_TD.shape)}, w_in {tuple(in_data.shape)}, w_out "
-                         f"{tuple(out_data.shape)}, offsets {tuple(offsets.shape)}, token_ids {tuple(token_ids.shape)} "
-                         "do not fit, or the stored weights are not contiguous")  # fmt: skip
+    stored_in, stored_out = _stored_layout(bits, E, I, D, group_size), _stored_layout(bits, E, D, F, group_size)
+    if ((in_data.shape, in_scale.shape, in_data.dtype, in_scale.dtype) != stored_in
+            or (out_data.shape, out_scale.shape, out_data.dtype, out_scale.dtype) != stored_out
+            or offsets.shape != (E,) or token_ids.shape != (N,) or weights.shape != (N,) or x_TD.dtype not in KERNEL_DTYPES
+            or not all(t.is_contiguous() for t in (in_data, in_scale, out_data, out_scale))):
+        raise ValueError(f"decode_mlp_quantized: x {x_TD.dtype} {tuple(x_TD.shape)}, w_in {tuple(in_data.shape)} / "
+                         f"{tuple(in_scale.shape)}, w_out {tuple(out_data.shape)} / {tuple(out_scale.shape)}, offsets "
+                         f"{tuple(offsets.shape)}, token_ids {tuple(token_ids.shape)} do not fit {scheme} weights with "
+                         f"hidden width {F} and group size {group_size}, or the stored weights are not contiguous")  # fmt: skip
     if token_ids.dtype != torch.int64 or offsets.dtype != torch.int64:
         raise ValueError(f"decode_mlp_quantized: token_ids and offsets must be int64, got {token_ids.dtype}, {offsets.dtype}")
     x_TD, token_ids, offsets = x_TD.contiguous(), token_ids.contiguous(), offsets.contiguous()
