@@ -205,6 +205,23 @@ def test_every_backend_and_input_gradients(backend, scheme, native_kernels):
             assert torch.allclose(q(x), y_ref, atol=atol, rtol=1e-4)
 
 
+def test_quantized_layer_under_autocast():
+    """Under bfloat16 autocast the quantized experts run in bfloat16 (kernel, expert by expert, and the
+    dequantizing backends alike), close to the float layer on the dequantized weights."""
+    layer = MoE(dim=40, hidden_dim=24, num_experts=4, top_k=2, num_shared_experts=1).eval()
+    q = quantize(copy.deepcopy(layer), "int4", 32)
+    reference = _float_twin(q, layer)
+    for backend in ("auto", "grouped"):
+        q.config = MoEConfig(**{**q.config.__dict__, "backend": backend})
+        for T in (1, 300):
+            x = torch.randn(T, 40)
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+                y = q(x)
+            with torch.no_grad():
+                y_ref = reference(x)
+            assert torch.allclose(y.float(), y_ref, atol=3e-2 * y_ref.abs().max().item()), (backend, T)
+
+
 def test_quantized_layer_compiles_fullgraph():
     """The kernel is an opaque custom op and the large-batch path dequantizes with tensor ops, so a quantized
     layer traces whole under torch.compile, decode and prefill sizes."""

@@ -97,13 +97,14 @@ def run_backend(name: str, x_TD: Tensor, plan: DispatchPlan, experts) -> Tensor:
     are cast to it (differentiably) and the backend runs with autocast off, so that its own kernels and
     custom ops see consistent dtypes.
     """
-    if isinstance(experts, QuantizedExperts):
-        return _run_quantized(name, x_TD, plan, experts)
     device_type = x_TD.device.type
     dtype = autocast_dtype(device_type)
+    quantized = isinstance(experts, QuantizedExperts)
     if dtype is not None:
-        with torch.autocast(device_type, enabled=False):
-            return run_backend(name, x_TD.to(dtype), plan, experts.cast(dtype))
+        with torch.autocast(device_type, enabled=False):  # quantized experts are read in x's dtype
+            return run_backend(name, x_TD.to(dtype), plan, experts if quantized else experts.cast(dtype))
+    if quantized:
+        return _run_quantized(name, x_TD, plan, experts)
     return resolve_backend(name, x_TD, plan).forward(x_TD, plan, experts)
 
 

@@ -140,8 +140,8 @@ class QuantizedExperts(nn.Module):
 
     def expert(self, x: Tensor, e: int) -> Tensor:
         """Expert e on rows x [R, D] -> [R, D], from its dequantized weights (for the reference backend)."""
-        w_in = self.w_in.dequantize(x.dtype)[e]
-        return mlp(x, w_in, self.w_out.dequantize(x.dtype)[e], self.activation, self.dropout, self.training)
+        w_in, w_out = self.expert_weights(x.dtype)(e)
+        return mlp(x, w_in, w_out, self.activation, self.dropout, self.training)
 
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, dim={self.dim}, hidden_dim={self.hidden_dim}, "

@@ -136,7 +136,9 @@ static int decode_stage(const void* x, int x_bf16, const int64_t* tok, const flo
     }
 #pragma omp for schedule(static)
     for (int64_t item = 0; item < n_used * blocks_in; item++)
-      if (weights_expert_block(w_in, xs, xq.Kq ? &xq : NULL, h, item, blocks_in, used, bounds)) status = -1;
+      if (weights_expert_block(w_in, xs, xq.Kq ? &xq : NULL, h, item, blocks_in, used, bounds))
+#pragma omp atomic write
+        status = -1;
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < kept; r++) {
       sparsemoe_activate_row_f32(h + r * I, a + r * Fp, F, act);
@@ -145,7 +147,9 @@ static int decode_stage(const void* x, int x_bf16, const int64_t* tok, const flo
     }
 #pragma omp for schedule(static)
     for (int64_t item = 0; item < n_used * blocks_out; item++)
-      if (weights_expert_block(w_out, a, aq.Kq ? &aq : NULL, o, item, blocks_out, used, bounds)) status = -1;
+      if (weights_expert_block(w_out, a, aq.Kq ? &aq : NULL, o, item, blocks_out, used, bounds))
+#pragma omp atomic write
+        status = -1;
 #pragma omp for schedule(static)
     for (int64_t block = 0; block < blocks_out; block++) { /* each thread owns columns [d0, d1) of y */
       int64_t d0 = block * ROW_BLOCK, d1 = d0 + ROW_BLOCK < D ? d0 + ROW_BLOCK : D;
