@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from sparsemoe.model.config import ModelConfig
 from sparsemoe.model.rope import apply_rope
+from sparsemoe.ops.linear import Linear
 
 
 class RMSNorm(nn.Module):
@@ -98,11 +99,11 @@ class Attention(nn.Module):
         self.layer_id = layer_id
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
         D, Hd = config.dim, config.head_dim
-        self.q_proj = nn.Linear(D, self.n_heads * Hd, bias=config.qkv_bias)
-        self.k_proj = nn.Linear(D, self.n_kv_heads * Hd, bias=config.qkv_bias)
-        self.v_proj = nn.Linear(D, self.n_kv_heads * Hd, bias=config.qkv_bias)
-        self.o_proj = nn.Linear(self.n_heads * Hd, D, bias=False)
-        self.gate_proj = nn.Linear(D, self.n_heads * Hd, bias=False) if config.attention_gate else None
+        self.q_proj = Linear(D, self.n_heads * Hd, bias=config.qkv_bias)
+        self.k_proj = Linear(D, self.n_kv_heads * Hd, bias=config.qkv_bias)
+        self.v_proj = Linear(D, self.n_kv_heads * Hd, bias=config.qkv_bias)
+        self.o_proj = Linear(self.n_heads * Hd, D, bias=False)
+        self.gate_proj = Linear(D, self.n_heads * Hd, bias=False) if config.attention_gate else None
         self.norm_full_width = config.qk_norm_scope == "full"
         q_width, k_width = (self.n_heads * Hd, self.n_kv_heads * Hd) if self.norm_full_width else (Hd, Hd)
         self.q_norm = RMSNorm(q_width, config.norm_eps) if config.qk_norm else None

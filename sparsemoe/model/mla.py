@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from sparsemoe.model.attention import KVCache, RMSNorm
 from sparsemoe.model.config import ModelConfig
 from sparsemoe.model.rope import apply_rope, yarn_softmax_scale
+from sparsemoe.ops.linear import Linear
 
 # DeepSeek's latent norms use a fixed epsilon, not rms_norm_eps (their reference code and transformers agree).
 LATENT_NORM_EPS = 1e-6
@@ -43,15 +44,15 @@ class MultiHeadLatentAttention(nn.Module):
         q_out = H * (self.nope_dim + self.rope_dim)
         self.q_proj = self.q_a_proj = self.q_a_norm = self.q_b_proj = None
         if config.q_lora_rank is None:
-            self.q_proj = nn.Linear(D, q_out, bias=False)
+            self.q_proj = Linear(D, q_out, bias=False)
         else:
-            self.q_a_proj = nn.Linear(D, config.q_lora_rank, bias=False)
+            self.q_a_proj = Linear(D, config.q_lora_rank, bias=False)
             self.q_a_norm = RMSNorm(config.q_lora_rank, LATENT_NORM_EPS)
-            self.q_b_proj = nn.Linear(config.q_lora_rank, q_out, bias=False)
-        self.kv_a_proj = nn.Linear(D, self.kv_rank + self.rope_dim, bias=False)
+            self.q_b_proj = Linear(config.q_lora_rank, q_out, bias=False)
+        self.kv_a_proj = Linear(D, self.kv_rank + self.rope_dim, bias=False)
         self.kv_a_norm = RMSNorm(self.kv_rank, LATENT_NORM_EPS)
-        self.kv_b_proj = nn.Linear(self.kv_rank, H * (self.nope_dim + self.v_dim), bias=False)
-        self.o_proj = nn.Linear(H * self.v_dim, D, bias=False)
+        self.kv_b_proj = Linear(self.kv_rank, H * (self.nope_dim + self.v_dim), bias=False)
+        self.o_proj = Linear(H * self.v_dim, D, bias=False)
         self.scale = (self.nope_dim + self.rope_dim) ** -0.5 * yarn_softmax_scale(config.rope_scaling)
         self.dropout = config.dropout
 

@@ -52,6 +52,7 @@ from sparsemoe.model.attention import Attention, KVCache, RMSNorm
 from sparsemoe.model.mla import MultiHeadLatentAttention
 from sparsemoe.model.rope import rope_table
 from sparsemoe.model.config import ModelConfig
+from sparsemoe.ops.linear import Linear, linear
 from sparsemoe.quant import quantized_layout
 from sparsemoe.routing import Router
 
@@ -135,7 +136,7 @@ class MoETransformer(nn.Module):
         self.embed = nn.Embedding(config.vocab_size, config.dim)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
-        self.lm_head = None if config.tie_embeddings else nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.lm_head = None if config.tie_embeddings else Linear(config.dim, config.vocab_size, bias=False)
         # Not persistent: derived from the config, so they stay out of checkpoints.
         cos, sin = self._rope_tables()
         self.register_buffer("rope_cos", cos, persistent=False)
@@ -271,7 +272,7 @@ class MoETransformer(nn.Module):
         if last_only:
             x = x[:, -1:]
         x = self.norm(x)
-        logits = F.linear(x, self.embed.weight) if self.lm_head is None else self.lm_head(x)
+        logits = linear(x, self.embed.weight) if self.lm_head is None else self.lm_head(x)
         if self.config.logits_divisor != 1.0:
             logits = logits / self.config.logits_divisor
 
