@@ -473,3 +473,17 @@ def test_bench_quant_reports_every_scheme(trained_run, tmp_path, capsys):
     assert "multiple of 32" in _error(capsys, "bench")
     assert main(["bench", "--checkpoint", str(trained_run), "--out", str(out)]) == 2
     assert "--quant" in _error(capsys, "bench")
+
+
+def test_checkpoints_load_in_their_stored_dtype(trained_run, tmp_path, capsys):
+    """`generate`/`inspect` with --dtype auto on the CPU run a checkpoint in the dtype it stores."""
+    from sparsemoe.cli import main
+    from sparsemoe.train.checkpoint import load_model
+
+    assert main(["quantize", str(trained_run), str(tmp_path / "q"), "--to", "int8", "--dtype", "bfloat16"]) == 0
+    model, _ = load_model(tmp_path / "q")
+    assert model.embed.weight.dtype == torch.bfloat16 and model.moe_layers[0].experts.dtype == torch.bfloat16
+    assert load_model(trained_run)[0].embed.weight.dtype == torch.float32
+    assert load_model(tmp_path / "q", dtype=torch.float32)[0].embed.weight.dtype == torch.float32
+    capsys.readouterr()
+    assert main(["generate", "--checkpoint", str(tmp_path / "q"), "--max-new-tokens", "3", "--temperature", "0"]) == 0

@@ -255,10 +255,12 @@ def run_quant_bench(opts: QuantBenchOptions, progress: Callable[[str], None] = l
         result["models"] += model_rows(variants_of(model, opts.group_size), opts.model, opts, bandwidth)
         del model
     if opts.checkpoint is not None:
-        from sparsemoe.train.checkpoint import load_model
+        from sparsemoe.train.checkpoint import load_meta, load_model, resolve_checkpoint
 
         progress(f"checkpoint {opts.checkpoint}")
-        model, _ = load_model(opts.checkpoint)
+        # A float checkpoint in float32 (its other schemes are made from it); a quantized one as it is stored.
+        quantized = load_meta(resolve_checkpoint(opts.checkpoint)).get("quantization")
+        model, _ = load_model(opts.checkpoint, dtype=None if quantized else torch.float32)
         models = variants_of(model, opts.group_size)
         result["models"] += model_rows(models, str(opts.checkpoint), opts, bandwidth)
         result["loss"] = loss_rows(models, opts)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import Optional
 
 import torch
 
@@ -27,8 +28,9 @@ def add_dtype_argument(parser: argparse.ArgumentParser) -> None:
         "--dtype",
         choices=("auto", *DTYPES),
         default="auto",
-        help="the weights' dtype while running: auto (bfloat16 on CUDA, float32 on the CPU), float32 or bfloat16 "
-        "(routers' selection bias stays float32) (default auto)",
+        help="the weights' dtype while running: auto (bfloat16 on CUDA; on the CPU the dtype the checkpoint stores, "
+        "so a bfloat16 checkpoint runs in bfloat16), float32 or bfloat16 (routers' selection bias stays float32) "
+        "(default auto)",
     )
 
 
@@ -49,7 +51,8 @@ def device_from_args(args: argparse.Namespace) -> torch.device:
         raise CommandError(f"--{err}") from None
 
 
-def dtype_from_args(args: argparse.Namespace, device: torch.device) -> torch.dtype:
+def dtype_from_args(args: argparse.Namespace, device: torch.device) -> Optional[torch.dtype]:
+    """The dtype to load a checkpoint in; None: the one it stores (`load_model`'s default)."""
     if args.dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return torch.bfloat16 if device.type == "cuda" else None
     return DTYPES[args.dtype]

@@ -310,8 +310,9 @@ def load_model(
 ):
     """(MoETransformer in eval mode, checkpoint meta) from a run folder or checkpoint folder.
 
-    The model is built on the meta device and materialised on `device` (in `dtype`, default the
-    checkpoint's float32) before the weights are copied in (`sparsemoe.model.empty_model`): no random
+    The model is built on the meta device and materialised on `device` (in `dtype`, default the dtype the
+    checkpoint stores its embedding in: float32 for a training run, bfloat16 for a bfloat16 conversion or
+    quantization) before the weights are copied in (`sparsemoe.model.empty_model`): no random
     initialisation, no second copy on the host. Checkpoints hold no device: one written on CUDA loads on
     the CPU and the other way round.
     """
@@ -322,9 +323,16 @@ def load_model(
         config = ModelConfig.from_dict(ckpt["meta"]["model_config"])
     except (KeyError, TypeError, ValueError) as err:
         raise CheckpointError(f"checkpoint {str(ckpt['dir'])!r} has no usable model_config ({err})") from None
-    model = empty_model(config, dtype or torch.float32, device, checkpoint_quantization(ckpt["meta"], ckpt["dir"]))
+    dtype = dtype or stored_dtype(ckpt["model"])
+    model = empty_model(config, dtype, device, checkpoint_quantization(ckpt["meta"], ckpt["dir"]))
     load_model_state(model, ckpt["model"], ckpt["dir"])
     return model.eval(), ckpt["meta"]
+
+
+def stored_dtype(state: dict[str, Tensor]) -> torch.dtype:
+    """The float dtype a checkpoint's model state is stored in (its embedding's; float32 if it has none)."""
+    embed = state.get("embed.weight")
+    return embed.dtype if embed is not None and embed.is_floating_point() else torch.float32
 
 
 def refuse_quantized(meta: dict[str, Any], where: Union[str, Path]) -> None:
