@@ -487,3 +487,23 @@ def test_checkpoints_load_in_their_stored_dtype(trained_run, tmp_path, capsys):
     assert load_model(tmp_path / "q", dtype=torch.float32)[0].embed.weight.dtype == torch.float32
     capsys.readouterr()
     assert main(["generate", "--checkpoint", str(tmp_path / "q"), "--max-new-tokens", "3", "--temperature", "0"]) == 0
+
+
+def test_checkpoint_round_trip_keeps_float_shared_experts(tmp_path):
+    """A model quantized with shared=False saves and loads with its shared experts float, computing the same."""
+    from sparsemoe.experts import SharedExperts
+    from sparsemoe.model import ModelConfig, MoETransformer
+    from sparsemoe.quant import quantization_of
+    from sparsemoe.train.checkpoint import load_model, save_model_checkpoint
+
+    model = MoETransformer(ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=2, max_seq_len=32, num_experts=4,
+                                       top_k=2, moe_hidden_dim=24, num_shared_experts=1)).eval()  # fmt: skip
+    quantize(model, "int4", 32, shared=False)
+    save_model_checkpoint(model, tmp_path / "run", {"quantization": quantization_of(model)})
+    loaded, meta = load_model(tmp_path / "run")
+    assert meta["quantization"] == {"scheme": "int4", "group_size": 32, "shared": False}
+    layer = loaded.moe_layers[0]
+    assert isinstance(layer.experts, QuantizedExperts) and type(layer.shared_experts) is SharedExperts
+    ids = torch.randint(0, 64, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
