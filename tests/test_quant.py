@@ -494,12 +494,13 @@ def test_checkpoint_round_trip_keeps_float_shared_experts(tmp_path):
     from sparsemoe.experts import SharedExperts
     from sparsemoe.model import ModelConfig, MoETransformer
     from sparsemoe.quant import quantization_of
-    from sparsemoe.train.checkpoint import load_model, save_model_checkpoint
+    from sparsemoe.hf.convert import save_converted_checkpoint
+    from sparsemoe.train.checkpoint import load_model
 
     model = MoETransformer(ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=2, max_seq_len=32, num_experts=4,
                                        top_k=2, moe_hidden_dim=24, num_shared_experts=1)).eval()  # fmt: skip
     quantize(model, "int4", 32, shared=False)
-    save_model_checkpoint(model, tmp_path / "run", {"quantization": quantization_of(model)})
+    save_converted_checkpoint(model, tmp_path / "run", {"quantization": quantization_of(model)})
     loaded, meta = load_model(tmp_path / "run")
     assert meta["quantization"] == {"scheme": "int4", "group_size": 32, "shared": False}
     layer = loaded.moe_layers[0]

@@ -45,8 +45,7 @@ def run(args) -> int:
     import torch
 
     from sparsemoe.quant import QuantizationError, quantization_of, quantize
-    from sparsemoe.train import CheckpointError
-    from sparsemoe.train.checkpoint import LATEST, save_model_checkpoint
+    from sparsemoe.train.checkpoint import LATEST
 
     if args.to == "int8" and args.group_size is not None:
         raise CommandError("--group-size applies to int4 only (int8 has one scale per output channel)")
@@ -57,21 +56,21 @@ def run(args) -> int:
         raise CommandError("OUT must be a new folder, not SRC or a folder inside it")
     if (out / "checkpoints" / LATEST).exists() and not args.overwrite:
         raise CommandError(f"{str(out)!r} already holds a checkpoint; give --overwrite to replace it")
+    from sparsemoe.hf.convert import is_hf_folder, save_converted_checkpoint
+
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
-    model, source = _load(src, dtype, not args.no_verify)
+    hf_folder = is_hf_folder(src)
+    model, source = _load(src, hf_folder, dtype, not args.no_verify)
     try:
         quantize(model, args.to, args.group_size, shared=not args.no_shared)
     except QuantizationError as err:
         raise CommandError(str(err)) from None
     if args.overwrite and (out / "checkpoints").exists():
         shutil.rmtree(out / "checkpoints")
-    try:
-        ckpt = save_model_checkpoint(model, out, {"quantization": quantization_of(model), "quantized_from": source})
-    except CheckpointError as err:
-        raise CommandError(str(err)) from None
-    _copy_tokenizer(src, out)
-    stored = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     q = quantization_of(model)
+    ckpt = save_converted_checkpoint(model, out, {"quantization": q, "quantized_from": source})
+    _copy_tokenizer(src, hf_folder, out)
+    stored = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     group = f", group size {q['group_size']}" if q["scheme"] == "int4" else ""
     print(f"quantized the experts to {q['scheme']}{group}: the model's tensors now take {stored / 2**20:,.1f} MiB")
     print(f"wrote {ckpt}")
@@ -79,14 +78,12 @@ def run(args) -> int:
     return 0
 
 
-def _load(src: Path, dtype, verify: bool):
+def _load(src: Path, hf_folder: bool, dtype, verify: bool):
     """(float model in eval mode, a description of the source for trainer.json)."""
     from sparsemoe.train import CheckpointError
-    from sparsemoe.train.checkpoint import load_model
+    from sparsemoe.train.checkpoint import checkpoint_quantization, load_meta, load_model, resolve_checkpoint
 
-    from sparsemoe.hf.convert import is_hf_folder
-
-    if is_hf_folder(src):
+    if hf_folder:
         from sparsemoe.hf import load_hf
         from sparsemoe.hf.io import HFFormatError
 
@@ -96,19 +93,19 @@ def _load(src: Path, dtype, verify: bool):
             raise CommandError(str(err)) from None
         return loaded.model, {"format": "huggingface", "family": loaded.mapped.family, "path": src.name}
     try:
+        quantized = checkpoint_quantization(load_meta(resolve_checkpoint(src), verify), src)
+        if quantized:
+            raise CommandError(f"{str(src)!r} is quantized already ({quantized['scheme']}); quantize the float checkpoint")
         model, meta = load_model(src, dtype=dtype, verify=verify)
     except CheckpointError as err:
         raise CommandError(str(err)) from None
-    if meta.get("quantization"):
-        raise CommandError(f"{str(src)!r} is quantized already ({meta['quantization']['scheme']}); quantize the float checkpoint")
     return model, {"format": "sparsemoe", "path": src.name, "step": meta.get("step")}
 
 
-def _copy_tokenizer(src: Path, out: Path) -> None:
+def _copy_tokenizer(src: Path, hf_folder: bool, out: Path) -> None:
     """The source's tokenizer goes with the checkpoint, so that `generate` finds it."""
-    from sparsemoe.hf.convert import is_hf_folder
     from sparsemoe.hf.tokenizer import copy_tokenizer_files, find_tokenizer_dir
 
-    folder = src if is_hf_folder(src) else find_tokenizer_dir(src)
+    folder = src if hf_folder else find_tokenizer_dir(src)
     if folder is not None:
         copy_tokenizer_files(folder, out)

@@ -32,7 +32,7 @@ from sparsemoe.dispatch.grouped import grouped_forward
 from sparsemoe.dispatch.plan import DispatchPlan, build_plan
 from sparsemoe.dispatch.reference import reference_forward
 from sparsemoe.ops import cpu_kernels
-from sparsemoe.quant.experts import QuantizedExperts, kernel_applies, kernel_forward
+from sparsemoe.quant.experts import QuantizedExperts, is_inference, kernel_applies, kernel_forward
 
 BackendFn = Callable[[Tensor, DispatchPlan, "object"], Tensor]
 
@@ -115,8 +115,7 @@ def _run_quantized(name: str, x_TD: Tensor, plan: DispatchPlan, experts: Quantiz
     asked for, GPUs for now) the backend runs on all the weights dequantized for this call, in x's dtype."""
     if name in ("auto", "decode") and kernel_applies(x_TD, experts, plan.num_rows):
         return kernel_forward(x_TD, plan.token_ids, plan.weights, plan.offsets, experts)
-    inference = not (torch.is_grad_enabled() and x_TD.requires_grad) and not (experts.dropout > 0 and experts.training)
-    if name == "auto" and inference and x_TD.device.type == "cpu" and not torch.compiler.is_compiling():
+    if name == "auto" and is_inference(x_TD, experts) and x_TD.device.type == "cpu" and not torch.compiler.is_compiling():
         weights_of = experts.expert_weights(x_TD.dtype)
         return forward_by_expert(x_TD, plan.token_ids, plan.weights, plan.offsets, weights_of, experts.activation)
     return run_backend(name, x_TD, plan, experts.dequantize(x_TD.dtype))

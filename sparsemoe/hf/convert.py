@@ -57,8 +57,10 @@ def _fresh_dir(path: Path, overwrite: bool) -> None:
     path.mkdir(parents=True, exist_ok=True)
 
 
-def save_converted_checkpoint(model: nn.Module, out_dir: Union[str, Path], source: dict[str, Any]) -> Path:
-    """Write `model` as a step-0 sparsemoe checkpoint under OUT/checkpoints; returns the checkpoint folder."""
+def save_converted_checkpoint(model: nn.Module, out_dir: Union[str, Path], about: dict[str, Any]) -> Path:
+    """Write `model` as a step-0 sparsemoe checkpoint under OUT/checkpoints (tensors streamed one at a time, no
+    optimizer state: a run resumed from it starts its optimizer afresh), with `about` (where it came from, how
+    it is quantized) beside its model_config in trainer.json; returns the checkpoint folder."""
     from sparsemoe.train.checkpoint import (
         FORMAT, META_FILE, MODEL_FILE, OPTIMIZER_FILE, commit_checkpoint, step_dir_name,
     )  # fmt: skip
@@ -79,7 +81,7 @@ def save_converted_checkpoint(model: nn.Module, out_dir: Union[str, Path], sourc
         "step": 0,
         "model_config": model.config.to_dict(),
         "files": sizes,
-        "converted_from": source,
+        **about,
     }
     (tmp / META_FILE).write_text(json.dumps(meta, indent=1), encoding="utf-8")
     commit_checkpoint(tmp, final, (MODEL_FILE, OPTIMIZER_FILE, META_FILE))  # a crash leaves no half checkpoint
@@ -107,7 +109,7 @@ def hf_to_sparsemoe(
         "path": str(Path(src).name),
         "notes": loaded.mapped.notes,
     }
-    checkpoint = save_converted_checkpoint(loaded.model, out, source)
+    checkpoint = save_converted_checkpoint(loaded.model, out, {"converted_from": source})
     copy_tokenizer_files(src, out)  # so that `sparsemoe generate --checkpoint OUT` can prompt it
     return checkpoint, loaded
 

@@ -290,7 +290,8 @@ def quantize_experts(module: nn.Module, scheme: QuantScheme) -> None:
     w_out = _linear_layout(module.down_proj, layout.transposed)
     E, _, D = w_in.shape
     if layout.activation is not None:
-        quantized: nn.Module = QuantizedExperts(E, D, w_out.shape[2], layout.activation, scheme, w_in.dtype, device=w_in.device)
+        # On the meta device: the layout only, its tensors are replaced just below.
+        quantized: nn.Module = QuantizedExperts(E, D, w_out.shape[2], layout.activation, scheme, w_in.dtype, device="meta")
         quantized.train(module.training)
     else:
         quantized = nn.Module()

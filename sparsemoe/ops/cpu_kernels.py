@@ -273,6 +273,13 @@ _DECODE_ERRORS = {
 }
 
 
+def _check_status(status: int, function: str) -> None:
+    """The C functions' status codes (0: done) as the Python error each stands for."""
+    if status != 0:
+        error, why = _DECODE_ERRORS[status]
+        raise error(f"{function}: {why}")
+
+
 def decode_mlp(
     x_TD: Tensor, token_ids: Tensor, weights: Tensor, offsets: Tensor, w_in: Tensor, w_out: Tensor, activation: str
 ) -> Tensor:
@@ -304,9 +311,7 @@ def decode_mlp(
         x_TD.data_ptr(), token_ids.data_ptr(), weights.data_ptr(), N, offsets.data_ptr(), E, w_in.data_ptr(),
         w_out.data_ptr(), T, D, F, I, ACTIVATION_CODES[activation], y_TD.data_ptr(), torch.get_num_threads(),
     )
-    if status != 0:
-        error, why = _DECODE_ERRORS[status]
-        raise error(f"{kernel.__name__}: {why}")
+    _check_status(status, kernel.__name__)
     return y_TD
 
 
@@ -341,9 +346,7 @@ def grouped_linear(x_NK: Tensor, offsets: Tensor, w_EOK: Tensor) -> Tensor:
     kernel = _kernel("grouped_linear", stored.dtype)
     status = kernel(x_NK.data_ptr(), N, offsets.data_ptr(), E, stored.data_ptr(), O, K, int(kn), y_NO.data_ptr(),
                     torch.get_num_threads())  # fmt: skip
-    if status != 0:
-        error, why = _DECODE_ERRORS[status]
-        raise error(f"{kernel.__name__}: {why}")
+    _check_status(status, kernel.__name__)
     return y_NO
 
 
@@ -359,12 +362,18 @@ def supports_quantized(x: Tensor, data: Tensor) -> bool:
     return x.device.type == "cpu" and data.device.type == "cpu" and x.dtype in KERNEL_DTYPES and available()
 
 
-def _stored_layout(bits: int, E: int, O: int, K: int, group: int) -> tuple:
-    """(data shape, scale shape, data dtype, scale dtype) of a quantized [E, O, K] weight (quant.schemes)."""
-    if bits == 8:
+def padded_width(scheme: str, K: int, group: int) -> int:
+    """Kp: the stored input width of a quantized weight (K rounded up to whole groups for int4)."""
+    return K if scheme == "int8" else -(-K // group) * group
+
+
+def stored_layout(scheme: str, E: int, O: int, K: int, group: int) -> tuple[torch.Size, torch.Size, torch.dtype, torch.dtype]:
+    """(data shape, scale shape, data dtype, scale dtype) of an [E, O, K] weight stored as `scheme` (the
+    layouts of `sparsemoe.quant.schemes`, which the kernels read); group: int4's group size (> 0)."""
+    if scheme == "int8":
         return torch.Size((E, O, K)), torch.Size((E, O)), torch.int8, torch.float32
-    Kp = -(-K // group) * group if group > 0 else -1
-    return torch.Size((E, O, Kp // 2)), torch.Size((E, O, Kp // group if group > 0 else -1)), torch.uint8, torch.bfloat16
+    Kp = padded_width(scheme, K, group)
+    return torch.Size((E, O, Kp // 2)), torch.Size((E, O, Kp // group)), torch.uint8, torch.bfloat16
 
 
 def decode_mlp_quantized(
@@ -375,12 +384,14 @@ def decode_mlp_quantized(
     layouts of `sparsemoe.quant.schemes` (int8: data [E, O, K], scale [E, O]; int4: data [E, O, Kp / 2],
     scale [E, O, Kp / G] bfloat16); rows past offsets[-1] dropped. Check `supports_quantized` first."""
     bits = QUANT_BITS[scheme]
+    if bits == 4 and group_size <= 0:
+        raise ValueError(f"decode_mlp_quantized: int4 needs a positive group size, got {group_size}")
     (in_data, in_scale), (out_data, out_scale) = w_in, w_out
     T, D = x_TD.shape
     E, I = in_data.shape[:2]
     F = hidden_dim
     N = token_ids.shape[0]
-    stored_in, stored_out = _stored_layout(bits, E, I, D, group_size), _stored_layout(bits, E, D, F, group_size)
+    stored_in, stored_out = stored_layout(scheme, E, I, D, group_size), stored_layout(scheme, E, D, F, group_size)
     if ((in_data.shape, in_scale.shape, in_data.dtype, in_scale.dtype) != stored_in
             or (out_data.shape, out_scale.shape, out_data.dtype, out_scale.dtype) != stored_out
             or offsets.shape != (E,) or token_ids.shape != (N,) or weights.shape != (N,) or x_TD.dtype not in KERNEL_DTYPES
@@ -399,9 +410,7 @@ def decode_mlp_quantized(
         offsets.data_ptr(), E, in_data.data_ptr(), in_scale.data_ptr(), out_data.data_ptr(), out_scale.data_ptr(),
         bits, group_size, T, D, F, I, ACTIVATION_CODES[activation], y_TD.data_ptr(), torch.get_num_threads(),
     )
-    if status != 0:
-        error, why = _DECODE_ERRORS[status]
-        raise error(f"sparsemoe_decode_mlp_quant: {why}")
+    _check_status(status, "sparsemoe_decode_mlp_quant")
     return y_TD
 
 
@@ -452,6 +461,5 @@ def dequantize(data: Tensor, scale: Tensor, scheme: str, group_size: int, K: int
         data.data_ptr(), scale.data_ptr(), bits, rows, K, Kp, group_size, out.data_ptr(),
         int(dtype == torch.bfloat16), torch.get_num_threads(),
     )
-    if status != 0:
-        raise MemoryError("sparsemoe_dequantize: out of memory")
+    _check_status(status, "sparsemoe_dequantize")
     return out

@@ -28,17 +28,9 @@ def register_quantizer(applies: Callable[[nn.Module], bool], quantize_in_place: 
 
 
 def _replacement(module: nn.Module, scheme: QuantScheme, empty: bool) -> Optional[nn.Module]:
-    if isinstance(module, SharedExperts):
-        if empty:
-            return QuantizedSharedExperts(module.dim, module.hidden_dim, module.activation, scheme,
-                                          module.gate_weight is not None, module.w_in.dtype, module.dropout,
-                                          module.w_in.device)
-        return QuantizedSharedExperts.from_experts(module, scheme)
-    if isinstance(module, Experts):
-        if empty:
-            return QuantizedExperts(module.num_experts, module.dim, module.hidden_dim, module.activation, scheme,
-                                    module.w_in.dtype, module.dropout, module.w_in.device)
-        return QuantizedExperts.from_experts(module, scheme)
+    for float_cls, quantized_cls in ((SharedExperts, QuantizedSharedExperts), (Experts, QuantizedExperts)):
+        if isinstance(module, float_cls):
+            return quantized_cls.like(module, scheme) if empty else quantized_cls.from_experts(module, scheme)
     return None
 
 

@@ -35,9 +35,9 @@ class QuantizedWeight(nn.Module):
         self.shape = torch.Size(shape_EOK)
         self.scheme = scheme
         self.dtype = dtype
-        E, O, K = shape_EOK
-        self.register_buffer("data", torch.zeros(scheme.data_shape(E, O, K), dtype=scheme.data_dtype, device=device))
-        self.register_buffer("scale", torch.ones(scheme.scale_shape(E, O, K), dtype=scheme.scale_dtype, device=device))
+        data_shape, scale_shape, data_dtype, scale_dtype = scheme.stored(*shape_EOK)
+        self.register_buffer("data", torch.zeros(data_shape, dtype=data_dtype, device=device))
+        self.register_buffer("scale", torch.ones(scale_shape, dtype=scale_dtype, device=device))
 
     @classmethod
     def from_float(cls, w_EOK: Tensor, scheme: QuantScheme) -> "QuantizedWeight":
@@ -107,9 +107,14 @@ class QuantizedExperts(nn.Module):
         self.w_out = QuantizedWeight((num_experts, dim, hidden_dim), scheme, dtype, device)
 
     @classmethod
+    def like(cls, experts: Experts, scheme: QuantScheme, device=None) -> "QuantizedExperts":
+        """Quantized experts of `experts`' shapes and dtype holding no values yet (on `device`, default theirs)."""
+        return cls(experts.num_experts, experts.dim, experts.hidden_dim, experts.activation, scheme,
+                   experts.w_in.dtype, experts.dropout, experts.w_in.device if device is None else device)
+
+    @classmethod
     def from_experts(cls, experts: Experts, scheme: QuantScheme) -> "QuantizedExperts":
-        out = cls(experts.num_experts, experts.dim, experts.hidden_dim, experts.activation, scheme,
-                  experts.w_in.dtype, experts.dropout, experts.w_in.device)
+        out = cls.like(experts, scheme, device="meta")  # the layout only: the quantized tensors replace it
         out.w_in = QuantizedWeight.from_float(experts.w_in, scheme)
         out.w_out = QuantizedWeight.from_float(experts.w_out, scheme)
         out.train(experts.training)
@@ -157,14 +162,15 @@ class QuantizedSharedExperts(QuantizedExperts):
         self.gate_weight = nn.Parameter(torch.zeros(1, dim, device=device, dtype=dtype)) if gated_output else None
 
     @classmethod
+    def like(cls, shared: SharedExperts, scheme: QuantScheme, device=None) -> "QuantizedSharedExperts":
+        return cls(shared.dim, shared.hidden_dim, shared.activation, scheme, shared.gate_weight is not None,
+                   shared.w_in.dtype, shared.dropout, shared.w_in.device if device is None else device)
+
+    @classmethod
     def from_experts(cls, shared: SharedExperts, scheme: QuantScheme) -> "QuantizedSharedExperts":
-        out = cls(shared.dim, shared.hidden_dim, shared.activation, scheme, shared.gate_weight is not None,
-                  shared.w_in.dtype, shared.dropout, shared.w_in.device)
-        out.w_in = QuantizedWeight.from_float(shared.w_in, scheme)
-        out.w_out = QuantizedWeight.from_float(shared.w_out, scheme)
+        out = super().from_experts(shared, scheme)
         if shared.gate_weight is not None:
             out.gate_weight = shared.gate_weight
-        out.train(shared.training)
         return out
 
     def forward(self, x_TD: Tensor) -> Tensor:
@@ -204,13 +210,17 @@ def kernel_forward(x_TD: Tensor, token_ids: Tensor, weights: Tensor, offsets: Te
               scheme.name, scheme.group_size, experts.hidden_dim, experts.activation)
 
 
+def is_inference(x_TD: Tensor, experts: QuantizedExperts) -> bool:
+    """No gradient to x and no dropout: what the paths that compute without autograd need."""
+    return not (torch.is_grad_enabled() and x_TD.requires_grad) and not (experts.dropout > 0 and experts.training)
+
+
 def kernel_applies(x_TD: Tensor, experts: QuantizedExperts, rows: int) -> bool:
     """Whether the native quantized kernel runs `rows` plan rows of x: inference (no gradient to x, no
     dropout), few rows per expert, a CPU input in float32 or bfloat16, a compiled kernel."""
     return (
         rows <= cpu_kernels.QUANT_KERNEL_MAX_ROWS * experts.num_experts
-        and not (torch.is_grad_enabled() and x_TD.requires_grad)
-        and not (experts.dropout > 0 and experts.training)
+        and is_inference(x_TD, experts)
         and experts.activation in cpu_kernels.ACTIVATION_CODES
         and cpu_kernels.supports_quantized(x_TD, experts.w_in.data)
     )

@@ -30,6 +30,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from sparsemoe.ops import cpu_kernels
+
 SCHEMES = ("int8", "int4")
 DEFAULT_GROUP_SIZE = {"int8": 0, "int4": 64}  # int8 has one scale per output channel (group = all of K)
 NIBBLE_BLOCK = 32  # int4 columns per packed block (16 bytes)
@@ -71,30 +73,11 @@ class QuantScheme:
 
     def padded(self, K: int) -> int:
         """Kp: the stored input width (K rounded up to a whole number of groups for int4)."""
-        if self.name == "int8":
-            return K
-        return -(-K // self.group_size) * self.group_size
+        return cpu_kernels.padded_width(self.name, K, self.group_size)
 
-    def data_shape(self, E: int, O: int, K: int) -> tuple[int, int, int]:
-        return (E, O, K) if self.name == "int8" else (E, O, self.padded(K) // 2)
-
-    def scale_shape(self, E: int, O: int, K: int) -> tuple[int, ...]:
-        return (E, O) if self.name == "int8" else (E, O, self.padded(K) // self.group_size)
-
-    @property
-    def data_dtype(self) -> torch.dtype:
-        return torch.int8 if self.name == "int8" else torch.uint8
-
-    @property
-    def scale_dtype(self) -> torch.dtype:
-        return torch.float32 if self.name == "int8" else torch.bfloat16
-
-    def bytes_per_weight(self, K: int) -> float:
-        """Bytes read per (unpadded) weight, scales included."""
-        Kp = self.padded(K)
-        if self.name == "int8":
-            return 1 + 4 / K
-        return (Kp / 2 + 2 * Kp / self.group_size) / K
+    def stored(self, E: int, O: int, K: int) -> tuple[torch.Size, torch.Size, torch.dtype, torch.dtype]:
+        """(data shape, scale shape, data dtype, scale dtype) of a weight [E, O, K] under this scheme."""
+        return cpu_kernels.stored_layout(self.name, E, O, K, self.group_size)
 
     def as_dict(self) -> dict:
         return {"scheme": self.name, "group_size": self.group_size}
@@ -160,9 +143,8 @@ def dequantize_weight(data: Tensor, scale: Tensor, scheme: QuantScheme, K: int, 
 
 def check_stored(data: Tensor, scale: Tensor, scheme: QuantScheme, shape_EOK: tuple[int, int, int], name: str) -> None:
     """One clear QuantizationError when stored (data, scale) do not fit a weight of `shape_EOK` under `scheme`."""
-    E, O, K = shape_EOK
-    want = ((scheme.data_shape(E, O, K), scheme.data_dtype), (scheme.scale_shape(E, O, K), scheme.scale_dtype))
-    for what, tensor, (shape, dtype) in (("data", data, want[0]), ("scale", scale, want[1])):
+    data_shape, scale_shape, data_dtype, scale_dtype = scheme.stored(*shape_EOK)
+    for what, tensor, shape, dtype in (("data", data, data_shape, data_dtype), ("scale", scale, scale_shape, scale_dtype)):
         if tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
             raise QuantizationError(
                 f"{name}: stored {what} is {tensor.dtype} {tuple(tensor.shape)}, but a {scheme.name} weight of shape "

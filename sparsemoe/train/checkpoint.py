@@ -193,14 +193,6 @@ def save_checkpoint(
     return final
 
 
-def save_model_checkpoint(model, out_dir: Union[str, Path], meta: dict[str, Any]) -> Path:
-    """Write `model` alone (no optimizer state: a run that resumes from it starts its optimizer afresh) as
-    step 0 of run folder `out_dir`, with `meta` (e.g. where it came from) beside its model_config in
-    trainer.json; atomic and checksummed like every checkpoint. Returns the checkpoint folder."""
-    meta = {"model_config": model.config.to_dict(), **meta}
-    return save_checkpoint(Path(out_dir) / "checkpoints", 0, model.state_dict(), None, meta)
-
-
 def _prune(root: Path, keep: int, newest: str) -> None:
     steps = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-"))
     for old in steps[: max(0, len(steps) - keep)]:
