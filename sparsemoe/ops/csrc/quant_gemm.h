@@ -15,6 +15,15 @@
 
 enum { FMT_F32 = 0, FMT_BF16 = 1, FMT_I8 = 2, FMT_I4 = 3 };
 
+/* Call NAME_8, NAME_4, NAME_2 or NAME_1, the smallest of the row kernels for n <= 8 rows that takes all n. */
+#define FOR_ROWS(NAME, n, ...)                \
+  do {                                        \
+    if ((n) >= 5) NAME##_8(__VA_ARGS__);      \
+    else if ((n) >= 3) NAME##_4(__VA_ARGS__); \
+    else if ((n) == 2) NAME##_2(__VA_ARGS__); \
+    else NAME##_1(__VA_ARGS__);               \
+  } while (0)
+
 /* One stacked weight as the decode stage reads it. */
 typedef struct {
   const void* w;     /* [E, O, K] float32 / bfloat16 / int8, or [E, O, K / 2] packed int4 */
@@ -276,16 +285,10 @@ static void vnni_expert_rows(const weights_t* W, const qrows_t* xq, float* y, in
     if (W->fmt == FMT_I4) {
       const uint8_t* row = (const uint8_t*)W->w + (e * O + o) * (K / 2);
       const uint16_t* rs = (const uint16_t*)W->scale + (e * O + o) * (K / W->G);
-      if (n >= 5) q4v_row_8(row, rs, xq, lo, yo, K, n, O);
-      else if (n >= 3) q4v_row_4(row, rs, xq, lo, yo, K, n, O);
-      else if (n == 2) q4v_row_2(row, rs, xq, lo, yo, K, n, O);
-      else q4v_row_1(row, rs, xq, lo, yo, K, n, O);
+      FOR_ROWS(q4v_row, n, row, rs, xq, lo, yo, K, n, O);
     } else {
       const int8_t* row = (const int8_t*)W->w + (e * O + o) * K;
-      if (n >= 5) q8v_row_8(row, NULL, xq, lo, yo, K, n, O);
-      else if (n >= 3) q8v_row_4(row, NULL, xq, lo, yo, K, n, O);
-      else if (n == 2) q8v_row_2(row, NULL, xq, lo, yo, K, n, O);
-      else q8v_row_1(row, NULL, xq, lo, yo, K, n, O);
+      FOR_ROWS(q8v_row, n, row, NULL, xq, lo, yo, K, n, O);
       const float sw = ((const float*)W->scale)[e * O + o];
       for (int64_t b = 0; b < n; b++) yo[b * O] *= sw;
     }
@@ -317,10 +320,7 @@ static int q4_expert_block(const weights_t* W, const float* x, float* y, int64_t
     for (int64_t o = o0; o < o1; o++) {
       const uint8_t* row = wq + o * (Kp / 2);
       const uint16_t* rs = s + o * (Kp / G);
-      if (n >= 5) q4_row_8(row, rs, x, y + o, Kp, G, n, O);
-      else if (n >= 3) q4_row_4(row, rs, x, y + o, Kp, G, n, O);
-      else if (n == 2) q4_row_2(row, rs, x, y + o, Kp, G, n, O);
-      else q4_row_1(row, rs, x, y + o, Kp, G, n, O);
+      FOR_ROWS(q4_row, n, row, rs, x, y + o, Kp, G, n, O);
     }
     return 0;
   }
