@@ -410,3 +410,35 @@ def test_shard_requires_initialised_distributed():
         pytest.skip("a process group is already initialised")
     with pytest.raises(RuntimeError, match="not initialised"):
         make_groups(2)
+
+
+def train_on_bpe(rank: int, world: int, run_dir: str, text: str) -> dict:
+    """Two ranks, a BPE tokenizer trained on text: rank 0 tokenizes into RUN/data, both train on it."""
+    from sparsemoe.parallel.train import run_parallel_training
+
+    model_cfg, train_cfg = _configs(max_steps=2)
+    run_parallel_training(model_cfg, train_cfg, run_dir, make_groups(1), data=text, tokenizer="bpe:300",
+                          progress=False, log=lambda s: None)  # fmt: skip
+    return {}
+
+
+def test_two_processes_train_on_bpe_token_shards_as_one_does(tmp_path):
+    from sparsemoe.train.run import run_training
+
+    text = tmp_path / "text.py"
+    text.write_text("".join(f"def f{i}(x):\n    return x * {i % 13} + {i % 7}\n\n" for i in range(800)))
+    run_dir = tmp_path / "parallel"
+    launch(train_on_bpe, 2, str(run_dir), str(text))
+    assert (run_dir / "data" / "index.json").is_file() and (run_dir / "tokenizer" / "tokenizer.json").is_file()
+    model_cfg, train_cfg = _configs(max_steps=2)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:  # one process on the shards the two prepared: the same global batches, the same losses
+        run_training(model_cfg, train_cfg, tmp_path / "single", data=str(run_dir / "data"), progress=False,
+                     log=lambda s: None)  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    single, parallel = _train_records(tmp_path / "single"), _train_records(run_dir)
+    for step in (1, 2):
+        assert parallel[("train", step)]["loss"] == pytest.approx(single[("train", step)]["loss"], rel=1e-5)
+    assert parallel[("eval", 2)]["val_bpb"] == pytest.approx(single[("eval", 2)]["val_bpb"], rel=1e-5)

@@ -8,6 +8,7 @@ import sys
 import time
 
 from sparsemoe.commands import CommandError
+from sparsemoe.commands._tokenizer import checkpoint_tokenizer
 from sparsemoe.commands._device import (
     add_device_argument, add_dtype_argument, add_verify_argument, device_from_args, dtype_from_args,
 )  # fmt: skip
@@ -44,9 +45,10 @@ def register(subparsers) -> argparse.ArgumentParser:
     add_verify_argument(p)
     p.add_argument(
         "--tokenizer",
-        metavar="DIR",
-        help="a local Hugging Face tokenizer folder (needs transformers); default: RUN/tokenizer when "
-        "`sparsemoe convert` put one there, else UTF-8 bytes",
+        metavar="PATH",
+        help="bytes, a tokenizer.json, or a folder holding one (a Hugging Face tokenizer folder; one with only "
+        "slow-tokenizer files needs transformers); default: RUN/tokenizer (written by `sparsemoe train` for a BPE "
+        "run, or by `sparsemoe convert`), else UTF-8 bytes",
     )
     p.set_defaults(func=run)
     return p
@@ -74,20 +76,10 @@ def run(args) -> int:
         raise CommandError(f"--top-p {args.top_p}: expected a number in (0, 1]")
     device = device_from_args(args)
     try:
-        model, _ = load_model(args.checkpoint, device, dtype_from_args(args, device), verify=not args.no_verify)
+        model, meta = load_model(args.checkpoint, device, dtype_from_args(args, device), verify=not args.no_verify)
     except CheckpointError as err:
         raise CommandError(str(err)) from None
-    tokenizer = _tokenizer(args)
-    if tokenizer.vocab_size == 256 and model.config.vocab_size != 256:
-        raise CommandError(
-            f"checkpoint has vocab_size={model.config.vocab_size}, not a byte-level model (vocab_size=256); "
-            "give its Hugging Face tokenizer folder with --tokenizer DIR"
-        )
-    if model.config.vocab_size < tokenizer.vocab_size:
-        raise CommandError(
-            f"checkpoint has vocab_size={model.config.vocab_size} but the tokenizer has {tokenizer.vocab_size} "
-            "tokens; give the tokenizer the model was trained with (--tokenizer DIR)"
-        )
+    tokenizer = checkpoint_tokenizer(args.checkpoint, args.tokenizer, model, meta)
     prompt = args.prompt or "\n"
     ids = torch.tensor(tokenizer.encode(prompt), dtype=torch.long)
     if ids.numel() == 0:
@@ -129,24 +121,6 @@ def _speed_line(start: float, token_times: list[float], prompt_tokens: int, wher
         per_token = (token_times[-1] - token_times[0]) / (len(token_times) - 1)
         line += f", then {1e3 * per_token:.2f} ms per token ({1 / per_token:.0f} tokens/s)"
     return f"{line}; {where}"
-
-
-def _tokenizer(args):
-    from sparsemoe.train import ByteTokenizer
-
-    folder = args.tokenizer
-    if folder is None:
-        from sparsemoe.hf.tokenizer import find_tokenizer_dir
-
-        folder = find_tokenizer_dir(args.checkpoint)
-    if folder is None:
-        return ByteTokenizer()
-    from sparsemoe.hf.tokenizer import HFTokenizer, TokenizerError
-
-    try:
-        return HFTokenizer(folder)
-    except TokenizerError as err:
-        raise CommandError(str(err)) from None
 
 
 def _streamer(tokenizer, out):

@@ -15,11 +15,11 @@ from sparsemoe.device import PRECISIONS
 
 # Training options: CLI flag -> TrainConfig field. Defaults are None so that the preset (or, on
 # --resume, the checkpoint) supplies what the user did not give.
-_TRAIN_FLAGS = {
+TRAIN_FLAGS = {
     "max_steps": (int, "optimizer steps to train for (tiny 40, demo 600); on --resume a larger value extends the "
                   "run and keeps its learning-rate schedule (see --schedule-steps)"),
     "batch_size": (int, "sequences per micro-batch (demo 16)"),
-    "seq_len": (int, "tokens (bytes) per training sequence; at most the model's max_seq_len (demo 256)"),
+    "seq_len": (int, "tokens per training sequence; at most the model's max_seq_len (demo 256)"),
     "accum_steps": (int, "micro-batches accumulated per optimizer step (default 1)"),
     "lr": (float, "peak learning rate of AdamW (demo 3e-3)"),
     "min_lr_ratio": (float, "the cosine schedule ends at lr * this (default 0.1)"),
@@ -66,7 +66,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--data",
         default=None,
         metavar="PATH",
-        help="a text file or a folder of text files (default: the Python standard library's .py sources)",
+        help="a text file, a JSONL file ({\"text\": ...} per line), a folder of them, a token-shard folder made by "
+        "`sparsemoe prepare-data` (streamed: any size), or a built-in corpus: builtin:python-stdlib (the default, the "
+        "standard library's .py sources) or builtin:python-docs (English prose: its docstrings and help topics)",
+    )
+    p.add_argument(
+        "--tokenizer",
+        default=None,
+        metavar="SPEC",
+        help="bytes (the default: vocabulary 256, text read into memory), bpe:N (a byte-level BPE of N tokens "
+        "trained on the corpus; the text is tokenized once into RUN/data and streamed), or a tokenizer.json or a "
+        "folder holding one. Saved as RUN/tokenizer/, which generate, inspect and convert use; the model's "
+        "vocab_size is the tokenizer's. With a token-shard --data: the shards' own (default)",
     )
     p.add_argument(
         "--max-bytes", type=int, default=None, metavar="N", help="read at most N bytes of the corpus (quick runs)"
@@ -101,9 +112,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "e.g. --set num_experts=16 --set bias_balancing=true --set 'sliding_layers=[0, 2]' (lists and dicts as "
         "JSON; repeatable; see sparsemoe.model.ModelConfig)",
     )
-    for name, (kind, help_text) in _TRAIN_FLAGS.items():
-        metavar = "N" if kind is int else "X"
-        p.add_argument("--" + name.replace("_", "-"), type=kind, default=None, metavar=metavar, help=help_text)
+    add_train_flags(p, TRAIN_FLAGS)
     add_device_argument(p)
     p.add_argument(
         "--precision",
@@ -134,6 +143,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--threads", type=thread_count, default=None, metavar="N", help="CPU threads for torch (default: torch's choice)"
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar (metrics still go to metrics.jsonl)")
+
+
+def add_train_flags(p: argparse.ArgumentParser, flags: dict[str, tuple]) -> None:
+    """One option per TrainConfig field of `flags` (name -> (type, help)), default None: the preset decides."""
+    for name, (kind, help_text) in flags.items():
+        metavar = "N" if kind is int else "X"
+        p.add_argument("--" + name.replace("_", "-"), type=kind, default=None, metavar=metavar, help=help_text)
 
 
 def speed_summary(summary: dict[str, Any]) -> str:
@@ -187,7 +203,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 
 
 def _train_overrides(args) -> dict[str, Any]:
-    out = {name: getattr(args, name) for name in _TRAIN_FLAGS if getattr(args, name) is not None}
+    out = {name: getattr(args, name) for name in TRAIN_FLAGS if getattr(args, name) is not None}
     for name in ("compile", "activation_checkpointing"):
         if getattr(args, name):
             out[name] = True
@@ -266,6 +282,7 @@ def run(args) -> int:
                 train_cfg,
                 run_dir,
                 data=args.data,
+                tokenizer=args.tokenizer,
                 resume=args.resume,
                 progress=not args.no_progress,
                 max_bytes=args.max_bytes,

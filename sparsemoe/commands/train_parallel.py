@@ -73,7 +73,7 @@ def run(args) -> int:
         if not args.resume and run_exists(run_dir):
             raise CommandError(f"run folder {str(run_dir)!r} already holds a checkpoint; pass --resume or another --run-dir")
         summary = run_parallel_training(
-            model_cfg, train_cfg, run_dir, groups, data=args.data, resume=args.resume,
+            model_cfg, train_cfg, run_dir, groups, data=args.data, tokenizer=args.tokenizer, resume=args.resume,
             progress=not args.no_progress, max_bytes=args.max_bytes, peak_tflops=args.peak_tflops,
             verify=not args.no_verify,
         )  # fmt: skip

@@ -25,7 +25,7 @@ from sparsemoe.hf.export import export_family, export_hf
 from sparsemoe.hf.io import INDEX_FILE, CheckpointFiles, HFFormatError, write_safetensors
 from sparsemoe.hf.load import LoadedModel, load_hf, resolve_dtype
 from sparsemoe.model import empty_model
-from sparsemoe.hf.tokenizer import TOKENIZER_DIR, copy_tokenizer_files
+from sparsemoe.hf.tokenizer import TOKENIZER_DIR, TOKENIZER_FILES, copy_tokenizer_files, find_tokenizer_dir
 
 
 def is_hf_folder(path: Union[str, Path]) -> bool:
@@ -46,7 +46,7 @@ def _fresh_dir(path: Path, overwrite: bool) -> None:
         if not overwrite:
             raise HFFormatError(f"output folder {str(path)!r} is not empty; choose a new folder or overwrite it")
         # Only what a previous conversion wrote: never a whole unrelated folder.
-        for name in ("checkpoints", "config.json", INDEX_FILE, TOKENIZER_DIR):
+        for name in ("checkpoints", "config.json", INDEX_FILE, TOKENIZER_DIR, *TOKENIZER_FILES):
             target = path / name
             if target.is_dir():
                 shutil.rmtree(target)
@@ -184,4 +184,8 @@ def sparsemoe_to_hf(
     out = Path(out_dir)
     _fresh_dir(out, overwrite)
     cast = None if dtype in (None, "auto") else resolve_dtype(dtype)
-    return export_hf(model, out, family=family, dtype=cast, fused=fused, max_shard_bytes=max_shard_bytes), family
+    written = export_hf(model, out, family=family, dtype=cast, fused=fused, max_shard_bytes=max_shard_bytes)
+    tokenizer = find_tokenizer_dir(src)
+    if tokenizer is not None:  # the run's tokenizer leaves with it, where transformers.AutoTokenizer looks
+        copy_tokenizer_files(tokenizer, out, subfolder="")
+    return written, family

@@ -11,7 +11,8 @@ import shutil
 from pathlib import Path
 from typing import Optional, Union
 
-TOKENIZER_DIR = "tokenizer"
+from sparsemoe.train.tokenizer import TOKENIZER_DIR
+
 # Every file a transformers tokenizer may be saved as (fast or slow, BPE, WordPiece or SentencePiece).
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -30,12 +31,13 @@ class TokenizerError(ValueError):
     """A tokenizer folder that cannot be used."""
 
 
-def copy_tokenizer_files(src: Union[str, Path], out_dir: Union[str, Path]) -> Optional[Path]:
-    """Copy the tokenizer files found in `src` into OUT/tokenizer; None when `src` has none."""
+def copy_tokenizer_files(src: Union[str, Path], out_dir: Union[str, Path], subfolder: str = TOKENIZER_DIR) -> Optional[Path]:
+    """Copy the tokenizer files found in `src` into OUT/tokenizer (OUT itself with subfolder=""); None when
+    `src` has none."""
     found = [Path(src) / name for name in TOKENIZER_FILES if (Path(src) / name).is_file()]
     if not found:
         return None
-    target = Path(out_dir) / TOKENIZER_DIR
+    target = Path(out_dir) / subfolder
     target.mkdir(parents=True, exist_ok=True)
     for path in found:
         shutil.copy2(path, target / path.name)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor
@@ -58,7 +58,7 @@ class ExpertProfile:
     layer: int
     expert: int
     share: float  # this expert's fraction of the layer's assignments (uniform = 1/E)
-    top_bytes: list[tuple[str, float, int]] = field(default_factory=list)  # (byte, fraction routed here, tokens)
+    top_bytes: list[tuple[str, float, int]] = field(default_factory=list)  # (byte or token, fraction routed here, count)
     top_words: list[tuple[str, float, int]] = field(default_factory=list)  # (word, fraction of its bytes, bytes)
     categories: list[float] = field(default_factory=list)  # lift per CATEGORIES entry
 
@@ -69,12 +69,14 @@ class Specialization:
     share: Tensor  # [L, E] float: token share per expert
     profiles: list[ExpertProfile]
     num_tokens: int
+    unit: str = "bytes"  # what the tokens are: bytes, or (subword) tokens
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "layer_ids": self.layer_ids,
             "share": self.share.tolist(),
             "num_tokens": self.num_tokens,
+            "unit": self.unit,
             # JSON has no NaN: a byte class absent from the text has no lift (null).
             "experts": [
                 {**p.__dict__, "categories": [None if math.isnan(c) else c for c in p.categories]}
@@ -143,12 +145,30 @@ def _top_items(counts_E: Tensor, tokens_per_item: Tensor, min_tokens: int, top: 
     return [(int(i), float(frac[i]), int(tokens_per_item[i])) for i in order if frac[i] > 0]
 
 
+def _token_views(vocab_size: int, token_text: Optional[Callable[[int], str]]) -> tuple[list[str], Tensor]:
+    """How each token id is shown, and its byte class: bytes themselves, or a subword token's text (its
+    class: that of its first character)."""
+    if token_text is None:
+        return [show_byte(b) for b in range(256)], torch.tensor([byte_category(b) for b in range(256)])
+    texts = [token_text(t) for t in range(vocab_size)]
+    shown = [repr(t)[1:-1].replace(" ", "␣") or "''" for t in texts]
+    return shown, torch.tensor([byte_category(t.encode("utf-8")[0]) if t else 5 for t in texts])
+
+
 @torch.no_grad()
 def expert_specialization(
-    model: MoETransformer, data: Tensor, seq_len: int, num_windows: int = 32, batch_size: int = 8, top: int = 5
+    model: MoETransformer,
+    data: Tensor,
+    seq_len: int,
+    num_windows: int = 32,
+    batch_size: int = 8,
+    top: int = 5,
+    token_text: Optional[Callable[[int], str]] = None,
 ) -> Optional[Specialization]:
-    """Profile every MoE layer's experts on `num_windows` evenly spaced windows of `data` ([N] uint8).
+    """Profile every MoE layer's experts on `num_windows` evenly spaced windows of `data` ([N] token ids).
 
+    token_text: how a subword token reads (its decoded text); None: the tokens are bytes, and words are
+    profiled too (for subword tokens the tokens are the unit, and "words" stay empty).
     Returns None for a model without MoE layers.
     """
     layer_ids = model.config.moe_layer_ids
@@ -166,10 +186,15 @@ def expert_specialization(
             per_layer[i].append(routed[i].cpu())
         tokens.append(ids.reshape(-1))
     tok_T = torch.cat(tokens)
-    word_T, words = _word_ids([bytes(w.tolist()) for w in tok_T.split(seq_len)])
-    word_T = torch.tensor(word_T)
+    V = 256 if token_text is None else model.config.vocab_size
+    if token_text is None:
+        word_T, words = _word_ids([bytes(w.tolist()) for w in tok_T.split(seq_len)])
+        word_T = torch.tensor(word_T)
+    else:
+        word_T, words = torch.full_like(tok_T, -1), []
     E = model.config.num_experts
-    cat_T = torch.tensor([byte_category(b) for b in range(256)])[tok_T]
+    shown, category_V = _token_views(V, token_text)
+    cat_T = category_V[tok_T]
 
     share = torch.zeros(len(layer_ids), E)
     profiles = []
@@ -178,7 +203,7 @@ def expert_specialization(
         K = ids_TK.shape[1]
         tok_N, expert_N = tok_T.repeat_interleave(K), ids_TK.reshape(-1)
         word_N, cat_N = word_T.repeat_interleave(K), cat_T.repeat_interleave(K)
-        byte_counts = torch.zeros(E, 256).index_put_((expert_N, tok_N), torch.ones(len(tok_N)), accumulate=True)
+        byte_counts = torch.zeros(E, V).index_put_((expert_N, tok_N), torch.ones(len(tok_N)), accumulate=True)
         has_word = word_N >= 0
         word_counts = torch.zeros(E, max(len(words), 1)).index_put_(
             (expert_N[has_word], word_N[has_word]), torch.ones(int(has_word.sum())), accumulate=True
@@ -201,7 +226,7 @@ def expert_specialization(
                     expert=e,
                     share=float(share[li, e]),
                     top_bytes=[
-                        (show_byte(b), f, n) for b, f, n in _top_items(byte_counts[e], byte_tokens, min_bytes, top)
+                        (shown[b], f, n) for b, f, n in _top_items(byte_counts[e], byte_tokens, min_bytes, top)
                     ],
                     top_words=[(words[w], f, n) for w, f, n in _top_items(word_counts[e], word_tokens, min_words, top)]
                     if words
@@ -209,22 +234,24 @@ def expert_specialization(
                     categories=[float(v) for v in cat_lift],
                 )
             )
-    return Specialization(layer_ids, share, profiles, int(tok_T.numel()))
+    return Specialization(layer_ids, share, profiles, int(tok_T.numel()), "bytes" if token_text is None else "tokens")
 
 
 def format_text(spec: Specialization) -> str:
     E = spec.share.shape[1]
     lines = [
         f"expert specialisation over {spec.num_tokens:,} tokens (uniform share = {100 / E:.1f}%); "
-        "bytes/words: the share of their occurrences this expert processes"
+        + ("bytes/words" if spec.unit == "bytes" else "tokens")
+        + ": the share of their occurrences this expert processes"
     ]
     for i in spec.layer_ids:
         lines.append(f"\nlayer {i}")
         for p in (p for p in spec.profiles if p.layer == i):
             byte_text = "  ".join(f"{b} {100 * f:.0f}%" for b, f, _ in p.top_bytes) or "-"
             word_text = "  ".join(f"{w} {100 * f:.0f}%" for w, f, _ in p.top_words) or "-"
-            lines.append(f"  expert {p.expert:>2}  {100 * p.share:5.1f}%  bytes: {byte_text}")
-            lines.append(f"  {'':>9}  {'':>6}  words: {word_text}")
+            lines.append(f"  expert {p.expert:>2}  {100 * p.share:5.1f}%  {spec.unit}: {byte_text}")
+            if spec.unit == "bytes":  # subword tokens are profiled as themselves, without words
+                lines.append(f"  {'':>9}  {'':>6}  words: {word_text}")
     return "\n".join(lines)
 
 

@@ -152,6 +152,7 @@ def run_parallel_training(
     groups: ParallelGroups,
     *,
     data: Optional[str] = None,
+    tokenizer: Optional[str] = None,
     resume: bool = False,
     progress: bool = True,
     max_bytes: Optional[int] = None,
@@ -168,9 +169,13 @@ def run_parallel_training(
     from sparsemoe.device import resolve_precision
     from sparsemoe.model import MoETransformer
     from sparsemoe.model.flops import training_flops_per_token
-    from sparsemoe.train.data import RandomBatches, check_length, eval_batches, load_corpus
+    from sparsemoe.train.data import RandomBatches, check_length, eval_batches
     from sparsemoe.train.report import write_report
-    from sparsemoe.train.run import check_same_model, describe_sizes, performance_rows, resume_schedule, saved_configs
+    from sparsemoe.train.run import (
+        check_same_model, describe_sizes, fit_vocabulary, performance_rows, resume_schedule, saved_configs,
+    )  # fmt: skip
+    from sparsemoe.train.training_data import saved_tokenizer_spec, tokenizer_meta, training_corpus
+    from sparsemoe.train.tokenizer import TOKENIZER_DIR
     from sparsemoe.train.trainer import build_optimizer
 
     W, rank = groups.world_size, groups.rank
@@ -182,13 +187,32 @@ def run_parallel_training(
     if train_config.seq_len > model_config.max_seq_len:
         raise ValueError(f"seq_len={train_config.seq_len} is longer than the model's max_seq_len={model_config.max_seq_len}")
     run_dir = Path(run_dir)
-    changed, schedule_note = "", ""
+    changed, schedule_note, saved_model = "", "", None
     if resume:
         saved_model, saved_train, saved_meta = saved_configs(run_dir, verify)
+        tokenizer = tokenizer if tokenizer is not None else saved_tokenizer_spec(saved_meta, run_dir)
+    # Rank 0 tokenizes the corpus into RUN/data where it has to; the other ranks then open what it wrote.
+    # A failure there reaches every rank (instead of leaving them waiting for rank 0).
+    corpus_args = (data, tokenizer, train_config.val_fraction, max_bytes, run_dir)
+    failure: list[Optional[str]] = [None]
+    error: Optional[ValueError] = None
+    if rank == 0:
+        try:
+            corpus, tok = training_corpus(*corpus_args, log=log)
+        except ValueError as err:  # DataError, CheckpointError and the configs' errors
+            error, failure = err, [str(err)]
+    dist.broadcast_object_list(failure, src=0)
+    if error is not None:
+        raise error
+    if failure[0] is not None:
+        raise ValueError(failure[0])
+    if rank != 0:
+        corpus, tok = training_corpus(*corpus_args, log=lambda _: None)
+    check_length(corpus, train_config.seq_len)
+    model_config = fit_vocabulary(model_config, tok, saved_model, run_dir, log if rank == 0 else lambda _: None)
+    if resume:
         changed = check_same_model(saved_model, model_config, run_dir)
         train_config, schedule_note = resume_schedule(saved_train, train_config, saved_meta["step"])
-    corpus = load_corpus(data, train_config.val_fraction, max_bytes)
-    check_length(corpus, train_config.seq_len)
 
     torch.manual_seed(train_config.seed)
     model = MoETransformer(model_config)
@@ -213,11 +237,15 @@ def run_parallel_training(
         "model_config": model_config.to_dict(),
         "data": corpus.source,
         "max_bytes": max_bytes,
+        "tokenizer": tokenizer_meta(tok),
+        "data_source": data,
+        "shards": corpus.shards,
         "parallel": {"world_size": W, "ep_size": groups.ep_size},
     }
     trainer = ParallelTrainer(
         model, optimizer, train_config, train_batches, val, run_dir, groups=groups, meta=meta, progress=progress,
         device=device, flops_per_token=flops, peak_tflops=peak * W if peak else None,
+        tokens_per_byte=corpus.tokens_per_byte,
     )
     if resume:
         trainer.resume(run_dir, verify)
@@ -227,7 +255,11 @@ def run_parallel_training(
                 log(schedule_note)
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
-        config = {"model_config": model_config.to_dict(), "train_config": train_config.to_dict(), "data": corpus.source}
+        tok.save(run_dir / TOKENIZER_DIR)
+        config = {
+            "model_config": model_config.to_dict(), "train_config": train_config.to_dict(), "data": corpus.source,
+            "tokenizer": tokenizer_meta(tok),
+        }  # fmt: skip
         (run_dir / "config.json").write_text(json.dumps(config, indent=1), encoding="utf-8")
         log(
             f"{W} processes, expert-parallel size {groups.ep_size} ({_plural(groups.num_replicas, 'copy', 'copies')} "

@@ -115,13 +115,20 @@ def write_report(run_dir: Path, summary: dict[str, Any], layer_ids: Optional[lis
         best = min(evals, key=lambda r: r["val_loss"])
         lines.append(f"| final validation loss (step {evals[-1]['step']}) | {evals[-1]['val_loss']:.4f} |")
         lines.append(f"| final validation perplexity | {evals[-1]['val_ppl']:.3f} |")
+        if "val_bpb" in evals[-1]:
+            lines.append(f"| final validation bits per byte | {evals[-1]['val_bpb']:.4f} |")
         lines.append(f"| best validation loss (step {best['step']}) | {best['val_loss']:.4f} |")
     lines += ["", "![loss curves](loss.png)", ""]
     if has_heatmap:
         lines += ["![expert load over training](expert_load.png)", ""]
     if evals:
-        lines += ["## Validation", "", "| step | loss | perplexity |", "|---|---|---|"]
-        lines += [f"| {r['step']} | {r['val_loss']:.4f} | {r['val_ppl']:.3f} |" for r in evals]
+        bpb = all("val_bpb" in r for r in evals)
+        lines += ["## Validation", "", "| step | loss per token | perplexity |" + (" bits per byte |" if bpb else "")]
+        lines.append("|---|---|---|" + ("---|" if bpb else ""))
+        lines += [
+            f"| {r['step']} | {r['val_loss']:.4f} | {r['val_ppl']:.3f} |" + (f" {r['val_bpb']:.4f} |" if bpb else "")
+            for r in evals
+        ]
         lines.append("")
     path = run_dir / "report.md"
     path.write_text("\n".join(lines), encoding="utf-8")

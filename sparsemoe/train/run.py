@@ -19,9 +19,11 @@ from sparsemoe.model import ModelConfig, MoETransformer
 from sparsemoe.model.flops import training_flops_per_token
 from sparsemoe.train.checkpoint import CheckpointError, has_checkpoint, load_meta, refuse_quantized, resolve_checkpoint
 from sparsemoe.train.config import TrainConfig
-from sparsemoe.train.data import RandomBatches, check_length, eval_batches, load_corpus
+from sparsemoe.train.data import RandomBatches, check_length, eval_batches, num_tokens
 from sparsemoe.train.memory import check_fits, estimate_training_memory
 from sparsemoe.train.report import write_report
+from sparsemoe.train.tokenizer import TOKENIZER_DIR
+from sparsemoe.train.training_data import saved_tokenizer_spec, tokenizer_meta, training_corpus
 from sparsemoe.train.trainer import Trainer, build_optimizer, lr_factor
 
 
@@ -81,6 +83,21 @@ def resume_schedule(saved: TrainConfig, given: TrainConfig, step: int) -> tuple[
         f"from {lr_factor(step, kept) * given.lr:.3g} to {stretched:.3g})"
     )
 
+def fit_vocabulary(
+    model_config: ModelConfig, tokenizer: Any, saved: Optional[ModelConfig], where: Any, log: Callable
+) -> ModelConfig:
+    """The model config with the tokenizer's vocabulary; a resumed run's checkpoint (`saved`) must have it."""
+    if saved is not None and saved.vocab_size != tokenizer.vocab_size:
+        raise CheckpointError(
+            f"checkpoint {str(where)!r} has a vocabulary of {saved.vocab_size:,} tokens, but the tokenizer "
+            f"({tokenizer.describe()}) has {tokenizer.vocab_size:,}: resume with the tokenizer the run was trained with"
+        )
+    if model_config.vocab_size == tokenizer.vocab_size:
+        return model_config
+    if saved is None:
+        log(f"vocab_size {model_config.vocab_size} -> {tokenizer.vocab_size}: the model's vocabulary is the tokenizer's")
+    return replace(model_config, vocab_size=tokenizer.vocab_size)
+
 
 def describe_sizes(model: MoETransformer) -> dict[str, str]:
     return {
@@ -95,6 +112,7 @@ def run_training(
     run_dir: Path,
     *,
     data: Optional[str] = None,
+    tokenizer: Optional[str] = None,
     resume: bool = False,
     progress: bool = True,
     max_bytes: Optional[int] = None,
@@ -106,6 +124,9 @@ def run_training(
 ) -> dict[str, Any]:
     """Train (or resume) a run in `run_dir`; write checkpoints, metrics and the report there.
 
+    data: a text file, folder, JSONL, builtin:NAME, a token-shard folder, or None (the standard library).
+    tokenizer: bytes (the default for text), bpe:N, a tokenizer.json or folder (see `training_corpus`);
+    the model's vocab_size is set to the tokenizer's. On resume: the run's own when not given.
     setup: called with the Trainer before training (e.g. to install a signal handler).
     device: "auto" (CUDA when available), "cpu", "cuda", "cuda:N" or a torch.device; a run resumes on any.
     peak_tflops: the device's peak for MFU, where sparsemoe.device does not know it.
@@ -124,15 +145,19 @@ def run_training(
             f"use a seq_len of at most {model_config.max_seq_len}"
         )
     changed, schedule_note = "", ""
+    saved_model = None
     if resume:
         saved_model, saved_train, saved_meta = saved_configs(run_dir, verify)
+        tokenizer = tokenizer if tokenizer is not None else saved_tokenizer_spec(saved_meta, run_dir)
+    corpus, tok = training_corpus(data, tokenizer, train_config.val_fraction, max_bytes, run_dir, log)
+    check_length(corpus, train_config.seq_len)
+    model_config = fit_vocabulary(model_config, tok, saved_model, run_dir, log)
+    if resume:
         changed = check_same_model(saved_model, model_config, run_dir)
         train_config, schedule_note = resume_schedule(saved_train, train_config, saved_meta["step"])
     estimate = estimate_training_memory(model_config, train_config, precision)
     size = f"{estimate.parameters / 4e9:.2f} B parameters, batch {train_config.batch_size} x {train_config.seq_len}"
     check_fits(estimate, device, f"this run ({size}, {precision})")
-    corpus = load_corpus(data, train_config.val_fraction, max_bytes)
-    check_length(corpus, train_config.seq_len)
 
     torch.manual_seed(train_config.seed)
     model = MoETransformer(model_config).to(device)
@@ -141,10 +166,13 @@ def run_training(
     peak = peak_tflops or peak_device_tflops(device, precision)
     train_batches = RandomBatches(corpus.train, train_config.batch_size, train_config.seq_len, seed=train_config.seed)
     val = eval_batches(corpus.val, train_config.batch_size, train_config.seq_len, train_config.eval_batches)
-    meta = {"model_config": model_config.to_dict(), "data": corpus.source, "max_bytes": max_bytes}
+    meta = {
+        "model_config": model_config.to_dict(), "data": corpus.source, "max_bytes": max_bytes,
+        "tokenizer": tokenizer_meta(tok), "data_source": data, "shards": corpus.shards,
+    }  # fmt: skip
     trainer = Trainer(
         model, optimizer, train_config, train_batches, val, run_dir, meta=meta, progress=progress,
-        device=device, flops_per_token=flops, peak_tflops=peak,
+        device=device, flops_per_token=flops, peak_tflops=peak, tokens_per_byte=corpus.tokens_per_byte,
     )  # fmt: skip
     if resume:
         trainer.resume(run_dir, verify)
@@ -152,20 +180,24 @@ def run_training(
         if schedule_note:
             log(schedule_note)
     run_dir.mkdir(parents=True, exist_ok=True)
+    tok.save(run_dir / TOKENIZER_DIR)
     (run_dir / "config.json").write_text(
         json.dumps(
-            {"model_config": model_config.to_dict(), "train_config": train_config.to_dict(), "data": corpus.source},
+            {
+                "model_config": model_config.to_dict(), "train_config": train_config.to_dict(), "data": corpus.source,
+                "tokenizer": tokenizer_meta(tok),
+            },
             indent=1,
         ),
         encoding="utf-8",
-    )
+    )  # fmt: skip
     kind = (
         "dense baseline" if model_config.dense else f"MoE {model_config.num_experts} experts, top-{model_config.top_k}"
     )
     log(
         f"{kind}: {model.num_params():,} parameters, {model.num_active_params():,} active per token; "
-        f"data {corpus.source}: {corpus.train.numel():,} train / {corpus.val.numel():,} validation bytes from "
-        f"{corpus.num_files} file(s)"
+        f"data {corpus.source}: {num_tokens(corpus.train):,} train / {num_tokens(corpus.val):,} validation tokens "
+        f"({tok.describe()}) from {corpus.num_files} file(s)"
         + (f" ({corpus.skipped} binary or non-UTF-8 file(s) skipped)" if corpus.skipped else "")
         + f"; run folder {run_dir}"
     )
@@ -176,7 +208,8 @@ def run_training(
     rows = {
         "model": kind,
         **describe_sizes(model),
-        "data": f"{corpus.source} ({corpus.train.numel():,} train bytes)",
+        "data": f"{corpus.source} ({num_tokens(corpus.train):,} train tokens, {corpus.tokens_per_byte:.3f} per byte)",
+        "tokenizer": tok.describe(),
         "steps": f"{summary['step']} of {train_config.max_steps}",
         "tokens per step": f"{train_config.tokens_per_step:,}",
         "wall time this session": f"{summary['seconds']:.0f} s for {summary['steps_this_session']} steps",

@@ -155,10 +155,14 @@ class Trainer:
         device: Any = None,
         flops_per_token: Optional[float] = None,
         peak_tflops: Optional[float] = None,
+        tokens_per_byte: Optional[float] = None,
     ) -> None:
         """device: where the model and optimizer are, batches are moved there (default: the model's).
         flops_per_token: model FLOPs of one training token (sparsemoe.model.flops); with `peak_tflops`,
-        the device's peak, the log records MFU."""
+        the device's peak, the log records MFU.
+        tokens_per_byte: validation tokens per byte of their text (1 for bytes); given, each evaluation
+        also reports bits per byte, val_bpb = val_loss * tokens_per_byte / ln 2, which compares across
+        tokenizers."""
         self.model = model
         self.optimizer = optimizer
         self.config = config
@@ -172,6 +176,7 @@ class Trainer:
         self.precision = resolve_precision(config.precision, self.device)
         configure_matmuls(self.device, self.precision)
         self.flops_per_token, self.peak_tflops = flops_per_token, peak_tflops
+        self.tokens_per_byte = tokens_per_byte
         self.step = 0  # optimizer steps done
         self.stop_requested = False  # set from a signal handler: stop after the current step
         if config.activation_checkpointing:
@@ -262,6 +267,8 @@ class Trainer:
         self.model.train(was_training)
         values = self.reduce_metrics({"val_loss": total.item() / max(count, 1)})
         values["val_ppl"] = math.exp(min(values["val_loss"], 50.0))
+        if self.tokens_per_byte:
+            values["val_bpb"] = values["val_loss"] * self.tokens_per_byte / math.log(2)
         return values
 
     # --- the loop --------------------------------------------------------------------------------------
