@@ -386,6 +386,8 @@ def test_train_on_a_shard_folder_from_the_command_line(tmp_path, bpe_shards, cap
     assert "shards" in capsys.readouterr().out
     assert main(args[:-3] + ["--max-steps", "2", "--tokenizer", "bpe:1000", "--run-dir", str(tmp_path / "r2")]) == 2
     assert "made with bpe:512" in capsys.readouterr().err
+    assert main(args + ["--max-bytes", "1000", "--run-dir", str(tmp_path / "r3")]) == 2
+    assert "--max-bytes applies to text" in capsys.readouterr().err
 
 
 # --- memory: independent of the corpus's size ------------------------------------------------------------

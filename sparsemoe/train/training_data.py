@@ -33,6 +33,11 @@ def training_corpus(
     """
     try:
         if is_shard_folder(data):
+            if max_bytes is not None:
+                raise DataError(
+                    f"--max-bytes applies to text; the token shards in {data!r} are used whole (`sparsemoe "
+                    "prepare-data --max-bytes` makes smaller ones)"
+                )
             own = shard_tokenizer(data)
             if tokenizer is not None and parse_spec(tokenizer)[0] != "bpe":
                 given = load_tokenizer(tokenizer)
