@@ -15,7 +15,7 @@ def load_any_tokenizer(spec: str) -> Any:
 
     path = Path(spec)
     try:
-        if spec == "bytes" or path.is_file() or (path / TOKENIZER_FILE).is_file() or not path.is_dir():
+        if spec == "bytes" or not path.is_dir() or (path / TOKENIZER_FILE).is_file():
             return load_tokenizer(spec)
         from sparsemoe.hf.tokenizer import HFTokenizer
 

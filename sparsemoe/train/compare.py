@@ -123,19 +123,10 @@ def shared_data(
     out_dir: Path, data: Optional[str], tokenizer: Optional[str], max_bytes: Optional[int]
 ) -> tuple[Optional[str], Optional[str], Optional[int]]:
     """(data, tokenizer, max_bytes) as every run gets them: text with a tokenizer other than bytes is
-    tokenized once into OUT/data (`prepare_shared_data`), which the runs then stream with its own tokenizer."""
+    tokenized once into OUT/data (by `compare`), which the runs then stream with its own tokenizer."""
     if tokenizer is None or parse_spec(tokenizer)[0] == "bytes" or is_shard_folder(data):
         return data, tokenizer, max_bytes
     return str(out_dir / DATA_DIR), None, None
-
-
-def prepare_shared_data(
-    out_dir: Path, data: Optional[str], tokenizer: Optional[str], max_bytes: Optional[int], val_fraction: float,
-    log: Callable[[str], None],
-) -> None:  # fmt: skip
-    """Tokenize the corpus into OUT/data for `shared_data`, unless it already holds it."""
-    if shared_data(out_dir, data, tokenizer, max_bytes)[0] == str(out_dir / DATA_DIR):
-        tokenized_once(out_dir / DATA_DIR, data, tokenizer, val_fraction, max_bytes, log)
 
 
 def check_run(
@@ -353,7 +344,8 @@ def compare(
     options = {"tokenizer": tokenizer, "device": device, "progress": progress}
     plan = {**make_plan(model_config, train_config, data, max_bytes, tokenizer), "source": source}
     check_folder(out_dir, model_config, train_config, plan)
-    prepare_shared_data(out_dir, source["data"], source["tokenizer"], source["max_bytes"], train_config.val_fraction, log)
+    if data != source["data"]:  # text, tokenized once into OUT/data for every run
+        tokenized_once(Path(data), source["data"], source["tokenizer"], train_config.val_fraction, source["max_bytes"], log)
     if setup is not None:
         options["setup"] = setup
     runs = []

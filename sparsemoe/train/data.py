@@ -172,11 +172,11 @@ def _jsonl_documents(path: Path, key: str) -> Iterator[tuple[str, bytes]]:
                 yield f"{key}:{number}", text.encode("utf-8")
 
 
-def _file_pieces(path: Path, piece_bytes: Optional[int] = None) -> Iterator[tuple[str, bytes]]:
+def _file_pieces(path: Path) -> Iterator[tuple[str, bytes]]:
     """A text file read in pieces that end at a line break (about 1/128 of the file, 4 KiB to 1 MiB each),
     without reading it whole; a binary or non-UTF-8 piece raises DataError with the file offset."""
     size = path.stat().st_size
-    piece_bytes = piece_bytes or min(max(size // 128, 4096), 2**20)
+    piece_bytes = min(max(size // 128, 4096), 2**20)
     offset, number, rest = 0, 0, b""
     with open(path, "rb") as fh:
         while True:

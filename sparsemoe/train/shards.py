@@ -306,11 +306,7 @@ def _write_shards(
     writers = {name: _SplitWriter(folder, name, dtype, shard_tokens) for name in SPLITS}
     counts = DocumentCounts()
     for batch in _batches(iter_documents(src, max_bytes, counts)):
-        if isinstance(tok, ByteTokenizer):  # the bytes are the ids: no Python list per byte
-            encoded = [np.frombuffer(data, dtype=np.uint8) for _, data in batch]
-        else:
-            encoded = [np.asarray(ids, dtype=np.int64) for ids in tok.encode_batch([d.decode("utf-8") for _, d in batch])]
-        for (key, data), ids in zip(batch, encoded):
+        for (key, data), ids in zip(batch, tok.encode_documents([data for _, data in batch])):
             if tok.eos_id is not None:
                 ids = np.append(ids, tok.eos_id)
             writers["val" if is_val(key, val_fraction) else "train"].add(ids, len(data))

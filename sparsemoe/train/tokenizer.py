@@ -22,6 +22,8 @@ import json
 from pathlib import Path
 from typing import Iterable, Optional, Union
 
+import numpy as np
+
 EOS = "<|endoftext|>"
 TOKENIZER_DIR = "tokenizer"  # RUN/tokenizer/: a run's (or a converted checkpoint's) tokenizer files
 TOKENIZER_FILE = "tokenizer.json"
@@ -43,8 +45,9 @@ class ByteTokenizer:
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [self.encode(t) for t in texts]
+    def encode_documents(self, documents: list[bytes]) -> list[np.ndarray]:
+        """UTF-8 documents as id arrays: the bytes are the ids (no Python list per byte)."""
+        return [np.frombuffer(data, dtype=np.uint8) for data in documents]
 
     def decode(self, ids) -> str:
         return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
@@ -72,15 +75,13 @@ class BPETokenizer:
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+    def encode_documents(self, documents: list[bytes]) -> list[np.ndarray]:
+        """UTF-8 documents as id arrays, encoded together (`tokenizers` spreads a batch over the cores)."""
+        texts = [data.decode("utf-8") for data in documents]
+        return [np.asarray(e.ids, dtype=np.int64) for e in self._tok.encode_batch(texts, add_special_tokens=False)]
 
     def decode(self, ids) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
-
-    def token_text(self, token_id: int) -> str:
-        """How one token reads on its own (for reports): its decoded text."""
-        return self.decode([token_id])
 
     def fingerprint(self) -> str:
         return hashlib.sha256(self._tok.to_str().encode("utf-8")).hexdigest()[:16]
@@ -165,9 +166,3 @@ def load_tokenizer(spec: Optional[str]) -> Union[ByteTokenizer, BPETokenizer]:
     except Exception as err:  # tokenizers raises plain Exceptions with the parser's message
         raise TokenizerError(f"cannot read tokenizer {str(path)!r}: {' '.join(str(err).split())}") from None
     return BPETokenizer(tok, str(spec))
-
-
-def run_tokenizer(run_dir: Union[str, Path]) -> Union[ByteTokenizer, BPETokenizer]:
-    """The tokenizer a run was trained with: RUN/tokenizer/tokenizer.json, or bytes when the run has none."""
-    folder = Path(run_dir) / TOKENIZER_DIR
-    return load_tokenizer(str(folder)) if (folder / TOKENIZER_FILE).is_file() else ByteTokenizer()

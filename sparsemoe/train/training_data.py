@@ -38,16 +38,16 @@ def training_corpus(
                     f"--max-bytes applies to text; the token shards in {data!r} are used whole (`sparsemoe "
                     "prepare-data --max-bytes` makes smaller ones)"
                 )
-            own = shard_tokenizer(data)
-            if tokenizer is not None and parse_spec(tokenizer)[0] != "bpe":
-                given = load_tokenizer(tokenizer)
-                return open_shards(data, given), given
-            if tokenizer is not None and tokenizer != read_index(data)["tokenizer"]["spec"]:
+            made_with = read_index(data)["tokenizer"]["spec"]
+            if tokenizer is not None and parse_spec(tokenizer)[0] == "bpe" and tokenizer != made_with:
                 raise DataError(
-                    f"--tokenizer {tokenizer}: the shards in {data!r} were made with "
-                    f"{read_index(data)['tokenizer']['spec']}; leave --tokenizer out to train with the shards' own"
+                    f"--tokenizer {tokenizer}: the shards in {data!r} were made with {made_with}; leave "
+                    "--tokenizer out to train with the shards' own"
                 )
-            return open_shards(data, own), own
+            # A tokenizer to load (bytes, a file) is checked against the shards' fingerprint by open_shards.
+            use_own = tokenizer is None or parse_spec(tokenizer)[0] == "bpe"
+            tok = shard_tokenizer(data) if use_own else load_tokenizer(tokenizer)
+            return open_shards(data, tok), tok
         if parse_spec(tokenizer)[0] == "bytes":
             return load_corpus(data, val_fraction, max_bytes), load_tokenizer("bytes")
         folder = tokenized_once(run_dir / DATA_DIR, data, tokenizer, val_fraction, max_bytes, log)
