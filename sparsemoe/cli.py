@@ -17,6 +17,7 @@ from typing import Optional, Sequence
 import sparsemoe
 import sparsemoe.commands
 from sparsemoe.commands import CommandError
+from sparsemoe.ops.memory import keep_freed_memory
 
 
 class _Parser(argparse.ArgumentParser):
@@ -49,6 +50,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if not getattr(args, "func", None):
             parser.print_help()
             return 2
+        keep_freed_memory()  # step after step the same buffers, without fresh pages each time (ops.memory)
         return int(args.func(args) or 0)
     except CommandError as err:
         print(f"sparsemoe {command}: error: {err}", file=sys.stderr)

@@ -160,7 +160,7 @@ def test_bad_config_values(tmp_path, capsys):
     assert main(["train", *QUICK, "--run-dir", str(tmp_path / "a"), "--lr", "-1"]) == 2
     assert "TrainConfig.lr" in error_line(capsys, "train")
     assert main(["train", "--preset", "huge"]) == 2
-    assert "tiny, demo, gpu, mixtral" in error_line(capsys, "train")
+    assert "tiny, demo, wide, gpu, mixtral" in error_line(capsys, "train")
     assert main(["train", *QUICK, "--run-dir", str(tmp_path / "a"), "--set", "nope_layers=[0,"]) == 2
     assert "--set value '[0,' is not valid JSON" in error_line(capsys, "train")
     assert main(["train", *QUICK, "--run-dir", str(tmp_path / "a"), "--set", "nope_layers=[5]"]) == 2

@@ -341,3 +341,45 @@ def test_grouped_linear_rejects_bad_inputs():
         cpu_kernels.grouped_linear(torch.randn(4, 5), torch.tensor([1, 2, 9]), w)
     assert cpu_kernels.supports_linear(torch.randn(4, 5), torch.randn(3, 5, 8).transpose(1, 2))  # [E, K, O]
     assert not cpu_kernels.supports_linear(torch.randn(4, 5), w[:, ::2])  # neither layout contiguous
+
+
+@needs_kernel
+@settings(max_examples=40, deadline=None)
+@given(
+    tokens=st.integers(1, 40), rows=st.integers(0, 300), width=st.integers(1, 150), weighted=st.booleans(),
+    threads=st.sampled_from([1, 2, 3]), dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+)  # fmt: skip
+def test_scatter_add_rows_matches_index_add(tokens, rows, width, weighted, threads, dtype):
+    """Repeated token ids, odd widths (vector tails), any thread count: what index_add_ computes, and the
+    same bits whatever the thread count (each element is summed by one thread in row order)."""
+    gen = torch.Generator().manual_seed(rows * 1000 + width)
+    y = torch.randn(tokens, width, generator=gen)
+    token_ids = torch.randint(0, tokens, (rows,), generator=gen)
+    rows_nD = torch.randn(rows, width, generator=gen).to(dtype)
+    weights = torch.rand(rows, generator=gen) if weighted else None
+    want = y.clone().index_add_(0, token_ids, rows_nD.float() * (weights[:, None] if weighted else 1.0))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = cpu_kernels.scatter_add_rows(y.clone(), token_ids, rows_nD, weights)
+        torch.set_num_threads(1)
+        serial = cpu_kernels.scatter_add_rows(y.clone(), token_ids, rows_nD, weights)
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(got, serial)
+
+
+@needs_kernel
+def test_scatter_add_rows_rejects_bad_inputs_and_writes_nothing():
+    y = torch.zeros(4, 8)
+    with pytest.raises(ValueError, match="outside"):
+        cpu_kernels.scatter_add_rows(y, torch.tensor([0, 4]), torch.ones(2, 8))
+    assert not y.any()
+    with pytest.raises(ValueError, match="do not fit"):
+        cpu_kernels.scatter_add_rows(y, torch.tensor([0, 1]), torch.ones(2, 7))
+    with pytest.raises(ValueError, match="weights"):
+        cpu_kernels.scatter_add_rows(y, torch.tensor([0, 1]), torch.ones(2, 8), torch.ones(3))
+    with pytest.raises(ValueError, match="float32 and contiguous"):
+        cpu_kernels.scatter_add_rows(y.double(), torch.tensor([0]), torch.ones(1, 8))
+    assert not cpu_kernels.supports_scatter(y.t(), torch.ones(1, 4))  # y not contiguous

@@ -32,3 +32,42 @@ def test_small_tensors_are_left_alone():
 def test_large_cpu_tensors_are_advised_on_linux():
     assert memory.advise_huge_pages(torch.empty(memory.MIN_BYTES // 4 + 12345))
     assert memory.advise_huge_pages(torch.empty(2 * memory.MIN_BYTES // 4)[1:])  # an unaligned start
+
+
+_FAULTS_OF_A_FRESH_BUFFER = """
+import resource, sys, torch
+from sparsemoe.ops import memory
+if sys.argv[1] == "keep":
+    assert memory.keep_freed_memory()
+def faults_of_a_64_mib_buffer():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.empty(2**24).fill_(1.0)  # allocated, written, freed
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+faults_of_a_64_mib_buffer()
+print(faults_of_a_64_mib_buffer())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_kept_freed_memory_is_reused_without_page_faults():
+    """By default glibc unmaps a freed 64 MiB block, so the same allocation faults again on every step;
+    after keep_freed_memory() the second one reuses the first one's pages."""
+    import subprocess
+
+    def second_allocation_faults(mode: str) -> int:
+        env = dict(os.environ, SPARSEMOE_KEEP_FREED_MEMORY="1")
+        out = subprocess.run([sys.executable, "-c", _FAULTS_OF_A_FRESH_BUFFER, mode], capture_output=True, text=True,
+                             env=env, check=True).stdout  # fmt: skip
+        return int(out.strip().splitlines()[-1])
+
+    assert second_allocation_faults("default") >= 32  # at least one per 2 MiB, even with huge pages
+    assert second_allocation_faults("keep") < 32
+
+
+def test_keep_freed_memory_can_be_turned_off(monkeypatch):
+    monkeypatch.setenv(memory.KEEP_FREED_MEMORY_ENV, "0")
+    memory.keep_freed_memory.cache_clear()
+    try:
+        assert memory.keep_freed_memory() is False
+    finally:
+        memory.keep_freed_memory.cache_clear()

@@ -2,7 +2,8 @@
 
 Timings are interleaved (one call of each implementation per round) so that a burst of load from
 elsewhere hits every implementation alike; the minimum over rounds is reported (the least disturbed
-run) together with the median.
+run) together with the median, and per call the page faults and system CPU time the kernel spent on
+it. `time_alone` times one callable at a time instead, for the figure of a layer timed on its own.
 """
 
 from __future__ import annotations
@@ -14,7 +15,12 @@ import statistics
 import sys
 import tempfile
 import time
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional
+
+try:
+    import resource  # POSIX only
+except ImportError:  # pragma: no cover - Windows
+    resource = None
 
 import torch
 
@@ -29,23 +35,74 @@ CLOCKS = {
 }
 
 
+def check_names(what: str, names, known) -> None:
+    """ValueError naming the first of `names` that is not in `known`, and what is accepted."""
+    for name in names:
+        if name not in known:
+            raise ValueError(f"unknown {what} {name!r}; accepted: {', '.join(known)}")
+
+
+def _process_counters() -> tuple[int, float]:
+    """(minor page faults, system CPU seconds) of this process so far; (0, 0.0) where unknown."""
+    if resource is None:
+        return 0, 0.0
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_minflt, usage.ru_stime
+
+
+def _summary(samples: list[tuple[float, int, float]]) -> dict:
+    """{"min_ms", "median_ms", "runs", "page_faults", "sys_ms"} of (ms, faults, sys ms) per call; the last two
+    are medians: what the kernel did for the call (first touches of fresh memory, mostly)."""
+    times = [t for t, _, _ in samples]
+    return {
+        "min_ms": min(times),
+        "median_ms": statistics.median(times),
+        "runs": len(times),
+        "page_faults": statistics.median(f for _, f, _ in samples),
+        "sys_ms": statistics.median(s for _, _, s in samples),
+    }
+
+
+def _timed_call(fn: Callable[[], None], now: Callable[[], float]) -> tuple[float, int, float]:
+    faults, sys_s = _process_counters()
+    start = now()
+    fn()
+    elapsed = now() - start
+    faults_after, sys_after = _process_counters()
+    return elapsed * 1e3, faults_after - faults, (sys_after - sys_s) * 1e3
+
+
 def time_interleaved(
-    fns: dict[str, Callable[[], None]], repeats: int, warmup: int = 1, clock: str = "wall"
+    fns: dict[str, Callable[[], None]], repeats: int, warmup: int = 1, clock: str = "wall",
+    between: Optional[Callable[[], None]] = None,
 ) -> dict[str, dict]:
-    """{name: {"min_ms", "median_ms", "runs"}} for each callable, calls interleaved round by round."""
+    """{name: {"min_ms", "median_ms", "runs", "page_faults", "sys_ms"}} for each callable, calls interleaved
+    round by round; `between` (untimed) runs before every call, warmups included."""
     now = CLOCKS[clock]
     for fn in fns.values():
         for _ in range(warmup):
+            if between is not None:
+                between()
             fn()
-    samples: dict[str, list[float]] = {name: [] for name in fns}
+    samples: dict[str, list] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            start = now()
+            if between is not None:
+                between()
+            samples[name].append(_timed_call(fn, now))
+    return {name: _summary(s) for name, s in samples.items()}
+
+
+def time_alone(fns: dict[str, Callable[[], None]], repeats: int, warmup: int = 1, clock: str = "wall") -> dict[str, dict]:
+    """Like `time_interleaved`, but each callable's warmup and timed calls run back to back, with nothing else
+    in between: the figure of a benchmark that times one thing at a time."""
+    now = CLOCKS[clock]
+    result = {}
+    for name, fn in fns.items():
+        for _ in range(warmup):
             fn()
-            samples[name].append((now() - start) * 1e3)
-    return {
-        name: {"min_ms": min(s), "median_ms": statistics.median(s), "runs": len(s)} for name, s in samples.items()
-    }
+        result[name] = _summary([_timed_call(fn, now) for _ in range(repeats)])
+    return result
 
 
 # What torch.profiler's C++ side (kineto, the CPU allocator) writes straight to the process's stderr on

@@ -17,14 +17,14 @@ def _pyplot():
 
 
 def plot_suite(result: dict, out_dir: Path) -> list[Path]:
-    """One PNG per (config, dtype, routing): forward ms, forward+backward ms and peak memory against T."""
+    """One PNG per (config, dtype, routing, context): forward ms, forward+backward ms and peak memory against T."""
     plt = _pyplot()
     if plt is None:
         return []
-    from sparsemoe.bench.report import _group
+    from sparsemoe.bench.report import CONTEXT_TITLES, _group
 
     paths = []
-    for (config, dtype, routing), cases in _group(result["cases"]).items():
+    for (config, dtype, routing, context), cases in _group(result["cases"]).items():
         cases = sorted(cases, key=lambda c: c["tokens"])
         fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
         for ax, mode in zip(axes[:2], ("forward", "backward")):
@@ -46,9 +46,10 @@ def plot_suite(result: dict, out_dir: Path) -> list[Path]:
         ax.set(xscale="log", yscale="log", xlabel="tokens T", ylabel="MiB", title="peak memory, forward+backward")
         ax.grid(True, which="both", alpha=0.3)
         axes[0].legend(fontsize=7)
-        fig.suptitle(f"{config} · {dtype} · routing {routing}")
+        fig.suptitle(f"{config} · {dtype} · routing {routing}{CONTEXT_TITLES[context]}")
         fig.tight_layout()
-        path = out_dir / f"bench_{config}_{dtype}_{routing}.png"
+        suffix = "" if context == "interleaved" else f"_{context}"
+        path = out_dir / f"bench_{config}_{dtype}_{routing}{suffix}.png"
         fig.savefig(path, dpi=90)
         plt.close(fig)
         paths.append(path)

@@ -27,7 +27,9 @@ def header(result: dict, command: str) -> list[str]:
         f"load average at start {_load(env)}; copy bandwidth {result['copy_bandwidth_gbs']:.1f} GB/s "
         "(read + write, STREAM convention).",
         "",
-        f"Times ({env.get('clock', 'wall')} clock) are the minimum over interleaved repeats (median in the JSON). "
+        f"Times ({env.get('clock', 'wall')} clock) are the minimum over repeats (median in the JSON), interleaved "
+        "round by round unless a section says otherwise (each alone: one implementation at a time; mixed process: "
+        "the attention half of a training step runs before every call). "
         "The expert stage is timed from the "
         "routing (expert ids and weights) to the combined output; `dense ideal` is one expert-shaped MLP over "
         "T*K rows (same FLOPs, no routing). Every output is checked against the reference loop's (or the "
@@ -43,10 +45,13 @@ def _load(env: dict) -> str:
     return "n/a" if not load else f"{load[0]:.2f}"
 
 
+CONTEXT_TITLES = {"interleaved": "", "alone": " · each alone", "mixed": " · mixed process"}
+
+
 def _group(cases: list[dict]) -> dict:
     groups = defaultdict(list)
     for case in cases:
-        groups[(case["config"], case["dtype"], case["routing"])].append(case)
+        groups[(case["config"], case["dtype"], case["routing"], case.get("context", "interleaved"))].append(case)
     return groups
 
 
@@ -64,13 +69,15 @@ def _fmt_ms(ms: float) -> str:
 
 def markdown(result: dict, command: str) -> str:
     lines = ["# sparsemoe bench", ""] + header(result, command)
-    for (config, dtype, routing), cases in _group(result["cases"]).items():
+    for (config, dtype, routing, context), cases in _group(result["cases"]).items():
         cases = sorted(cases, key=lambda c: c["tokens"])
         tokens = [c["tokens"] for c in cases]
-        lines += [f"## {config} · {dtype} · routing {routing}", ""]
+        lines += [f"## {config} · {dtype} · routing {routing}{CONTEXT_TITLES[context]}", ""]
         modes = [m for m in ("forward", "backward") if any(m in c["timings"] for c in cases)]
         for mode in modes:
             lines += _time_table(cases, tokens, mode)
+        if "backward" in modes and context != "interleaved":
+            lines += _kernel_table(cases, tokens)
         if any(c["memory"] for c in cases):
             lines += _memory_table(cases, tokens)
         notes = _notes(cases)
@@ -109,6 +116,25 @@ def _time_table(cases: list[dict], tokens: list[int], mode: str) -> list[str]:
             frac = f" (auto reaches {case['weight_read_ms'] / auto['min_ms']:.2f})" if auto else ""
             cells.append(f"{_fmt_ms(case['weight_read_ms'])}{frac}")
         lines.append("| weight-read bound | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def _kernel_table(cases: list[dict], tokens: list[int]) -> list[str]:
+    """Page faults and system CPU time per forward+backward call (medians): the kernel's share of a call,
+    mostly first touches of freshly allocated memory."""
+    lines = [
+        "**forward+backward, the kernel's share**: page faults / system CPU ms per call (medians)",
+        "",
+        "| implementation | " + " | ".join(f"T={t}" for t in tokens) + " |",
+        "|---" * (len(tokens) + 1) + "|",
+    ]
+    for name in _impl_order(cases, "backward"):
+        cells = []
+        for case in cases:
+            timing = case["timings"].get("backward", {}).get(name)
+            known = timing is not None and "page_faults" in timing
+            cells.append(f"{timing['page_faults']:.0f} / {timing['sys_ms']:.1f}" if known else "–")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines + [""]
 
 

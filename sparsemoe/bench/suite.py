@@ -1,8 +1,9 @@
 """The main benchmark grid: configs x tokens x dtypes x routings, every implementation side by side.
 
-For each case the implementations are timed interleaved (forward, then forward+backward), their peak
-memory is measured over one forward+backward, and the small-batch bound (reading the active experts'
-weights once at the copy bandwidth measured in this run) is attached.
+For each case the implementations are timed (forward, then forward+backward) in each requested context
+(CONTEXTS: interleaved round by round, each alone, or mixed with the attention half of a training step),
+their peak memory is measured over one forward+backward, and the small-batch bound (reading the active
+experts' weights once at the copy bandwidth measured in this run) is attached.
 """
 
 from __future__ import annotations
@@ -15,9 +16,19 @@ import torch
 
 from sparsemoe.bench.configs import BENCH_CONFIGS, DEFAULT_CONFIGS, DEFAULT_TOKENS, ROUTINGS, make_routing
 from sparsemoe.bench.impls import BenchCase, Impl, build_impls, implementation_names, make_case
-from sparsemoe.bench.measure import copy_bandwidth, environment, peak_memory_bytes, synchronize, time_interleaved
+from sparsemoe.bench.measure import (
+    check_names, copy_bandwidth, environment, peak_memory_bytes, synchronize, time_alone, time_interleaved,
+)  # fmt: skip
+from sparsemoe.bench.workload import attention_step
 
 MODES = ("forward", "backward")  # backward = forward + backward
+# What runs between two timed calls of an implementation.
+CONTEXTS = {
+    "interleaved": "one call of each implementation per round",
+    "alone": "each implementation's calls back to back, nothing else in between (the layer timed on its own)",
+    "mixed": "interleaved, with the attention half of a training step (norm, QKV, causal attention, output "
+    "projection, backward, AdamW) at the layer's width and T run before every call: the layer inside a model",
+}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -37,6 +48,7 @@ class SuiteOptions:
     seed: int = 0
     recompute: bool = True  # include the grouped backend with activation recomputation
     clock: str = "wall"  # wall | cpu (process CPU time; see sparsemoe.bench.measure.CLOCKS)
+    contexts: tuple[str, ...] = ("interleaved",)  # keys of CONTEXTS; each is timed and reported on its own
     log: Callable[[str], None] = field(default=lambda line: print(line, flush=True), repr=False)
 
 
@@ -129,7 +141,23 @@ def _usable(impls: list[Impl], modes: tuple[str, ...], grads: dict, device, erro
     return ok
 
 
-def run_case(case: BenchCase, opts: SuiteOptions, bandwidth: float) -> dict:
+def _timings(steps: dict, opts: SuiteOptions, case: BenchCase, context: str) -> dict:
+    if context == "alone":
+        return time_alone(steps, opts.repeats, opts.warmup, opts.clock)
+    between = None
+    if context == "mixed":
+        attention = attention_step(case.config.dim, case.tokens, case.dtype, case.device, opts.seed)
+
+        def between() -> None:
+            attention()
+            synchronize(case.device)
+
+    return time_interleaved(steps, opts.repeats, opts.warmup, opts.clock, between=between)
+
+
+def run_case(case: BenchCase, opts: SuiteOptions, bandwidth: float, context: str = "interleaved",
+             memory: bool = True) -> dict:
+    """One case in one context (CONTEXTS); `memory`: also measure the peak memory of forward+backward."""
     device = case.device
     impls, skipped = build_impls(case, opts.recompute, wanted=lambda name: _selected(name, opts.impls))
     errors: dict[str, str] = {}
@@ -145,6 +173,7 @@ def run_case(case: BenchCase, opts: SuiteOptions, bandwidth: float) -> dict:
         "tokens": case.tokens,
         "dtype": str(case.dtype).replace("torch.", ""),
         "routing": case.routing,
+        "context": context,
         "active_experts": active,
         "active_weight_bytes": weight_bytes,
         "weight_read_ms": weight_bytes / bandwidth * 1e3,
@@ -157,8 +186,8 @@ def run_case(case: BenchCase, opts: SuiteOptions, bandwidth: float) -> dict:
     }
     for mode in modes:
         steps = {impl.name: _step(impl, mode, grads, device) for impl in impls}
-        result["timings"][mode] = time_interleaved(steps, opts.repeats, opts.warmup, opts.clock)
-    if opts.memory and "backward" in modes:
+        result["timings"][mode] = _timings(steps, opts, case, context)
+    if memory and opts.memory and "backward" in modes:
         for impl in impls:
             impl.clear_grads()
             peak = peak_memory_bytes(_step(impl, "backward", grads, device), device)
@@ -170,9 +199,8 @@ def run_case(case: BenchCase, opts: SuiteOptions, bandwidth: float) -> dict:
 
 def check_options(opts: SuiteOptions) -> None:
     """ValueError for a config name or an --impls pattern that names nothing (before anything runs)."""
-    for name in opts.configs:
-        if name not in BENCH_CONFIGS:
-            raise ValueError(f"unknown benchmark config {name!r}; accepted: {', '.join(BENCH_CONFIGS)}")
+    check_names("context", opts.contexts, CONTEXTS)
+    check_names("benchmark config", opts.configs, BENCH_CONFIGS)
     unmatched = unmatched_patterns(opts.impls)
     if unmatched:
         raise ValueError(
@@ -201,9 +229,10 @@ def run_suite(opts: SuiteOptions) -> dict:
                 for T in opts.tokens:
                     ids_TK, weights_TK = make_routing(routing, T, cfg.num_experts, cfg.top_k, opts.seed)
                     case = make_case(cfg, T, DTYPES[dtype_name], device, routing, ids_TK, weights_TK, opts.seed)
-                    result = run_case(case, opts, bandwidth)
-                    cases.append(result)
-                    opts.log(_summary_line(result))
+                    for i, context in enumerate(opts.contexts):
+                        result = run_case(case, opts, bandwidth, context, memory=i == 0)
+                        cases.append(result)
+                        opts.log(_summary_line(result))
     return {
         "environment": env,
         "copy_bandwidth_gbs": bandwidth / 1e9,
@@ -213,7 +242,8 @@ def run_suite(opts: SuiteOptions) -> dict:
 
 
 def _summary_line(result: dict) -> str:
-    parts = [f"  {result['config']} {result['dtype']} {result['routing']} T={result['tokens']}:"]
+    context = "" if result["context"] == "interleaved" else f" ({result['context']})"
+    parts = [f"  {result['config']} {result['dtype']} {result['routing']} T={result['tokens']}{context}:"]
     for mode, timings in result["timings"].items():
         dense = timings.get("dense ideal", {}).get("min_ms")
         auto = timings.get("sparsemoe auto")

@@ -38,7 +38,9 @@ def _capacity_factor(text: str):
 
 def register(subparsers) -> argparse.ArgumentParser:
     from sparsemoe.bench.configs import BENCH_CONFIGS, DEFAULT_CONFIGS, DEFAULT_TOKENS, ROUTINGS
-    from sparsemoe.bench.suite import DTYPES, MODES
+    from sparsemoe.bench.suite import CONTEXTS, DTYPES, MODES
+    from sparsemoe.bench.train_step import PRECISIONS, TRAIN_BENCH_PRESETS
+    from sparsemoe.model import PRESETS
 
     p = subparsers.add_parser(
         "bench",
@@ -56,6 +58,12 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="comma-separated: balanced, random, skewed (Zipf) (default: all)")
     p.add_argument("--modes", type=csv_list("modes", MODES), default=MODES,
                    help="comma-separated: forward, backward (= forward+backward) (default: both)")
+    p.add_argument("--context", type=csv_list("contexts", CONTEXTS), default=("interleaved",),
+                   help="comma-separated, each timed and reported on its own: interleaved (default: one call of each "
+                   "implementation per round), alone (each implementation's calls back to back: the layer timed on "
+                   "its own), mixed (interleaved, with the attention half of a training step at the layer's width "
+                   "and T run before every call: the layer inside a model). alone,mixed gives both figures; "
+                   "tables of alone and mixed add each call's page faults and system CPU time")
     p.add_argument("--backward-min-tokens", type=positive_int, default=None,
                    help="time forward+backward only for T at or above this; smaller T (decode) forward only "
                    "(default 1: every T)")
@@ -110,8 +118,50 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="int4 input columns per scale, a multiple of 32 (default 64)")
     q.add_argument("--decode-tokens", type=positive_int, default=32, metavar="N",
                    help="tokens generated per timed decode (default 32)")
+    t = p.add_argument_group(
+        "model-level training speed (--train: this benchmark instead of the suite above; CPU)",
+        "The trainer's step (forward, backward, clipping, AdamW) of each preset's MoE model and of its dense twin "
+        "(dense MLPs of the same active width), interleaved step by step on the same random byte batches, in each "
+        "precision; training tokens/s and the MoE model's share of its twin's. --repeats timed steps per model "
+        "(default 5). Writes train.md and train.json.",
+    )  # fmt: skip
+    t.add_argument("--train", action="store_true", help="run the model-level training benchmark")
+    t.add_argument("--presets", type=csv_list("presets", PRESETS), default=TRAIN_BENCH_PRESETS,
+                   help=f"comma-separated model presets (default: {','.join(TRAIN_BENCH_PRESETS)})")
+    t.add_argument("--precisions", type=csv_list("precisions", PRECISIONS), default=PRECISIONS,
+                   help="comma-separated: fp32, bf16 (autocast) (default: both)")
+    t.add_argument("--batch-size", type=positive_int, default=16, help="sequences per step (default 16)")
+    t.add_argument("--seq-len", type=positive_int, default=256, help="tokens per sequence (default 256)")
     p.set_defaults(func=run)
     return p
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from sparsemoe.bench.train_step import TrainBenchOptions, run_train_bench, train_bench_markdown
+
+    if args.device not in ("auto", "cpu"):
+        raise CommandError("--train measures the CPU; leave out --device (or give --device cpu)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    opts = TrainBenchOptions(
+        presets=args.presets, precisions=args.precisions, batch_size=args.batch_size, seq_len=args.seq_len,
+        repeats=args.repeats or TrainBenchOptions.repeats, clock=args.clock,
+    )  # fmt: skip
+    try:
+        result = run_train_bench(opts)
+    except ValueError as err:
+        raise CommandError(str(err)) from None
+    return _write_report(output_dir(args.out), "train", result, train_bench_markdown)
+
+
+def _write_report(out: Path, stem: str, result: dict, render) -> int:
+    """STEM.json and STEM.md (render(result, command line)) into `out`; the markdown is printed too."""
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
+    text = render(result, command_line("bench"))
+    (out / f"{stem}.md").write_text(text)
+    print(text)
+    print(f"wrote {out / f'{stem}.md'}, {out / f'{stem}.json'}")
+    return 0
 
 
 def _run_quant(args: argparse.Namespace) -> int:
@@ -135,12 +185,7 @@ def _run_quant(args: argparse.Namespace) -> int:
         result = run_quant_bench(opts, progress=lambda what: print(f"... {what}", flush=True))
     except (QuantizationError, CheckpointError) as err:
         raise CommandError(str(err)) from None
-    (out / "quant.json").write_text(json.dumps(result, indent=1))
-    text = quant_markdown(result, command_line("bench"))
-    (out / "quant.md").write_text(text)
-    print(text)
-    print(f"wrote {out / 'quant.md'}, {out / 'quant.json'}")
-    return 0
+    return _write_report(out, "quant", result, quant_markdown)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -152,8 +197,12 @@ def run(args: argparse.Namespace) -> int:
 
     if args.quick and args.gpu:
         raise CommandError("--quick and --gpu are two different presets; pick one")
+    if args.quant and args.train:
+        raise CommandError("--quant and --train are two different benchmarks; run them one at a time")
     if args.quant:
         return _run_quant(args)
+    if args.train:
+        return _run_train(args)
     if args.checkpoint is not None:
         raise CommandError("--checkpoint belongs to --quant (the quantized-experts benchmark); add --quant")
     if args.gpu and args.device == "auto":
@@ -174,7 +223,7 @@ def run(args: argparse.Namespace) -> int:
     }
     opts = SuiteOptions(
         **chosen, modes=args.modes, memory=not args.no_memory, device=str(device),
-        recompute=not args.no_recompute and preset.get("recompute", True), clock=args.clock,
+        recompute=not args.no_recompute and preset.get("recompute", True), clock=args.clock, contexts=args.context,
     )  # fmt: skip
     try:
         check_options(opts)

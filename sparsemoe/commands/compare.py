@@ -45,7 +45,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     seeds.add_argument(
         "--seed-list", default=None, metavar="S,S,...", help="train these seeds instead, e.g. 0,5,7 (at least two)"
     )
-    p.add_argument("--preset", default="demo", help="model and training preset: tiny, demo, gpu, ... (default demo)")
+    p.add_argument("--preset", default="demo", help="model and training preset: tiny, demo, wide, gpu, ... (default demo)")
     p.add_argument(
         "--data",
         default=None,

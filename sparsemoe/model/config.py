@@ -303,13 +303,17 @@ class ModelConfig:
 
 
 # Presets. "tiny" trains in seconds (tests); "demo" is `sparsemoe train`'s default (about 3.5 minutes on
-# two CPU cores); "gpu" is sized for one 80-140 GB GPU (983 M parameters, 303 M active per token; its
+# two CPU cores); "wide" is the demo four times wider with fine-grained experts (32 of width 256, top-4), a
+# CPU model where the expert GEMMs dominate a training step (`sparsemoe bench --train`); "gpu" is sized for one 80-140 GB GPU (983 M parameters, 303 M active per token; its
 # dense twin, `dense_baseline()`, has the same 303 M); "mixtral" is Mixtral-8x7B's shape, for benchmarks
 # and shape checks only.
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(dim=32, n_layers=2, n_heads=2, max_seq_len=64, num_experts=4, top_k=2, moe_hidden_dim=32),
     "demo": dict(
         dim=128, n_layers=4, n_heads=4, n_kv_heads=2, max_seq_len=256, num_experts=8, top_k=2, moe_hidden_dim=128
+    ),
+    "wide": dict(
+        dim=512, n_layers=4, n_heads=8, n_kv_heads=4, max_seq_len=512, num_experts=32, top_k=4, moe_hidden_dim=256
     ),
     "gpu": dict(
         dim=1536,

@@ -18,6 +18,9 @@ Legend: N rows sorted by expert, n rows, E experts, D model width, F hidden widt
         output channel or int4 group-wise, sparsemoe.quant.schemes), read in their stored bytes and widened
         in registers; x float32 or bfloat16
     dequantize(data, scale, bits, group, K, dtype) -> the float weight [..., O, K] in float32 or bfloat16
+    scatter_add_rows(y_TD, token_ids [n], rows_nD, weights [n] or None) -> y, in place:
+        y[token_ids[r]] += weights[r] rows[r] in float32, rows float32 or bfloat16 (the expert op's combine
+        and its backward's input gradient: one pass, threads over columns, no float32 copy of the rows)
     activate(h_nI, activation) -> a_nF = act(h)
     activation_backward(h_nI, dA_nF, w_n, activation) -> (aw_nF, dH_nI, d_w_n float32)
         for o = w * (W_out act(h)) with dA = d loss / d act(h) before the weighting: aw = w act(h)
@@ -61,7 +64,7 @@ from torch import Tensor
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = (CSRC / "decode_mlp.c", CSRC / "activation.c")
+SOURCES = (CSRC / "decode_mlp.c", CSRC / "activation.c", CSRC / "scatter_rows.c")
 HEADERS = (CSRC / "vec.h", CSRC / "activation.h", CSRC / "activation_rows.h", CSRC / "decode_gemm.h",
            CSRC / "quant_gemm.h")
 ENV_SWITCH = "SPARSEMOE_CPU_KERNELS"
@@ -153,6 +156,7 @@ def _bind(path: Path) -> ctypes.CDLL:
         "sparsemoe_activate_bf16": ([p, p, i64, i64, i64, i32, i32], None),
         "sparsemoe_activation_backward_f32": ([p, p, p, p, p, p, i64, i64, i64, i32, i32], None),
         "sparsemoe_activation_backward_bf16": ([p, p, p, p, p, p, i64, i64, i64, i32, i32], None),
+        "sparsemoe_scatter_add_rows": ([p, i64, p, p, i32, p, i64, i64, i32], ctypes.c_int),
     }
     for name, (argtypes, restype) in signatures.items():
         fn = getattr(lib, name)
@@ -264,6 +268,41 @@ def activation_backward(h_nI: Tensor, dA_nF: Tensor, w_n: Tensor, activation: st
         n, F, I, ACTIVATION_CODES[activation], torch.get_num_threads(),
     )
     return aw_nF, dH_nI, d_w
+
+
+def supports_scatter(y_TD: Tensor, rows_nD: Tensor) -> bool:
+    """Whether `scatter_add_rows` takes these: CPU tensors, y float32 and contiguous, rows float32 or bfloat16."""
+    return (
+        y_TD.device.type == rows_nD.device.type == "cpu"
+        and y_TD.dtype == torch.float32
+        and y_TD.is_contiguous()
+        and rows_nD.dtype in KERNEL_DTYPES
+        and available()
+    )
+
+
+def scatter_add_rows(y_TD: Tensor, token_ids: Tensor, rows_nD: Tensor, weights: Optional[Tensor] = None) -> Tensor:
+    """y[token_ids[r]] += weights[r] * rows[r] for every row r, in place and in float32 (weights None: 1);
+    y [T, D] float32 contiguous, rows [n, D] float32 or bfloat16, token_ids [n], weights [n]. Returns y."""
+    if not supports_scatter(y_TD, rows_nD):
+        raise ValueError(f"scatter_add_rows: y must be float32 and contiguous and rows float32 or bfloat16 on the CPU, "
+                         f"got y {y_TD.dtype}, rows {rows_nD.dtype}")
+    rows_nD, token_ids = rows_nD.contiguous(), token_ids.to(torch.int64).contiguous()
+    n, D = rows_nD.shape
+    if y_TD.dim() != 2 or y_TD.shape[1] != D or token_ids.shape != (n,):
+        raise ValueError(f"scatter_add_rows: y {tuple(y_TD.shape)}, rows {tuple(rows_nD.shape)}, token_ids "
+                         f"{tuple(token_ids.shape)} do not fit")
+    if weights is not None:
+        weights = weights.float().contiguous()
+        if weights.shape != (n,):
+            raise ValueError(f"scatter_add_rows: weights {tuple(weights.shape)} for {n} rows")
+    status = _library().sparsemoe_scatter_add_rows(
+        y_TD.data_ptr(), y_TD.shape[0], token_ids.data_ptr(), rows_nD.data_ptr(), int(rows_nD.dtype == torch.bfloat16),
+        None if weights is None else weights.data_ptr(), n, D, torch.get_num_threads(),
+    )  # fmt: skip
+    if status == -2:
+        raise ValueError("scatter_add_rows: a token id is outside [0, T)")
+    return y_TD
 
 
 _DECODE_ERRORS = {

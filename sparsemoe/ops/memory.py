@@ -1,4 +1,4 @@
-"""Large CPU buffers backed by transparent huge pages, for the tensors the expert op allocates itself.
+"""Fresh large CPU buffers without a page fault per 4 KiB: huge pages, and memory that malloc keeps for reuse.
 
 A fresh multi-megabyte tensor is first touched page by page. With 4 KiB pages that is a page fault per
 4 KiB: a 64 MiB expert weight gradient (fine-grained: 64 experts of 512 x 512) costs 16,384 faults,
@@ -7,12 +7,22 @@ Linux with transparent huge pages in `madvise` mode (the usual default) a region
 when asked with madvise(MADV_HUGEPAGE); PyTorch asks only when THP_MEM_ALLOC_ENABLE=1 is set before it
 starts. `empty_huge` asks for the one tensor it returns, which changes nothing but its page size; on
 other systems, on accelerators and for small tensors it is plain `torch.empty`.
+
+Faults come back on every call when the memory is new each time. PyTorch's CPU allocator is glibc's
+malloc, which serves a block of 32 MiB or more (and, once a process has freed such blocks, anything above
+its adaptive threshold) by a fresh mmap and unmaps it on free: the next step's weight gradients, saved
+activations and autograd buffers are fresh pages again. A layer timed alone often gets the same pages
+back; inside a training step, with other work between, it does not (measured: 1,100 faults and up to
+80 ms of system time per forward+backward of the fine-grained layer, docs/benchmarks.md).
+`keep_freed_memory()` tells malloc to serve large blocks from its heap and keep freed ones for reuse,
+which is what the jemalloc/tcmalloc advice for CPU training achieves; the `sparsemoe` command calls it.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
+import os
 import sys
 from typing import Optional
 
@@ -20,21 +30,50 @@ import torch
 from torch import Tensor
 
 HUGE_PAGE = 2 << 20
+KEEP_FREED_MEMORY_ENV = "SPARSEMOE_KEEP_FREED_MEMORY"  # "0": leave malloc's defaults alone
 MIN_BYTES = 4 * HUGE_PAGE  # below this the saving is small and the tensor may share pages with others
 _MADV_HUGEPAGE = 14  # <sys/mman.h> on Linux
 
 
+# <malloc.h> (glibc) mallopt parameters
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_MAX = -4
+
+
 @functools.lru_cache(maxsize=None)
-def _madvise() -> Optional[ctypes._CFuncPtr]:
+def _libc_function(name: str, argtypes: tuple) -> Optional[ctypes._CFuncPtr]:
+    """A C library function of this process on Linux, or None."""
     if not sys.platform.startswith("linux"):
         return None
     try:
-        fn = ctypes.CDLL(None, use_errno=True).madvise
+        fn = getattr(ctypes.CDLL(None, use_errno=True), name)
     except (OSError, AttributeError):
         return None
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    fn.argtypes = list(argtypes)
     fn.restype = ctypes.c_int
     return fn
+
+
+def _madvise() -> Optional[ctypes._CFuncPtr]:
+    return _libc_function("madvise", (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int))
+
+
+@functools.lru_cache(maxsize=None)
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep large freed blocks for reuse (process-wide, from now on); True if it did.
+
+    Every block then comes from malloc's heap (no per-block mmap) and freed memory is not handed back to
+    the system, so a training or benchmark loop that frees and reallocates the same sizes every step
+    touches fresh pages only in its first steps; the process keeps its peak memory until it exits. A no-op
+    returning False off glibc, or with SPARSEMOE_KEEP_FREED_MEMORY=0.
+    """
+    if os.environ.get(KEEP_FREED_MEMORY_ENV, "1") == "0":
+        return False
+    mallopt = _libc_function("mallopt", (ctypes.c_int, ctypes.c_int))
+    if mallopt is None:
+        return False
+    # Both return 1 on success; glibc falls back to mmap by itself if the heap cannot grow.
+    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
 
 
 def advise_huge_pages(t: Tensor) -> bool:

@@ -106,6 +106,7 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
         checkpoint_interval=20,
     ),
     "demo": dict(),
+    "wide": dict(max_steps=300, lr=2e-3),
     # 16 x 2048 = 32,768 tokens per step, about 40 GiB under bf16 autocast (sparsemoe.train.memory)
     "gpu": dict(
         max_steps=1000,
