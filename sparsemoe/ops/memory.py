@@ -38,6 +38,7 @@ _MADV_HUGEPAGE = 14  # <sys/mman.h> on Linux
 # <malloc.h> (glibc) mallopt parameters
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
+_M_ARENA_MAX = -8
 
 
 @functools.lru_cache(maxsize=None)
@@ -72,8 +73,10 @@ def keep_freed_memory() -> bool:
     mallopt = _libc_function("mallopt", (ctypes.c_int, ctypes.c_int))
     if mallopt is None:
         return False
-    # Both return 1 on success; glibc falls back to mmap by itself if the heap cannot grow.
-    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+    # Each returns 1 on success; glibc falls back to mmap by itself if the heap cannot grow. One arena: a
+    # thread moved to another arena (glibc does that under contention) would get heaps of at most 64 MiB,
+    # and mmap, for anything larger.
+    return all(mallopt(param, value) for param, value in ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1)))
 
 
 def advise_huge_pages(t: Tensor) -> bool:
