@@ -141,9 +141,10 @@ def _usable(impls: list[Impl], modes: tuple[str, ...], grads: dict, device, erro
     return ok
 
 
-def _timings(steps: dict, opts: SuiteOptions, case: BenchCase, context: str) -> dict:
+def _timer(opts: SuiteOptions, case: BenchCase, context: str) -> Callable[[dict], dict]:
+    """How the calls of one context are timed: steps {name: step} -> timings {name: {...}}."""
     if context == "alone":
-        return time_alone(steps, opts.repeats, opts.warmup, opts.clock)
+        return lambda steps: time_alone(steps, opts.repeats, opts.warmup, opts.clock)
     between = None
     if context == "mixed":
         attention = attention_step(case.config.dim, case.tokens, case.dtype, case.device, opts.seed)
@@ -152,12 +153,12 @@ def _timings(steps: dict, opts: SuiteOptions, case: BenchCase, context: str) -> 
             attention()
             synchronize(case.device)
 
-    return time_interleaved(steps, opts.repeats, opts.warmup, opts.clock, between=between)
+    return lambda steps: time_interleaved(steps, opts.repeats, opts.warmup, opts.clock, between=between)
 
 
-def run_case(case: BenchCase, opts: SuiteOptions, bandwidth: float, context: str = "interleaved",
-             memory: bool = True) -> dict:
-    """One case in one context (CONTEXTS); `memory`: also measure the peak memory of forward+backward."""
+def run_case(case: BenchCase, opts: SuiteOptions, bandwidth: float) -> list[dict]:
+    """One case: the implementations built and checked once, then timed in each of opts.contexts (one result
+    each, in that order); the peak memory of forward+backward is measured once, into the first result."""
     device = case.device
     impls, skipped = build_impls(case, opts.recompute, wanted=lambda name: _selected(name, opts.impls))
     errors: dict[str, str] = {}
@@ -168,12 +169,11 @@ def run_case(case: BenchCase, opts: SuiteOptions, bandwidth: float, context: str
     active = case.active_experts()
     element = torch.empty((), dtype=case.dtype).element_size()
     weight_bytes = active * cfg.expert_bytes(element)
-    result = {
+    common = {
         "config": cfg.name,
         "tokens": case.tokens,
         "dtype": str(case.dtype).replace("torch.", ""),
         "routing": case.routing,
-        "context": context,
         "active_experts": active,
         "active_weight_bytes": weight_bytes,
         "weight_read_ms": weight_bytes / bandwidth * 1e3,
@@ -181,20 +181,20 @@ def run_case(case: BenchCase, opts: SuiteOptions, bandwidth: float, context: str
         "skipped": skipped,
         "errors": errors,
         "agreement": agreement,
-        "timings": {},
-        "memory": {},
     }
-    for mode in modes:
-        steps = {impl.name: _step(impl, mode, grads, device) for impl in impls}
-        result["timings"][mode] = _timings(steps, opts, case, context)
-    if memory and opts.memory and "backward" in modes:
+    results = []
+    for context in opts.contexts:
+        timer = _timer(opts, case, context)
+        timings = {mode: timer({impl.name: _step(impl, mode, grads, device) for impl in impls}) for mode in modes}
+        results.append(dict(common, context=context, timings=timings, memory={}))
+    if opts.memory and "backward" in modes:
         for impl in impls:
             impl.clear_grads()
             peak = peak_memory_bytes(_step(impl, "backward", grads, device), device)
             grad_bytes = sum(t.grad.numel() * t.grad.element_size() for t in impl.leaves if t.grad is not None)
-            result["memory"][impl.name] = {"peak_mb": peak / 2**20, "grads_mb": grad_bytes / 2**20}
+            results[0]["memory"][impl.name] = {"peak_mb": peak / 2**20, "grads_mb": grad_bytes / 2**20}
             impl.clear_grads()
-    return result
+    return results
 
 
 def check_options(opts: SuiteOptions) -> None:
@@ -229,8 +229,7 @@ def run_suite(opts: SuiteOptions) -> dict:
                 for T in opts.tokens:
                     ids_TK, weights_TK = make_routing(routing, T, cfg.num_experts, cfg.top_k, opts.seed)
                     case = make_case(cfg, T, DTYPES[dtype_name], device, routing, ids_TK, weights_TK, opts.seed)
-                    for i, context in enumerate(opts.contexts):
-                        result = run_case(case, opts, bandwidth, context, memory=i == 0)
+                    for result in run_case(case, opts, bandwidth):
                         cases.append(result)
                         opts.log(_summary_line(result))
     return {

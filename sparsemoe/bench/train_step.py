@@ -11,15 +11,15 @@ share of its twin's.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
-from torch import Tensor
 
 from sparsemoe.bench.measure import check_names, environment, time_interleaved
 from sparsemoe.model import PRESETS, ModelConfig, MoETransformer, preset
 from sparsemoe.train import TrainConfig
 from sparsemoe.train.compare import model_sizes
+from sparsemoe.train.data import RandomBatches
 from sparsemoe.train.trainer import Trainer, build_optimizer
 
 TRAIN_BENCH_PRESETS = ("demo", "wide")
@@ -52,18 +52,15 @@ def check_train_options(opts: TrainBenchOptions) -> None:
             raise ValueError(f"--seq-len {opts.seq_len} is longer than preset {name!r}'s {config.max_seq_len}")
 
 
-def _batches(batch_size: int, seq_len: int, seed: int) -> Iterator[tuple[Tensor, Tensor]]:
-    gen = torch.Generator().manual_seed(seed)
-    while True:
-        tokens = torch.randint(0, VOCAB, (batch_size, seq_len + 1), generator=gen)
-        yield tokens[:, :-1], tokens[:, 1:]
+STREAM_TOKENS = 2**20  # the random byte stream the batches are windows of
 
 
 def _trainer(model_config: ModelConfig, train_config: TrainConfig, seed: int) -> Trainer:
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = MoETransformer(model_config)
-    batches = _batches(train_config.batch_size, train_config.seq_len, seed)
+    stream = torch.randint(0, VOCAB, (STREAM_TOKENS,), generator=torch.Generator().manual_seed(seed))
+    batches = RandomBatches(stream, train_config.batch_size, train_config.seq_len, seed)  # the trainer's sampler
     return Trainer(model, build_optimizer(model, train_config), train_config, batches, [], progress=False)
 
 

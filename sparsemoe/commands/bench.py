@@ -139,10 +139,7 @@ def register(subparsers) -> argparse.ArgumentParser:
 def _run_train(args: argparse.Namespace) -> int:
     from sparsemoe.bench.train_step import TrainBenchOptions, run_train_bench, train_bench_markdown
 
-    if args.device not in ("auto", "cpu"):
-        raise CommandError("--train measures the CPU; leave out --device (or give --device cpu)")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    _on_this_cpu(args, "--train measures the CPU")
     opts = TrainBenchOptions(
         presets=args.presets, precisions=args.precisions, batch_size=args.batch_size, seq_len=args.seq_len,
         repeats=args.repeats or TrainBenchOptions.repeats, clock=args.clock,
@@ -152,6 +149,14 @@ def _run_train(args: argparse.Namespace) -> int:
     except ValueError as err:
         raise CommandError(str(err)) from None
     return _write_report(output_dir(args.out), "train", result, train_bench_markdown)
+
+
+def _on_this_cpu(args: argparse.Namespace, what: str) -> None:
+    """For the CPU-only benchmarks: refuse another --device, apply --threads."""
+    if args.device not in ("auto", "cpu"):
+        raise CommandError(f"{what}; leave out --device (or give --device cpu)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
 
 def _write_report(out: Path, stem: str, result: dict, render) -> int:
@@ -169,10 +174,7 @@ def _run_quant(args: argparse.Namespace) -> int:
     from sparsemoe.quant import QuantizationError
     from sparsemoe.train import CheckpointError
 
-    if args.device not in ("auto", "cpu"):
-        raise CommandError("--quant measures the CPU kernels; leave out --device (or give --device cpu)")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    _on_this_cpu(args, "--quant measures the CPU kernels")
     out = output_dir(args.out)
     defaults = QuantBenchOptions()
     opts = QuantBenchOptions(

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
+from sparsemoe.dispatch.fused import add_rows
 from sparsemoe.dispatch.grouped import grouped_forward
 from sparsemoe.dispatch.plan import DispatchPlan
 from sparsemoe.experts import Experts, activate
@@ -108,7 +109,8 @@ def _decode_mlp(
             lo, hi = bounds[e], bounds[e + 1]
             if hi > lo:
                 o_ND[lo:hi] = _linear(activate(_linear(x_ND[lo:hi], w_in[e]), activation), w_out[e])
-    return y_TD.index_add_(0, token_ids[:kept], o_ND.mul_(weights[:kept, None]))
+    add_rows(y_TD, token_ids[:kept], o_ND, weights[:kept])
+    return y_TD
 
 
 # The same function as an opaque op (with a fake implementation) for the compiler: its loop's bounds come

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sparsemoe.dispatch.decode import KERNEL_MAX_ROWS_PER_EXPERT
+from sparsemoe.dispatch.fused import add_rows
 from sparsemoe.dispatch.plan import DispatchPlan
 from sparsemoe.ops import cpu_kernels
 
@@ -113,4 +114,5 @@ def _few_rows_forward(x_TD: Tensor, plan: DispatchPlan, experts: GeneralExperts,
     if experts.post is not None:
         o_nD = experts.post(o_nD.to(x_TD.dtype))
     y_TD = x_TD.new_zeros(x_TD.shape, dtype=torch.float32)
-    return y_TD.index_add_(0, tok, o_nD.float() * plan.weights[:kept, None])
+    add_rows(y_TD, tok, o_nD, plan.weights[:kept])
+    return y_TD

@@ -63,10 +63,11 @@ def _madvise() -> Optional[ctypes._CFuncPtr]:
 def keep_freed_memory() -> bool:
     """Make glibc's malloc keep large freed blocks for reuse (process-wide, from now on); True if it did.
 
-    Every block then comes from malloc's heap (no per-block mmap) and freed memory is not handed back to
-    the system, so a training or benchmark loop that frees and reallocates the same sizes every step
-    touches fresh pages only in its first steps; the process keeps its peak memory until it exits. A no-op
-    returning False off glibc, or with SPARSEMOE_KEEP_FREED_MEMORY=0.
+    Blocks then come from malloc's heap (no per-block mmap) and freed memory is not handed back to the
+    system, so a training or benchmark loop that frees and reallocates the same sizes every step usually
+    touches fresh pages only in its first steps (not always: a thread that glibc moved to another arena
+    before this call still gets large blocks by mmap); the process keeps its peak memory until it exits. A
+    no-op returning False off glibc, or with SPARSEMOE_KEEP_FREED_MEMORY=0.
     """
     if os.environ.get(KEEP_FREED_MEMORY_ENV, "1") == "0":
         return False
