@@ -24,6 +24,7 @@ from sparsemoe.balancing import (
 from sparsemoe.config import MoEConfig
 from sparsemoe.dispatch import DispatchPlan, build_plan, run_backend
 from sparsemoe.experts import Experts, SharedExperts
+from sparsemoe.ops import cpu_kernels
 from sparsemoe.routing import Router, RoutingResult
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -263,8 +264,12 @@ class MoE(nn.Module):
         [T, X] (the router logits, then the layer's output); `hint()` ends the CPU message, built on failure."""
         if not self.config.check_finite or torch.compiler.is_compiling():
             return
+        values_TX = values_TX.detach()  # isfinite runs abs(), which would keep its input for a backward
         if values_TX.device.type == "cpu":
-            if not torch.isfinite(values_TX).all().item():  # host tensor: no device sync
+            finite = cpu_kernels.all_finite(values_TX)  # one native pass; None where it does not apply
+            if finite is None:
+                finite = torch.isfinite(values_TX).all().item()  # host tensor: no device sync
+            if not finite:
                 bad = (~torch.isfinite(values_TX).all(dim=-1)).sum().item()
                 raise ValueError(
                     f"MoE {what} not finite (NaN or inf) for {bad} of {values_TX.shape[0]} tokens; {hint()}"

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from sparsemoe.amp import autocast_dtype
 from sparsemoe.config import MoEConfig
+from sparsemoe.ops.linear import linear_float32
 
 
 @dataclass
@@ -104,11 +105,13 @@ class Router(nn.Module):
 
     def _logits_fp32(self, x_TD: Tensor) -> Tensor:
         cfg = self.config
+        if not self.training:  # no noise: at decode sizes one native call (sparsemoe.ops.linear)
+            return linear_float32(x_TD, self.weight)
         x32 = x_TD.float()
-        if self.training and cfg.noise == "jitter":
+        if cfg.noise == "jitter":
             x32 = x32 * torch.empty_like(x32).uniform_(1.0 - cfg.noise_eps, 1.0 + cfg.noise_eps)
         logits = x32 @ self.weight.float().t()
-        if self.training and self.noise_weight is not None:
+        if self.noise_weight is not None:
             noise_std = F.softplus(x32 @ self.noise_weight.float().t())
             logits = logits + torch.randn_like(logits) * noise_std
         return logits
@@ -231,6 +234,11 @@ def token_choice(logits_TE: Tensor, cfg: MoEConfig, training: bool, bias_E: Opti
     return _token_choice_result(logits, expert_ids_TK, weights_TK, cfg, raw_logits_TE=logits_TE, scores_TE=scores)
 
 
+def assignment_tokens(T: int, K: int, device) -> Tensor:
+    """[T*K] long: the token of each token-major assignment n = t*K + k, i.e. t."""
+    return torch.arange(T, device=device).unsqueeze(1).expand(T, K).reshape(-1)
+
+
 def _token_choice_result(
     logits_TE: Tensor,
     ids_TK: Tensor,
@@ -242,7 +250,7 @@ def _token_choice_result(
     """Flatten [T, K] choices token-major; probs from the (possibly expert-dropped) logits, or their scores."""
     T, K = ids_TK.shape
     return RoutingResult(
-        token_ids=torch.arange(T, device=logits_TE.device).repeat_interleave(K),
+        token_ids=assignment_tokens(T, K, logits_TE.device),
         expert_ids=ids_TK.reshape(-1),
         weights=weights_TK.reshape(-1),
         probs=normalised_probs(logits_TE, cfg.score_func, scores_TE),

@@ -383,3 +383,28 @@ def test_scatter_add_rows_rejects_bad_inputs_and_writes_nothing():
     with pytest.raises(ValueError, match="float32 and contiguous"):
         cpu_kernels.scatter_add_rows(y.double(), torch.tensor([0]), torch.ones(1, 8))
     assert not cpu_kernels.supports_scatter(y.t(), torch.ones(1, 4))  # y not contiguous
+
+
+@needs_kernel
+@settings(max_examples=60, deadline=None)
+@given(experts=st.integers(1, 70), ids=st.lists(st.integers(0, 70), max_size=300))
+def test_sort_by_expert_is_the_stable_sort_with_segment_positions(experts, ids):
+    from sparsemoe.dispatch.plan import _segment_positions
+
+    expert_ids = torch.tensor([min(i, experts) for i in ids], dtype=torch.int64)  # E: dropped, sorted last
+    order, sorted_ids, slots, counts, ends = cpu_kernels.sort_by_expert(expert_ids, experts)
+    expected_order = torch.sort(expert_ids, stable=True).indices
+    expected_slots, expected_counts, expected_ends = _segment_positions(expert_ids[expected_order], experts)
+    assert torch.equal(order, expected_order) and torch.equal(sorted_ids, expert_ids[expected_order])
+    assert torch.equal(slots, expected_slots)
+    assert torch.equal(counts, expected_counts) and torch.equal(ends, expected_ends)
+
+
+@needs_kernel
+def test_sort_by_expert_refuses_ids_out_of_range_and_declines_what_it_does_not_take():
+    with pytest.raises(ValueError, match="outside"):
+        cpu_kernels.sort_by_expert(torch.tensor([0, 5]), 4)
+    with pytest.raises(ValueError, match="outside"):
+        cpu_kernels.sort_by_expert(torch.tensor([-1]), 4)
+    assert cpu_kernels.sort_by_expert(torch.tensor([0, 1], dtype=torch.int32), 4) is None
+    assert cpu_kernels.sort_by_expert(torch.zeros(2, 2, dtype=torch.int64), 4) is None

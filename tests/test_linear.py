@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 import sparsemoe.ops.linear as native_linear
 from sparsemoe.ops import cpu_kernels
-from sparsemoe.ops.linear import Linear, linear
+from sparsemoe.ops.linear import Linear, linear, linear_float32, linears
 
 needs_kernels = pytest.mark.skipif(not cpu_kernels.available(), reason="native CPU kernels unavailable (no C compiler)")
 
@@ -48,8 +48,8 @@ def _check_against_f_linear(rows, K, O, bias, bf16, batch):
 @needs_kernels
 def test_native_path_taken_only_where_it_applies(monkeypatch, small_weights_count):
     calls = []
-    real = cpu_kernels.grouped_linear
-    monkeypatch.setattr(cpu_kernels, "grouped_linear", lambda *a: calls.append(1) or real(*a))
+    real = cpu_kernels.linear_many
+    monkeypatch.setattr(cpu_kernels, "linear_many", lambda *a: calls.append(1) or real(*a))
     layer = Linear(32, 48)
     x = torch.randn(3, 32)
     with torch.no_grad():
@@ -76,3 +76,83 @@ def test_compiles_fullgraph(small_weights_count):
     x = torch.randn(2, 16)
     with torch.no_grad():
         assert torch.allclose(compiled(x), F.linear(x, layer.weight, layer.bias), atol=1e-6)
+
+
+@needs_kernels
+@settings(max_examples=40, deadline=None)
+@given(rows=st.integers(1, 16), K=st.integers(1, 90), outs=st.lists(st.integers(1, 150), min_size=1, max_size=4),
+       bf16=st.booleans(), seed=st.integers(0, 1000))  # fmt: skip
+def test_linear_many_matches_each_product(rows, K, outs, bf16, seed):
+    torch.manual_seed(seed)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    x = torch.randn(rows, K).to(dtype)
+    weights = [torch.randn(O, K).to(dtype) for O in outs]
+    for float_output in (False, True):
+        got = cpu_kernels.linear_many(x, weights, float_output)
+        for y, w in zip(got, weights):
+            exact = x.double() @ w.double().t()
+            assert y.dtype == (torch.float32 if float_output else dtype) and y.shape == exact.shape
+            if bf16 and not float_output:  # the float32 sum rounded once: within one bfloat16 step of the exact value
+                assert torch.allclose(y.double(), exact, rtol=2**-8, atol=1e-5 * (exact.abs().max().item() + 1))
+            else:
+                assert torch.allclose(y.double(), exact, rtol=1e-5, atol=1e-5 * (exact.abs().max().item() + 1))
+    with pytest.raises(ValueError, match="linear_many"):
+        cpu_kernels.linear_many(x, [torch.randn(3, K + 1).to(dtype)])
+
+
+@needs_kernels
+def test_linears_run_plain_linears_in_one_call(monkeypatch, small_weights_count):
+    calls = []
+    real = cpu_kernels.linear_many
+    monkeypatch.setattr(cpu_kernels, "linear_many", lambda *a: calls.append(len(a[1])) or real(*a))
+    torch.manual_seed(0)
+    layers = [Linear(32, 48, bias=False), torch.nn.Linear(32, 8), Linear(32, 16, bias=False)]
+    x = torch.randn(1, 2, 32)
+    with torch.no_grad():
+        got = linears(x, layers)
+        assert calls == [3]
+        for y, layer in zip(got, layers):
+            assert y.shape == (1, 2, layer.out_features)
+            torch.testing.assert_close(y, F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+
+        class Scaled(torch.nn.Linear):  # a subclass computes something else: it runs as itself
+            def forward(self, x):
+                return 2 * super().forward(x)
+
+        odd = Scaled(32, 4)
+        got = linears(x, [layers[0], odd])
+        torch.testing.assert_close(got[1], odd(x))
+        assert calls == [3, 1]  # layers[0] alone, through Linear's own call
+    got = linears(x.requires_grad_(), layers)  # autograd: each layer as itself
+    got[0].sum().backward()
+    assert calls == [3, 1] and x.grad is not None
+
+
+@needs_kernels
+def test_linear_float32_is_the_widened_product():
+    torch.manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        x, w = torch.randn(3, 40).to(dtype), torch.randn(8, 40).to(dtype)
+        with torch.no_grad():
+            got = linear_float32(x, w)
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, x.float() @ w.float().t(), rtol=1e-6, atol=1e-5)
+    x = torch.randn(3, 40, requires_grad=True)
+    assert linear_float32(x, w.float()).requires_grad  # with autograd: PyTorch's product
+
+
+@needs_kernels
+def test_all_finite():
+    for dtype in (torch.float32, torch.bfloat16):
+        for n in (1, 17, 70_000):  # the last takes the threaded loop
+            x = torch.randn(n).to(dtype)
+            assert cpu_kernels.all_finite(x) is True
+            for bad in (float("nan"), float("inf"), float("-inf")):
+                for where in (0, n // 2, n - 1):
+                    y = x.clone()
+                    y[where] = bad
+                    assert cpu_kernels.all_finite(y) is False
+        big = torch.full((4,), torch.finfo(dtype).max, dtype=dtype)  # the largest finite values are finite
+        assert cpu_kernels.all_finite(big) is True
+    assert cpu_kernels.all_finite(torch.randn(4, 4).t()) is None  # not contiguous: not taken
+    assert cpu_kernels.all_finite(torch.randn(4, dtype=torch.float64)) is None

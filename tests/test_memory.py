@@ -72,3 +72,23 @@ def test_keep_freed_memory_can_be_turned_off(monkeypatch):
         assert memory.keep_freed_memory() is False
     finally:
         memory.keep_freed_memory.cache_clear()
+
+
+def test_move_to_huge_pages_keeps_values_ties_and_views():
+    big = memory.MIN_BYTES // 4 + 100  # float32 values: just past the size it moves
+    module = torch.nn.Module()
+    module.weight = torch.nn.Parameter(torch.randn(big))
+    module.tied = module.weight  # one parameter under two names: moved once
+    module.small = torch.nn.Parameter(torch.randn(10))
+    base = torch.randn(2 * big)
+    module.register_buffer("view", base[big:])  # a view of another tensor's memory: left where it is
+    before = {name: t.clone() for name, t in module.state_dict().items()}
+    pointers = {name: t.data_ptr() for name, t in module.state_dict().items()}
+    moved = memory.move_to_huge_pages(module)
+    assert moved == big * 4
+    after = module.state_dict()
+    for name, t in before.items():
+        assert torch.equal(after[name], t), name
+    assert after["weight"].data_ptr() != pointers["weight"] and module.tied is module.weight
+    assert after["small"].data_ptr() == pointers["small"] and after["view"].data_ptr() == pointers["view"]
+    assert isinstance(module.weight, torch.nn.Parameter) and module.weight.requires_grad

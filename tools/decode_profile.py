@@ -1,6 +1,6 @@
 """Where one greedy decode step of a whole model spends its time, by part of the model.
 
-    python tools/decode_profile.py [--dtype float32|bfloat16] [--quantize int8|int4] [--tokens N]
+    python tools/decode_profile.py [--dtype float32|bfloat16] [--quantize int8|int4] [--tokens N] [--small-pages]
 
 The mixtral-1k model of `sparsemoe bench --quant` (D=1024, 8 layers, vocabulary 32000, random weights).
 Forward hooks on every module time it (wall clock); each module's own time is its time minus its
@@ -24,6 +24,7 @@ from sparsemoe.layer import MoE
 from sparsemoe.model import ModelConfig, MoETransformer
 from sparsemoe.model.attention import Attention, RMSNorm
 from sparsemoe.model.generate import stream
+from sparsemoe.ops.memory import move_to_huge_pages
 from sparsemoe.quant import quantize
 
 
@@ -33,9 +34,9 @@ def part_of(name: str, module: nn.Module) -> str:
     if name.endswith("shared_experts"):
         return "MoE: shared experts"
     if isinstance(module, Attention):
-        return "attention (rope, KV cache, softmax)"
+        return "attention (q, k, v projections in one call, RoPE, KV cache, softmax)"
     if name.endswith(("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj")):
-        return "attention projections"
+        return "attention projections called as modules (o)"
     if isinstance(module, RMSNorm):
         return "norms"
     if name == "lm_head":
@@ -95,11 +96,16 @@ def main() -> None:
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16")
     parser.add_argument("--quantize", choices=("int8", "int4"), default=None, help="quantize the experts first")
     parser.add_argument("--tokens", type=int, default=32, help="decode steps timed (default 32)")
+    parser.add_argument("--small-pages", action="store_true",
+                        help="leave the weights where PyTorch put them (default: moved to huge pages, as "
+                        "`sparsemoe generate` does)")
     args = parser.parse_args()
     torch.manual_seed(0)
     model = MoETransformer(ModelConfig(**MODEL_SHAPES["mixtral-1k"])).eval().to(getattr(torch, args.dtype))
     if args.quantize:
         model = quantize(copy.deepcopy(model), args.quantize)
+    if not args.small_pages:
+        move_to_huge_pages(model)
     profile(model, 4)  # warm-up
     own, total = profile(model, args.tokens)
     per_token = 1e3 / args.tokens

@@ -38,6 +38,7 @@ def _capacity_factor(text: str):
 
 def register(subparsers) -> argparse.ArgumentParser:
     from sparsemoe.bench.configs import BENCH_CONFIGS, DEFAULT_CONFIGS, DEFAULT_TOKENS, ROUTINGS
+    from sparsemoe.bench.inference import ENGINES, MODELS, SCHEMES, InferenceBenchOptions
     from sparsemoe.bench.suite import CONTEXTS, DTYPES, MODES
     from sparsemoe.bench.train_step import PRECISIONS, TRAIN_BENCH_PRESETS
     from sparsemoe.model import PRESETS
@@ -132,6 +133,28 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="comma-separated: fp32, bf16 (autocast) (default: both)")
     t.add_argument("--batch-size", type=positive_int, default=16, help="sequences per step (default 16)")
     t.add_argument("--seq-len", type=positive_int, default=256, help="tokens per sequence (default 256)")
+    i = p.add_argument_group(
+        "whole-model inference (--inference: this benchmark instead of the suite above; CPU)",
+        "Prefill and greedy decode of one random model per --models and scheme, the same weights run by sparsemoe, "
+        "by transformers (the model exported as Mixtral; experts_implementation eager and grouped_mm; float32 and "
+        "bfloat16) and by llama.cpp (written as GGUF; needs llama-cpp-python: pip install 'sparsemoe[llamacpp]', "
+        "skipped otherwise), calls interleaved round by round (--repeats rounds, default 3); tokens/s, ms per token "
+        "and the fraction of the decode step's weight-read bound at the copy bandwidth measured in the same run. "
+        "--decode-tokens N tokens per timed decode. Writes inference.md and inference.json.",
+    )  # fmt: skip
+    i.add_argument("--inference", action="store_true", help="run the whole-model inference benchmark")
+    i.add_argument("--models", type=csv_list("models", MODELS), default=InferenceBenchOptions.models,
+                   help=f"comma-separated: {', '.join(MODELS)} (default: {','.join(InferenceBenchOptions.models)}; "
+                   "mixtral-1k: D=1024, 8 experts of 2816, top-2, 8 layers, vocabulary 32000)")
+    i.add_argument("--schemes", type=csv_list("schemes", SCHEMES), default=SCHEMES,
+                   help="comma-separated: float32, bfloat16, int8, int4 (quantized experts, the rest bfloat16; "
+                   "transformers runs only the first two) (default: all)")
+    i.add_argument("--engines", type=csv_list("engines", ENGINES), default=ENGINES,
+                   help=f"comma-separated: {', '.join(ENGINES)} (default: all)")
+    i.add_argument("--prefill", type=positive_int, default=InferenceBenchOptions.prefill_tokens,
+                   help=f"prefill tokens, at most the model's context (default {InferenceBenchOptions.prefill_tokens})")
+    i.add_argument("--prompt", type=positive_int, default=InferenceBenchOptions.prompt_tokens,
+                   help=f"prompt tokens before decoding (default {InferenceBenchOptions.prompt_tokens})")
     p.set_defaults(func=run)
     return p
 
@@ -149,6 +172,21 @@ def _run_train(args: argparse.Namespace) -> int:
     except ValueError as err:
         raise CommandError(str(err)) from None
     return _write_report(output_dir(args.out), "train", result, train_bench_markdown)
+
+
+def _run_inference(args: argparse.Namespace) -> int:
+    from sparsemoe.bench.inference import InferenceBenchOptions, inference_markdown, run_inference_bench
+
+    _on_this_cpu(args, "--inference measures the CPU")
+    if args.decode_tokens < 2:
+        raise CommandError(f"--decode-tokens {args.decode_tokens}: at least 2 with --inference")
+    opts = InferenceBenchOptions(
+        models=args.models, schemes=args.schemes, engines=args.engines, prefill_tokens=args.prefill,
+        prompt_tokens=args.prompt, decode_tokens=args.decode_tokens, repeats=args.repeats or InferenceBenchOptions.repeats,
+        clock=args.clock,
+    )  # fmt: skip
+    result = run_inference_bench(opts, progress=lambda what: print(f"... {what}", flush=True))
+    return _write_report(output_dir(args.out), "inference", result, inference_markdown)
 
 
 def _on_this_cpu(args: argparse.Namespace, what: str) -> None:
@@ -199,8 +237,11 @@ def run(args: argparse.Namespace) -> int:
 
     if args.quick and args.gpu:
         raise CommandError("--quick and --gpu are two different presets; pick one")
-    if args.quant and args.train:
-        raise CommandError("--quant and --train are two different benchmarks; run them one at a time")
+    chosen = [flag for flag in ("quant", "train", "inference") if getattr(args, flag)]
+    if len(chosen) > 1:
+        raise CommandError(f"--{' and --'.join(chosen)} are different benchmarks; run them one at a time")
+    if args.inference:
+        return _run_inference(args)
     if args.quant:
         return _run_quant(args)
     if args.train:

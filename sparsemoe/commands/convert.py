@@ -37,11 +37,18 @@ def register(subparsers) -> argparse.ArgumentParser:
         "Qwen2-MoE, Qwen3-MoE, OLMoE, FlexOlmo, Granite-MoE, GraniteMoeShared, GLM-4.5, EXAONE-MoE, DeepSeek-V3, "
         "DeepSeek-V2, ERNIE 4.5 or AFMoE folder (the first that expresses the model) that transformers loads. The "
         "direction is taken from SRC (a folder with config.json is Hugging Face) unless --to is given. Tensors are "
-        "read and written one at a time.",
+        "read and written one at a time. --to gguf writes a sparsemoe checkpoint that Mixtral expresses as a GGUF "
+        "file for llama.cpp (needs the gguf package).",
     )
     p.add_argument("src", metavar="SRC", help="Hugging Face model folder, or sparsemoe run/checkpoint folder")
-    p.add_argument("out", metavar="OUT", help="output folder (created; must be empty unless --overwrite)")
-    p.add_argument("--to", choices=("sparsemoe", "hf"), help="output format (default: the other one of SRC's)")
+    p.add_argument("out", metavar="OUT", help="output folder (created; must be empty unless --overwrite); with "
+                   "--to gguf the output file")
+    p.add_argument("--to", choices=("sparsemoe", "hf", "gguf"),
+                   help="output format (default: the other one of SRC's); gguf: a sparsemoe checkpoint as one GGUF "
+                   "file that llama.cpp runs (Mixtral's layout in llama.cpp's 'llama' architecture)")
+    p.add_argument("--gguf-weights", choices=("f32", "bf16", "q8_0", "q4_0"), default="bf16",
+                   help="--to gguf: the weights' storage: f32, bf16 (default), or q8_0 / q4_0 experts in llama.cpp's "
+                   "8-bit or 4-bit blocks with the other weights bf16")
     p.add_argument(
         "--dtype",
         choices=("auto", "float32", "bfloat16", "float16"),
@@ -85,8 +92,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument(
         "--no-verify",
         action="store_true",
-        help="sparsemoe -> HF: do not check the checkpoint's files against their SHA-256 checksums (checked by "
-        "default)",
+        help="sparsemoe -> HF or GGUF: do not check the checkpoint's files against their SHA-256 checksums "
+        "(checked by default)",
     )
     p.set_defaults(func=run)
     return p
@@ -100,7 +107,9 @@ def run(args) -> int:
     if args.max_seq_len is not None and args.max_seq_len < 1:
         raise CommandError(f"--max-seq-len {args.max_seq_len}: expected an integer >= 1")
     try:
-        if to == "sparsemoe":
+        if to == "gguf":
+            _to_gguf(args)
+        elif to == "sparsemoe":
             ckpt, loaded = hf_to_sparsemoe(
                 args.src,
                 args.out,
@@ -134,3 +143,28 @@ def run(args) -> int:
         raise CommandError(str(err)) from None
     sys.stdout.flush()
     return 0
+
+
+def _to_gguf(args) -> None:
+    from pathlib import Path
+
+    from sparsemoe.hf.convert import read_sparsemoe_checkpoint
+    from sparsemoe.hf.gguf import export_gguf
+
+    out = Path(args.out)
+    if out.is_dir():
+        raise CommandError(f"{out} is a folder: --to gguf writes one file (e.g. {out / 'model.gguf'})")
+    if out.exists() and not args.overwrite:
+        raise CommandError(f"{out} exists; add --overwrite to replace it")
+    try:
+        import gguf  # noqa: F401
+    except ImportError:
+        raise CommandError("--to gguf needs the gguf package: pip install 'sparsemoe[gguf]'") from None
+    model = read_sparsemoe_checkpoint(args.src, verify=not args.no_verify)
+    try:
+        export_gguf(model, out, args.gguf_weights)
+    except ValueError as err:
+        raise CommandError(str(err)) from None
+    c = model.config
+    print(f"wrote GGUF ({args.gguf_weights}) {out}: {c.n_layers} layers, {c.num_experts} experts, top-{c.top_k}, "
+          f"vocabulary {c.vocab_size}; run it with llama.cpp (llama-cli -m {out}) or llama-cpp-python")

@@ -59,6 +59,7 @@ def run(args) -> int:
 
     from sparsemoe.device import describe_device
     from sparsemoe.model import generate
+    from sparsemoe.ops.memory import move_to_huge_pages
     from sparsemoe.train import CheckpointError
     from sparsemoe.train.checkpoint import load_model
 
@@ -79,6 +80,7 @@ def run(args) -> int:
         model, meta = load_model(args.checkpoint, device, dtype_from_args(args, device), verify=not args.no_verify)
     except CheckpointError as err:
         raise CommandError(str(err)) from None
+    move_to_huge_pages(model)  # each step reads every weight it uses: huge pages read faster (ops.memory)
     tokenizer = checkpoint_tokenizer(args.checkpoint, args.tokenizer, model, meta)
     prompt = args.prompt or "\n"
     ids = torch.tensor(tokenizer.encode(prompt), dtype=torch.long)

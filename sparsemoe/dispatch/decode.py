@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from sparsemoe.dispatch.fused import add_rows
 from sparsemoe.dispatch.grouped import grouped_forward
@@ -73,7 +72,7 @@ def decode_forward(x_TD: Tensor, plan: DispatchPlan, experts: Experts) -> Tensor
     )
     if needs_grad or (experts.dropout > 0 and experts.training):
         return grouped_forward(x_TD, plan, experts)  # the same exact backward as `grouped`
-    op = _decode_mlp if _plain_eager(x_TD) else decode_mlp
+    op = _decode_mlp if cpu_kernels.plain_eager(x_TD) else decode_mlp
     return op(
         x_TD.contiguous(), plan.token_ids, plan.weights, plan.offsets, experts.w_in, experts.w_out, experts.activation
     )
@@ -121,16 +120,3 @@ decode_mlp = torch.library.custom_op("sparsemoe::decode_mlp", _decode_mlp, mutat
 @decode_mlp.register_fake
 def _decode_mlp_fake(x_TD, token_ids, weights, offsets, w_in, w_out, activation):
     return x_TD.new_empty(x_TD.shape, dtype=torch.float32)
-
-
-def _plain_eager(x_TD: Tensor) -> bool:
-    """Whether the op's function can be called directly: a plain CPU tensor, no compiler or dispatch mode.
-
-    Then the op adds only the dispatcher's overhead, which is a noticeable share of a one-token step.
-    """
-    return (
-        type(x_TD) is Tensor
-        and x_TD.device.type == "cpu"
-        and not torch.compiler.is_compiling()
-        and _get_current_dispatch_mode() is None
-    )

@@ -20,7 +20,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from sparsemoe.routing import RoutingResult
+from sparsemoe.ops import cpu_kernels
+from sparsemoe.routing import RoutingResult, assignment_tokens
 
 
 @dataclass
@@ -100,9 +101,13 @@ def sort_assignments(
 ) -> DispatchPlan:
     """The dropless plan of N assignments [N] (stable sort by expert). An expert id of E marks a dropped
     assignment: it sorts last, past offsets[-1], where no backend computes it (give it weight 0)."""
-    order = torch.sort(expert_ids, stable=True).indices
-    sorted_ids = expert_ids[order]
-    slots, counts, offsets = _segment_positions(sorted_ids, num_experts)
+    native = cpu_kernels.sort_by_expert(expert_ids, num_experts)  # one counting sort on the CPU
+    if native is not None:
+        order, sorted_ids, slots, counts, offsets = native
+    else:
+        order = torch.sort(expert_ids, stable=True).indices
+        sorted_ids = expert_ids[order]
+        slots, counts, offsets = _segment_positions(sorted_ids, num_experts)
     return DispatchPlan(
         token_ids=token_ids[order],
         expert_ids=sorted_ids,
@@ -125,5 +130,5 @@ def plan_from_topk(expert_ids_TK: Tensor, weights_TK: Tensor, num_experts: int) 
     valid = (ids >= 0) & (ids < num_experts)
     ids = torch.where(valid, ids, torch.full_like(ids, num_experts))
     weights = torch.where(valid, weights_TK.reshape(-1).float(), 0.0)
-    token_ids = torch.arange(T, device=ids.device).repeat_interleave(K)
+    token_ids = assignment_tokens(T, K, ids.device)
     return sort_assignments(token_ids, ids, weights, T, num_experts)

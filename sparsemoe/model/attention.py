@@ -21,7 +21,8 @@ from torch import Tensor, nn
 
 from sparsemoe.model.config import ModelConfig
 from sparsemoe.model.rope import apply_rope
-from sparsemoe.ops.linear import Linear
+from sparsemoe.ops import cpu_kernels
+from sparsemoe.ops.linear import Linear, linears
 
 
 class RMSNorm(nn.Module):
@@ -116,14 +117,18 @@ class Attention(nn.Module):
 
     def forward(self, x_BSD: Tensor, cos_Sd: Tensor, sin_Sd: Tensor, cache: Optional[KVCache] = None) -> Tensor:
         B, S, _ = x_BSD.shape
-        q, k = self.q_proj(x_BSD), self.k_proj(x_BSD)
+        q, k, v = linears(x_BSD, (self.q_proj, self.k_proj, self.v_proj))
         if self.q_norm is not None and self.norm_full_width:
             q, k = self.q_norm(q), self.k_norm(k)
         q = q.view(B, S, self.n_heads, self.head_dim).transpose(1, 2)
         k = k.view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x_BSD).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if self.q_norm is not None and not self.norm_full_width:
             q, k = self.q_norm(q), self.k_norm(k)
+        if S == 1 and cache is not None and not self.training:
+            y = self._decode_step(q, k, v, cos_Sd, sin_Sd, cache)
+            if y is not None:
+                return self._output(y.view(B, S, self.n_heads * self.head_dim), x_BSD)
         if self.rope:
             q, k = apply_rope(q, cos_Sd, sin_Sd), apply_rope(k, cos_Sd, sin_Sd)
 
@@ -135,17 +140,35 @@ class Attention(nn.Module):
             # One new position sees only the last `window` keys: slice them instead of masking the rest.
             k, v = k[:, :, past + 1 - self.window :], v[:, :, past + 1 - self.window :]
         mask, causal = causal_mask(S, past, self.window, x_BSD.device)
+        dtype = q.dtype
+        if S == 1 and q.device.type == "cpu" and dtype in (torch.bfloat16, torch.float16):
+            # One new position: PyTorch's half-precision CPU attention takes 2-6x float32's here (48 to 500
+            # cached positions, 2 threads), widening first is faster and rounds once.
+            dtype = torch.float32
         y = F.scaled_dot_product_attention(
-            q,
-            k.to(q.dtype),
-            v.to(q.dtype),
+            q.to(dtype),
+            k.to(dtype),
+            v.to(dtype),
             attn_mask=mask,
             is_causal=causal,
             dropout_p=self.dropout if self.training else 0.0,
             scale=self.scale,
             enable_gqa=self.n_kv_heads != self.n_heads,
-        )
-        y = y.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim)
+        ).to(q.dtype)
+        return self._output(y.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim), x_BSD)
+
+    def _output(self, y_BSX: Tensor, x_BSD: Tensor) -> Tensor:
+        """o_proj of the heads' outputs [B, S, H*Hd] (gated first with attention_gate)."""
         if self.gate_proj is not None:  # gated attention: each head's channels scaled by a sigmoid of the input
-            y = y * torch.sigmoid(self.gate_proj(x_BSD))
-        return self.o_proj(y)
+            y_BSX = y_BSX * torch.sigmoid(self.gate_proj(x_BSD))
+        return self.o_proj(y_BSX)
+
+    def _decode_step(self, q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, cache: KVCache) -> Optional[Tensor]:
+        """One new position (q [B, H, 1, Hd], k and v [B, G, 1, Hd] before RoPE) through the native kernel:
+        RoPE, the cache write and attention in one call; [B, H, 1, Hd], or None where the kernel does not
+        apply (then nothing was written)."""
+        scale = self.scale if self.scale is not None else self.head_dim**-0.5
+        rope = (cos[0], sin[0]) if self.rope else None
+        cache_k, cache_v = cache.keys[self.layer_id], cache.values[self.layer_id]
+        return cpu_kernels.decode_attention(q.squeeze(2), k.squeeze(2), v.squeeze(2), rope, cache_k, cache_v,
+                                            cache.length, self.window, scale)  # fmt: skip

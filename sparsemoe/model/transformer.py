@@ -257,7 +257,8 @@ class MoETransformer(nn.Module):
             raise ValueError(
                 f"sequence of {start + S} positions is longer than the model's max_seq_len={self.config.max_seq_len}"
             )
-        cos, sin = self.rope_cos[start : start + S], self.rope_sin[start : start + S]
+        # float32 once here rather than in every layer's RoPE (which computes in float32 from these values)
+        cos, sin = self.rope_cos[start : start + S].float(), self.rope_sin[start : start + S].float()
         x = self.embed(input_ids)
         if self.config.embedding_multiplier != 1.0:
             x = x * self.config.embedding_multiplier

@@ -9,6 +9,8 @@ Legend: N rows sorted by expert, n rows, E experts, D model width, F hidden widt
         rows sorted by expert (expert e: rows [offsets[e - 1], offsets[e])), rows past offsets[-1] ignored;
         x and the weights float32 or bfloat16 (read as they are, widened to float32 in registers), sums and
         activations in float32
+    linear_many(x_nK, (w_1 [O_1, K], ...)) -> [x w_1^T, ...] in x's dtype (or float32): several linear layers of
+        one input, a few rows of it, in one call (an attention layer's q, k and v projections at a decode step)
     grouped_linear(x_NK, offsets [E], w [E, O, K]) -> y_NO float32, one linear layer per expert over rows
         sorted by expert: y[r] = W[e] x[r], W stored [E, O, K] (nn.Linear's layout) or [E, K, O], each weight
         read once; for a few rows per expert of the expert MLPs whose activation runs in PyTorch
@@ -21,6 +23,12 @@ Legend: N rows sorted by expert, n rows, E experts, D model width, F hidden widt
     scatter_add_rows(y_TD, token_ids [n], rows_nD, weights [n] or None) -> y, in place:
         y[token_ids[r]] += weights[r] rows[r] in float32, rows float32 or bfloat16 (the expert op's combine
         and its backward's input gradient: one pass, threads over columns, no float32 copy of the rows)
+    sort_by_expert(expert_ids [N], E) -> (order, sorted ids, slots, counts [E], ends [E]): the dispatch plan's
+        stable sort by expert as one counting sort, None where not taken
+    decode_attention(q, k, v, (cos, sin), cache_k, cache_v, past, window, scale) -> [B, H, Hd]: one new
+        position of grouped-query attention (RoPE, the KV cache write, softmax over the cached positions),
+        None where not taken
+    all_finite(values) -> whether no value is NaN or inf (one pass, no temporaries), None where not taken
     activate(h_nI, activation) -> a_nF = act(h)
     activation_backward(h_nI, dA_nF, w_n, activation) -> (aw_nF, dH_nI, d_w_n float32)
         for o = w * (W_out act(h)) with dA = d loss / d act(h) before the weighting: aw = w act(h)
@@ -56,15 +64,17 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = (CSRC / "decode_mlp.c", CSRC / "activation.c", CSRC / "scatter_rows.c")
+SOURCES = (CSRC / "decode_mlp.c", CSRC / "activation.c", CSRC / "scatter_rows.c", CSRC / "finite.c",
+           CSRC / "decode_attention.c")
 HEADERS = (CSRC / "vec.h", CSRC / "activation.h", CSRC / "activation_rows.h", CSRC / "decode_gemm.h",
            CSRC / "quant_gemm.h")
 ENV_SWITCH = "SPARSEMOE_CPU_KERNELS"
@@ -152,11 +162,19 @@ def _bind(path: Path) -> ctypes.CDLL:
         "sparsemoe_vnni_activations_int8": ([], ctypes.c_int),
         "sparsemoe_grouped_linear_f32": ([p, i64, p, i64, p, i64, i64, i32, p, i32], ctypes.c_int),
         "sparsemoe_grouped_linear_bf16": ([p, i64, p, i64, p, i64, i64, i32, p, i32], ctypes.c_int),
+        "sparsemoe_linear_many_f32": ([p, i32, i64, i64, i64, p, p, p, i32, i32], ctypes.c_int),
+        "sparsemoe_linear_many_bf16": ([p, i32, i64, i64, i64, p, p, p, i32, i32], ctypes.c_int),
         "sparsemoe_activate_f32": ([p, p, i64, i64, i64, i32, i32], None),
         "sparsemoe_activate_bf16": ([p, p, i64, i64, i64, i32, i32], None),
         "sparsemoe_activation_backward_f32": ([p, p, p, p, p, p, i64, i64, i64, i32, i32], None),
         "sparsemoe_activation_backward_bf16": ([p, p, p, p, p, p, i64, i64, i64, i32, i32], None),
         "sparsemoe_scatter_add_rows": ([p, i64, p, p, i32, p, i64, i64, i32], ctypes.c_int),
+        "sparsemoe_all_finite": ([p, i64, i32, i32], ctypes.c_int),
+        "sparsemoe_sort_by_expert": ([p, i64, i64, p, p, p, p, p], ctypes.c_int),
+        "sparsemoe_decode_attention_f32": (
+            [p, p, p, p, p, p, p, i64, i64, i64, i64, i64, i64, i64, i64, ctypes.c_float, p, i32], ctypes.c_int),
+        "sparsemoe_decode_attention_bf16": (
+            [p, p, p, p, p, p, p, i64, i64, i64, i64, i64, i64, i64, i64, ctypes.c_float, p, i32], ctypes.c_int),
     }
     for name, (argtypes, restype) in signatures.items():
         fn = getattr(lib, name)
@@ -268,6 +286,84 @@ def activation_backward(h_nI: Tensor, dA_nF: Tensor, w_n: Tensor, activation: st
         n, F, I, ACTIVATION_CODES[activation], torch.get_num_threads(),
     )
     return aw_nF, dH_nI, d_w
+
+
+def plain_eager(x: Tensor) -> bool:
+    """Whether x is a plain CPU tensor with memory, outside the compiler and any dispatch mode (fake tensors,
+    tracing): then a kernel may be handed its memory directly, and an op's function called without the op."""
+    return (
+        type(x) is Tensor
+        and x.device.type == "cpu"
+        and not torch.compiler.is_compiling()
+        and _get_current_dispatch_mode() is None
+    )
+
+
+def all_finite(values: Tensor) -> Optional[bool]:
+    """Whether every value is finite (no NaN, no inf), or None when the kernel does not take the tensor (not a
+    plain contiguous float32 or bfloat16 CPU tensor, or the kernels are off): then ask PyTorch."""
+    if not plain_eager(values) or values.dtype not in KERNEL_DTYPES or not values.is_contiguous():
+        return None
+    lib = load()
+    if lib is None:
+        return None
+    return bool(lib.sparsemoe_all_finite(values.data_ptr(), values.numel(), int(values.dtype == torch.bfloat16),
+                                         torch.get_num_threads()))  # fmt: skip
+
+
+def sort_by_expert(expert_ids: Tensor, num_experts: int) -> Optional[tuple[Tensor, Tensor, Tensor, Tensor, Tensor]]:
+    """The stable sort of N assignments by expert (ids in [0, E]; E marks a dropped one, sorted last), as one
+    counting sort: (order [N], sorted ids [N], slots [N]: each row's position within its expert, counts [E]:
+    rows per expert, dropped ones left out, ends [E]: their inclusive cumsum), all int64. None where not
+    taken (not a plain contiguous int64 CPU tensor, or the kernels are off): then sort with PyTorch."""
+    if not plain_eager(expert_ids) or expert_ids.dtype != torch.int64 or expert_ids.dim() != 1:
+        return None
+    lib = load()
+    if lib is None:
+        return None
+    ids = expert_ids.contiguous()
+    N = ids.shape[0]
+    order, sorted_ids, slots = (torch.empty(N, dtype=torch.int64) for _ in range(3))
+    counts, ends = torch.empty(num_experts, dtype=torch.int64), torch.empty(num_experts, dtype=torch.int64)
+    status = lib.sparsemoe_sort_by_expert(ids.data_ptr(), N, num_experts, order.data_ptr(), sorted_ids.data_ptr(),
+                                          slots.data_ptr(), counts.data_ptr(), ends.data_ptr())  # fmt: skip
+    if status == -2:
+        raise ValueError(f"sort_by_expert: an expert id is outside [0, {num_experts}]")
+    _check_status(status, "sparsemoe_sort_by_expert")
+    return order, sorted_ids, slots, counts, ends
+
+
+def decode_attention(
+    q_BHd: Tensor, k_BGd: Tensor, v_BGd: Tensor, rope: Optional[tuple[Tensor, Tensor]], cache_k: Tensor,
+    cache_v: Tensor, past: int, window: Optional[int], scale: float,
+) -> Optional[Tensor]:
+    """One new position of grouped-query attention with a KV cache (csrc/decode_attention.c): RoPE on q and k
+    (rope = the float32 cos, sin rows [R] of position `past`, or None), k and v stored in the cache [B, G, L,
+    Hd] at `past`, softmax(scale q.k) v over the cached positions (the last `window` with a sliding window);
+    returns [B, H, Hd] in q's dtype. None where not taken (anything but plain contiguous float32 or bfloat16
+    CPU tensors of one dtype, or the kernels off): then the caller runs its PyTorch path."""
+    tensors = (q_BHd, k_BGd, v_BGd, cache_k, cache_v)
+    if (not all(plain_eager(t) and t.dtype == q_BHd.dtype and t.is_contiguous() for t in tensors)
+            or q_BHd.dtype not in KERNEL_DTYPES or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))):
+        return None  # fmt: skip
+    cos, sin = rope if rope is not None else (None, None)
+    if cos is not None and not all(t.dtype == torch.float32 and t.is_contiguous() and plain_eager(t) for t in (cos, sin)):
+        return None
+    lib = load()
+    if lib is None:
+        return None
+    B, H, Hd = q_BHd.shape
+    G, L = cache_k.shape[1], cache_k.shape[2]
+    R = Hd if cos is None else cos.shape[-1]
+    out = torch.empty_like(q_BHd)
+    fn = getattr(lib, f"sparsemoe_decode_attention_{KERNEL_DTYPES[q_BHd.dtype]}")
+    status = fn(q_BHd.data_ptr(), k_BGd.data_ptr(), v_BGd.data_ptr(), None if cos is None else cos.data_ptr(),
+                None if sin is None else sin.data_ptr(), cache_k.data_ptr(), cache_v.data_ptr(), B, H, G, Hd, R, L,
+                past, window or 0, scale, out.data_ptr(), torch.get_num_threads())  # fmt: skip
+    if status == -3:
+        raise ValueError(f"decode_attention: position {past} is outside the cache's {L}")
+    _check_status(status, fn.__name__)
+    return out
 
 
 def supports_scatter(y_TD: Tensor, rows_nD: Tensor) -> bool:
@@ -387,6 +483,29 @@ def grouped_linear(x_NK: Tensor, offsets: Tensor, w_EOK: Tensor) -> Tensor:
                     torch.get_num_threads())  # fmt: skip
     _check_status(status, kernel.__name__)
     return y_NO
+
+
+def linear_many(x_nK: Tensor, weights: Sequence[Tensor], float_output: bool = False) -> list[Tensor]:
+    """[x @ w.T for w in weights], each [n, O_w] in x's dtype (float32 with float_output), in one call:
+    weights [O_w, K] contiguous, of x's dtype (float32 or bfloat16), CPU; sums in float32, each output
+    rounded once. For a few rows n (the kernel streams each weight row once against all n); no autograd."""
+    n, K = x_nK.shape
+    dtype = x_nK.dtype
+    kernel = _kernel("linear_many", dtype)
+    if any(w.dtype != dtype or w.dim() != 2 or w.shape[1] != K or not w.is_contiguous() for w in weights):
+        raise ValueError(f"linear_many: weights [O, K={K}] contiguous of x's dtype {dtype} expected, got "
+                         + ", ".join(f"{tuple(w.shape)} {w.dtype}" for w in weights))  # fmt: skip
+    x_nK = x_nK.contiguous()
+    out_dtype = torch.float32 if float_output else dtype
+    outs = [x_nK.new_empty(n, w.shape[0], dtype=out_dtype) for w in weights]
+    J = len(weights)
+    w_ptrs = (ctypes.c_void_p * J)(*[w.data_ptr() for w in weights])
+    rows = (ctypes.c_int64 * J)(*[w.shape[0] for w in weights])
+    y_ptrs = (ctypes.c_void_p * J)(*[y.data_ptr() for y in outs])
+    half_in, half_out = int(dtype == torch.bfloat16), int(out_dtype == torch.bfloat16)
+    status = kernel(x_nK.data_ptr(), half_in, n, K, J, w_ptrs, rows, y_ptrs, half_out, torch.get_num_threads())
+    _check_status(status, kernel.__name__)
+    return outs
 
 
 # The quantized decode kernel beats dequantizing the experts and running BLAS up to about this many rows

@@ -4,8 +4,10 @@ A decode step multiplies one row (per sequence) by every projection of the model
 head's [vocabulary x D]. BLAS runs such products below the speed at which the weight can be read
 (measured on 2 threads, torch 2.13: the 32000 x 1024 LM head at one row, bfloat16, 3.2 ms against 1.7 ms
 for the native kernel; 1024 x 1024 in float32, 0.074 ms against 0.036 ms). The native grouped linear
-kernel (`cpu_kernels.grouped_linear`, one group) streams each weight row once, widening bfloat16 weights
-in registers and summing in float32; its result is rounded once to x's dtype.
+kernel (`cpu_kernels.linear_many`) streams each weight row once, widening bfloat16 weights in registers
+and summing in float32; its result is rounded once to x's dtype. `linears` runs several projections of
+one input (q, k and v) in one call: each call has a fixed cost (Python, waking the threads) that at
+1024 x 1024 and one row is as large as reading the weight (`python tools/native_linear_decode.py`).
 
 Taken for inference only (no autograd graph to build), up to `MAX_ROWS` rows, weights of at least
 `MIN_WEIGHTS` elements (below that the call's fixed cost outweighs the gain), float32 or bfloat16 CPU
@@ -15,7 +17,7 @@ traces F.linear); everything else is F.linear.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -27,37 +29,55 @@ from sparsemoe.ops import cpu_kernels
 # as above at 1, 4, 16 and 17 rows; in bfloat16 BLAS's GEMMs are faster from about 16 rows, the CPU
 # having bfloat16 dot products that the kernel, summing in float32, does not use).
 MAX_ROWS = {torch.float32: 16, torch.bfloat16: 4}
-MIN_WEIGHTS = 1 << 19
-_ONE_GROUP: dict[int, Tensor] = {}  # offsets of a single group of n rows, by n
+MIN_WEIGHTS = 1 << 19  # of all the weights of one call together
 
 
-def _native_applies(x: Tensor, weight: Tensor) -> bool:
+def _native_applies(x: Tensor, weights: Sequence[Tensor], min_weights: Optional[int] = None) -> bool:
     return (
-        x.device.type == "cpu"
-        and x.dtype == weight.dtype
+        cpu_kernels.plain_eager(x)
         and x.numel() <= MAX_ROWS.get(x.dtype, 0) * x.shape[-1]
-        and weight.numel() >= MIN_WEIGHTS
-        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-        and weight.is_contiguous()
-        and weight.device.type == "cpu"
-        and not torch.compiler.is_compiling()
+        and sum(w.numel() for w in weights) >= (MIN_WEIGHTS if min_weights is None else min_weights)
+        and all(w.dtype == x.dtype and w.is_contiguous() and w.device.type == "cpu" for w in weights)
+        and not (torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights)))
         and cpu_kernels.available()
     )
 
 
+def _native(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tensor]]) -> list[Tensor]:
+    rows = x.reshape(-1, x.shape[-1])
+    lead = x.shape[:-1]
+    if all(b is None for b in biases):
+        outs = cpu_kernels.linear_many(rows, weights)
+    else:  # the bias added to the float32 sums, then one rounding, as F.linear
+        outs = [(y if b is None else y + b).to(x.dtype) for y, b in zip(cpu_kernels.linear_many(rows, weights, True), biases)]
+    return [y.view(*lead, w.shape[0]) for y, w in zip(outs, weights)]
+
+
 def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """x [..., K] @ weight [O, K]^T (+ bias [O]) -> [..., O] in x's dtype, as F.linear computes it."""
-    if not _native_applies(x, weight):
+    if not _native_applies(x, (weight,)):
         return F.linear(x, weight, bias)
+    return _native(x, (weight,), (bias,))[0]
+
+
+def linear_float32(x: Tensor, weight: Tensor) -> Tensor:
+    """x [..., K] @ weight [O, K]^T in float32 from the values as they are (a router's logits): at decode
+    sizes one native call where PyTorch widens x, widens the weight and multiplies, three ops of a step."""
+    if not _native_applies(x, (weight,), min_weights=0):
+        return F.linear(x.float(), weight.float())
     rows = x.reshape(-1, x.shape[-1])
-    n = rows.shape[0]
-    offsets = _ONE_GROUP.get(n)
-    if offsets is None:
-        offsets = _ONE_GROUP.setdefault(n, torch.tensor([n], dtype=torch.int64))
-    y = cpu_kernels.grouped_linear(rows, offsets, weight.unsqueeze(0))
-    if bias is not None:
-        y += bias
-    return y.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
+    return cpu_kernels.linear_many(rows, (weight,), float_output=True)[0].view(*x.shape[:-1], weight.shape[0])
+
+
+def linears(x: Tensor, layers: Sequence[nn.Module]) -> list[Tensor]:
+    """[layer(x) for layer in layers]; at decode sizes, layers that are plain `nn.Linear`s (an attention
+    layer's q, k and v projections) run in one call of the native kernel, one pass over the threads for
+    all of them instead of one each."""
+    if all(type(layer) in _PLAIN_LINEARS for layer in layers):
+        weights = [layer.weight for layer in layers]
+        if _native_applies(x, weights):
+            return _native(x, weights, [layer.bias for layer in layers])
+    return [layer(x) for layer in layers]
 
 
 class Linear(nn.Linear):
@@ -65,3 +85,6 @@ class Linear(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         return linear(x, self.weight, self.bias)
+
+
+_PLAIN_LINEARS = (nn.Linear, Linear)  # subclasses may compute something else: they run as themselves

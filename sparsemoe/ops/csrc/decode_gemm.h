@@ -208,6 +208,52 @@ int WNAME(sparsemoe_grouped_linear)(const float* x, int64_t N, const int64_t* of
   return 0;
 }
 
+
+/* Several linear layers of one input in one parallel region: y_j = x W_j^T for j < J, with W_j [O_j, K]
+ * row-major, x [n, K] float32 or, with x_bf16, bfloat16, and each y_j [n, O_j] float32 or, with y_bf16,
+ * bfloat16 rounded once to nearest-even. The work items are the blocks of ROW_BLOCK rows of every weight in
+ * turn, so that small projections of one input (an attention layer's q, k and v) share one pass over the
+ * threads instead of one each. For a few rows n (a decode step); returns 0, or -1 when out of memory. */
+int WNAME(sparsemoe_linear_many)(const void* x_in, int x_bf16, int64_t n, int64_t K, int64_t J, const WT* const* w,
+                                 const int64_t* O, void* const* y, int y_bf16, int threads) {
+  if (n <= 0) return 0; /* nothing to compute (and x may hold no memory at all) */
+  if (threads < 1) threads = 1;
+  int64_t* first = malloc((size_t)(2 * J + 2) * sizeof(int64_t)); /* first block [J + 1], then first column */
+  if (!first) return -1;
+  int64_t* column = first + J + 1; /* weight j's outputs start at column[j] of the [n, sum O] scratch */
+  first[0] = column[0] = 0;
+  for (int64_t j = 0; j < J; j++) {
+    first[j + 1] = first[j] + (O[j] + ROW_BLOCK - 1) / ROW_BLOCK;
+    column[j + 1] = column[j] + O[j];
+  }
+  float* xf = x_bf16 ? malloc((size_t)(n * K + 1) * sizeof(float)) : NULL;
+  float* scratch = y_bf16 ? malloc((size_t)(n * column[J] + 1) * sizeof(float)) : NULL;
+  if ((x_bf16 && !xf) || (y_bf16 && !scratch)) {
+    free(first);
+    free(xf);
+    free(scratch);
+    return -1;
+  }
+  if (x_bf16)
+    for (int64_t i = 0; i < n * K; i++) xf[i] = bf16_to_float(((const uint16_t*)x_in)[i]);
+  const float* x = x_bf16 ? xf : (const float*)x_in;
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t item = 0; item < first[J]; item++) {
+    int64_t j = 0;
+    while (item >= first[j + 1]) j++;
+    const int64_t o0 = (item - first[j]) * ROW_BLOCK, o1 = o0 + ROW_BLOCK < O[j] ? o0 + ROW_BLOCK : O[j];
+    float* yj = y_bf16 ? scratch + n * column[j] : (float*)y[j];
+    WNAME(gemm_nt)(w[j], x, yj, K, o0, o1, n, O[j]);
+    if (y_bf16)
+      for (int64_t r = 0; r < n; r++)
+        for (int64_t o = o0; o < o1; o++) ((uint16_t*)y[j])[r * O[j] + o] = float_to_bf16(yj[r * O[j] + o]);
+  }
+  free(first);
+  free(xf);
+  free(scratch);
+  return 0;
+}
+
 #endif
 
 /* The parameters are this instantiation's only: the next one defines its own. */

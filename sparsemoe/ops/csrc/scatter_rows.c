@@ -1,4 +1,5 @@
-/* Weighted scatter-add of expert rows into float32 token rows, one pass:
+/* The dispatch plan's row movements: the stable sort of assignments by expert (sparsemoe_sort_by_expert,
+ * at the end of this file) and the weighted scatter-add of expert rows into float32 token rows, one pass:
  *
  *     y [T, D] float32:  y[token[r]] += w[r] * rows[r]   for r in [0, n)   (w NULL: weight 1)
  *
@@ -11,6 +12,7 @@
  * is outside [0, T).
  */
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #ifdef _OPENMP
 #include <omp.h>
@@ -58,5 +60,39 @@ int sparsemoe_scatter_add_rows(float* y, int64_t T, const int64_t* token, const 
       else scatter_columns_f32(y, token, (const float*)rows, w, n, D, c0, c1);
     }
   }
+  return 0;
+}
+
+/* The dispatch plan's stable sort of N assignments by expert, as a counting sort (one pass to count, one
+ * to place; the order of equal ids kept):
+ *
+ *     ids [N] int64 in [0, E] (E marks a dropped assignment, sorted last) ->
+ *     order [N] (the assignments in sorted order), sorted [N] = ids[order], slots [N] (each row's position
+ *     within its expert), counts [E] (rows per expert, dropped ones left out), ends [E] (inclusive cumsum)
+ *
+ * Returns 0, -1 when out of memory, or -2 (nothing written) when an id is outside [0, E]. */
+int sparsemoe_sort_by_expert(const int64_t* ids, int64_t N, int64_t E, int64_t* order, int64_t* sorted,
+                             int64_t* slots, int64_t* counts, int64_t* ends) {
+  int64_t* next = calloc((size_t)(E + 2), sizeof(int64_t)); /* rows per id, then the next free row of each */
+  if (!next) return -1;
+  for (int64_t n = 0; n < N; n++) {
+    if (ids[n] < 0 || ids[n] > E) {
+      free(next);
+      return -2;
+    }
+    next[ids[n] + 1]++;
+  }
+  for (int64_t e = 0; e < E; e++) {
+    counts[e] = next[e + 1];
+    next[e + 1] += next[e]; /* next[e] = the first row of id e */
+    ends[e] = next[e + 1];
+  }
+  for (int64_t n = 0; n < N; n++) {
+    const int64_t e = ids[n], row = next[e]++;
+    order[row] = n;
+    sorted[row] = e;
+    slots[row] = e < E ? row - (e ? ends[e - 1] : 0) : row - (E ? ends[E - 1] : 0);
+  }
+  free(next);
   return 0;
 }

@@ -70,6 +70,14 @@ static inline float bf16_to_float(uint16_t b) {
   return f;
 }
 
+/* One float rounded to bfloat16 bits as bf16_bits rounds a vector (nearest-even, NaN -> 0x7FC0). */
+static inline uint16_t float_to_bf16(float f) {
+  uint32_t bits;
+  memcpy(&bits, &f, sizeof bits);
+  if (f != f) return 0x7FC0u;
+  return (uint16_t)((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+}
+
 /* The first n (< VL) values, the rest zero; and its inverse. For loop tails, so they use the same math:
  * load_part / store_part (float) and load_part_bf16 / store_part_bf16, through a VL-value buffer. */
 #define DEFINE_PARTIAL_ACCESS(T, SUFFIX)                                        \
