@@ -58,9 +58,10 @@ class MoE(nn.Module):
       * `aux_loss`: the sum of the weighted balancing losses (0-dim float32). With
         aux_loss_mode="inject" it is detached (its gradient was already injected); with "return" it
         carries the graph and must be added to the training loss.
-      * `stats`: a `MoEStats`. After a forward without gradients (inference) it is computed when first
-        read, so a decode step that never reads it does not pay for it; with gradients, and under
-        torch.compile, it is computed in the forward.
+      * `stats`: a `MoEStats`.
+    After a forward without gradients (inference) both are computed when first read, so a decode step
+    that never reads them does not pay for them (unless a training-mode bias update needs the load now);
+    with gradients, and under torch.compile, they are computed in the forward.
     `aux_loss_scale` multiplies the injected gradient (set it to 1/n under n-step gradient accumulation).
     """
 
@@ -90,7 +91,7 @@ class MoE(nn.Module):
         self.aux_loss_scale = 1.0
         self.aux_loss: Tensor = torch.zeros(())
         # The last forward's MoEStats, or what they are computed from until first read (see `stats`).
-        self._stats_state: Union[MoEStats, tuple[RoutingResult, DispatchPlan, dict[str, Tensor]], None] = None
+        self._stats_state: Union[MoEStats, tuple[RoutingResult, DispatchPlan, Union[dict[str, Tensor], int]], None] = None
         # Hook for expert parallelism: reduces per-expert counts across ranks before the bias update.
         self.reduce_counts = None
 
@@ -117,6 +118,7 @@ class MoE(nn.Module):
         T = x_TD.shape[0]
         if T == 0 and not self._runs_empty_batches:
             self.aux_loss = x.new_zeros((), dtype=torch.float32)
+            self._stats_state = None
             return x * 0  # empty: costs nothing, and stays in the graph of an input that requires grad
         seq_len = x.shape[-2] if x.dim() >= 3 and x.shape[-2] > 0 else max(T, 1)
 
@@ -136,21 +138,49 @@ class MoE(nn.Module):
             f"{x_TD.detach().abs().max().item():.3g}); check the input's scale and the expert weights",
         )  # fmt: skip
 
+        # Without gradients the balancing losses and the statistics are computed when first read (a decode
+        # step reads neither), unless the bias update needs the load now; with gradients now, so that the
+        # layer never holds on to the autograd graph; under the compiler now.
+        lazy = not (routing.probs.requires_grad or torch.compiler.is_compiling())
+        if lazy and self._lazy_balance and not (self.training and cfg.bias_balancing):
+            self._aux_loss, self._stats_state = None, (routing, plan, seq_len)
+            return y
         losses, load_E = self._balance(routing, seq_len)
-        terms = list(losses.values())
-        total = sum(terms[1:], terms[0]) if terms else logits_TE.new_zeros(())
+        total = self._total(losses, logits_TE)
         if cfg.aux_loss_mode == "inject" and total.requires_grad:
             y = AddAuxiliaryLoss.apply(y, total, self.aux_loss_scale)
             total = total.detach()
             losses = {k: v.detach() for k, v in losses.items()}
         self.aux_loss = total
-        # Without gradients, computed on first read (inference steps rarely read them); with gradients now,
-        # so that the layer never holds on to the autograd graph; under the compiler now.
-        lazy = not (routing.probs.requires_grad or torch.compiler.is_compiling())
         self._stats_state = (routing, plan, losses) if lazy else self._compute_stats(routing, plan, losses)
         if load_E is not None:
             self._record_load(load_E)
         return y
+
+    _lazy_balance = True  # False where computing the losses takes part in collectives (expert parallelism)
+
+    @staticmethod
+    def _total(losses: dict[str, Tensor], like: Tensor) -> Tensor:
+        terms = list(losses.values())
+        return sum(terms[1:], terms[0]) if terms else like.new_zeros((), dtype=torch.float32)
+
+    @property
+    def aux_loss(self) -> Tensor:
+        """The last forward's weighted balancing losses summed (see the class docstring)."""
+        if self.__dict__.get("_aux_loss") is None and isinstance(self._stats_state, tuple):
+            self._settle_balance()
+        return self._aux_loss
+
+    @aux_loss.setter
+    def aux_loss(self, value: Tensor) -> None:
+        self.__dict__["_aux_loss"] = value
+
+    def _settle_balance(self) -> None:
+        """The losses of a forward that deferred them (inference), from its routing."""
+        routing, plan, seq_len = self._stats_state
+        losses, _ = self._balance(routing, seq_len)
+        self.__dict__["_aux_loss"] = self._total(losses, routing.logits)
+        self._stats_state = (routing, plan, losses)
 
     def _record_load(self, load_E: Tensor) -> None:
         """Bias balancing after a training forward: move the bias now, or count the load for `update_bias`."""
@@ -227,6 +257,8 @@ class MoE(nn.Module):
     def stats(self) -> Optional[MoEStats]:
         """Statistics of the last forward (None before the first); detached, no device sync."""
         if isinstance(self._stats_state, tuple):
+            if self.__dict__.get("_aux_loss") is None:  # the losses were deferred too
+                self._settle_balance()
             self._stats_state = self._compute_stats(*self._stats_state)
         return self._stats_state
 

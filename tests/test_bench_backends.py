@@ -95,9 +95,9 @@ def test_auto_picks_decode_for_few_rows_and_grouped_for_many(native_kernels):
         x = torch.randn(T, 16)
         return x.to(dtype), build_plan(layer.router.route(layer.router.logits(x)), None)
 
-    # Tokens (2 rows each over 8 experts) up to which decode is chosen: rows per expert 64 (float32) and
+    # Tokens (2 rows each over 8 experts) up to which decode is chosen: rows per expert 40 (float32) and
     # 8 (bfloat16) with the native kernel, else 4.
-    limits = {torch.float32: 256, torch.bfloat16: 32} if native else {torch.float32: 16, torch.bfloat16: 16}
+    limits = {torch.float32: 160, torch.bfloat16: 32} if native else {torch.float32: 16, torch.bfloat16: 16}
     for dtype, limit in limits.items():
         assert _auto_name(*plan_for(1, dtype)) == "decode"
         assert _auto_name(*plan_for(limit, dtype)) == "decode"

@@ -408,3 +408,27 @@ def test_sort_by_expert_refuses_ids_out_of_range_and_declines_what_it_does_not_t
         cpu_kernels.sort_by_expert(torch.tensor([-1]), 4)
     assert cpu_kernels.sort_by_expert(torch.tensor([0, 1], dtype=torch.int32), 4) is None
     assert cpu_kernels.sort_by_expert(torch.zeros(2, 2, dtype=torch.int64), 4) is None
+
+
+@needs_kernel
+@settings(max_examples=40, deadline=None)
+@given(rows=st.integers(1, 80), width=st.integers(1, 300), dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+       threads=st.sampled_from([1, 2]), seed=st.integers(0, 1000))  # fmt: skip
+def test_rms_norm_matches_the_pytorch_formula(rows, width, dtype, threads, seed):
+    torch.manual_seed(seed)
+    torch.set_num_threads(threads)
+    x, w = (torch.randn(rows, width) * 3).to(dtype), torch.randn(width).to(dtype)
+    got = cpu_kernels.rms_norm(x, w, 1e-5)
+    x32 = x.float()
+    expected = (x32 * torch.rsqrt(x32.square().mean(-1, keepdim=True) + 1e-5) * w.float()).to(dtype)
+    assert got.dtype == dtype and got.shape == x.shape
+    tol = 1e-5 if dtype == torch.float32 else 2**-7  # bfloat16: at most one rounding step apart
+    torch.testing.assert_close(got.float(), expected.float(), rtol=tol, atol=tol)
+
+
+@needs_kernel
+def test_rms_norm_declines_what_it_does_not_take():
+    x = torch.randn(2, 8)
+    assert cpu_kernels.rms_norm(x, torch.ones(8, dtype=torch.float64), 1e-5) is None  # dtypes differ
+    assert cpu_kernels.rms_norm(x.t(), torch.ones(2), 1e-5) is None  # not contiguous
+    assert cpu_kernels.rms_norm(x.requires_grad_(), torch.ones(8), 1e-5) is None  # autograd: PyTorch's

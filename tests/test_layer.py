@@ -362,3 +362,33 @@ def test_autocast_accepts_inputs_in_the_autocast_dtype():
     assert model[1].experts.w_out.grad is not None
     with pytest.raises(TypeError, match="differs from the layer's weights"):
         model[1](x.to(torch.bfloat16))  # outside autocast the mismatch is still an error
+
+
+def test_inference_defers_the_balancing_losses_until_read():
+    """Without gradients the losses and statistics are computed when first read, and are what a forward
+    with gradients computes; a model forward with with_aux_loss=False leaves them unread."""
+    from sparsemoe.model import MoETransformer, preset
+
+    torch.manual_seed(0)
+    cfg = MoEConfig(dim=16, hidden_dim=8, num_experts=4, top_k=2, aux_loss_coef=0.01, z_loss_coef=0.001)
+    layer = MoE(cfg).eval()
+    x = torch.randn(5, 16)
+    layer(x)  # with gradients: computed now
+    eager_loss, eager_stats = layer.aux_loss.detach(), layer.stats
+    with torch.no_grad():
+        layer(x)
+    assert layer.__dict__["_aux_loss"] is None  # deferred
+    assert torch.allclose(layer.aux_loss, eager_loss) and eager_loss > 0
+    assert torch.equal(layer.stats.tokens_per_expert, eager_stats.tokens_per_expert)
+    with torch.no_grad():
+        layer(x)
+    assert torch.allclose(layer.stats.losses["z_loss"], eager_stats.losses["z_loss"])  # stats first, then the loss
+    assert torch.allclose(layer.aux_loss, eager_loss)
+
+    model = MoETransformer(preset("tiny")).eval()
+    ids = torch.randint(0, 256, (1, 6))
+    with torch.no_grad():
+        assert model(ids, with_aux_loss=False).aux_loss is None
+        assert all(m.__dict__["_aux_loss"] is None for m in model.moe_layers)
+        deferred = model(ids).aux_loss
+    assert torch.allclose(deferred, model(ids).aux_loss.detach())

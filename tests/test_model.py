@@ -540,3 +540,50 @@ def test_moe_options_train_and_decode(overrides):
     assert layer.router.weight.grad.abs().sum() > 0
     tokens = generate(model, ids[0, :4], 6, temperature=0)
     assert tokens.shape == (1, 6)
+
+
+def _decode_logits(model, ids, steps):
+    """Greedy decode through the KV cache: the logits of each one-position step [B, steps, V] float32."""
+    cache = model.new_cache(ids.shape[0])
+    out = []
+    with torch.no_grad():
+        logits = model(ids, cache=cache, last_only=True).logits
+        for _ in range(steps):
+            logits = model(logits[:, -1].float().argmax(-1, keepdim=True), cache=cache, last_only=True).logits
+            out.append(logits.float())
+    return torch.cat(out, 1)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [dict(), dict(sliding_window=5), dict(nope_layers=[1]), dict(rotary_dim=4), dict(attention_multiplier=0.3),
+     dict(qk_norm=True), dict(attention_gate=True), dict(n_kv_heads=1)],
+)  # fmt: skip
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_decode_step_matches_the_pytorch_path(monkeypatch, overrides, dtype):
+    """The one-position attention kernel (RoPE, cache write, softmax) and the native norms give what the
+    PyTorch ops give, over steps that pass the sliding window."""
+    from sparsemoe.ops import cpu_kernels
+
+    if not cpu_kernels.available():
+        pytest.skip("native CPU kernels unavailable")
+    torch.manual_seed(0)
+    model = MoETransformer(preset("tiny", n_heads=4, **overrides)).to(dtype).eval()
+    ids = torch.randint(0, 256, (2, 7))
+    calls = {"attention": 0, "norm": 0}
+    for name in calls:
+        real = getattr(cpu_kernels, "decode_attention" if name == "attention" else "rms_norm")
+
+        def counted(*args, real=real, name=name):
+            out = real(*args)
+            calls[name] += out is not None
+            return out
+
+        monkeypatch.setattr(cpu_kernels, "decode_attention" if name == "attention" else "rms_norm", counted)
+    native = _decode_logits(model, ids, 12)
+    assert calls["attention"] == 12 * model.config.n_layers and calls["norm"] > 0
+    monkeypatch.setattr(cpu_kernels, "decode_attention", lambda *args: None)
+    monkeypatch.setattr(cpu_kernels, "rms_norm", lambda *args: None)
+    plain = _decode_logits(model, ids, 12)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert ((native - plain).abs().max() / plain.abs().max()).item() < tol

@@ -26,7 +26,7 @@ def main() -> None:
     models["int4 + bfloat16"] = quantize(copy.deepcopy(models["bfloat16"]), "int4")
     prompt = torch.randint(0, model.config.vocab_size, (16,), generator=torch.Generator().manual_seed(0))
     native = native_linear._native_applies
-    paths = {"native": native, "BLAS": lambda x, w: False}
+    paths = {"native": native, "BLAS": lambda *args: False}
     best: dict[tuple[str, str], float] = {}
     for m in models.values():
         decode_ms_per_token(m, prompt, 4)  # warm-up

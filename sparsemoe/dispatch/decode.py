@@ -33,10 +33,12 @@ from sparsemoe.ops import cpu_kernels
 from sparsemoe.ops.grouped_mm import native_grouped_mm, use_native
 
 # The native kernel (sparsemoe.ops.cpu_kernels) beats BLAS's grouped GEMMs up to about this many rows per
-# expert on average: 64 in float32, 8 in bfloat16 (on a CPU with AVX512-BF16, whose bfloat16 dot products
-# the BLAS GEMMs use while the kernel computes in float32). Measured by `sparsemoe bench` forward over T,
-# mixtral-mini and fine-grained; above that the expert GEMMs are compute bound and BLAS is faster.
-KERNEL_MAX_ROWS_PER_EXPERT = {torch.float32: 64, torch.bfloat16: 8}
+# expert on average: 40 in float32, 8 in bfloat16 (on a CPU with AVX512-BF16, whose bfloat16 dot products
+# the BLAS GEMMs use while the kernel computes in float32). Measured by `sparsemoe bench` forward over T
+# (mixtral-mini, fine-grained: decode ahead up to 64 rows a layer with random routing) and by whole-model
+# prefill of mixtral-1k in float32, whose routing is uneven (docs/benchmarks.md): decode ahead at 32 rows
+# per expert on average, behind from 48; above that the expert GEMMs are compute bound and BLAS is faster.
+KERNEL_MAX_ROWS_PER_EXPERT = {torch.float32: 40, torch.bfloat16: 8}
 
 # Up to this many rows per expert the weight-stationary form wins (measured with torch.mm / torch.bmm on
 # the expert shapes of `sparsemoe bench`, 2 threads: at 1-16 rows `x @ W^T` takes 3-6x the time of

@@ -94,10 +94,10 @@ def stream(
                     cache.reset()
             if cache is not None:
                 new = tokens[:, window_start + fed :]
-                logits = model(new, cache=cache, last_only=True).logits
+                logits = model(new, cache=cache, last_only=True, with_aux_loss=False).logits
                 fed = tokens.shape[1] - window_start
             else:
-                logits = model(tokens[:, window_start:], last_only=True).logits
+                logits = model(tokens[:, window_start:], last_only=True, with_aux_loss=False).logits
             last = logits[:, -1] if generator is None else logits[:, -1].to(generator.device)
             nxt = sample_next(last, temperature, top_k, top_p, generator).to(tokens.device)
             tokens = torch.cat([tokens, nxt[:, None]], dim=1)

@@ -62,7 +62,8 @@ class ModelOutput(NamedTuple):
 
     * `logits` [B, S, V] (or [B, 1, V] with last_only=True).
     * `loss`: the language-model cross-entropy alone (None without targets); never includes aux_loss.
-    * `aux_loss`: the sum over MoE layers of `layer.aux_loss` (0-dim float32; 0 for a dense model).
+    * `aux_loss`: the sum over MoE layers of `layer.aux_loss` (0-dim float32; 0 for a dense model); None
+      when forward was called with `with_aux_loss=False` (generation, which never reads it, does).
       aux_loss_mode="inject": detached, for logging; its gradient already flows through the layers.
       aux_loss_mode="return": carries the graph; add it to the loss yourself.
       In both modes `loss + aux_loss` has the right gradient, which is what the trainer backpropagates.
@@ -70,7 +71,7 @@ class ModelOutput(NamedTuple):
 
     logits: Tensor
     loss: Optional[Tensor]
-    aux_loss: Tensor
+    aux_loss: Optional[Tensor]
 
 
 class DenseMLP(nn.Module):
@@ -110,7 +111,8 @@ class Block(nn.Module):
 
     def _branch(self, y: Tensor) -> Tensor:
         """A residual branch's output as it is added: dropout, then the residual multiplier (Granite)."""
-        y = self.dropout(y)
+        if self.training and self.dropout.p > 0:  # a module call per branch costs a decode step ~0.2 ms
+            y = self.dropout(y)
         return y if self.residual_multiplier == 1.0 else y * self.residual_multiplier
 
     def _mlp(self, h: Tensor) -> Tensor:
@@ -241,11 +243,14 @@ class MoETransformer(nn.Module):
         *,
         cache: Optional[KVCache] = None,
         last_only: bool = False,
+        with_aux_loss: bool = True,
     ) -> ModelOutput:
         """input_ids [B, S] long -> ModelOutput. With `cache`, the S tokens follow the cached positions.
 
         targets [B, S] long: next-token ids; -100 marks positions left out of the loss.
         last_only: compute logits for the last position only (generation).
+        with_aux_loss: False leaves aux_loss None; without gradients the MoE layers then skip computing their
+        balancing losses (they compute them when `layer.aux_loss` or `layer.stats` is read).
         """
         if input_ids.dim() != 2 or input_ids.dtype != torch.long:
             raise ValueError(
@@ -280,7 +285,7 @@ class MoETransformer(nn.Module):
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
-        return ModelOutput(logits=logits, loss=loss, aux_loss=self._aux_loss(x))
+        return ModelOutput(logits=logits, loss=loss, aux_loss=self._aux_loss(x) if with_aux_loss else None)
 
     def _aux_loss(self, x: Tensor) -> Tensor:
         losses = [layer.aux_loss.to(x.device) for layer in self.moe_layers]

@@ -28,6 +28,7 @@ Legend: N rows sorted by expert, n rows, E experts, D model width, F hidden widt
     decode_attention(q, k, v, (cos, sin), cache_k, cache_v, past, window, scale) -> [B, H, Hd]: one new
         position of grouped-query attention (RoPE, the KV cache write, softmax over the cached positions),
         None where not taken
+    rms_norm(x, weight, eps) -> RMSNorm over the last dim in one pass (inference), None where not taken
     all_finite(values) -> whether no value is NaN or inf (one pass, no temporaries), None where not taken
     activate(h_nI, activation) -> a_nF = act(h)
     activation_backward(h_nI, dA_nF, w_n, activation) -> (aw_nF, dH_nI, d_w_n float32)
@@ -74,7 +75,7 @@ log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = (CSRC / "decode_mlp.c", CSRC / "activation.c", CSRC / "scatter_rows.c", CSRC / "finite.c",
-           CSRC / "decode_attention.c")
+           CSRC / "decode_attention.c", CSRC / "norm.c")
 HEADERS = (CSRC / "vec.h", CSRC / "activation.h", CSRC / "activation_rows.h", CSRC / "decode_gemm.h",
            CSRC / "quant_gemm.h")
 ENV_SWITCH = "SPARSEMOE_CPU_KERNELS"
@@ -171,6 +172,8 @@ def _bind(path: Path) -> ctypes.CDLL:
         "sparsemoe_scatter_add_rows": ([p, i64, p, p, i32, p, i64, i64, i32], ctypes.c_int),
         "sparsemoe_all_finite": ([p, i64, i32, i32], ctypes.c_int),
         "sparsemoe_sort_by_expert": ([p, i64, i64, p, p, p, p, p], ctypes.c_int),
+        "sparsemoe_rms_norm_f32": ([p, p, i64, i64, ctypes.c_float, p, i32], None),
+        "sparsemoe_rms_norm_bf16": ([p, p, i64, i64, ctypes.c_float, p, i32], None),
         "sparsemoe_decode_attention_f32": (
             [p, p, p, p, p, p, p, i64, i64, i64, i64, i64, i64, i64, i64, ctypes.c_float, p, i32], ctypes.c_int),
         "sparsemoe_decode_attention_bf16": (
@@ -288,11 +291,14 @@ def activation_backward(h_nI: Tensor, dA_nF: Tensor, w_n: Tensor, activation: st
     return aw_nF, dH_nI, d_w
 
 
+_PLAIN_TYPES = (Tensor, torch.nn.Parameter)
+
+
 def plain_eager(x: Tensor) -> bool:
     """Whether x is a plain CPU tensor with memory, outside the compiler and any dispatch mode (fake tensors,
     tracing): then a kernel may be handed its memory directly, and an op's function called without the op."""
     return (
-        type(x) is Tensor
+        type(x) in _PLAIN_TYPES
         and x.device.type == "cpu"
         and not torch.compiler.is_compiling()
         and _get_current_dispatch_mode() is None
@@ -331,6 +337,25 @@ def sort_by_expert(expert_ids: Tensor, num_experts: int) -> Optional[tuple[Tenso
         raise ValueError(f"sort_by_expert: an expert id is outside [0, {num_experts}]")
     _check_status(status, "sparsemoe_sort_by_expert")
     return order, sorted_ids, slots, counts, ends
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Optional[Tensor]:
+    """x / sqrt(mean(x^2) + eps) * weight over the last dim, in float32 from the values as they are, rounded once
+    to x's dtype (csrc/norm.c); None where not taken (not plain contiguous float32 or bfloat16 CPU tensors of
+    one dtype, autograd, or the kernels off): then the caller's PyTorch path."""
+    if (not (plain_eager(x) and plain_eager(weight)) or x.dtype not in KERNEL_DTYPES or weight.dtype != x.dtype
+            or not (x.is_contiguous() and weight.is_contiguous()) or weight.shape != x.shape[-1:]
+            or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
+        return None  # fmt: skip
+    lib = load()
+    if lib is None:
+        return None
+    D = x.shape[-1]
+    out = torch.empty_like(x)
+    getattr(lib, f"sparsemoe_rms_norm_{KERNEL_DTYPES[x.dtype]}")(
+        x.data_ptr(), weight.data_ptr(), x.numel() // max(D, 1), D, eps, out.data_ptr(), torch.get_num_threads()
+    )
+    return out
 
 
 def decode_attention(

@@ -105,6 +105,7 @@ class ExpertParallelMoE(MoE):
 
     # --- forward: MoE.forward with the hooks below --------------------------------------------------------
     _runs_empty_batches = True  # a rank with no tokens still takes part in every collective
+    _lazy_balance = False  # the losses' statistics are all-reduced: every rank computes them in every forward
 
     # --- pieces ----------------------------------------------------------------------------------------
     def _route(self, logits_TE: Tensor, capacity: Optional[int]) -> RoutingResult:

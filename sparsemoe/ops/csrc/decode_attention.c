@@ -21,7 +21,32 @@
 
 #include "vec.h"
 
-#define PARALLEL_FROM (1 << 15) /* multiply-adds; below this one thread is faster than waking the others */
+#define PARALLEL_FROM (1 << 18) /* multiply-adds (8 heads of 128 over 256 positions); measured (bfloat16, 2
+                                 * threads): 128 positions 30 us on one thread, 30-34 on two; 255 positions 32-37
+                                 * on two against 48-55 on one */
+
+/* q . k and acc += w v over n values, q and acc float32, k and v of the tensor type (vectorised; the tail
+ * one by one). */
+#define DEFINE_ROW_MATH(SUFFIX, T, LOAD, GET)                                                  \
+  static inline float dot_##SUFFIX(const float* q, const T* k, int64_t n) {                   \
+    vf acc = {0};                                                                              \
+    int64_t i = 0;                                                                             \
+    for (; i + VL <= n; i += VL) acc += load(q + i) * LOAD(k + i);                             \
+    float s = hsum(acc);                                                                       \
+    for (; i < n; i++) s += q[i] * GET(k[i]);                                                  \
+    return s;                                                                                  \
+  }                                                                                            \
+  static inline void axpy_##SUFFIX(float* acc, float w, const T* v, int64_t n) {              \
+    const vf wv = splat(w);                                                                    \
+    int64_t i = 0;                                                                             \
+    for (; i + VL <= n; i += VL) store(acc + i, load(acc + i) + wv * LOAD(v + i));             \
+    for (; i < n; i++) acc[i] += w * GET(v[i]);                                                \
+  }
+#define IDENTITY(x) (x)
+DEFINE_ROW_MATH(f32, float, load, IDENTITY)
+DEFINE_ROW_MATH(bf16, uint16_t, load_bf16, bf16_to_float)
+#undef DEFINE_ROW_MATH
+#undef IDENTITY
 
 static inline float get_f32(const float* p, int64_t i) { return p[i]; }
 static inline void put_f32(float* p, int64_t i, float x) { p[i] = x; }
@@ -70,9 +95,7 @@ static inline void put_bf16(uint16_t* p, int64_t i, float x) { p[i] = float_to_b
       float* s = scores + bh * P;                                                                               \
       float top = -INFINITY;                                                                                    \
       for (int64_t p = 0; p < P; p++) {                                                                         \
-        float dot = 0.0f;                                                                                       \
-        for (int64_t i = 0; i < Hd; i++) dot += qf[i] * get_##SUFFIX(keys + p * Hd, i);                         \
-        s[p] = dot * scale;                                                                                     \
+        s[p] = dot_##SUFFIX(qf, keys + p * Hd, Hd) * scale;                                                     \
         if (s[p] > top) top = s[p];                                                                             \
       }                                                                                                         \
       float total = 0.0f;                                                                                       \
@@ -81,10 +104,7 @@ static inline void put_bf16(uint16_t* p, int64_t i, float x) { p[i] = float_to_b
         total += s[p];                                                                                          \
       }                                                                                                         \
       for (int64_t i = 0; i < Hd; i++) acc[i] = 0.0f;                                                           \
-      for (int64_t p = 0; p < P; p++) {                                                                         \
-        const float w = s[p] / total;                                                                           \
-        for (int64_t i = 0; i < Hd; i++) acc[i] += w * get_##SUFFIX(values + p * Hd, i);                        \
-      }                                                                                                         \
+      for (int64_t p = 0; p < P; p++) axpy_##SUFFIX(acc, s[p] / total, values + p * Hd, Hd);                   \
       for (int64_t i = 0; i < Hd; i++) put_##SUFFIX(out + bh * Hd, i, acc[i]);                                  \
     }                                                                                                           \
     free(scores);                                                                                               \
