@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from sparsemoe.amp import autocast_dtype
 from sparsemoe.config import MoEConfig
+from sparsemoe.ops import cpu_kernels
 from sparsemoe.ops.linear import linear_float32
 
 
@@ -185,6 +186,16 @@ def group_limit(key_TE: Tensor, num_groups: int, topk_groups: int, group_score: 
     return key_TE.masked_fill(~expert_mask, float("-inf"))
 
 
+def _native_topk(logits_TE: Tensor, cfg: MoEConfig, training: bool, bias_E: Optional[Tensor]):
+    """(ids, weights, probs) of plain top-k routing from the native CPU kernel, or None where it does not
+    apply (a perturbed or biased selection, other score orders, autograd, not a CPU tensor)."""
+    if cfg.router != "topk" or cfg.score_order != "before_topk" or bias_E is not None:
+        return None
+    if training and (cfg.noise == "gumbel" or cfg.expert_dropout > 0):
+        return None
+    return cpu_kernels.topk_route(logits_TE, cfg.top_k, cfg.score_func, cfg.renormalize, cfg.route_scale)
+
+
 def token_choice(logits_TE: Tensor, cfg: MoEConfig, training: bool, bias_E: Optional[Tensor]) -> RoutingResult:
     """Each token picks its K experts. Selection may use noise and bias; weights never use the bias."""
     T, E = logits_TE.shape
@@ -193,6 +204,13 @@ def token_choice(logits_TE: Tensor, cfg: MoEConfig, training: bool, bias_E: Opti
         fused, _ = _fused_topk
         ids_TK, weights_TK = fused(logits_TE, K, cfg.score_func, cfg.score_order, cfg.renormalize, cfg.route_scale, bias_E)
         return _token_choice_result(logits_TE, ids_TK, weights_TK, cfg)
+    native = _native_topk(logits_TE, cfg, training, bias_E)
+    if native is not None:  # one native pass (inference, CPU)
+        ids_TK, weights_TK, probs_TE = native
+        return RoutingResult(
+            token_ids=assignment_tokens(T, K, logits_TE.device), expert_ids=ids_TK.view(-1),
+            weights=weights_TK.view(-1), probs=probs_TE, logits=logits_TE, top_k=K, expert_choice=False,
+        )  # fmt: skip
     logits = logits_TE
     if training and cfg.expert_dropout > 0:
         keep_E = expert_dropout_mask(E, K, cfg.expert_dropout, logits.device)

@@ -432,3 +432,26 @@ def test_rms_norm_declines_what_it_does_not_take():
     assert cpu_kernels.rms_norm(x, torch.ones(8, dtype=torch.float64), 1e-5) is None  # dtypes differ
     assert cpu_kernels.rms_norm(x.t(), torch.ones(2), 1e-5) is None  # not contiguous
     assert cpu_kernels.rms_norm(x.requires_grad_(), torch.ones(8), 1e-5) is None  # autograd: PyTorch's
+
+
+@needs_kernel
+@settings(max_examples=60, deadline=None)
+@given(tokens=st.integers(0, 40), experts=st.integers(1, 70), k=st.integers(1, 8), sigmoid=st.booleans(),
+       renormalize=st.booleans(), scale=st.sampled_from([1.0, 2.5]), seed=st.integers(0, 1000))  # fmt: skip
+def test_topk_route_is_the_routers_pytorch_path(tokens, experts, k, sigmoid, renormalize, scale, seed):
+    from sparsemoe.config import MoEConfig
+    from sparsemoe.routing import token_choice
+
+    k = min(k, experts)
+    torch.manual_seed(seed)
+    cfg = MoEConfig(dim=4, num_experts=experts, top_k=k, score_func="sigmoid" if sigmoid else "softmax",
+                    renormalize=renormalize, route_scale=scale)  # fmt: skip
+    logits = torch.randn(tokens, experts) * 3
+    native = token_choice(logits, cfg, False, None)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(cpu_kernels, "topk_route", lambda *args: None)
+        plain = token_choice(logits, cfg, False, None)
+    assert torch.equal(native.expert_ids, plain.expert_ids) and torch.equal(native.token_ids, plain.token_ids)
+    torch.testing.assert_close(native.weights, plain.weights, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(native.probs, plain.probs, rtol=1e-6, atol=1e-7)
+    assert native.logits is logits and native.top_k == plain.top_k

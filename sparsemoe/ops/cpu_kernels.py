@@ -28,6 +28,8 @@ Legend: N rows sorted by expert, n rows, E experts, D model width, F hidden widt
     decode_attention(q, k, v, (cos, sin), cache_k, cache_v, past, window, scale) -> [B, H, Hd]: one new
         position of grouped-query attention (RoPE, the KV cache write, softmax over the cached positions),
         None where not taken
+    topk_route(logits, K, score_func, renormalize, scale) -> (ids, weights, probs): token-choice top-k routing
+        in one pass per token (inference), None where not taken
     rms_norm(x, weight, eps) -> RMSNorm over the last dim in one pass (inference), None where not taken
     all_finite(values) -> whether no value is NaN or inf (one pass, no temporaries), None where not taken
     activate(h_nI, activation) -> a_nF = act(h)
@@ -172,6 +174,7 @@ def _bind(path: Path) -> ctypes.CDLL:
         "sparsemoe_scatter_add_rows": ([p, i64, p, p, i32, p, i64, i64, i32], ctypes.c_int),
         "sparsemoe_all_finite": ([p, i64, i32, i32], ctypes.c_int),
         "sparsemoe_sort_by_expert": ([p, i64, i64, p, p, p, p, p], ctypes.c_int),
+        "sparsemoe_topk_route": ([p, i64, i64, i64, i32, i32, ctypes.c_float, p, p, p], None),
         "sparsemoe_rms_norm_f32": ([p, p, i64, i64, ctypes.c_float, p, i32], None),
         "sparsemoe_rms_norm_bf16": ([p, p, i64, i64, ctypes.c_float, p, i32], None),
         "sparsemoe_decode_attention_f32": (
@@ -337,6 +340,27 @@ def sort_by_expert(expert_ids: Tensor, num_experts: int) -> Optional[tuple[Tenso
         raise ValueError(f"sort_by_expert: an expert id is outside [0, {num_experts}]")
     _check_status(status, "sparsemoe_sort_by_expert")
     return order, sorted_ids, slots, counts, ends
+
+
+def topk_route(
+    logits_TE: Tensor, top_k: int, score_func: str, renormalize: bool, route_scale: float
+) -> Optional[tuple[Tensor, Tensor, Tensor]]:
+    """Token-choice top-k routing in one pass per token (csrc/norm.c): (ids [T, K] int64, largest first;
+    weights [T, K] float32: the chosen scores, renormalised and scaled; probs [T, E]: the scores summing to
+    1). scores: softmax or sigmoid of the logits. None where not taken (not plain contiguous float32 CPU
+    logits, autograd, or the kernels off)."""
+    if (not plain_eager(logits_TE) or logits_TE.dtype != torch.float32 or logits_TE.dim() != 2
+            or not logits_TE.is_contiguous() or (torch.is_grad_enabled() and logits_TE.requires_grad)):
+        return None  # fmt: skip
+    T, E = logits_TE.shape
+    lib = load()
+    if lib is None or not 1 <= top_k <= E:
+        return None
+    probs = torch.empty(T, E)
+    ids, weights = torch.empty(T, top_k, dtype=torch.int64), torch.empty(T, top_k)
+    lib.sparsemoe_topk_route(logits_TE.data_ptr(), T, E, top_k, int(score_func == "sigmoid"), int(renormalize),
+                             route_scale, probs.data_ptr(), ids.data_ptr(), weights.data_ptr())  # fmt: skip
+    return ids, weights, probs
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Optional[Tensor]:

@@ -1,4 +1,7 @@
-/* RMSNorm of rows, in one pass per row (inference):
+/* Per-token inference steps of a decode step, each in one pass where PyTorch runs several ops: RMSNorm of
+ * rows, and token-choice top-k routing (at the end of this file).
+ *
+ * RMSNorm of rows, in one pass per row (inference):
  *
  *     sparsemoe_rms_norm_f32 / _bf16(x [n, D], w [D], n, D, eps, out [n, D], threads):
  *     out = x / sqrt(mean(x^2) + eps) * w, computed in float32 from the values as they are and rounded once
@@ -34,3 +37,54 @@
 #define SAME(v) (v)
 DEFINE_RMS_NORM(f32, float, SAME, SAME)
 DEFINE_RMS_NORM(bf16, uint16_t, bf16_to_float, float_to_bf16)
+
+/* Token-choice top-k routing of float32 logits [T, E], one pass per token (inference):
+ *
+ *     sparsemoe_topk_route(logits, T, E, K, sigmoid, renormalize, scale, probs [T, E], ids [T, K] int64,
+ *                          weights [T, K])
+ *
+ * scores = softmax(logits) over the experts (sigmoid(logits) with `sigmoid`); ids = the K experts of the
+ * largest logits, largest first (ties: the lower id first; the scores are monotonic in the logits);
+ * weights = their scores, divided by their sum (at least 1e-20) with `renormalize`, times `scale`;
+ * probs = the scores normalised to sum 1 (softmax: the scores themselves). What the router computes in
+ * seven PyTorch ops. Requires 1 <= K <= E. */
+void sparsemoe_topk_route(const float* logits, int64_t T, int64_t E, int64_t K, int sigmoid, int renormalize,
+                          float scale, float* probs, int64_t* ids, float* weights) {
+  for (int64_t t = 0; t < T; t++) {
+    const float* x = logits + t * E;
+    float* p = probs + t * E;
+    int64_t* id = ids + t * K;
+    float* w = weights + t * K;
+    float total = 0.0f;
+    if (sigmoid) {
+      for (int64_t e = 0; e < E; e++) total += (p[e] = 1.0f / (1.0f + expf(-x[e])));
+    } else {
+      float top = -INFINITY;
+      for (int64_t e = 0; e < E; e++) top = x[e] > top ? x[e] : top;
+      for (int64_t e = 0; e < E; e++) total += (p[e] = expf(x[e] - top));
+      for (int64_t e = 0; e < E; e++) p[e] /= total;
+    }
+    for (int64_t k = 0; k < K; k++) { /* selection: K passes (K is small) */
+      int64_t best = -1;
+      for (int64_t e = 0; e < E; e++) {
+        int taken = 0;
+        for (int64_t j = 0; j < k; j++) taken |= id[j] == e;
+        if (!taken && (best < 0 || x[e] > x[best] || (x[best] != x[best] && x[e] == x[e]))) best = e;
+      }
+      id[k] = best;
+      w[k] = p[best];
+    }
+    if (renormalize) {
+      float chosen = 0.0f;
+      for (int64_t k = 0; k < K; k++) chosen += w[k];
+      chosen = chosen > 1e-20f ? chosen : 1e-20f;
+      for (int64_t k = 0; k < K; k++) w[k] /= chosen;
+    }
+    if (scale != 1.0f)
+      for (int64_t k = 0; k < K; k++) w[k] *= scale;
+    if (sigmoid) {
+      const float sum = total > 1e-20f ? total : 1e-20f;
+      for (int64_t e = 0; e < E; e++) p[e] /= sum;
+    }
+  }
+}
