@@ -30,6 +30,7 @@ from typing import Callable
 import torch
 
 from sparsemoe.bench.measure import copy_bandwidth, environment, synchronize, time_interleaved
+from sparsemoe.bench.report import format_ms
 from sparsemoe.hf.experts_implementation import is_decorated_experts
 from sparsemoe.hf.families import ModelSize, experts_families, random_model
 
@@ -182,12 +183,8 @@ def _ms_cell(row: dict, key: str, base) -> str:
     if key not in row:
         return ""
     if base is None or row is base or row[key] <= 0:
-        return _fmt(row[key])
-    return f"{_fmt(row[key])} ({base[key] / row[key]:.2f}x)"
-
-
-def _fmt(ms: float) -> str:
-    return f"{ms:.1f}" if ms >= 10 else f"{ms:.2f}" if ms >= 1 else f"{ms:.3g}"
+        return format_ms(row[key])
+    return f"{format_ms(row[key])} ({base[key] / row[key]:.2f}x)"
 
 
 def hf_model_markdown(result: dict, command: str) -> str:
@@ -219,7 +216,7 @@ def hf_model_markdown(result: dict, command: str) -> str:
             f"{case['dtype']}",
             "",
             "| implementation | prefill ms | prefill tok/s | experts ms | decode ms/token | decode tok/s "
-            f"| experts ms/token | of bound ({_fmt(case['decode_expert_bound_ms'])} ms) | logits vs eager |",
+            f"| experts ms/token | of bound ({format_ms(case['decode_expert_bound_ms'])} ms) | logits vs eager |",
             "|---|---|---|---|---|---|---|---|---|",
         ]
         for row in case["rows"]:

@@ -40,6 +40,7 @@ import torch
 from torch import Tensor
 
 from sparsemoe.bench.measure import copy_bandwidth, environment, time_interleaved
+from sparsemoe.bench.report import format_ms
 from sparsemoe.bench.quant import MODEL_SHAPES, decode_bytes_per_token
 from sparsemoe.model import PRESETS, ModelConfig, MoETransformer, generate
 from sparsemoe.ops.memory import move_to_huge_pages
@@ -101,7 +102,8 @@ def scheme_model(model: MoETransformer, scheme: str) -> MoETransformer:
 
 
 def sparsemoe_engine(model: MoETransformer) -> Engine:
-    move_to_huge_pages(model)
+    move_to_huge_pages(model)  # as `sparsemoe generate` runs it
+
     def prefill(ids: Tensor) -> Tensor:
         with torch.no_grad():
             return model(ids, cache=model.new_cache(1), last_only=True).logits[0, -1].float()
@@ -112,7 +114,7 @@ def sparsemoe_engine(model: MoETransformer) -> Engine:
     return Engine("sparsemoe", prefill, run, decode_bytes_per_token(model))
 
 
-def transformers_engines(model: MoETransformer, scheme: str, names: list[str], folder: Path) -> list[Engine]:
+def transformers_engines(model: MoETransformer, names: list[str], folder: Path) -> list[Engine]:
     """The model exported as a Mixtral folder and loaded by transformers, once per experts implementation."""
     from transformers import AutoModelForCausalLM
 
@@ -191,7 +193,12 @@ def _engines(model: MoETransformer, scheme: str, opts: InferenceBenchOptions, fo
     engines = [sparsemoe_engine(ours)] if "sparsemoe" in opts.engines else []
     hf_names = [e for e in opts.engines if e.startswith("transformers ")]
     if hf_names and scheme in ("float32", "bfloat16"):
-        engines += transformers_engines(ours, scheme, hf_names, folder / f"hf-{scheme}")
+        try:
+            import transformers  # noqa: F401
+        except ImportError:
+            skipped["transformers"] = "transformers is not installed (pip install 'sparsemoe[hf]')"
+        else:
+            engines += transformers_engines(ours, hf_names, folder / f"hf-{scheme}")
     if "llama.cpp" in opts.engines:
         reason = llama_cpp_available()
         if reason is None:
@@ -278,10 +285,6 @@ def _llama_cpp_version() -> Optional[str]:
     return getattr(llama_cpp, "__version__", "unknown")
 
 
-def _fmt(ms: float) -> str:
-    return f"{ms:.1f}" if ms >= 10 else f"{ms:.2f}" if ms >= 1 else f"{ms:.3g}"
-
-
 def inference_markdown(result: dict, command: str) -> str:
     opts, env = result["options"], result["environment"]
     lines = [
@@ -316,9 +319,9 @@ def inference_markdown(result: dict, command: str) -> str:
             err = row["logits_vs_sparsemoe"]
             name = row["engine"] + (f" ({row['weights']})" if row["weights"] else "")
             lines.append(
-                f"| {name} | {_fmt(row['prefill_ms'])} | {row['prefill_tokens_per_s']:.0f} | "
-                f"{_fmt(row['decode_ms_per_token'])} | {row['decode_tokens_per_s']:.1f} | {row['decode_bytes'] / 1e6:.1f} | "
-                f"{_fmt(row['bound_ms'])} | {row['bound_fraction']:.2f} | {'' if err is None else f'{err:.1e}'} |"
+                f"| {name} | {format_ms(row['prefill_ms'])} | {row['prefill_tokens_per_s']:.0f} | "
+                f"{format_ms(row['decode_ms_per_token'])} | {row['decode_tokens_per_s']:.1f} | {row['decode_bytes'] / 1e6:.1f} | "
+                f"{format_ms(row['bound_ms'])} | {row['bound_fraction']:.2f} | {'' if err is None else f'{err:.1e}'} |"
             )
         lines.append("")
     return "\n".join(lines) + "\n"

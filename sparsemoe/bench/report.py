@@ -63,6 +63,11 @@ def _impl_order(cases: list[dict], mode: str) -> list[str]:
     return list(names)
 
 
+def format_ms(ms: float) -> str:
+    """A time in ms for the whole-model tables: three significant digits, one decimal from 10 ms."""
+    return f"{ms:.1f}" if ms >= 10 else f"{ms:.2f}" if ms >= 1 else f"{ms:.3g}"
+
+
 def _fmt_ms(ms: float) -> str:
     return f"{ms:.3f}" if ms < 1 else f"{ms:.2f}" if ms < 100 else f"{ms:.0f}"
 

@@ -300,12 +300,12 @@ _PLAIN_TYPES = (Tensor, torch.nn.Parameter)
 def plain_eager(x: Tensor) -> bool:
     """Whether x is a plain CPU tensor with memory, outside the compiler and any dispatch mode (fake tensors,
     tracing): then a kernel may be handed its memory directly, and an op's function called without the op."""
-    return (
-        type(x) in _PLAIN_TYPES
-        and x.device.type == "cpu"
-        and not torch.compiler.is_compiling()
-        and _get_current_dispatch_mode() is None
-    )
+    return type(x) in _PLAIN_TYPES and x.is_cpu and _eager()
+
+
+def _eager() -> bool:
+    """Outside the compiler and any dispatch mode."""
+    return not torch.compiler.is_compiling() and _get_current_dispatch_mode() is None
 
 
 def all_finite(values: Tensor) -> Optional[bool]:
@@ -392,12 +392,14 @@ def decode_attention(
     returns [B, H, Hd] in q's dtype. None where not taken (anything but plain contiguous float32 or bfloat16
     CPU tensors of one dtype, or the kernels off): then the caller runs its PyTorch path."""
     tensors = (q_BHd, k_BGd, v_BGd, cache_k, cache_v)
-    if (not all(plain_eager(t) and t.dtype == q_BHd.dtype and t.is_contiguous() for t in tensors)
-            or q_BHd.dtype not in KERNEL_DTYPES or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))):
+    if (not _eager() or q_BHd.dtype not in KERNEL_DTYPES
+            or not all(type(t) in _PLAIN_TYPES and t.is_cpu and t.dtype == q_BHd.dtype and t.is_contiguous() for t in tensors)
+            or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))):
         return None  # fmt: skip
     cos, sin = rope if rope is not None else (None, None)
-    if cos is not None and not all(t.dtype == torch.float32 and t.is_contiguous() and plain_eager(t) for t in (cos, sin)):
-        return None
+    if cos is not None and not all(type(t) in _PLAIN_TYPES and t.is_cpu and t.dtype == torch.float32 and t.is_contiguous()
+                                   for t in (cos, sin)):
+        return None  # fmt: skip
     lib = load()
     if lib is None:
         return None
