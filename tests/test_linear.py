@@ -129,7 +129,10 @@ def test_linears_run_plain_linears_in_one_call(monkeypatch, small_weights_count)
 
 
 @needs_kernels
-def test_linear_float32_is_the_widened_product():
+def test_linear_float32_is_the_widened_product(monkeypatch, small_weights_count):
+    calls = []
+    real = cpu_kernels.linear_many
+    monkeypatch.setattr(cpu_kernels, "linear_many", lambda *a, **k: calls.append(1) or real(*a, **k))
     torch.manual_seed(0)
     for dtype in (torch.float32, torch.bfloat16):
         x, w = torch.randn(3, 40).to(dtype), torch.randn(8, 40).to(dtype)
@@ -137,6 +140,7 @@ def test_linear_float32_is_the_widened_product():
             got = linear_float32(x, w)
         assert got.dtype == torch.float32
         torch.testing.assert_close(got, x.float() @ w.float().t(), rtol=1e-6, atol=1e-5)
+    assert calls == [1, 1]  # the native kernel, in both dtypes
     x = torch.randn(3, 40, requires_grad=True)
     assert linear_float32(x, w.float()).requires_grad  # with autograd: PyTorch's product
 

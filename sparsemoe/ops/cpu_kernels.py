@@ -560,9 +560,14 @@ def linear_many(x_nK: Tensor, weights: Sequence[Tensor], float_output: bool = Fa
 
 
 # The quantized decode kernel beats dequantizing the experts and running BLAS up to about this many rows
-# per expert on average (as the float32 kernel: past 8 rows per expert its int4 weights are unpacked once
-# per block of weight rows and the float32 tiles run on them, and int8 weights are widened in the tiles).
-QUANT_KERNEL_MAX_ROWS = 64
+# per expert on average, by the activations' dtype and the scheme (past 8 rows per expert its int4 weights
+# are unpacked once per block of weight rows and the float32 tiles run on them, and int8 weights are
+# widened in the tiles). float32 activations: 64 (dequantizing to float32 costs more than the kernel up to
+# 64 and beyond). bfloat16: the dequantized experts run on the CPU's bfloat16 dot products, and the kernel
+# stops winning early; measured by mixtral-1k's prefill with int8 / int4 experts and the rest bfloat16, T
+# tokens, 2 threads (kernel / dequantized, ms): int4 T=16 (4 rows) 70 / 81, T=32 (8 rows) 135 / 101; int8
+# T=32 (8 rows) 89 / 104, T=64 (16 rows) 153 / 142, T=256 (64 rows) 572 / 335.
+QUANT_KERNEL_MAX_ROWS = {torch.float32: {"int8": 64, "int4": 64}, torch.bfloat16: {"int8": 12, "int4": 6}}
 QUANT_BITS = {"int8": 8, "int4": 4}
 
 

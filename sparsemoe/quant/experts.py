@@ -219,7 +219,7 @@ def kernel_applies(x_TD: Tensor, experts: QuantizedExperts, rows: int) -> bool:
     """Whether the native quantized kernel runs `rows` plan rows of x: inference (no gradient to x, no
     dropout), few rows per expert, a CPU input in float32 or bfloat16, a compiled kernel."""
     return (
-        rows <= cpu_kernels.QUANT_KERNEL_MAX_ROWS * experts.num_experts
+        rows <= cpu_kernels.QUANT_KERNEL_MAX_ROWS.get(x_TD.dtype, {}).get(experts.scheme.name, 0) * experts.num_experts
         and is_inference(x_TD, experts)
         and experts.activation in cpu_kernels.ACTIVATION_CODES
         and cpu_kernels.supports_quantized(x_TD, experts.w_in.data)
