@@ -24,7 +24,7 @@ from sparsemoe.balancing import (
 from sparsemoe.config import MoEConfig
 from sparsemoe.dispatch import DispatchPlan, build_plan, run_backend
 from sparsemoe.experts import Experts, SharedExperts
-from sparsemoe.ops import cpu_kernels
+from sparsemoe.ops import small_kernels
 from sparsemoe.routing import Router, RoutingResult
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -298,7 +298,7 @@ class MoE(nn.Module):
             return
         values_TX = values_TX.detach()  # isfinite runs abs(), which would keep its input for a backward
         if values_TX.device.type == "cpu":
-            finite = cpu_kernels.all_finite(values_TX)  # one native pass; None where it does not apply
+            finite = small_kernels.all_finite(values_TX)  # one native pass; None where it does not apply
             if finite is None:
                 finite = torch.isfinite(values_TX).all().item()  # host tensor: no device sync
             if not finite:

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from sparsemoe.amp import autocast_dtype
 from sparsemoe.config import MoEConfig
-from sparsemoe.ops import cpu_kernels
+from sparsemoe.ops import small_kernels
 from sparsemoe.ops.linear import linear_float32
 
 
@@ -193,7 +193,7 @@ def _native_topk(logits_TE: Tensor, cfg: MoEConfig, training: bool, bias_E: Opti
         return None
     if training and (cfg.noise == "gumbel" or cfg.expert_dropout > 0):
         return None
-    return cpu_kernels.topk_route(logits_TE, cfg.top_k, cfg.score_func, cfg.renormalize, cfg.route_scale)
+    return small_kernels.topk_route(logits_TE, cfg.top_k, cfg.score_func, cfg.renormalize, cfg.route_scale)
 
 
 def token_choice(logits_TE: Tensor, cfg: MoEConfig, training: bool, bias_E: Optional[Tensor]) -> RoutingResult:

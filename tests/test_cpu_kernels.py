@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sparsemoe.experts import activate, in_rows
-from sparsemoe.ops import cpu_kernels
+from sparsemoe.ops import cpu_kernels, small_kernels
 
 needs_kernel = pytest.mark.skipif(
     not cpu_kernels.available(),
@@ -392,7 +392,7 @@ def test_sort_by_expert_is_the_stable_sort_with_segment_positions(experts, ids):
     from sparsemoe.dispatch.plan import _segment_positions
 
     expert_ids = torch.tensor([min(i, experts) for i in ids], dtype=torch.int64)  # E: dropped, sorted last
-    order, sorted_ids, slots, counts, ends = cpu_kernels.sort_by_expert(expert_ids, experts)
+    order, sorted_ids, slots, counts, ends = small_kernels.sort_by_expert(expert_ids, experts)
     expected_order = torch.sort(expert_ids, stable=True).indices
     expected_slots, expected_counts, expected_ends = _segment_positions(expert_ids[expected_order], experts)
     assert torch.equal(order, expected_order) and torch.equal(sorted_ids, expert_ids[expected_order])
@@ -403,11 +403,11 @@ def test_sort_by_expert_is_the_stable_sort_with_segment_positions(experts, ids):
 @needs_kernel
 def test_sort_by_expert_refuses_ids_out_of_range_and_declines_what_it_does_not_take():
     with pytest.raises(ValueError, match="outside"):
-        cpu_kernels.sort_by_expert(torch.tensor([0, 5]), 4)
+        small_kernels.sort_by_expert(torch.tensor([0, 5]), 4)
     with pytest.raises(ValueError, match="outside"):
-        cpu_kernels.sort_by_expert(torch.tensor([-1]), 4)
-    assert cpu_kernels.sort_by_expert(torch.tensor([0, 1], dtype=torch.int32), 4) is None
-    assert cpu_kernels.sort_by_expert(torch.zeros(2, 2, dtype=torch.int64), 4) is None
+        small_kernels.sort_by_expert(torch.tensor([-1]), 4)
+    assert small_kernels.sort_by_expert(torch.tensor([0, 1], dtype=torch.int32), 4) is None
+    assert small_kernels.sort_by_expert(torch.zeros(2, 2, dtype=torch.int64), 4) is None
 
 
 @needs_kernel
@@ -418,7 +418,7 @@ def test_rms_norm_matches_the_pytorch_formula(rows, width, dtype, threads, seed)
     torch.manual_seed(seed)
     torch.set_num_threads(threads)
     x, w = (torch.randn(rows, width) * 3).to(dtype), torch.randn(width).to(dtype)
-    got = cpu_kernels.rms_norm(x, w, 1e-5)
+    got = small_kernels.rms_norm(x, w, 1e-5)
     x32 = x.float()
     expected = (x32 * torch.rsqrt(x32.square().mean(-1, keepdim=True) + 1e-5) * w.float()).to(dtype)
     assert got.dtype == dtype and got.shape == x.shape
@@ -429,9 +429,9 @@ def test_rms_norm_matches_the_pytorch_formula(rows, width, dtype, threads, seed)
 @needs_kernel
 def test_rms_norm_declines_what_it_does_not_take():
     x = torch.randn(2, 8)
-    assert cpu_kernels.rms_norm(x, torch.ones(8, dtype=torch.float64), 1e-5) is None  # dtypes differ
-    assert cpu_kernels.rms_norm(x.t(), torch.ones(2), 1e-5) is None  # not contiguous
-    assert cpu_kernels.rms_norm(x.requires_grad_(), torch.ones(8), 1e-5) is None  # autograd: PyTorch's
+    assert small_kernels.rms_norm(x, torch.ones(8, dtype=torch.float64), 1e-5) is None  # dtypes differ
+    assert small_kernels.rms_norm(x.t(), torch.ones(2), 1e-5) is None  # not contiguous
+    assert small_kernels.rms_norm(x.requires_grad_(), torch.ones(8), 1e-5) is None  # autograd: PyTorch's
 
 
 @needs_kernel
@@ -449,7 +449,7 @@ def test_topk_route_is_the_routers_pytorch_path(tokens, experts, k, sigmoid, ren
     logits = torch.randn(tokens, experts) * 3
     native = token_choice(logits, cfg, False, None)
     with pytest.MonkeyPatch.context() as m:
-        m.setattr(cpu_kernels, "topk_route", lambda *args: None)
+        m.setattr(small_kernels, "topk_route", lambda *args: None)
         plain = token_choice(logits, cfg, False, None)
     assert torch.equal(native.expert_ids, plain.expert_ids) and torch.equal(native.token_ids, plain.token_ids)
     torch.testing.assert_close(native.weights, plain.weights, rtol=1e-6, atol=1e-7)

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import sparsemoe.ops.linear as native_linear
-from sparsemoe.ops import cpu_kernels
+from sparsemoe.ops import cpu_kernels, small_kernels
 from sparsemoe.ops.linear import Linear, linear, linear_float32, linears
 
 needs_kernels = pytest.mark.skipif(not cpu_kernels.available(), reason="native CPU kernels unavailable (no C compiler)")
@@ -150,13 +150,13 @@ def test_all_finite():
     for dtype in (torch.float32, torch.bfloat16):
         for n in (1, 17, 70_000):  # the last takes the threaded loop
             x = torch.randn(n).to(dtype)
-            assert cpu_kernels.all_finite(x) is True
+            assert small_kernels.all_finite(x) is True
             for bad in (float("nan"), float("inf"), float("-inf")):
                 for where in (0, n // 2, n - 1):
                     y = x.clone()
                     y[where] = bad
-                    assert cpu_kernels.all_finite(y) is False
+                    assert small_kernels.all_finite(y) is False
         big = torch.full((4,), torch.finfo(dtype).max, dtype=dtype)  # the largest finite values are finite
-        assert cpu_kernels.all_finite(big) is True
-    assert cpu_kernels.all_finite(torch.randn(4, 4).t()) is None  # not contiguous: not taken
-    assert cpu_kernels.all_finite(torch.randn(4, dtype=torch.float64)) is None
+        assert small_kernels.all_finite(big) is True
+    assert small_kernels.all_finite(torch.randn(4, 4).t()) is None  # not contiguous: not taken
+    assert small_kernels.all_finite(torch.randn(4, dtype=torch.float64)) is None

@@ -563,7 +563,7 @@ def _decode_logits(model, ids, steps):
 def test_native_decode_step_matches_the_pytorch_path(monkeypatch, overrides, dtype):
     """The one-position attention kernel (RoPE, cache write, softmax) and the native norms give what the
     PyTorch ops give, over steps that pass the sliding window."""
-    from sparsemoe.ops import cpu_kernels
+    from sparsemoe.ops import cpu_kernels, small_kernels
 
     if not cpu_kernels.available():
         pytest.skip("native CPU kernels unavailable")
@@ -572,18 +572,18 @@ def test_native_decode_step_matches_the_pytorch_path(monkeypatch, overrides, dty
     ids = torch.randint(0, 256, (2, 7))
     calls = {"attention": 0, "norm": 0}
     for name in calls:
-        real = getattr(cpu_kernels, "decode_attention" if name == "attention" else "rms_norm")
+        real = getattr(small_kernels, "decode_attention" if name == "attention" else "rms_norm")
 
         def counted(*args, real=real, name=name):
             out = real(*args)
             calls[name] += out is not None
             return out
 
-        monkeypatch.setattr(cpu_kernels, "decode_attention" if name == "attention" else "rms_norm", counted)
+        monkeypatch.setattr(small_kernels, "decode_attention" if name == "attention" else "rms_norm", counted)
     native = _decode_logits(model, ids, 12)
     assert calls["attention"] == 12 * model.config.n_layers and calls["norm"] > 0
-    monkeypatch.setattr(cpu_kernels, "decode_attention", lambda *args: None)
-    monkeypatch.setattr(cpu_kernels, "rms_norm", lambda *args: None)
+    monkeypatch.setattr(small_kernels, "decode_attention", lambda *args: None)
+    monkeypatch.setattr(small_kernels, "rms_norm", lambda *args: None)
     plain = _decode_logits(model, ids, 12)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     assert ((native - plain).abs().max() / plain.abs().max()).item() < tol

@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from sparsemoe.ops import cpu_kernels
+from sparsemoe.ops import small_kernels
 from sparsemoe.routing import RoutingResult, assignment_tokens
 
 
@@ -101,7 +101,7 @@ def sort_assignments(
 ) -> DispatchPlan:
     """The dropless plan of N assignments [N] (stable sort by expert). An expert id of E marks a dropped
     assignment: it sorts last, past offsets[-1], where no backend computes it (give it weight 0)."""
-    native = cpu_kernels.sort_by_expert(expert_ids, num_experts)  # one counting sort on the CPU
+    native = small_kernels.sort_by_expert(expert_ids, num_experts)  # one counting sort on the CPU
     if native is not None:
         order, sorted_ids, slots, counts, offsets = native
     else:

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from sparsemoe.model.config import ModelConfig
 from sparsemoe.model.rope import apply_rope
-from sparsemoe.ops import cpu_kernels
+from sparsemoe.ops import small_kernels
 from sparsemoe.ops.linear import Linear, linears
 
 
@@ -38,7 +38,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.training:  # inference: one native pass where it applies (the same float32 math)
-            y = cpu_kernels.rms_norm(x, self.weight, self.eps)
+            y = small_kernels.rms_norm(x, self.weight, self.eps)
             if y is not None:
                 return y
         x32 = x.float()
@@ -174,5 +174,5 @@ class Attention(nn.Module):
         scale = self.scale if self.scale is not None else self.head_dim**-0.5
         rope = (cos[0], sin[0]) if self.rope else None
         cache_k, cache_v = cache.keys[self.layer_id], cache.values[self.layer_id]
-        return cpu_kernels.decode_attention(q.squeeze(2), k.squeeze(2), v.squeeze(2), rope, cache_k, cache_v,
+        return small_kernels.decode_attention(q.squeeze(2), k.squeeze(2), v.squeeze(2), rope, cache_k, cache_v,
                                             cache.length, self.window, scale)  # fmt: skip
