@@ -125,6 +125,8 @@ def test_llama_cpp_runs_the_file_to_our_logits(tmp_path):
     with torch.no_grad():
         expected = model(ids).logits[0, -1]
     assert ((got - expected).abs().max() / expected.abs().max()).item() < 1e-3
+    text = b"def f(a,  b):\n\treturn a\n"  # a byte-level model's text: llama.cpp reads it as our bytes
+    assert llm.tokenize(text, add_bos=False) == list(text) and llm.detokenize(list(text)) == text
 
 
 def test_inference_bench_runs_every_engine_it_has_and_checks_the_logits(tmp_path, monkeypatch):

@@ -16,8 +16,9 @@ float16 scale per block), every other tensor in bfloat16, norms and the router i
 `sparsemoe quantize`'s int8/int4 schemes, whose experts are the quantized part).
 
 The vocabulary is written as token names only (llama.cpp needs one): ids 0-255 are the bytes, as our
-byte-level tokenizer numbers them (so llama.cpp reads a byte-level model's text prompts as bytes), the
-rest placeholders: a model with a BPE vocabulary is given token ids, not text.
+byte-level tokenizer numbers them (the space named U+2581, as llama.cpp's tokenizer writes spaces, so that
+it reads a byte-level model's text prompts as exactly our bytes), the rest placeholders: a model with a
+BPE vocabulary is given token ids, not text.
 """
 
 from __future__ import annotations
@@ -78,7 +79,10 @@ def _vocabulary(writer, vocab_size: int) -> None:
     gguf = _gguf()
     names, types = [], []
     for i in range(vocab_size):
-        if i < 256:
+        if i == 0x20:  # llama.cpp's tokenizer turns spaces into U+2581 first: the byte's token has that name
+            names.append("\u2581")
+            types.append(gguf.TokenType.NORMAL)
+        elif i < 256:
             names.append(f"<0x{i:02X}>")
             types.append(gguf.TokenType.BYTE)
         else:
