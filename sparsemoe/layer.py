@@ -22,7 +22,7 @@ from sparsemoe.balancing import (
     update_expert_bias,
 )
 from sparsemoe.config import MoEConfig
-from sparsemoe.dispatch import DispatchPlan, build_plan, run_backend
+from sparsemoe.dispatch import DispatchPlan, build_plan, run_backend, run_from_choices
 from sparsemoe.experts import Experts, SharedExperts
 from sparsemoe.ops import small_kernels
 from sparsemoe.routing import Router, RoutingResult
@@ -91,7 +91,8 @@ class MoE(nn.Module):
         self.aux_loss_scale = 1.0
         self.aux_loss: Tensor = torch.zeros(())
         # The last forward's MoEStats, or what they are computed from until first read (see `stats`).
-        self._stats_state: Union[MoEStats, tuple[RoutingResult, DispatchPlan, Union[dict[str, Tensor], int]], None] = None
+        # (The plan is None where a decode step ran from the router's choices: built when the stats are read.)
+        self._stats_state: Union[MoEStats, tuple[RoutingResult, Optional[DispatchPlan], Union[dict[str, Tensor], int]], None] = None
         # Hook for expert parallelism: reduces per-expert counts across ranks before the bias update.
         self.reduce_counts = None
 
@@ -127,8 +128,11 @@ class MoE(nn.Module):
         self._check_finite(logits_TE, "router logits are", lambda: "check the input and the router weights")
         capacity = cfg.capacity(T, self.training) if T else None
         routing = self._route(logits_TE, capacity)
-        plan = build_plan(routing, capacity, cfg.capacity_priority)
-        y_TD = self._dispatch(x_TD, plan)
+        plan: Optional[DispatchPlan] = None
+        y_TD = self._decode_from_choices(x_TD, routing) if capacity is None else None
+        if y_TD is None:
+            plan = build_plan(routing, capacity, cfg.capacity_priority)
+            y_TD = self._dispatch(x_TD, plan)
         if self.shared_experts is not None:
             y_TD = y_TD + self.shared_experts(x_TD).float()
         y = y_TD.to(x.dtype).reshape(*lead_shape, cfg.dim)
@@ -231,6 +235,14 @@ class MoE(nn.Module):
         """Routed experts' combined output, float32 [T, D]."""
         return run_backend(self.config.backend, x_TD, plan, self.experts)
 
+    def _decode_from_choices(self, x_TD: Tensor, routing: RoutingResult) -> Optional[Tensor]:
+        """A decode step's expert stage straight from the router's choices (one native call, no plan; the plan
+        is built if the statistics are read), or None: then the plan and `_dispatch`. Not where a subclass
+        dispatches its own way (expert parallelism)."""
+        if type(self)._dispatch is not MoE._dispatch:
+            return None
+        return run_from_choices(self.config.backend, x_TD, routing, self.experts)
+
     def _balance(self, routing: RoutingResult, seq_len: int) -> tuple[dict[str, Tensor], Optional[Tensor]]:
         """(weighted losses by name, per-expert load for the bias update or None when no update is due)."""
         cfg = self.config
@@ -262,8 +274,10 @@ class MoE(nn.Module):
             self._stats_state = self._compute_stats(*self._stats_state)
         return self._stats_state
 
-    def _compute_stats(self, routing: RoutingResult, plan: DispatchPlan, losses: dict[str, Tensor]) -> MoEStats:
+    def _compute_stats(self, routing: RoutingResult, plan: Optional[DispatchPlan], losses: dict[str, Tensor]) -> MoEStats:
         with torch.no_grad():
+            if plan is None:  # a decode step ran from the router's choices
+                plan = build_plan(routing, None)
             counts = plan.counts.float()
             return MoEStats(
                 tokens_per_expert=counts,

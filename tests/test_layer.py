@@ -392,3 +392,35 @@ def test_inference_defers_the_balancing_losses_until_read():
         assert all(m.__dict__["_aux_loss"] is None for m in model.moe_layers)
         deferred = model(ids).aux_loss
     assert torch.allclose(deferred, model(ids).aux_loss.detach())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens", [1, 5])
+def test_decode_step_from_the_routers_choices_matches_the_plan_path(monkeypatch, dtype, tokens):
+    """A decode step runs the experts straight from the router's top-k choices (one native call, no plan):
+    the same output and statistics as through the plan."""
+    from sparsemoe import dispatch
+    from sparsemoe.ops import cpu_kernels
+
+    if not cpu_kernels.available():
+        pytest.skip("native CPU kernels unavailable")
+    torch.manual_seed(0)
+    layer = MoE(MoEConfig(dim=32, hidden_dim=24, num_experts=6, top_k=2, aux_loss_coef=0.01)).to(dtype).eval()
+    x = torch.randn(tokens, 32).to(dtype)
+    calls = []
+    real = cpu_kernels.decode_mlp_choices
+    monkeypatch.setattr(cpu_kernels, "decode_mlp_choices", lambda *a: calls.append(1) or real(*a))
+    with torch.no_grad():
+        y = layer(x)
+    stats, aux = layer.stats, layer.aux_loss
+    assert calls == [1]
+    monkeypatch.setattr(layer, "_decode_from_choices", lambda x_TD, routing: None)
+    with torch.no_grad():
+        expected = layer(x)
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(y, expected, rtol=tol, atol=tol)
+    assert torch.equal(stats.tokens_per_expert, layer.stats.tokens_per_expert)
+    assert torch.allclose(aux, layer.aux_loss)
+    assert dispatch.run_from_choices("grouped", x, layer.router.route(layer.router.logits(x)), layer.experts) is None
+    with pytest.raises(ValueError, match="expert id"):
+        real(x, torch.tensor([0, 6] * tokens), torch.ones(2 * tokens), 2, layer.experts.w_in, layer.experts.w_out, "swiglu")

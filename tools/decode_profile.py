@@ -63,17 +63,21 @@ def profile(model: MoETransformer, tokens: int) -> tuple[dict[str, float], float
             stack[-1][1] += spent
 
     handles = [m.register_forward_pre_hook(before) for m in parts] + [m.register_forward_hook(after) for m in parts]
-    dispatch = MoE._dispatch
+    stages = {name: getattr(MoE, name) for name in ("_dispatch", "_decode_from_choices")}
 
-    def timed_dispatch(self, x_TD, plan):  # the expert stage, counted as a child of its MoE layer
-        start = time.perf_counter()
-        y = dispatch(self, x_TD, plan)
-        spent = time.perf_counter() - start
-        own["MoE: expert stage (the experts and the combine)"] += spent
-        stack[-1][1] += spent
-        return y
+    def timed(stage):  # the expert stage (from a plan, or from the router's choices), a child of its MoE layer
+        def run(self, *args):
+            start = time.perf_counter()
+            y = stage(self, *args)
+            spent = time.perf_counter() - start
+            own["MoE: expert stage (the experts and the combine)"] += spent
+            stack[-1][1] += spent
+            return y
 
-    MoE._dispatch = timed_dispatch
+        return run
+
+    for name, stage in stages.items():
+        setattr(MoE, name, timed(stage))
     prompt = torch.randint(0, model.config.vocab_size, (16,), generator=torch.Generator().manual_seed(0))
     stamps: list[float] = []
     try:
@@ -85,7 +89,8 @@ def profile(model: MoETransformer, tokens: int) -> tuple[dict[str, float], float
             for _ in steps:
                 stamps.append(time.perf_counter())
     finally:
-        MoE._dispatch = dispatch
+        for name, stage in stages.items():
+            setattr(MoE, name, stage)
         for handle in handles:
             handle.remove()
     return dict(own), stamps[-1] - stamps[0]

@@ -26,13 +26,14 @@ from torch import Tensor
 from sparsemoe.amp import autocast_dtype
 from sparsemoe.config import BACKEND_NAMES
 from sparsemoe.dispatch.capacity import capacity_forward
-from sparsemoe.dispatch.decode import KERNEL_MAX_ROWS_PER_EXPERT, decode_forward
+from sparsemoe.dispatch.decode import KERNEL_MAX_ROWS_PER_EXPERT, decode_forward, decode_from_choices
 from sparsemoe.dispatch.fused import forward_by_expert
 from sparsemoe.dispatch.grouped import grouped_forward
 from sparsemoe.dispatch.plan import DispatchPlan, build_plan
 from sparsemoe.dispatch.reference import reference_forward
 from sparsemoe.ops import cpu_kernels
 from sparsemoe.quant.experts import QuantizedExperts, is_inference, kernel_applies, kernel_forward
+from sparsemoe.routing import RoutingResult
 
 BackendFn = Callable[[Tensor, DispatchPlan, "object"], Tensor]
 
@@ -123,6 +124,10 @@ def _run_quantized(name: str, x_TD: Tensor, plan: DispatchPlan, experts: Quantiz
 
 def _auto_name(x_TD: Tensor, plan: DispatchPlan) -> str:
     """The fastest backend for this input. Decided from shapes only: no device sync, compile-friendly."""
+    return _auto_name_of(x_TD, plan.num_rows, plan.num_experts)
+
+
+def _auto_name_of(x_TD: Tensor, num_rows: int, num_experts: int) -> str:
     triton = _REGISTRY.get("triton")
     if triton is not None and triton.available(x_TD):
         return "triton"
@@ -131,7 +136,18 @@ def _auto_name(x_TD: Tensor, plan: DispatchPlan) -> str:
     rows_per_expert = _DECODE_MAX_ROWS_PER_EXPERT
     if cpu_kernels.available():
         rows_per_expert = KERNEL_MAX_ROWS_PER_EXPERT.get(x_TD.dtype, rows_per_expert)
-    return "decode" if plan.num_rows <= rows_per_expert * plan.num_experts else "grouped"
+    return "decode" if num_rows <= rows_per_expert * num_experts else "grouped"
+
+
+def run_from_choices(name: str, x_TD: Tensor, routing: RoutingResult, experts) -> Optional[Tensor]:
+    """The routed experts' combined output [T, D] float32 straight from a token-choice router's top-k choices,
+    without a plan, where `name` ("auto" or "decode") runs the native decode kernel on plain experts (a
+    decode step); None otherwise: then build the plan and `run_backend`."""
+    if routing.expert_choice or name not in ("auto", "decode"):
+        return None
+    if name == "auto" and _auto_name_of(x_TD, routing.expert_ids.shape[0], routing.num_experts) != "decode":
+        return None
+    return decode_from_choices(x_TD, routing.expert_ids, routing.weights, routing.top_k, experts)
 
 
 __all__ = [
@@ -143,4 +159,5 @@ __all__ = [
     "register_backend",
     "resolve_backend",
     "run_backend",
+    "run_from_choices",
 ]

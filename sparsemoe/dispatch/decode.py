@@ -22,6 +22,8 @@ Without gradients this path runs as plain tensor code; with gradients it hands o
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
@@ -78,6 +80,21 @@ def decode_forward(x_TD: Tensor, plan: DispatchPlan, experts: Experts) -> Tensor
     return op(
         x_TD.contiguous(), plan.token_ids, plan.weights, plan.offsets, experts.w_in, experts.w_out, experts.activation
     )
+
+
+def decode_from_choices(x_TD: Tensor, expert_ids: Tensor, weights: Tensor, top_k: int, experts: Experts) -> Optional[Tensor]:
+    """The expert stage straight from a router's token-major top-k choices ([T*K] each), with no plan: one
+    call of the native kernel, which groups the rows itself. None where that does not apply (gradients,
+    dropout, experts other than plain `Experts`, weights the kernel does not take, not a plain CPU tensor)."""
+    if type(experts) is not Experts or (experts.dropout > 0 and experts.training) or not cpu_kernels.plain_eager(x_TD):
+        return None
+    if torch.is_grad_enabled() and (
+        x_TD.requires_grad or weights.requires_grad or experts.w_in.requires_grad or experts.w_out.requires_grad
+    ):
+        return None
+    if not cpu_kernels.supports(x_TD, experts.w_in, experts.w_out, experts.activation):
+        return None
+    return cpu_kernels.decode_mlp_choices(x_TD, expert_ids, weights, top_k, experts.w_in, experts.w_out, experts.activation)
 
 
 def _decode_mlp(

@@ -11,6 +11,8 @@ Legend: N rows sorted by expert, n rows, E experts, D model width, F hidden widt
         activations in float32
     linear_many(x_nK, (w_1 [O_1, K], ...)) -> [x w_1^T, ...] in x's dtype (or float32): several linear layers of
         one input, a few rows of it, in one call (an attention layer's q, k and v projections at a decode step)
+    decode_mlp_choices(x_TD, expert_ids [T*K], weights [T*K], K, w_in, w_out, activation) -> y_TD float32: the same
+        stage from a router's token-major top-k choices, the rows grouped by expert inside the call
     grouped_linear(x_NK, offsets [E], w [E, O, K]) -> y_NO float32, one linear layer per expert over rows
         sorted by expert: y[r] = W[e] x[r], W stored [E, O, K] (nn.Linear's layout) or [E, K, O], each weight
         read once; for a few rows per expert of the expert MLPs whose activation runs in PyTorch
@@ -152,6 +154,8 @@ def _bind(path: Path) -> ctypes.CDLL:
     signatures = {
         "sparsemoe_decode_mlp_f32": ([p, p, p, i64, p, i64, p, p, i64, i64, i64, i64, i32, p, i32], ctypes.c_int),
         "sparsemoe_decode_mlp_bf16": ([p, p, p, i64, p, i64, p, p, i64, i64, i64, i64, i32, p, i32], ctypes.c_int),
+        "sparsemoe_decode_mlp_choices_f32": ([p, p, p, i64, i64, i64, p, p, i64, i64, i64, i32, p, i32], ctypes.c_int),
+        "sparsemoe_decode_mlp_choices_bf16": ([p, p, p, i64, i64, i64, p, p, i64, i64, i64, i32, p, i32], ctypes.c_int),
         "sparsemoe_decode_mlp_quant": (
             [p, i32, p, p, i64, p, i64, p, p, p, p, i32, i64, i64, i64, i64, i64, i32, p, i32], ctypes.c_int),
         "sparsemoe_dequantize": ([p, p, i32, i64, i64, i64, i64, p, i32, i32], ctypes.c_int),
@@ -340,6 +344,7 @@ _DECODE_ERRORS = {
     -1: (MemoryError, "out of memory"),
     -2: (ValueError, "a kept row's token id is outside [0, T)"),
     -3: (ValueError, "the offsets decrease or pass the number of rows"),
+    -4: (ValueError, "an expert id is outside [0, E)"),
 }
 
 
@@ -381,6 +386,30 @@ def decode_mlp(
         x_TD.data_ptr(), token_ids.data_ptr(), weights.data_ptr(), N, offsets.data_ptr(), E, w_in.data_ptr(),
         w_out.data_ptr(), T, D, F, I, ACTIVATION_CODES[activation], y_TD.data_ptr(), torch.get_num_threads(),
     )
+    check_status(status, kernel.__name__)
+    return y_TD
+
+
+def decode_mlp_choices(
+    x_TD: Tensor, expert_ids: Tensor, weights: Tensor, top_k: int, w_in: Tensor, w_out: Tensor, activation: str
+) -> Tensor:
+    """y [T, D] float32: `decode_mlp` from a router's top-k choices, expert_ids [T*K] int64 and weights [T*K]
+    token-major (choice t*K + k belongs to token t), the rows grouped by expert inside the call instead of
+    by a plan built in PyTorch. Check `supports` first."""
+    kernel = _kernel("decode_mlp_choices", w_in.dtype)
+    E, I, D = w_in.shape
+    T = x_TD.shape[0]
+    if (x_TD.dtype != w_in.dtype or w_out.dtype != w_in.dtype or x_TD.shape != (T, D) or w_out.shape[:2] != (E, D)
+            or expert_ids.shape != (T * top_k,) or weights.shape != (T * top_k,) or expert_ids.dtype != torch.int64
+            or not (w_in.is_contiguous() and w_out.is_contiguous())):
+        raise ValueError(f"decode_mlp_choices: x {x_TD.dtype} {tuple(x_TD.shape)}, expert_ids {tuple(expert_ids.shape)} "
+                         f"{expert_ids.dtype}, weights {tuple(weights.shape)}, top_k {top_k}, w_in {w_in.dtype} "
+                         f"{tuple(w_in.shape)}, w_out {tuple(w_out.shape)} do not fit")  # fmt: skip
+    x_TD, expert_ids, weights = x_TD.contiguous(), expert_ids.contiguous(), weights.float().contiguous()
+    y_TD = x_TD.new_empty(T, D, dtype=torch.float32)
+    status = kernel(x_TD.data_ptr(), expert_ids.data_ptr(), weights.data_ptr(), T, top_k, E, w_in.data_ptr(),
+                    w_out.data_ptr(), D, w_out.shape[2], I, ACTIVATION_CODES[activation], y_TD.data_ptr(),
+                    torch.get_num_threads())  # fmt: skip
     check_status(status, kernel.__name__)
     return y_TD
 

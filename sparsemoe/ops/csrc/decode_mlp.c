@@ -178,6 +178,50 @@ DEFINE_FLOAT_DECODE(f32, float, FMT_F32, 0)
 DEFINE_FLOAT_DECODE(bf16, uint16_t, FMT_BF16, 1)
 #undef DEFINE_FLOAT_DECODE
 
+/* The plan of N = T * K token-major top-k choices (choice n = t * K + k belongs to token t): tok [N] and
+ * sorted_wts [N] in rows grouped by expert (a stable counting sort), offsets [E] the inclusive ends of each
+ * expert's rows. Returns 0, or -4 when an expert id is outside [0, E). */
+static int plan_choices(const int64_t* ids, const float* wts, int64_t N, int64_t K, int64_t E, int64_t* tok,
+                        float* sorted_wts, int64_t* offsets) {
+  for (int64_t e = 0; e < E; e++) offsets[e] = 0;
+  for (int64_t n = 0; n < N; n++) {
+    if (ids[n] < 0 || ids[n] >= E) return -4;
+    offsets[ids[n]]++;
+  }
+  for (int64_t e = 0, first = 0; e < E; e++) { /* each expert's first row */
+    const int64_t count = offsets[e];
+    offsets[e] = first;
+    first += count;
+  }
+  for (int64_t n = 0; n < N; n++) { /* placed in order; offsets[e] ends at the end of expert e's rows */
+    const int64_t row = offsets[ids[n]]++;
+    tok[row] = n / K;
+    sorted_wts[row] = wts[n];
+  }
+  return 0;
+}
+
+/* The float decode stage from a router's top-k choices, ids and wts [T * K] token-major, without a plan built
+ * in PyTorch (its sort and gathers cost a one-token step more than this): see plan_choices, decode_stage. */
+#define DEFINE_CHOICES_DECODE(SUFFIX, T_)                                                                     \
+  int sparsemoe_decode_mlp_choices_##SUFFIX(const T_* x, const int64_t* ids, const float* wts, int64_t T,     \
+                                            int64_t K, int64_t E, const T_* w_in, const T_* w_out, int64_t D, \
+                                            int64_t F, int64_t I, int act, float* y, int threads) {           \
+    const int64_t N = T * K;                                                                                  \
+    int64_t* rows = malloc((size_t)(N + E + 1) * sizeof(int64_t)); /* tok [N], then offsets [E] */             \
+    float* sorted_wts = malloc((size_t)(N + 1) * sizeof(float));                                              \
+    int status = rows && sorted_wts ? plan_choices(ids, wts, N, K, E, rows, sorted_wts, rows + N) : -1;       \
+    if (!status)                                                                                              \
+      status = sparsemoe_decode_mlp_##SUFFIX(x, rows, sorted_wts, N, rows + N, E, w_in, w_out, T, D, F, I, act, \
+                                             y, threads);                                                     \
+    free(rows);                                                                                               \
+    free(sorted_wts);                                                                                         \
+    return status;                                                                                            \
+  }
+DEFINE_CHOICES_DECODE(f32, float)
+DEFINE_CHOICES_DECODE(bf16, uint16_t)
+#undef DEFINE_CHOICES_DECODE
+
 /* The decode stage with quantized weights (bits 8 or 4; group: int4 columns per scale), x float32 or
  * (x_bf16) bfloat16: see decode_stage and quant_gemm.h. For int4 the stored input widths are D and F
  * rounded up to multiples of the group. */
