@@ -70,11 +70,16 @@ def _linear(x_nK: Tensor, w_OK: Tensor) -> Tensor:
     return h.view(O, n).t()
 
 
-def decode_forward(x_TD: Tensor, plan: DispatchPlan, experts: Experts) -> Tensor:
+def _forward_only(x_TD: Tensor, weights: Tensor, experts: Experts) -> bool:
+    """No gradient wanted from the expert stage and no dropout: what the paths without autograd need."""
     needs_grad = torch.is_grad_enabled() and (
-        x_TD.requires_grad or plan.weights.requires_grad or experts.w_in.requires_grad or experts.w_out.requires_grad
+        x_TD.requires_grad or weights.requires_grad or experts.w_in.requires_grad or experts.w_out.requires_grad
     )
-    if needs_grad or (experts.dropout > 0 and experts.training):
+    return not needs_grad and not (experts.dropout > 0 and experts.training)
+
+
+def decode_forward(x_TD: Tensor, plan: DispatchPlan, experts: Experts) -> Tensor:
+    if not _forward_only(x_TD, plan.weights, experts):
         return grouped_forward(x_TD, plan, experts)  # the same exact backward as `grouped`
     op = _decode_mlp if cpu_kernels.plain_eager(x_TD) else decode_mlp
     return op(
@@ -86,11 +91,7 @@ def decode_from_choices(x_TD: Tensor, expert_ids: Tensor, weights: Tensor, top_k
     """The expert stage straight from a router's token-major top-k choices ([T*K] each), with no plan: one
     call of the native kernel, which groups the rows itself. None where that does not apply (gradients,
     dropout, experts other than plain `Experts`, weights the kernel does not take, not a plain CPU tensor)."""
-    if type(experts) is not Experts or (experts.dropout > 0 and experts.training) or not cpu_kernels.plain_eager(x_TD):
-        return None
-    if torch.is_grad_enabled() and (
-        x_TD.requires_grad or weights.requires_grad or experts.w_in.requires_grad or experts.w_out.requires_grad
-    ):
+    if type(experts) is not Experts or not cpu_kernels.plain_eager(x_TD) or not _forward_only(x_TD, weights, experts):
         return None
     if not cpu_kernels.supports(x_TD, experts.w_in, experts.w_out, experts.activation):
         return None

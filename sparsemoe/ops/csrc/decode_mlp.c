@@ -178,27 +178,26 @@ DEFINE_FLOAT_DECODE(f32, float, FMT_F32, 0)
 DEFINE_FLOAT_DECODE(bf16, uint16_t, FMT_BF16, 1)
 #undef DEFINE_FLOAT_DECODE
 
+/* The plan's stable counting sort by expert (scatter_rows.c). */
+int sparsemoe_sort_by_expert(const int64_t* ids, int64_t N, int64_t E, int64_t* order, int64_t* sorted,
+                             int64_t* slots, int64_t* counts, int64_t* ends);
+
 /* The plan of N = T * K token-major top-k choices (choice n = t * K + k belongs to token t): tok [N] and
- * sorted_wts [N] in rows grouped by expert (a stable counting sort), offsets [E] the inclusive ends of each
- * expert's rows. Returns 0, or -4 when an expert id is outside [0, E). */
+ * sorted_wts [N] in rows grouped by expert (the plan's stable sort), offsets [E] the inclusive ends of each
+ * expert's rows. Returns 0, -1 when out of memory, or -4 when an expert id is outside [0, E). */
 static int plan_choices(const int64_t* ids, const float* wts, int64_t N, int64_t K, int64_t E, int64_t* tok,
                         float* sorted_wts, int64_t* offsets) {
-  for (int64_t e = 0; e < E; e++) offsets[e] = 0;
-  for (int64_t n = 0; n < N; n++) {
-    if (ids[n] < 0 || ids[n] >= E) return -4;
-    offsets[ids[n]]++;
+  for (int64_t n = 0; n < N; n++)
+    if (ids[n] < 0 || ids[n] >= E) return -4; /* (E would mark a dropped row: no router's choice) */
+  int64_t* order = malloc((size_t)(3 * N + E + 1) * sizeof(int64_t)); /* order, sorted ids, slots [N], counts [E] */
+  if (!order) return -1;
+  int status = sparsemoe_sort_by_expert(ids, N, E, order, order + N, order + 2 * N, order + 3 * N, offsets);
+  for (int64_t row = 0; row < N && !status; row++) {
+    tok[row] = order[row] / K;
+    sorted_wts[row] = wts[order[row]];
   }
-  for (int64_t e = 0, first = 0; e < E; e++) { /* each expert's first row */
-    const int64_t count = offsets[e];
-    offsets[e] = first;
-    first += count;
-  }
-  for (int64_t n = 0; n < N; n++) { /* placed in order; offsets[e] ends at the end of expert e's rows */
-    const int64_t row = offsets[ids[n]]++;
-    tok[row] = n / K;
-    sorted_wts[row] = wts[n];
-  }
-  return 0;
+  free(order);
+  return status;
 }
 
 /* The float decode stage from a router's top-k choices, ids and wts [T * K] token-major, without a plan built
