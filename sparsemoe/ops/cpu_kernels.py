@@ -3,12 +3,14 @@
 Legend: N rows sorted by expert, n rows, E experts, D model width, F hidden width, I in-projection rows
 (2F gated: gate then up).
 
-    decode_mlp(x_TD, token_ids [N], weights [N], offsets [E], w_in [E, I, D], w_out [E, D, F], activation)
+    decode_mlp(x_TD, token_ids [N], weights [N], offsets [E], w_in [E, I, D], w_out [E, D, F], activation,
+               h_keep=None)
         -> y_TD [T, D] float32, the whole expert stage of a decode step (gather, both GEMMs, activation,
         weighted combine): y[t] = sum over the kept rows r of token t of weights[r] w_out[e] act(w_in[e] x[t]),
         rows sorted by expert (expert e: rows [offsets[e - 1], offsets[e])), rows past offsets[-1] ignored;
         x and the weights float32 or bfloat16 (read as they are, widened to float32 in registers), sums and
-        activations in float32
+        activations in float32; with h_keep [N, I] the in-projection outputs are kept there for a backward
+        (sparsemoe.ops.expert_backward: the small-batch backward of a training step)
     linear_many(x_nK, (w_1 [O_1, K], ...)) -> [x w_1^T, ...] in x's dtype (or float32): several linear layers of
         one input, a few rows of it, in one call (an attention layer's q, k and v projections at a decode step)
     decode_mlp_choices(x_TD, expert_ids [T*K], weights [T*K], K, w_in, w_out, activation) -> y_TD float32: the same
@@ -72,9 +74,9 @@ log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = (CSRC / "decode_mlp.c", CSRC / "activation.c", CSRC / "scatter_rows.c", CSRC / "finite.c",
-           CSRC / "decode_attention.c", CSRC / "norm.c")
+           CSRC / "decode_attention.c", CSRC / "norm.c", CSRC / "expert_backward.c")
 HEADERS = (CSRC / "vec.h", CSRC / "activation.h", CSRC / "activation_rows.h", CSRC / "decode_gemm.h",
-           CSRC / "quant_gemm.h")
+           CSRC / "quant_gemm.h", CSRC / "expert_rows.h")
 ENV_SWITCH = "SPARSEMOE_CPU_KERNELS"
 ENV_CACHE = "SPARSEMOE_CACHE_DIR"
 # Tried in order; the first set the compiler accepts is used.
@@ -152,8 +154,12 @@ def _bind(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))  # CDLL releases the GIL during calls
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     signatures = {
-        "sparsemoe_decode_mlp_f32": ([p, p, p, i64, p, i64, p, p, i64, i64, i64, i64, i32, p, i32], ctypes.c_int),
-        "sparsemoe_decode_mlp_bf16": ([p, p, p, i64, p, i64, p, p, i64, i64, i64, i64, i32, p, i32], ctypes.c_int),
+        "sparsemoe_decode_mlp_f32": ([p, p, p, i64, p, i64, p, p, i64, i64, i64, i64, i32, p, p, i32], ctypes.c_int),
+        "sparsemoe_decode_mlp_bf16": ([p, p, p, i64, p, i64, p, p, i64, i64, i64, i64, i32, p, p, i32], ctypes.c_int),
+        "sparsemoe_expert_backward_f32": (
+            [p, p, p, p, i64, p, i64, p, p, p, i64, i64, i64, i64, i32, p, p, p, p, i32], ctypes.c_int),
+        "sparsemoe_expert_backward_bf16": (
+            [p, p, p, p, i64, p, i64, p, p, p, i64, i64, i64, i64, i32, p, p, p, p, i32], ctypes.c_int),
         "sparsemoe_decode_mlp_choices_f32": ([p, p, p, i64, i64, i64, p, p, i64, i64, i64, i32, p, i32], ctypes.c_int),
         "sparsemoe_decode_mlp_choices_bf16": ([p, p, p, i64, i64, i64, p, p, i64, i64, i64, i32, p, i32], ctypes.c_int),
         "sparsemoe_decode_mlp_quant": (
@@ -252,7 +258,7 @@ def _hidden_width(h_nI: Tensor, activation: str) -> int:
     return h_nI.shape[1] // 2 if gated else h_nI.shape[1]
 
 
-def _kernel(name: str, dtype: torch.dtype):
+def typed_kernel(name: str, dtype: torch.dtype):
     """The C function `name` for tensors of `dtype` (sparsemoe_<name>_f32 / _bf16)."""
     if dtype not in KERNEL_DTYPES:
         raise ValueError(f"{name}: float32 or bfloat16 tensors expected, got {dtype}")
@@ -261,7 +267,7 @@ def _kernel(name: str, dtype: torch.dtype):
 
 def activate(h_nI: Tensor, activation: str) -> Tensor:
     """a [n, F] = act(h) (gated: act(gate) * up) in h's dtype, like `sparsemoe.experts.activate`."""
-    kernel = _kernel("activate", h_nI.dtype)
+    kernel = typed_kernel("activate", h_nI.dtype)
     h_nI = h_nI.contiguous()
     n, I = h_nI.shape
     F = _hidden_width(h_nI, activation)
@@ -275,7 +281,7 @@ def activate(h_nI: Tensor, activation: str) -> Tensor:
 def activation_backward(h_nI: Tensor, dA_nF: Tensor, w_n: Tensor, activation: str) -> tuple[Tensor, Tensor, Tensor]:
     """(aw = w act(h) [n, F], dH [n, I] in h's dtype, d_w [n] float32) for o = w * (W_out act(h)), from
     dA = d loss / d act(h) before weighting (see the module docstring)."""
-    kernel = _kernel("activation_backward", h_nI.dtype)
+    kernel = typed_kernel("activation_backward", h_nI.dtype)
     h_nI, dA_nF, w_n = h_nI.contiguous(), dA_nF.contiguous(), w_n.float().contiguous()
     n, I = h_nI.shape
     F = _hidden_width(h_nI, activation)
@@ -356,13 +362,16 @@ def check_status(status: int, function: str) -> None:
 
 
 def decode_mlp(
-    x_TD: Tensor, token_ids: Tensor, weights: Tensor, offsets: Tensor, w_in: Tensor, w_out: Tensor, activation: str
+    x_TD: Tensor, token_ids: Tensor, weights: Tensor, offsets: Tensor, w_in: Tensor, w_out: Tensor, activation: str,
+    h_keep: Optional[Tensor] = None,
 ) -> Tensor:
     """y [T, D] float32: the expert stage of a decode step in one call (see the module docstring).
 
-    Check `supports` first; token_ids int64 and offsets int64 as a `DispatchPlan` holds them.
+    Check `supports` first; token_ids int64 and offsets int64 as a `DispatchPlan` holds them. h_keep: None,
+    or a contiguous [N, I] tensor of x's dtype that receives the in-projection outputs of the kept rows (for
+    a backward, `sparsemoe.ops.expert_backward`; in bfloat16 the activation then runs on h rounded to it).
     """
-    kernel = _kernel("decode_mlp", w_in.dtype)
+    kernel = typed_kernel("decode_mlp", w_in.dtype)
     if not x_TD.dtype == w_in.dtype == w_out.dtype:
         raise ValueError(f"decode_mlp: the input and both weights must share one dtype (float32 or bfloat16), "
                          f"got {x_TD.dtype}, {w_in.dtype} and {w_out.dtype}")
@@ -378,13 +387,17 @@ def decode_mlp(
                          f"w_out {tuple(w_out.shape)} do not fit")
     if token_ids.dtype != torch.int64 or offsets.dtype != torch.int64:
         raise ValueError(f"decode_mlp: token_ids and offsets must be int64, got {token_ids.dtype}, {offsets.dtype}")
+    if h_keep is not None and (h_keep.shape != (N, I) or h_keep.dtype != x_TD.dtype or not h_keep.is_contiguous()):
+        raise ValueError(f"decode_mlp: h_keep must be a contiguous [{N}, {I}] {x_TD.dtype} tensor, got "
+                         f"{tuple(h_keep.shape)} {h_keep.dtype}")
     x_TD, token_ids, offsets = x_TD.contiguous(), token_ids.contiguous(), offsets.contiguous()
     weights = weights.float().contiguous()
     T = x_TD.shape[0]
     y_TD = x_TD.new_empty(T, D, dtype=torch.float32)
     status = kernel(
         x_TD.data_ptr(), token_ids.data_ptr(), weights.data_ptr(), N, offsets.data_ptr(), E, w_in.data_ptr(),
-        w_out.data_ptr(), T, D, F, I, ACTIVATION_CODES[activation], y_TD.data_ptr(), torch.get_num_threads(),
+        w_out.data_ptr(), T, D, F, I, ACTIVATION_CODES[activation], y_TD.data_ptr(),
+        None if h_keep is None else h_keep.data_ptr(), torch.get_num_threads(),
     )
     check_status(status, kernel.__name__)
     return y_TD
@@ -396,7 +409,7 @@ def decode_mlp_choices(
     """y [T, D] float32: `decode_mlp` from a router's top-k choices, expert_ids [T*K] int64 and weights [T*K]
     token-major (choice t*K + k belongs to token t), the rows grouped by expert inside the call instead of
     by a plan built in PyTorch. Check `supports` first."""
-    kernel = _kernel("decode_mlp_choices", w_in.dtype)
+    kernel = typed_kernel("decode_mlp_choices", w_in.dtype)
     E, I, D = w_in.shape
     T = x_TD.shape[0]
     if (x_TD.dtype != w_in.dtype or w_out.dtype != w_in.dtype or x_TD.shape != (T, D) or w_out.shape[:2] != (E, D)
@@ -442,7 +455,7 @@ def grouped_linear(x_NK: Tensor, offsets: Tensor, w_EOK: Tensor) -> Tensor:
     offsets = offsets.to(torch.int64).contiguous()
     N = x_NK.shape[0]
     y_NO = x_NK.new_empty(N, O)
-    kernel = _kernel("grouped_linear", stored.dtype)
+    kernel = typed_kernel("grouped_linear", stored.dtype)
     status = kernel(x_NK.data_ptr(), N, offsets.data_ptr(), E, stored.data_ptr(), O, K, int(kn), y_NO.data_ptr(),
                     torch.get_num_threads())  # fmt: skip
     check_status(status, kernel.__name__)
@@ -455,7 +468,7 @@ def linear_many(x_nK: Tensor, weights: Sequence[Tensor], float_output: bool = Fa
     rounded once. For a few rows n (the kernel streams each weight row once against all n); no autograd."""
     n, K = x_nK.shape
     dtype = x_nK.dtype
-    kernel = _kernel("linear_many", dtype)
+    kernel = typed_kernel("linear_many", dtype)
     if any(w.dtype != dtype or w.dim() != 2 or w.shape[1] != K or not w.is_contiguous() for w in weights):
         raise ValueError(f"linear_many: weights [O, K={K}] contiguous of x's dtype {dtype} expected, got "
                          + ", ".join(f"{tuple(w.shape)} {w.dtype}" for w in weights))  # fmt: skip

@@ -10,7 +10,8 @@
  * where PyTorch's bfloat16 ops round after every op.
  *
  * Exported, for T in {f32, bf16}: sparsemoe_activate_T, sparsemoe_activation_backward_T (see
- * activation_rows.h), and sparsemoe_activate_row_f32 for the decode kernel.
+ * activation_rows.h) and their one-row forms sparsemoe_activate_row_T, sparsemoe_activation_backward_row_T
+ * (the float32 ones called by the decode kernel and the small-batch backward, expert_backward.c).
  */
 #include "activation.h"
 

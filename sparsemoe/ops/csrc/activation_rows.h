@@ -26,43 +26,43 @@ void WNAME(sparsemoe_activate)(const IO* h, IO* a, int64_t n, int64_t F, int64_t
   for (int64_t r = 0; r < n; r++) WNAME(sparsemoe_activate_row)(h + r * I, a + r * F, F, act);
 }
 
-/* For o[r] = w[r] * (W_out act(h[r])), given dA (see the legend), in one pass per row:
- *   aw [n, F] = w[r] act(h[r])  (the W_out gradient is then dy^T aw),  d_w [n] = <dA[r], act(h[r])>,
- *   dH [n, I] = d loss / d h = (w[r] dA[r]) * act'(h[r])  (gated: gate part dA w u f'(g), up part dA w f(g)). */
+/* For o = w * (W_out act(h)) of one row, given dA (see the legend), in one pass:
+ *   aw [F] = w act(h)  (the W_out gradient is then dy^T aw),  returns d_w = <dA, act(h)>,
+ *   dH [I] = d loss / d h = (w dA) * act'(h)  (gated: gate part dA w u f'(g), up part dA w f(g)). */
+float WNAME(sparsemoe_activation_backward_row)(const IO* h, const IO* dA, float w, IO* aw, IO* dH, int64_t F, int act) {
+  const int gated = act == ACT_SWIGLU || act == ACT_GEGLU;
+  const IO* up = gated ? h + F : h;
+  vf dot = splat(0.0f), wr = splat(w);
+  for (int64_t f = 0; f < F; f += VL) {
+    int64_t m = F - f < VL ? F - f : VL;
+    int full = m == VL;
+    vf g = full ? IO_LOAD(h + f) : IO_LOAD_PART(h + f, m);
+    vf u = gated ? (full ? IO_LOAD(up + f) : IO_LOAD_PART(up + f, m)) : g;
+    vf d = full ? IO_LOAD(dA + f) : IO_LOAD_PART(dA + f, m);
+    vf deriv, fg = splat(0.0f);
+    vf out = act_forward(g, u, act, &deriv, &fg);
+    dot += d * out; /* zero-padded tails add nothing */
+    vf dw = d * wr;
+    vf d_first = gated ? dw * u * deriv : dw * deriv;
+    if (full) {
+      IO_STORE(aw + f, out * wr);
+      IO_STORE(dH + f, d_first);
+      if (gated) IO_STORE(dH + F + f, dw * fg);
+    } else {
+      IO_STORE_PART(aw + f, out * wr, m);
+      IO_STORE_PART(dH + f, d_first, m);
+      if (gated) IO_STORE_PART(dH + F + f, dw * fg, m);
+    }
+  }
+  return hsum(dot);
+}
+
+/* The same for n rows: aw [n, F], dH [n, I], d_w [n] for h [n, I], dA [n, F], w [n]. */
 void WNAME(sparsemoe_activation_backward)(const IO* h, const IO* dA, const float* w, IO* aw, IO* dH, float* d_w,
                                           int64_t n, int64_t F, int64_t I, int act, int threads) {
-  const int gated = act == ACT_SWIGLU || act == ACT_GEGLU;
 #pragma omp parallel for num_threads(threads) schedule(static)
-  for (int64_t r = 0; r < n; r++) {
-    const IO* hr = h + r * I;
-    const IO* up = gated ? hr + F : hr;
-    const IO* dAr = dA + r * F;
-    IO* awr = aw + r * F;
-    IO* dHr = dH + r * I;
-    vf dot = splat(0.0f), wr = splat(w[r]);
-    for (int64_t f = 0; f < F; f += VL) {
-      int64_t m = F - f < VL ? F - f : VL;
-      int full = m == VL;
-      vf g = full ? IO_LOAD(hr + f) : IO_LOAD_PART(hr + f, m);
-      vf u = gated ? (full ? IO_LOAD(up + f) : IO_LOAD_PART(up + f, m)) : g;
-      vf d = full ? IO_LOAD(dAr + f) : IO_LOAD_PART(dAr + f, m);
-      vf deriv, fg = splat(0.0f);
-      vf out = act_forward(g, u, act, &deriv, &fg);
-      dot += d * out; /* zero-padded tails add nothing */
-      vf dw = d * wr;
-      vf d_first = gated ? dw * u * deriv : dw * deriv;
-      if (full) {
-        IO_STORE(awr + f, out * wr);
-        IO_STORE(dHr + f, d_first);
-        if (gated) IO_STORE(dHr + F + f, dw * fg);
-      } else {
-        IO_STORE_PART(awr + f, out * wr, m);
-        IO_STORE_PART(dHr + f, d_first, m);
-        if (gated) IO_STORE_PART(dHr + F + f, dw * fg, m);
-      }
-    }
-    d_w[r] = hsum(dot);
-  }
+  for (int64_t r = 0; r < n; r++)
+    d_w[r] = WNAME(sparsemoe_activation_backward_row)(h + r * I, dA + r * F, w[r], aw + r * F, dH + r * I, F, act);
 }
 
 /* The parameters are this instantiation's only: the next one defines its own. */

@@ -6,7 +6,7 @@
  *   WLOAD(p)    VL weights from p as a float vector
  *   WGET(p)     one weight from p as a float
  *   WNO_LINEAR  (optional) leave out grouped_linear and its [in, out] kernel (the int8 instantiation)
- * and the type-independent helpers kept_rows and expert_groups (decode_mlp.c defines them).
+ * and the type-independent helpers kept_rows and expert_groups (expert_rows.h).
  * Inputs x, outputs y and every sum are float32 whatever the weight type: the weights are widened as they
  * are loaded, so a bfloat16 weight costs half the memory traffic of a float32 one and the same arithmetic.
  *

@@ -16,7 +16,8 @@
  * Quantized weights (int8 per output channel, int4 group-wise; quant_gemm.h) are read in their stored
  * bytes and widened in registers the same way.
  *
- * Exported: sparsemoe_decode_mlp_f32, _bf16 and _quant (the whole expert stage, decode_stage below),
+ * Exported: sparsemoe_decode_mlp_f32, _bf16 and _quant (the whole expert stage, decode_stage below; the
+ * float ones can also keep the in-projection outputs for the small-batch backward, expert_backward.c),
  * sparsemoe_grouped_linear_f32 / _bf16 (one linear layer per expert, for expert MLPs whose activation is
  * computed elsewhere; decode_gemm.h), and sparsemoe_dequantize (quantized rows back to float).
  */
@@ -27,35 +28,12 @@
 #endif
 
 #include "activation.h"
+#include "expert_rows.h"
 #include "vec.h"
 
 #define ROW_BLOCK 64        /* weight rows per work item */
 #define K_CHUNK 32          /* input rows per work item of the [in, out]-stored GEMM */
 #define PREFETCH_BYTES 2048 /* how far ahead of the weight stream the row kernels prefetch */
-
-/* Rows sorted by expert: rows [offsets[e - 1], offsets[e]) belong to expert e, offsets[-1] = 0, and rows
- * past offsets[E - 1] are dropped. The number of kept rows (offsets[E - 1], 0 when E is 0), or -3 when the
- * offsets decrease or pass N. */
-static int64_t kept_rows(const int64_t* offsets, int64_t E, int64_t N) {
-  int64_t prev = 0;
-  for (int64_t e = 0; e < E; e++) {
-    if (offsets[e] < prev || offsets[e] > N) return -3;
-    prev = offsets[e];
-  }
-  return prev;
-}
-
-/* The same offsets as bounds [E + 1] (expert e's rows are [bounds[e], bounds[e + 1])) and the experts that
- * have rows, in order, as used [n_used]; returns n_used. */
-static int64_t expert_groups(const int64_t* offsets, int64_t E, int64_t* bounds, int64_t* used) {
-  int64_t n_used = 0;
-  bounds[0] = 0;
-  for (int64_t e = 0; e < E; e++) {
-    bounds[e + 1] = offsets[e];
-    if (bounds[e + 1] > bounds[e]) used[n_used++] = e;
-  }
-  return n_used;
-}
 
 #define WT float
 #define WNAME(name) name##_f32
@@ -78,17 +56,38 @@ static int64_t expert_groups(const int64_t* offsets, int64_t E, int64_t* bounds,
 
 #include "quant_gemm.h"
 
+/* dst [I] = h [I] in x's type (bfloat16 when x_bf16, then h is rounded to it in place too), else float32. */
+static void keep_row(float* h, int64_t I, int x_bf16, void* dst) {
+  if (!x_bf16) {
+    memcpy(dst, h, (size_t)I * sizeof(float));
+    return;
+  }
+  uint16_t* out = dst;
+  int64_t k = 0;
+  for (; k + VL <= I; k += VL) {
+    store_bf16(out + k, load(h + k));
+    store(h + k, load_bf16(out + k));
+  }
+  for (; k < I; k++) {
+    out[k] = float_to_bf16(h[k]);
+    h[k] = bf16_to_float(out[k]);
+  }
+}
+
 /* y [T, D] float32 = the expert stage of a decode step: for each kept row r (rows sorted by expert, rows
  * [offsets[e - 1], offsets[e]) for expert e, offsets[-1] = 0), y[tok[r]] += wts[r] * W_out[e] act(W_in[e]
  * x[tok[r]]); rows past offsets[E - 1] (dropped) are ignored. x [T, D] float32 or (x_bf16) bfloat16. The
  * rows are gathered (widened to float32, zero-padded to the stored input width of W_in), run through their
  * experts, and combined into y in row order, all in one parallel region: work is split over threads by
  * (expert with rows, block of weight rows), so only the experts that got rows are read, and the combine by
- * blocks of columns of y. Returns 0, -1 when out of memory, -2 when a token id is outside [0, T), -3 when
- * the offsets decrease or pass N. */
+ * blocks of columns of y. With h_keep (a training step's forward; float weights only) the in-projection outputs
+ * are also stored there, h_keep [N, I] of x's type, rows in plan order, for the backward (expert_backward.c);
+ * with bfloat16 x they are rounded to bfloat16 before the activation, so that the forward and the backward
+ * see the same h. Returns 0, -1 when out of memory, -2 when a token id is outside [0, T), -3 when the
+ * offsets decrease or pass N. */
 static int decode_stage(const void* x, int x_bf16, const int64_t* tok, const float* wts, int64_t N,
                         const int64_t* offsets, int64_t E, const weights_t* w_in, const weights_t* w_out, int64_t T,
-                        int64_t D, int64_t F, int64_t I, int act, float* y, int threads) {
+                        int64_t D, int64_t F, int64_t I, int act, float* y, void* h_keep, int threads) {
   const int64_t kept = kept_rows(offsets, E, N);
   if (kept < 0) return -3;
   for (int64_t r = 0; r < kept; r++)
@@ -141,6 +140,7 @@ static int decode_stage(const void* x, int x_bf16, const int64_t* tok, const flo
         status = -1;
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < kept; r++) {
+      if (h_keep) keep_row(h + r * I, I, x_bf16, (char*)h_keep + r * I * (x_bf16 ? 2 : 4));
       sparsemoe_activate_row_f32(h + r * I, a + r * Fp, F, act);
       for (int64_t f = F; f < Fp; f++) a[r * Fp + f] = 0.0f;
       if (aq.Kq) quantize_row_q8(a + r * Fp, F, r, &aq);
@@ -165,14 +165,16 @@ static int decode_stage(const void* x, int x_bf16, const int64_t* tok, const flo
   return status;
 }
 
-/* The decode stage with float32 or bfloat16 weights (x of the same type): see decode_stage. */
+/* The decode stage with float32 or bfloat16 weights (x of the same type), h_keep NULL or [N, I] of that type:
+ * see decode_stage. */
 #define DEFINE_FLOAT_DECODE(SUFFIX, T_, FMT, X_BF16)                                                          \
   int sparsemoe_decode_mlp_##SUFFIX(const T_* x, const int64_t* tok, const float* wts, int64_t N,            \
                                     const int64_t* offsets, int64_t E, const T_* w_in, const T_* w_out,      \
                                     int64_t T, int64_t D, int64_t F, int64_t I, int act, float* y,           \
-                                    int threads) {                                                           \
+                                    T_* h_keep, int threads) {                                               \
     const weights_t win = {w_in, NULL, I, D, 0, FMT}, wout = {w_out, NULL, D, F, 0, FMT};                    \
-    return decode_stage(x, X_BF16, tok, wts, N, offsets, E, &win, &wout, T, D, F, I, act, y, threads);       \
+    return decode_stage(x, X_BF16, tok, wts, N, offsets, E, &win, &wout, T, D, F, I, act, y, h_keep,         \
+                        threads);                                                                            \
   }
 DEFINE_FLOAT_DECODE(f32, float, FMT_F32, 0)
 DEFINE_FLOAT_DECODE(bf16, uint16_t, FMT_BF16, 1)
@@ -212,7 +214,7 @@ static int plan_choices(const int64_t* ids, const float* wts, int64_t N, int64_t
     int status = rows && sorted_wts ? plan_choices(ids, wts, N, K, E, rows, sorted_wts, rows + N) : -1;       \
     if (!status)                                                                                              \
       status = sparsemoe_decode_mlp_##SUFFIX(x, rows, sorted_wts, N, rows + N, E, w_in, w_out, T, D, F, I, act, \
-                                             y, threads);                                                     \
+                                             y, NULL, threads);                                                     \
     free(rows);                                                                                               \
     free(sorted_wts);                                                                                         \
     return status;                                                                                            \
@@ -232,7 +234,7 @@ int sparsemoe_decode_mlp_quant(const void* x, int x_bf16, const int64_t* tok, co
   const int64_t Dp = bits == 8 ? D : (D + group - 1) / group * group;
   const int64_t Fp = bits == 8 ? F : (F + group - 1) / group * group;
   const weights_t win = {w_in, s_in, I, Dp, group, fmt}, wout = {w_out, s_out, D, Fp, group, fmt};
-  return decode_stage(x, x_bf16, tok, wts, N, offsets, E, &win, &wout, T, D, F, I, act, y, threads);
+  return decode_stage(x, x_bf16, tok, wts, N, offsets, E, &win, &wout, T, D, F, I, act, y, NULL, threads);
 }
 
 /* 1 when quantized weights (int8, and int4 with a group size that is a multiple of 64) run against
