@@ -156,3 +156,41 @@ def test_native_rows_follows_the_rows_per_expert_and_the_inputs():
     assert fused._native_rows(x, w_in, w_out, "swiglu", few) == cpu_kernels.available()
     assert not fused._native_rows(x, w_in, w_out, "swiglu", many)
     assert not fused._native_rows(x.double(), w_in.double(), w_out.double(), "swiglu", few)
+
+
+@settings(max_examples=200, deadline=None)
+@given(n=st.integers(1, 1 << 20))
+def test_bucketed_rows_add_at_most_a_sixteenth_and_give_sixteen_shapes_per_power_of_two(n):
+    """bfloat16 expert GEMMs on the CPU run on rows rounded up to a bucket (oneDNN builds a kernel per new
+    shape): never fewer rows, at most max(15, n/16) more, and 16 buckets between two powers of two."""
+    nb = fused._bucket(n, True)
+    assert n <= nb <= n + max(fused._MIN_BUCKET_ROWS - 1, n // fused._BUCKETS_PER_OCTAVE)
+    assert fused._bucket(nb, True) == nb and fused._bucket(n, False) == n
+    octave = 1 << (n.bit_length() - 1)
+    buckets = {fused._bucket(m, True) for m in range(octave, 2 * octave, max(1, octave // 64))}
+    assert len(buckets) <= max(fused._BUCKETS_PER_OCTAVE, octave // fused._MIN_BUCKET_ROWS + 1)
+
+
+def test_bfloat16_loop_gemms_see_only_bucketed_row_counts(monkeypatch):
+    """Every per-expert GEMM of the bfloat16 loop (forward and backward) runs on a bucketed row count, while
+    the op's results match its float64 reference (the added rows read neighbours or zeros, and are dropped)."""
+    counts = [37, 0, 21, 50, 3]  # no bucket boundary: every expert's GEMMs need added rows
+    x, tok, wts, offsets, w_in, w_out = _case(counts, 24, 20, "swiglu", dtype=torch.bfloat16, tokens=40)
+    monkeypatch.setitem(fused.NATIVE_MAX_ROWS_PER_EXPERT, torch.bfloat16, 0)
+    seen = []
+    real_mm = torch.mm
+
+    def recording_mm(a, b, **kwargs):
+        seen.append((a.shape[0], a.shape[1], b.shape[1]))
+        return real_mm(a, b, **kwargs)
+
+    monkeypatch.setattr(torch, "mm", recording_mm)
+    g = torch.randn(x.shape)
+    y, dx, d_wts, dw_in, dw_out = _op_grads(x, tok, wts, offsets, w_in, w_out, "swiglu", False, g)
+    monkeypatch.undo()
+    buckets = {fused._bucket(c, True) for c in counts if c}
+    assert seen and all(m in buckets or k in buckets for m, k, _ in seen)  # rows are M, or K for weight grads
+    y_ref, _h, *grads_ref = _reference_grads(g, x, tok, wts, offsets, w_in, w_out, "swiglu")
+    torch.testing.assert_close(y.double(), y_ref, rtol=3e-2, atol=3e-2)
+    for got, want in zip((dx, d_wts, dw_in, dw_out), grads_ref):
+        torch.testing.assert_close(got.double(), want, rtol=5e-2, atol=5e-2 * float(want.abs().max()))

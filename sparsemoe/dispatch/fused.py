@@ -149,6 +149,57 @@ def _chunks(bounds: list[int]) -> Iterator[tuple[int, int, list[tuple[int, int, 
         yield start, start + run[-1][2], run
 
 
+# bfloat16 and float16 GEMMs on the CPU run on oneDNN, which builds a kernel for every new shape (and caches
+# it): 0.6-0.9 ms per new shape, where the GEMM of an expert of about 1,000 rows (D=128, F=256) takes 0.2-0.4
+# ms. An expert's row count changes from step to step, so nearly every expert GEMM of a bfloat16 training step
+# built a new kernel (186 of the demo model's 192 per step, `ONEDNN_VERBOSE=2`). There the loop runs each
+# expert's GEMMs on its rows rounded up to a bucket of 1/_BUCKETS_PER_OCTAVE of their power of two (at most
+# 1/16 more rows, 16 shapes per power of two), reading the rows that follow (the next expert's, or zero rows
+# of slack after the last) and writing rows that the next expert overwrites, or slack. Rows added to a
+# reduction (the weight gradients) are zero on one side. float32 GEMMs (MKL) have no per-shape cost.
+_BUCKETS_PER_OCTAVE = 16
+_MIN_BUCKET_ROWS = 16
+
+
+def _bucketing(x: Tensor) -> bool:
+    return x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16)
+
+
+def _bucket(n: int, bucketing: bool) -> int:
+    """The rows an expert's GEMMs run on: n, or with bucketing n rounded up to its bucket."""
+    if not bucketing or n == 0:
+        return n
+    step = max(_MIN_BUCKET_ROWS, (1 << (n.bit_length() - 1)) // _BUCKETS_PER_OCTAVE)
+    return -(-n // step) * step
+
+
+def _slack(bucketing: bool, bounds: list[int]) -> int:
+    """Rows past the end of a buffer of plan rows that a bucketed GEMM may read or write."""
+    if not bucketing:
+        return 0
+    return max((_bucket(hi - lo, True) - (hi - lo) for lo, hi in zip(bounds, bounds[1:])), default=0)
+
+
+def _gather(x_TD: Tensor, tok: Tensor, slack: int) -> Tensor:
+    """x rows tok [n, D] followed by `slack` zero rows."""
+    if not slack:
+        return x_TD.index_select(0, tok)
+    out = x_TD.new_empty(tok.shape[0] + slack, x_TD.shape[1])
+    torch.index_select(x_TD, 0, tok, out=out[: tok.shape[0]])
+    out[tok.shape[0] :].zero_()
+    return out
+
+
+def _zero_padded(rows: Tensor, nb: int) -> Tensor:
+    """rows [n, K] followed by zero rows up to nb (rows itself when nb = n)."""
+    if nb == rows.shape[0]:
+        return rows
+    out = rows.new_empty(nb, rows.shape[1])
+    out[: rows.shape[0]] = rows
+    out[rows.shape[0] :].zero_()
+    return out
+
+
 @torch.library.custom_op("sparsemoe::expert_mlp", mutates_args=())
 def expert_mlp_forward(
     x_TD: Tensor,
@@ -162,16 +213,19 @@ def expert_mlp_forward(
 ) -> tuple[Tensor, Tensor]:
     """(y [T, D] float32, h [N, I] saved for backward, or an empty tensor when `save_hidden` is False)."""
     N, I = token_ids.shape[0], w_in.shape[1]
-    h_NI = empty_huge(N if save_hidden else 0, I, dtype=x_TD.dtype, device=x_TD.device)
-    if _native_rows(x_TD, w_in, w_out, activation, _bounds(offsets)):
+    bounds = _bounds(offsets)
+    if _native_rows(x_TD, w_in, w_out, activation, bounds):
+        h_NI = empty_huge(N if save_hidden else 0, I, dtype=x_TD.dtype, device=x_TD.device)
         y_TD = cpu_kernels.decode_mlp(
             x_TD, token_ids, weights, offsets, w_in, w_out, activation, h_keep=h_NI if save_hidden else None
         )
         return y_TD, h_NI
+    slack = _slack(_bucketing(x_TD), bounds)  # the bucketed GEMMs may write past row N
+    h_buffer = empty_huge(N + slack if save_hidden else 0, I, dtype=x_TD.dtype, device=x_TD.device)
     y_TD = forward_by_expert(
-        x_TD, token_ids, weights, offsets, lambda e: (w_in[e], w_out[e]), activation, h_NI if save_hidden else None
+        x_TD, token_ids, weights, offsets, lambda e: (w_in[e], w_out[e]), activation, h_buffer if save_hidden else None
     )
-    return y_TD, h_NI
+    return y_TD, h_buffer[:N] if save_hidden else h_buffer
 
 
 def forward_by_expert(
@@ -181,25 +235,33 @@ def forward_by_expert(
     """y [T, D] float32 over expert-sorted plan rows, a run of experts at a time (the module docstring), with
     expert e's weights (w_in [I, D], w_out [D, F]) from `expert_weights(e)`, asked for once per expert with
     rows and used before the next is asked for (so it may return the same buffers each time, refilled).
-    h_NI [N, I]: where to keep the in-projection outputs for a backward, or None."""
+    h_NI [N + slack, I]: where to keep the in-projection outputs for a backward (rows past N: scratch of the
+    bucketed GEMMs, see _bucket), or None."""
     T, D = x_TD.shape
     y_TD = x_TD.new_zeros(T, D, dtype=torch.float32)
-    for start, end, run in _chunks(_bounds(offsets)):
+    bounds = _bounds(offsets)
+    bucketing = _bucketing(x_TD)
+    slack = _slack(bucketing, bounds)
+    for start, end, run in _chunks(bounds):
         tok = token_ids[start:end]
         with _stage("permute"):
-            x_cD = x_TD.index_select(0, tok)
-        o_cD = x_TD.new_empty(end - start, D)
+            x_cD = _gather(x_TD, tok, slack)
+        o_cD = x_TD.new_empty(end - start + slack, D)
         for e, lo, hi in run:
             w_in_e, w_out_e = expert_weights(e)
+            nb = _bucket(hi - lo, bucketing)
             with _stage("gemm_in"):
                 w = w_in_e.t()
-                h_nI = x_cD[lo:hi] @ w if h_NI is None else torch.mm(x_cD[lo:hi], w, out=h_NI[start + lo : start + hi])
+                if h_NI is None:
+                    h_bI = x_cD[lo : lo + nb] @ w
+                else:
+                    h_bI = torch.mm(x_cD[lo : lo + nb], w, out=h_NI[start + lo : start + lo + nb])
             with _stage("activation"):
-                a_nF = _hidden(h_nI, activation)
+                a_bF = _hidden(h_bI, activation)  # rows past hi - lo: discarded
             with _stage("gemm_out"):
-                torch.mm(a_nF, w_out_e.t(), out=o_cD[lo:hi])
+                torch.mm(a_bF, w_out_e.t(), out=o_cD[lo : lo + nb])
         with _stage("combine"):
-            add_rows(y_TD, tok, o_cD, weights[start:end])
+            add_rows(y_TD, tok, o_cD[: end - start], weights[start:end])
     return y_TD
 
 
@@ -258,30 +320,34 @@ def expert_mlp_backward(
         if bounds[e + 1] == bounds[e]:  # an expert without rows gets a zero gradient
             dw_in[e].zero_()
             dw_out[e].zero_()
+    bucketing = _bucketing(x_TD)
+    slack = _slack(bucketing, bounds)
     for start, end, run in _chunks(bounds):
         tok = token_ids[start:end]
         with _stage("backward.permute"):
-            x_cD = x_TD.index_select(0, tok)
-            g_cD = g_TD.index_select(0, tok)
-        dx_cD = x_TD.new_empty(end - start, x_TD.shape[1])
+            x_cD = _gather(x_TD, tok, slack)
+            g_cD = _gather(g_TD, tok, slack)
+        dx_cD = x_TD.new_empty(end - start + slack, x_TD.shape[1])
         for e, lo, hi in run:
             rows = slice(start + lo, start + hi)  # this expert's plan rows
+            n, nb = hi - lo, _bucket(hi - lo, bucketing)  # GEMMs over nb rows (see _bucket)
             if recompute:
                 with _stage("backward.recompute"):
-                    h_nI = x_cD[lo:hi] @ w_in[e].t()
+                    h_nI = (x_cD[lo : lo + nb] @ w_in[e].t())[:n]
             else:
                 h_nI = h_NI[rows]
             with _stage("backward.gemm_out"):
-                dAu_nF = g_cD[lo:hi] @ w_out[e]  # gradient w.r.t. a of the expert output before weighting
+                dAu_nF = (g_cD[lo : lo + nb] @ w_out[e])[:n]  # d loss / d a of the expert output before weighting
             with _stage("backward.activation"):
                 aw_nF, dH_nI, d_weights[rows] = _activation_and_backward(h_nI, dAu_nF, w_N1[rows], activation)
+                aw_bF, dH_bI = _zero_padded(aw_nF, nb), _zero_padded(dH_nI, nb)  # the added rows add nothing
             with _stage("backward.gemm_out"):
-                torch.mm(g_cD[lo:hi].t(), aw_nF, out=dw_out[e])  # = (w dy)^T act(h)
+                torch.mm(g_cD[lo : lo + nb].t(), aw_bF, out=dw_out[e])  # = (w dy)^T act(h)
             with _stage("backward.gemm_in"):
-                torch.mm(dH_nI.t(), x_cD[lo:hi], out=dw_in[e])
-                torch.mm(dH_nI, w_in[e], out=dx_cD[lo:hi])
+                torch.mm(dH_bI.t(), x_cD[lo : lo + nb], out=dw_in[e])
+                torch.mm(dH_bI, w_in[e], out=dx_cD[lo : lo + nb])
         with _stage("backward.permute"):
-            add_rows(dx_TD, tok, dx_cD)
+            add_rows(dx_TD, tok, dx_cD[: end - start])
     return dx_TD.to(dtype), d_weights, dw_in, dw_out
 
 
