@@ -263,7 +263,7 @@ def _set_fused(trainer, fused):
 
 @pytest.mark.parametrize("first, second", [(True, None), (None, True)])
 def test_resume_across_optimizer_implementations(corpus, tmp_path, first, second):
-    """A checkpoint of fused AdamW (a CUDA run) resumes with the for-each AdamW of the CPU and the other
+    """A checkpoint of fused AdamW resumes with the for-each AdamW (of an older run) and the other
     way round: the resumed optimizer keeps its own implementation, its step counts come in the form it
     needs, and the losses are those of an uninterrupted run up to the implementations' rounding."""
     want = train_losses(_fit(make_trainer(corpus, max_steps=8)))
@@ -282,9 +282,9 @@ def _fit(trainer, stop_at=None):
     return trainer
 
 
-def test_the_cpu_keeps_the_default_adamw():
+def test_the_cpu_runs_fused_adamw():
     model = MoETransformer(preset("tiny"))
-    assert all(group["fused"] is None for group in build_optimizer(model, TrainConfig()).param_groups)
+    assert all(group["fused"] is True for group in build_optimizer(model, TrainConfig()).param_groups)
 
 
 def test_mfu_is_reported_where_the_peak_is_known(corpus):

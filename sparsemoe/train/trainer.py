@@ -90,14 +90,17 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
         for name, params in groups.items()
         if params
     ]
-    # fused: one kernel for the whole update on CUDA (the CPU keeps the default for-each implementation)
-    fused = all(p.is_cuda for group in param_groups for p in group["params"]) or None
+    # fused: one kernel for the whole update, on CUDA and on the CPU (50 M float32 parameters, 2 threads:
+    # 25 ms a step against 94 ms for the default for-each implementation, which makes several passes over
+    # memory; an MoE model has E/k times its dense twin's feed-forward parameters, so this matters more to it)
+    devices = {p.device.type for group in param_groups for p in group["params"]}
+    fused = True if devices and devices <= {"cpu", "cuda"} else None
     return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
 
 
 # Optimizer settings that say how the update is computed on this device, not what it computes: a
-# checkpoint's values are replaced by the running optimizer's on resume (a CUDA run's fused AdamW
-# resumes on the CPU with the CPU's, and the other way round).
+# checkpoint's values are replaced by the running optimizer's on resume (a checkpoint of another
+# implementation, e.g. an older for-each run, resumes with this one's, and the other way round).
 _IMPLEMENTATION_FLAGS = ("fused", "foreach", "capturable")
 
 
