@@ -339,8 +339,8 @@ def expert_mlp_backward(
             with _stage("backward.gemm_out"):
                 dAu_nF = (g_cD[lo : lo + nb] @ w_out[e])[:n]  # d loss / d a of the expert output before weighting
             with _stage("backward.activation"):
-                aw_nF, dH_nI, d_weights[rows] = _activation_and_backward(h_nI, dAu_nF, w_N1[rows], activation)
-                aw_bF, dH_bI = _zero_padded(aw_nF, nb), _zero_padded(dH_nI, nb)  # the added rows add nothing
+                # aw and dH over nb rows, the added ones zero: in the products below they add nothing
+                aw_bF, dH_bI, d_weights[rows] = _activation_and_backward(h_nI, dAu_nF, w_N1[rows], activation, nb)
             with _stage("backward.gemm_out"):
                 torch.mm(g_cD[lo : lo + nb].t(), aw_bF, out=dw_out[e])  # = (w dy)^T act(h)
             with _stage("backward.gemm_in"):
@@ -352,20 +352,28 @@ def expert_mlp_backward(
 
 
 def _activation_and_backward(
-    h_nI: Tensor, dAu_nF: Tensor, w_n1: Tensor, activation: str
+    h_nI: Tensor, dAu_nF: Tensor, w_n1: Tensor, activation: str, rows: int
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(aw = w act(h) [n, F], dH [n, I], d weights [n] float32) for rows weighted by w, given dAu (see above).
+    """(aw = w act(h) [rows, F], dH [rows, I], d weights [n] float32) for the n rows weighted by w, given dAu
+    (see above); aw and dH have `rows` >= n rows, those past n zero (for the bucketed GEMMs, see _bucket).
 
     aw gives the out-projection's weight gradient dy^T aw; d weights[r] = <dAu[r], act(h[r])>; dH =
-    act'(h) * (w dAu). One pass of the native CPU kernel in float32 and bfloat16 on the CPU, else PyTorch
-    ops (dAu is overwritten).
+    act'(h) * (w dAu). One pass of the native CPU kernel in float32 and bfloat16 on the CPU, written
+    straight into the padded buffers, else PyTorch ops (dAu is overwritten).
     """
+    n, I = h_nI.shape
     if cpu_kernels.supports_activation(h_nI, activation):
-        return cpu_kernels.activation_backward(h_nI, dAu_nF, w_n1.reshape(-1), activation)
+        aw_bF, dH_bI = h_nI.new_empty(rows, dAu_nF.shape[1]), h_nI.new_empty(rows, I)
+        aw_bF[n:].zero_()
+        dH_bI[n:].zero_()
+        _, _, d_w = cpu_kernels.activation_backward(
+            h_nI, dAu_nF, w_n1.reshape(-1), activation, out=(aw_bF[:n], dH_bI[:n])
+        )
+        return aw_bF, dH_bI, d_w
     a_nF, act_gate = _hidden_and_gate(h_nI, activation)
     d_w = _row_dot(dAu_nF, a_nF)
     dH_nI = _activation_backward(dAu_nF.mul_(w_n1), h_nI, activation, act_gate)
-    return a_nF.mul_(w_n1), dH_nI, d_w
+    return _zero_padded(a_nF.mul_(w_n1), rows), _zero_padded(dH_nI, rows), d_w
 
 
 def _row_dot(a_nF: Tensor, b_nF: Tensor) -> Tensor:

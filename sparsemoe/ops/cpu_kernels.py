@@ -278,9 +278,12 @@ def activate(h_nI: Tensor, activation: str) -> Tensor:
     return a_nF
 
 
-def activation_backward(h_nI: Tensor, dA_nF: Tensor, w_n: Tensor, activation: str) -> tuple[Tensor, Tensor, Tensor]:
+def activation_backward(
+    h_nI: Tensor, dA_nF: Tensor, w_n: Tensor, activation: str, out: Optional[tuple[Tensor, Tensor]] = None
+) -> tuple[Tensor, Tensor, Tensor]:
     """(aw = w act(h) [n, F], dH [n, I] in h's dtype, d_w [n] float32) for o = w * (W_out act(h)), from
-    dA = d loss / d act(h) before weighting (see the module docstring)."""
+    dA = d loss / d act(h) before weighting (see the module docstring); aw and dH written into `out` (two
+    contiguous tensors of those shapes and h's dtype) when given."""
     kernel = typed_kernel("activation_backward", h_nI.dtype)
     h_nI, dA_nF, w_n = h_nI.contiguous(), dA_nF.contiguous(), w_n.float().contiguous()
     n, I = h_nI.shape
@@ -288,7 +291,14 @@ def activation_backward(h_nI: Tensor, dA_nF: Tensor, w_n: Tensor, activation: st
     if dA_nF.shape != (n, F) or w_n.shape != (n,) or dA_nF.dtype != h_nI.dtype:
         raise ValueError(f"activation_backward: h {tuple(h_nI.shape)} {h_nI.dtype}, dA {tuple(dA_nF.shape)} "
                          f"{dA_nF.dtype}, w {tuple(w_n.shape)} do not fit")
-    aw_nF, dH_nI = h_nI.new_empty(n, F), torch.empty_like(h_nI)
+    if out is None:
+        aw_nF, dH_nI = h_nI.new_empty(n, F), torch.empty_like(h_nI)
+    else:
+        aw_nF, dH_nI = out
+        if (aw_nF.shape != (n, F) or dH_nI.shape != (n, I) or aw_nF.dtype != dH_nI.dtype != h_nI.dtype
+                or not (aw_nF.is_contiguous() and dH_nI.is_contiguous())):
+            raise ValueError(f"activation_backward: out must be contiguous [{n}, {F}] and [{n}, {I}] {h_nI.dtype} "
+                             f"tensors, got {tuple(aw_nF.shape)} and {tuple(dH_nI.shape)}")  # fmt: skip
     d_w = h_nI.new_empty(n, dtype=torch.float32)
     kernel(
         h_nI.data_ptr(), dA_nF.data_ptr(), w_n.data_ptr(), aw_nF.data_ptr(), dH_nI.data_ptr(), d_w.data_ptr(),
