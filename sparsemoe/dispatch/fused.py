@@ -150,8 +150,9 @@ def _chunks(bounds: list[int]) -> Iterator[tuple[int, int, list[tuple[int, int, 
 
 
 # bfloat16 and float16 GEMMs on the CPU run on oneDNN, which builds a kernel for every new shape (and caches
-# it): 0.6-0.9 ms per new shape, where the GEMM of an expert of about 1,000 rows (D=128, F=256) takes 0.2-0.4
-# ms. An expert's row count changes from step to step, so nearly every expert GEMM of a bfloat16 training step
+# it): the GEMM of an expert of about 1,000 rows (D=128, F=256) took 0.60-0.68 ms on row counts not seen
+# before and 0.19-0.23 ms on the same again (`python tools/gemm_new_shapes.py --threads 2`; float32 0.32-0.34
+# both ways). An expert's row count changes from step to step, so nearly every expert GEMM of a bfloat16 training step
 # built a new kernel (186 of the demo model's 192 per step, `ONEDNN_VERBOSE=2`). There the loop runs each
 # expert's GEMMs on its rows rounded up to a bucket of 1/_BUCKETS_PER_OCTAVE of their power of two (at most
 # 1/16 more rows, 16 shapes per power of two), reading the rows that follow (the next expert's, or zero rows
