@@ -19,14 +19,20 @@ needs_kernel = pytest.mark.skipif(
 
 
 def _reference(x_TD, token_ids, weights, offsets, w_in, w_out, activation):
-    """The decode step in float64, row by row: y[tok[r]] += weights[r] * expert_e(x[tok[r]])."""
+    """The decode step in float64, row by row: y[tok[r]] += weights[r] * expert_e(x[tok[r]]); act(h) rounded to
+    bfloat16 where the kernel rounds it (bfloat16 weights on the CPU's bfloat16 dot products, experts of up to
+    8 rows)."""
     y = torch.zeros(x_TD.shape, dtype=torch.float64)
+    dot_products = w_out.dtype == torch.bfloat16 and cpu_kernels.bfloat16_dot_products()
     lo = 0
     for e, hi in enumerate(offsets.tolist()):
         for r in range(lo, hi):
             t = int(token_ids[r])
             h = x_TD[t].double() @ w_in[e].double().t()
-            y[t] += float(weights[r]) * (activate(h[None], activation)[0] @ w_out[e].double().t())
+            a = activate(h[None], activation)[0]
+            if dot_products and hi - lo <= 8:
+                a = a.bfloat16().double()
+            y[t] += float(weights[r]) * (a @ w_out[e].double().t())
         lo = hi
     return y.float()
 
@@ -152,22 +158,23 @@ def test_build_is_cached_and_keyed_by_flags(tmp_path):
 @needs_kernel
 def test_portable_build_computes_what_the_native_build_does(tmp_path, monkeypatch):
     """Without -march=native (no AVX-512) the bfloat16 loads and stores take the generic vector code: the
-    same results up to float32 rounding (FMA contraction differs), so within one bfloat16 rounding."""
+    activations give the same results up to float32 rounding (FMA contraction differs), so within one
+    bfloat16 rounding; the decode kernel matches the float64 reference in both builds (the native one may
+    run bfloat16 dot products, which the reference follows)."""
     case = _case([1, 3, 0, 9, 17], 45, 21, "swiglu", dtype=torch.bfloat16, tokens=20, dropped=2)
     gen = torch.Generator().manual_seed(1)
     h = (torch.randn(7, 2 * 37, generator=gen) * 3).bfloat16()
     dA, w = torch.randn(7, 37, generator=gen).bfloat16(), torch.rand(7, generator=gen)
 
     def run():
-        return (
-            cpu_kernels.decode_mlp(*case, "swiglu"),
-            cpu_kernels.activate(h, "geglu"),
-            *cpu_kernels.activation_backward(h, dA, w, "swiglu"),
-        )
+        decoded = cpu_kernels.decode_mlp(*case, "swiglu")
+        torch.testing.assert_close(decoded, _reference(*case, "swiglu"), rtol=1e-5, atol=1e-5)
+        return cpu_kernels.activate(h, "geglu"), *cpu_kernels.activation_backward(h, dA, w, "swiglu")
 
     native = run()
     portable = cpu_kernels._bind(cpu_kernels.build(cpu_kernels.find_compiler(), tmp_path, ("-O3",)))
     monkeypatch.setattr(cpu_kernels, "load", lambda: portable)
+    assert not cpu_kernels.bfloat16_dot_products()
     for got, expected in zip(run(), native):
         assert got.dtype == expected.dtype
         rtol = 2**-8 if got.dtype == torch.bfloat16 else 1e-5

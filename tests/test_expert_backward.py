@@ -22,15 +22,22 @@ needs_kernel = pytest.mark.skipif(
 
 
 def _reference_grads(g_TD, x_TD, token_ids, weights, offsets, w_in, w_out, activation):
-    """(y, h, dx, d weights, d w_in, d w_out) of the expert stage in float64 autograd, from the same values."""
+    """(y, h, dx, d weights, d w_in, d w_out) of the expert stage in float64 autograd, from the same values;
+    with bfloat16 inputs h is rounded to bfloat16 as the op keeps it (its gradient passed straight through)."""
     x, wts, wi, wo = (t.detach().double().requires_grad_() for t in (x_TD, weights, w_in, w_out))
     y = torch.zeros(x.shape, dtype=torch.float64)
     hs, lo = [], 0
+    half = x_TD.dtype == torch.bfloat16
     for e, hi in enumerate(offsets.tolist()):
         rows = token_ids[lo:hi]
         h = x[rows] @ wi[e].t()
+        if half:
+            h = h + (h.bfloat16().double() - h).detach()
         hs.append(h)
-        y = y.index_add(0, rows, wts[lo:hi, None] * (activate(h, activation) @ wo[e].t()))
+        a = activate(h, activation)
+        if half and hi - lo <= 8 and cpu_kernels.bfloat16_dot_products():  # as the forward kernel rounds it
+            a = a + (a.bfloat16().double() - a).detach()
+        y = y.index_add(0, rows, wts[lo:hi, None] * (a @ wo[e].t()))
         lo = hi
     y.backward(g_TD.double())
     grads = [x.grad, wts.grad, wi.grad, wo.grad]

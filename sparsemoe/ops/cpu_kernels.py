@@ -10,7 +10,10 @@ Legend: N rows sorted by expert, n rows, E experts, D model width, F hidden widt
         rows sorted by expert (expert e: rows [offsets[e - 1], offsets[e])), rows past offsets[-1] ignored;
         x and the weights float32 or bfloat16 (read as they are, widened to float32 in registers), sums and
         activations in float32; with h_keep [N, I] the in-projection outputs are kept there for a backward
-        (sparsemoe.ops.expert_backward: the small-batch backward of a training step)
+        (sparsemoe.ops.expert_backward: the small-batch backward of a training step). On CPUs with
+        AVX512-BF16 (`bfloat16_dot_products()`), bfloat16 weights of experts with up to 8 rows are multiplied
+        by the CPU's bfloat16 pair dot products, against x as it is and act(h) rounded to bfloat16 (as
+        PyTorch's bfloat16 GEMMs round it): widening the weights bounded the kernel below the memory speed
     linear_many(x_nK, (w_1 [O_1, K], ...)) -> [x w_1^T, ...] in x's dtype (or float32): several linear layers of
         one input, a few rows of it, in one call (an attention layer's q, k and v projections at a decode step)
     decode_mlp_choices(x_TD, expert_ids [T*K], weights [T*K], K, w_in, w_out, activation) -> y_TD float32: the same
@@ -166,6 +169,7 @@ def _bind(path: Path) -> ctypes.CDLL:
             [p, i32, p, p, i64, p, i64, p, p, p, p, i32, i64, i64, i64, i64, i64, i32, p, i32], ctypes.c_int),
         "sparsemoe_dequantize": ([p, p, i32, i64, i64, i64, i64, p, i32, i32], ctypes.c_int),
         "sparsemoe_vnni_activations_int8": ([], ctypes.c_int),
+        "sparsemoe_bfloat16_dot_products": ([], ctypes.c_int),
         "sparsemoe_grouped_linear_f32": ([p, i64, p, i64, p, i64, i64, i32, p, i32], ctypes.c_int),
         "sparsemoe_grouped_linear_bf16": ([p, i64, p, i64, p, i64, i64, i32, p, i32], ctypes.c_int),
         "sparsemoe_linear_many_f32": ([p, i32, i64, i64, i64, p, p, p, i32, i32], ctypes.c_int),
@@ -574,6 +578,14 @@ def activations_int8() -> bool:
     formats do; built where the CPU has AVX-512 VNNI). The float path computes dequantize-then-matmul to float
     rounding; this one also rounds each activation group to 255 levels (`quantize_activations`)."""
     return available() and bool(_library().sparsemoe_vnni_activations_int8())
+
+
+def bfloat16_dot_products() -> bool:
+    """Whether bfloat16 weights at up to 8 rows per weight (the decode kernel's experts, `linear_many`) run on
+    the CPU's bfloat16 pair dot products (AVX512-BF16: products exact, float32 sums in pairs, bfloat16
+    denormals read as zero), the decode kernel then rounding act(h) to bfloat16 for the out-projection;
+    otherwise the weights are widened to float32 and act(h) stays float32."""
+    return available() and bool(_library().sparsemoe_bfloat16_dot_products())
 
 
 def quantize_activations(x_nK: Tensor, group_size: int) -> Tensor:

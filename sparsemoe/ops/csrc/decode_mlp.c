@@ -45,6 +45,7 @@
 #define WNAME(name) name##_bf16
 #define WLOAD(p) load_bf16(p)
 #define WGET(p) bf16_to_float(*(p))
+#define WDP
 #include "decode_gemm.h"
 
 #define WT int8_t
@@ -97,13 +98,19 @@ static int decode_stage(const void* x, int x_bf16, const int64_t* tok, const flo
   qrows_t xq = vnni_activation_layout(w_in), aq = vnni_activation_layout(w_out);
   int64_t* bounds = malloc((size_t)(2 * E + 1) * sizeof(int64_t)); /* bounds [E + 1], then used [E] */
   float* xs = malloc((size_t)(kept * (Dp + I + Fp + D) + 1) * sizeof(float)); /* x rows, h, a, o */
+  /* bfloat16 weights: the x rows, and act(h) rounded, as bfloat16 too, for the pair dot products of experts
+   * with up to 8 rows (decode_gemm.h) */
+  const int dp = HAVE_DPBF16 && x_bf16 && w_in->fmt == FMT_BF16;
+  uint16_t* xb = dp ? malloc((size_t)(kept * (Dp + Fp) + 1) * sizeof(uint16_t)) : NULL;
+  uint16_t* ab = dp ? xb + kept * Dp : NULL;
   /* per row: scales and sums (4 bytes each per group), then the int8 values */
   const int64_t q_in_bytes = kept * (xq.Kq + 8 * xq.groups), q_bytes = q_in_bytes + kept * (aq.Kq + 8 * aq.groups);
   char* qbuf = q_bytes ? malloc((size_t)q_bytes) : NULL;
-  if (!bounds || !xs || (q_bytes && !qbuf)) {
+  if (!bounds || !xs || (q_bytes && !qbuf) || (dp && !xb)) {
     free(bounds);
     free(xs);
     free(qbuf);
+    free(xb);
     return -1;
   }
   if (xq.Kq) {
@@ -130,12 +137,16 @@ static int decode_stage(const void* x, int x_bf16, const int64_t* tok, const flo
         for (int64_t k = 0; k < D; k++) xr[k] = bf16_to_float(((const uint16_t*)x)[tok[r] * D + k]);
       else
         for (int64_t k = 0; k < D; k++) xr[k] = ((const float*)x)[tok[r] * D + k];
+      if (xb) {
+        memcpy(xb + r * Dp, (const uint16_t*)x + tok[r] * D, (size_t)D * sizeof(uint16_t));
+        for (int64_t k = D; k < Dp; k++) xb[r * Dp + k] = 0;
+      }
       for (int64_t k = D; k < Dp; k++) xr[k] = 0.0f;
       if (xq.Kq) quantize_row_q8(xr, D, r, &xq);
     }
 #pragma omp for schedule(static)
     for (int64_t item = 0; item < n_used * blocks_in; item++)
-      if (weights_expert_block(w_in, xs, xq.Kq ? &xq : NULL, h, item, blocks_in, used, bounds))
+      if (weights_expert_block(w_in, xs, xq.Kq ? &xq : NULL, xb, h, item, blocks_in, used, bounds))
 #pragma omp atomic write
         status = -1;
 #pragma omp for schedule(static)
@@ -143,11 +154,13 @@ static int decode_stage(const void* x, int x_bf16, const int64_t* tok, const flo
       if (h_keep) keep_row(h + r * I, I, x_bf16, (char*)h_keep + r * I * (x_bf16 ? 2 : 4));
       sparsemoe_activate_row_f32(h + r * I, a + r * Fp, F, act);
       for (int64_t f = F; f < Fp; f++) a[r * Fp + f] = 0.0f;
+      if (ab)
+        for (int64_t f = 0; f < Fp; f++) ab[r * Fp + f] = float_to_bf16(a[r * Fp + f]);
       if (aq.Kq) quantize_row_q8(a + r * Fp, F, r, &aq);
     }
 #pragma omp for schedule(static)
     for (int64_t item = 0; item < n_used * blocks_out; item++)
-      if (weights_expert_block(w_out, a, aq.Kq ? &aq : NULL, o, item, blocks_out, used, bounds))
+      if (weights_expert_block(w_out, a, aq.Kq ? &aq : NULL, ab, o, item, blocks_out, used, bounds))
 #pragma omp atomic write
         status = -1;
 #pragma omp for schedule(static)
@@ -162,6 +175,7 @@ static int decode_stage(const void* x, int x_bf16, const int64_t* tok, const flo
   free(bounds);
   free(xs);
   free(qbuf);
+  free(xb);
   return status;
 }
 
@@ -240,6 +254,10 @@ int sparsemoe_decode_mlp_quant(const void* x, int x_bf16, const int64_t* tok, co
 /* 1 when quantized weights (int8, and int4 with a group size that is a multiple of 64) run against
  * activations rounded to int8 with VNNI dot products for up to 8 rows per expert (quant_gemm.h), else 0. */
 int sparsemoe_vnni_activations_int8(void) { return VNNI; }
+
+/* 1 when bfloat16 weights run on the CPU's bfloat16 pair dot products for up to 8 rows per weight
+ * (decode_gemm.h; built where the CPU has AVX512-BF16), else 0. */
+int sparsemoe_bfloat16_dot_products(void) { return HAVE_DPBF16; }
 
 /* out [rows, K] (float32, or bfloat16 when out_bf16) = the quantized weight rows dequantized (bits 8: data
  * int8 [rows, K], scale float32 [rows]; bits 4: data packed [rows, Kp / 2], scale bfloat16 [rows, Kp / G]),

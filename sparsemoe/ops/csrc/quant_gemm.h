@@ -327,15 +327,16 @@ static int q4_expert_block(const weights_t* W, const float* x, float* y, int64_t
   float* block = malloc((size_t)((o1 - o0) * Kp) * sizeof(float));
   if (!block) return -1;
   for (int64_t o = o0; o < o1; o++) q4_unpack_row(wq + o * (Kp / 2), s + o * (Kp / G), Kp, G, block + (o - o0) * Kp);
-  gemm_nt_f32(block, x, y + o0, Kp, 0, o1 - o0, n, O);
+  gemm_nt_f32(block, x, NULL, y + o0, Kp, 0, o1 - o0, n, O);
   free(block);
   return 0;
 }
 
 /* Work item `item` of the GEMM y = x W^T over the experts with rows, for any weight format (x [.., W->K],
- * y [.., W->O]; xq: x quantized for the int4 VNNI path, or NULL). Returns 0, or -1 when out of memory. */
-static int weights_expert_block(const weights_t* W, const float* x, const qrows_t* xq, float* y, int64_t item,
-                                int64_t blocks, const int64_t* used, const int64_t* bounds) {
+ * y [.., W->O]; xq: x quantized for the int4 VNNI path, or NULL; xb: x as bfloat16 for bfloat16 weights,
+ * or NULL, see gemm_nt). Returns 0, or -1 when out of memory. */
+static int weights_expert_block(const weights_t* W, const float* x, const qrows_t* xq, const uint16_t* xb, float* y,
+                                int64_t item, int64_t blocks, const int64_t* used, const int64_t* bounds) {
   if (xq) { /* the VNNI path, for an expert with up to 8 rows */
     const int64_t e = used[item / blocks], lo = bounds[e], n = bounds[e + 1] - lo;
     const int64_t o0 = (item % blocks) * ROW_BLOCK, o1 = o0 + ROW_BLOCK < W->O ? o0 + ROW_BLOCK : W->O;
@@ -346,13 +347,13 @@ static int weights_expert_block(const weights_t* W, const float* x, const qrows_
   }
   switch (W->fmt) {
     case FMT_F32:
-      expert_block_f32((const float*)W->w, x, y, W->K, W->O, item, blocks, used, bounds);
+      expert_block_f32((const float*)W->w, x, NULL, y, W->K, W->O, item, blocks, used, bounds);
       return 0;
     case FMT_BF16:
-      expert_block_bf16((const uint16_t*)W->w, x, y, W->K, W->O, item, blocks, used, bounds);
+      expert_block_bf16((const uint16_t*)W->w, x, xb, y, W->K, W->O, item, blocks, used, bounds);
       return 0;
     case FMT_I8: {
-      expert_block_i8((const int8_t*)W->w, x, y, W->K, W->O, item, blocks, used, bounds);
+      expert_block_i8((const int8_t*)W->w, x, NULL, y, W->K, W->O, item, blocks, used, bounds);
       const int64_t e = used[item / blocks], o0 = (item % blocks) * ROW_BLOCK, O = W->O;
       const int64_t o1 = o0 + ROW_BLOCK < O ? o0 + ROW_BLOCK : O;
       const float* s = (const float*)W->scale + e * O;

@@ -50,6 +50,18 @@ static inline vf load_bf16(const uint16_t* p) { return (vf)(__builtin_convertvec
 static inline void store_bf16(uint16_t* p, vf v) { *(vbf16u*)p = __builtin_convertvector(bf16_bits(v), vbf16); }
 #endif
 
+/* 32 bfloat16 values and the CPU's pair dot product (AVX512-BF16: acc[i] += a[2i] b[2i] + a[2i+1] b[2i+1],
+ * products exact, sums float32, bfloat16 denormals read as zero); HAVE_DPBF16 is 0 where the CPU (as the
+ * compiler targets it) has none, and the callers keep their float32 path. */
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+#define HAVE_DPBF16 1
+typedef __m512bh vbf16x32;
+static inline vbf16x32 load_bf16x32(const uint16_t* p) { return (vbf16x32)_mm512_loadu_si512((const void*)p); }
+static inline vf dot_bf16x32(vf acc, vbf16x32 a, vbf16x32 b) { return (vf)_mm512_dpbf16_ps((__m512)acc, a, b); }
+#else
+#define HAVE_DPBF16 0
+#endif
+
 /* 16 bytes from p: unsigned, zero-extended into the lanes of an int32 vector; signed, as floats. */
 typedef uint8_t vu8x16 __attribute__((vector_size(16), aligned(1)));
 typedef int8_t vi8x16 __attribute__((vector_size(16), aligned(1)));
