@@ -25,7 +25,7 @@ def main() -> None:
     models = {"float32": model, "bfloat16": copy.deepcopy(model).to(torch.bfloat16)}
     models["int4 + bfloat16"] = quantize(copy.deepcopy(models["bfloat16"]), "int4")
     prompt = torch.randint(0, model.config.vocab_size, (16,), generator=torch.Generator().manual_seed(0))
-    native = native_linear._native_applies
+    native = native_linear.native_applies
     paths = {"native": native, "BLAS": lambda *args: False}
     best: dict[tuple[str, str], float] = {}
     for m in models.values():
@@ -34,11 +34,11 @@ def main() -> None:
         for _ in range(3):
             for name, m in models.items():
                 for path, applies in paths.items():
-                    native_linear._native_applies = applies
+                    native_linear.native_applies = applies
                     ms = decode_ms_per_token(m, prompt, 24)
                     best[name, path] = min(best.get((name, path), float("inf")), ms)
     finally:
-        native_linear._native_applies = native
+        native_linear.native_applies = native
     for name in models:
         blas, ours = best[name, "BLAS"], best[name, "native"]
         print(f"{name}: {ours:.2f} ms/token with native projections, {blas:.2f} with BLAS ({blas / ours:.2f}x)")

@@ -124,10 +124,11 @@ def _run_quantized(name: str, x_TD: Tensor, plan: DispatchPlan, experts: Quantiz
 
 def _auto_name(x_TD: Tensor, plan: DispatchPlan) -> str:
     """The fastest backend for this input. Decided from shapes only: no device sync, compile-friendly."""
-    return _auto_name_of(x_TD, plan.num_rows, plan.num_experts)
+    return auto_backend_name(x_TD, plan.num_rows, plan.num_experts)
 
 
-def _auto_name_of(x_TD: Tensor, num_rows: int, num_experts: int) -> str:
+def auto_backend_name(x_TD: Tensor, num_rows: int, num_experts: int) -> str:
+    """The backend `auto` runs for input rows like x_TD with `num_rows` plan rows over `num_experts` experts."""
     triton = _REGISTRY.get("triton")
     if triton is not None and triton.available(x_TD):
         return "triton"
@@ -145,7 +146,7 @@ def run_from_choices(name: str, x_TD: Tensor, routing: RoutingResult, experts) -
     decode step); None otherwise: then build the plan and `run_backend`."""
     if routing.expert_choice or name not in ("auto", "decode"):
         return None
-    if name == "auto" and _auto_name_of(x_TD, routing.expert_ids.shape[0], routing.num_experts) != "decode":
+    if name == "auto" and auto_backend_name(x_TD, routing.expert_ids.shape[0], routing.num_experts) != "decode":
         return None
     return decode_from_choices(x_TD, routing.expert_ids, routing.weights, routing.top_k, experts)
 
@@ -153,6 +154,7 @@ def run_from_choices(name: str, x_TD: Tensor, routing: RoutingResult, experts) -
 __all__ = [
     "BACKEND_NAMES",
     "Backend",
+    "auto_backend_name",
     "DispatchPlan",
     "backend_names",
     "build_plan",

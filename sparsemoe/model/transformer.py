@@ -50,6 +50,7 @@ from sparsemoe.experts import SharedExperts, in_rows, mlp
 from sparsemoe.layer import MoE
 from sparsemoe.model.attention import Attention, KVCache, RMSNorm
 from sparsemoe.model.mla import MultiHeadLatentAttention
+from sparsemoe.model.native_decode import native_decode
 from sparsemoe.model.rope import rope_table
 from sparsemoe.model.config import ModelConfig
 from sparsemoe.ops.linear import Linear, linear
@@ -268,11 +269,15 @@ class MoETransformer(nn.Module):
         if self.config.embedding_multiplier != 1.0:
             x = x * self.config.embedding_multiplier
         recompute = self.activation_checkpointing and self.training and cache is None and torch.is_grad_enabled()
-        for block in self.layers:
-            if recompute:
-                x = checkpoint(block, x, cos, sin, None, use_reentrant=False)
-            else:
-                x = block(x, cos, sin, cache)
+        native = native_decode(self, cache, x) if cache is not None and S == 1 and not self.training else None
+        if native is not None:  # a CPU decode step: the blocks as prepared native calls (same results)
+            x = native.run(x, start, cos, sin)
+        else:
+            for block in self.layers:
+                if recompute:
+                    x = checkpoint(block, x, cos, sin, None, use_reentrant=False)
+                else:
+                    x = block(x, cos, sin, cache)
         if cache is not None:
             cache.length += S
         if last_only:

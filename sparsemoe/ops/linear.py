@@ -33,7 +33,8 @@ MAX_ROWS = {torch.float32: 16, torch.bfloat16: 4}
 MIN_WEIGHTS = 1 << 19  # of all the weights of one call together
 
 
-def _native_applies(x: Tensor, weights: Sequence[Tensor]) -> bool:
+def native_applies(x: Tensor, weights: Sequence[Tensor]) -> bool:
+    """Whether `linear` / `linears` run x against these weights on the native kernel (the module docstring)."""
     return (
         cpu_kernels.plain_eager(x)
         and x.numel() <= MAX_ROWS.get(x.dtype, 0) * x.shape[-1]
@@ -56,7 +57,7 @@ def _native(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tens
 
 def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """x [..., K] @ weight [O, K]^T (+ bias [O]) -> [..., O] in x's dtype, as F.linear computes it."""
-    if not _native_applies(x, (weight,)):
+    if not native_applies(x, (weight,)):
         return F.linear(x, weight, bias)
     return _native(x, (weight,), (bias,))[0]
 
@@ -65,7 +66,7 @@ def linear_float32(x: Tensor, weight: Tensor) -> Tensor:
     """x [..., K] @ weight [O, K]^T in float32 from the values as they are (a router's logits): at decode
     sizes and from `MIN_WEIGHTS` weights one native call where PyTorch widens x, widens the weight and
     multiplies (below that, e.g. 8 experts of 1024, PyTorch's three ops take 9 us and the call 18)."""
-    if not _native_applies(x, (weight,)):
+    if not native_applies(x, (weight,)):
         return F.linear(x.float(), weight.float())
     rows = x.reshape(-1, x.shape[-1])
     return cpu_kernels.linear_many(rows, (weight,), float_output=True)[0].view(*x.shape[:-1], weight.shape[0])
@@ -77,7 +78,7 @@ def linears(x: Tensor, layers: Sequence[nn.Module]) -> list[Tensor]:
     all of them instead of one each."""
     if all(type(layer) in _PLAIN_LINEARS for layer in layers):
         weights = [layer.weight for layer in layers]
-        if _native_applies(x, weights):
+        if native_applies(x, weights):
             return _native(x, weights, [layer.bias for layer in layers])
     return [layer(x) for layer in layers]
 

@@ -1,0 +1,157 @@
+"""The decode step's blocks as prepared native calls (sparsemoe/model/native_decode.py): the same logits, bit
+for bit, as the blocks run as modules, over the model options it takes; the modules wherever it does not."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sparsemoe.model import MoETransformer, preset
+from sparsemoe.model import native_decode as native_module
+from sparsemoe.ops import cpu_kernels
+from sparsemoe.ops import linear as linear_module
+
+pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="native CPU kernels unavailable")
+
+
+@pytest.fixture(autouse=True)
+def small_projections_native(monkeypatch):
+    """The tiny test models' projections are below the size where `linear` takes the native kernel; take it
+    from any size, so that both paths run the kernels the native decode step needs."""
+    monkeypatch.setattr(linear_module, "MIN_WEIGHTS", 0)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def _model(dtype=torch.float32, **overrides) -> MoETransformer:
+    torch.manual_seed(0)
+    return MoETransformer(preset("tiny", n_heads=4, dim=64, **overrides)).to(dtype).eval()
+
+
+def _decode(model, ids, steps):
+    """Logits of the prompt's last position and of `steps` greedy steps after it [B, steps + 1, V], float32."""
+    cache = model.new_cache(ids.shape[0])
+    out = []
+    with torch.no_grad():
+        logits = model(ids, cache=cache, last_only=True).logits
+        out.append(logits.float())
+        for _ in range(steps):
+            logits = model(logits[:, -1].float().argmax(-1, keepdim=True), cache=cache, last_only=True).logits
+            out.append(logits.float())
+    return torch.cat(out, 1), cache
+
+
+def _modules_only(monkeypatch):
+    monkeypatch.setattr(native_module, "_prepare", lambda *args: None)
+
+
+def _counting_runs(monkeypatch) -> list[int]:
+    runs = []
+    real = native_module.NativeDecode.run
+
+    def run(self, *args):
+        runs.append(self.B)
+        return real(self, *args)
+
+    monkeypatch.setattr(native_module.NativeDecode, "run", run)
+    return runs
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [dict(), dict(sliding_window=5), dict(nope_layers=[1]), dict(rotary_dim=4), dict(attention_multiplier=0.3),
+     dict(n_kv_heads=1), dict(first_dense_layers=1), dict(score_func="sigmoid", route_scale=2.0, top_k=1),
+     dict(activation="geglu"), dict(tie_embeddings=True)],
+)  # fmt: skip
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_native_decode_gives_the_modules_logits_bit_for_bit(monkeypatch, overrides, dtype, batch):
+    model = _model(dtype, **overrides)
+    ids = torch.randint(0, 256, (batch, 7), generator=torch.Generator().manual_seed(1))
+    runs = _counting_runs(monkeypatch)
+    native, _ = _decode(model, ids, 12)
+    assert runs == [batch] * 12  # every step after the prompt
+    with monkeypatch.context() as patch:
+        _modules_only(patch)
+        modules, _ = _decode(model, ids, 12)
+    assert torch.equal(native, modules)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [dict(qk_norm=True), dict(attention_gate=True), dict(qkv_bias=True), dict(norm_placement="post"),
+     dict(norm_placement="sandwich"), dict(residual_multiplier=0.5), dict(attention="mla"),
+     dict(bias_balancing=True), dict(num_shared_experts=1), dict(eval_capacity_factor=1.0),
+     dict(router="group_limited", num_groups=2, topk_groups=1)],
+)  # fmt: skip
+def test_what_the_native_step_does_not_take_runs_as_modules(monkeypatch, overrides):
+    model = _model(**overrides)
+    ids = torch.randint(0, 256, (2, 5))
+    runs = _counting_runs(monkeypatch)
+    logits, cache = _decode(model, ids, 3)
+    assert runs == [] and cache.__dict__.get("_native_decode", {}).get(2) is None
+    assert torch.isfinite(logits).all()
+
+
+def test_hooks_autocast_and_gradients_take_the_modules(monkeypatch):
+    model = _model()
+    ids = torch.randint(0, 256, (1, 5))
+    runs = _counting_runs(monkeypatch)
+    seen = []
+    handle = model.layers[1].ffn.register_forward_hook(lambda *args: seen.append(1))
+    _decode(model, ids, 2)
+    handle.remove()
+    assert runs == [] and len(seen) == 3  # the prompt and two steps
+    _decode(model, ids, 2)
+    assert runs == [1, 1]
+
+
+def test_moe_statistics_and_losses_after_a_native_step_are_the_modules(monkeypatch):
+    model = _model()
+    ids = torch.randint(0, 256, (2, 5))
+    runs = _counting_runs(monkeypatch)
+    _decode(model, ids, 1)
+    assert runs == [2]
+    native = [(layer.aux_loss, layer.stats) for layer in model.moe_layers]
+    _modules_only(monkeypatch)
+    _decode(model, ids, 1)
+    for (loss, stats), layer in zip(native, model.moe_layers):
+        assert torch.equal(loss, layer.aux_loss)
+        assert torch.equal(stats.tokens_per_expert, layer.stats.tokens_per_expert)
+
+
+def test_a_replaced_weight_is_seen_at_the_next_step(monkeypatch):
+    """The prepared calls hold weight addresses: a parameter replaced, or moved in memory, prepares them again."""
+    model = _model()
+    ids = torch.randint(0, 256, (1, 5))
+    cache = model.new_cache(1)
+    runs = _counting_runs(monkeypatch)
+    with torch.no_grad():
+        model(ids, cache=cache)
+        model(ids[:, :1], cache=cache)
+        first = cache._native_decode[1]
+        layer = model.layers[0].attn.o_proj
+        layer.weight = torch.nn.Parameter(layer.weight * 2)
+        expert = model.layers[1].ffn.experts
+        expert.w_in.data = expert.w_in.data.clone() * 0.5
+        native = model(ids[:, 1:2], cache=cache).logits
+    assert runs == [1, 1] and cache._native_decode[1] is not first
+    with monkeypatch.context() as patch:
+        _modules_only(patch)
+        cache.length -= 1
+        with torch.no_grad():
+            modules = model(ids[:, 1:2], cache=cache).logits
+    assert torch.equal(native, modules)
+
+
+def test_non_finite_router_logits_raise_the_modules_error(monkeypatch):
+    model = _model()
+    ids = torch.randint(0, 256, (1, 5))
+    cache = model.new_cache(1)
+    with torch.no_grad():
+        model(ids, cache=cache)
+        model.layers[1].ffn.router.weight.fill_(float("nan"))
+        with pytest.raises(ValueError, match="router logits are"):
+            model(ids[:, :1], cache=cache)
