@@ -27,7 +27,7 @@ def small_projections_native(monkeypatch):
 
 def _model(dtype=torch.float32, **overrides) -> MoETransformer:
     torch.manual_seed(0)
-    return MoETransformer(preset("tiny", n_heads=4, dim=64, **overrides)).to(dtype).eval()
+    return MoETransformer(preset("tiny", **{"n_heads": 4, "dim": 64, **overrides})).to(dtype).eval()
 
 
 def _decode(model, ids, steps):
@@ -155,3 +155,19 @@ def test_non_finite_router_logits_raise_the_modules_error(monkeypatch):
         model.layers[1].ffn.router.weight.fill_(float("nan"))
         with pytest.raises(ValueError, match="router logits are"):
             model(ids[:, :1], cache=cache)
+
+
+@pytest.mark.parametrize("scheme", [("int8", None), ("int4", 32)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantized_experts_decode_natively_with_the_modules_logits(monkeypatch, scheme, dtype):
+    from sparsemoe.quant import quantize
+
+    model = quantize(_model(dtype, dim=128), *scheme)
+    ids = torch.randint(0, 256, (1, 6), generator=torch.Generator().manual_seed(2))
+    runs = _counting_runs(monkeypatch)
+    native, _ = _decode(model, ids, 8)
+    assert runs == [1] * 8
+    with monkeypatch.context() as patch:
+        _modules_only(patch)
+        modules, _ = _decode(model, ids, 8)
+    assert torch.equal(native, modules)

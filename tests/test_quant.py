@@ -183,6 +183,28 @@ def test_kernel_matches_its_definition(D, F, E, K, T, scheme, activation, bf16, 
     assert ((y.double() - expected).abs() <= tolerance + 1e-4 * expected.abs()).all()
 
 
+@pytest.mark.parametrize("scheme", [("int8", None), ("int4", 32), ("int4", 64)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_from_the_routers_choices_is_the_kernel_from_the_plan(scheme, dtype):
+    """A decode step's quantized experts straight from the top-k choices (rows grouped inside the call) give
+    the plan path's result bit for bit: the same rows, in the same order, through the same kernel."""
+    from sparsemoe.dispatch.plan import plan_from_topk
+    from sparsemoe.quant.experts import kernel_forward, kernel_forward_choices
+
+    torch.manual_seed(0)
+    E, K = 6, 2
+    experts = QuantizedExperts.from_experts(Experts(E, 70, 40, "swiglu").to(dtype), QuantScheme.make(*scheme))
+    for T in (1, 3, 9):
+        x = torch.randn(T, 70).to(dtype)
+        ids = torch.stack([torch.randperm(E)[:K] for _ in range(T)])
+        weights = torch.rand(T, K)
+        plan = plan_from_topk(ids, weights, E)
+        with torch.no_grad():
+            from_plan = kernel_forward(x, plan.token_ids, plan.weights, plan.offsets, experts)
+            from_choices = kernel_forward_choices(x, ids.reshape(-1), weights.reshape(-1), K, experts)
+        assert torch.equal(from_plan, from_choices)
+
+
 @pytest.mark.parametrize("backend", [b for b in backend_names() if b != "triton"])
 @pytest.mark.parametrize("scheme", [("int8", None), ("int4", 32)])
 def test_every_backend_and_input_gradients(backend, scheme, native_kernels):

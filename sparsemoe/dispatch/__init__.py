@@ -32,7 +32,7 @@ from sparsemoe.dispatch.grouped import grouped_forward
 from sparsemoe.dispatch.plan import DispatchPlan, build_plan
 from sparsemoe.dispatch.reference import reference_forward
 from sparsemoe.ops import cpu_kernels
-from sparsemoe.quant.experts import QuantizedExperts, is_inference, kernel_applies, kernel_forward
+from sparsemoe.quant.experts import QuantizedExperts, is_inference, kernel_applies, kernel_forward, kernel_forward_choices
 from sparsemoe.routing import RoutingResult
 
 BackendFn = Callable[[Tensor, DispatchPlan, "object"], Tensor]
@@ -146,6 +146,11 @@ def run_from_choices(name: str, x_TD: Tensor, routing: RoutingResult, experts) -
     decode step); None otherwise: then build the plan and `run_backend`."""
     if routing.expert_choice or name not in ("auto", "decode"):
         return None
+    if isinstance(experts, QuantizedExperts):  # the decision of _run_quantized, without the plan
+        if not (cpu_kernels.plain_eager(x_TD) and autocast_dtype(x_TD.device.type) is None
+                and kernel_applies(x_TD, experts, routing.expert_ids.shape[0])):  # fmt: skip
+            return None
+        return kernel_forward_choices(x_TD, routing.expert_ids, routing.weights, routing.top_k, experts)
     if name == "auto" and auto_backend_name(x_TD, routing.expert_ids.shape[0], routing.num_experts) != "decode":
         return None
     return decode_from_choices(x_TD, routing.expert_ids, routing.weights, routing.top_k, experts)

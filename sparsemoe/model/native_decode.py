@@ -15,8 +15,9 @@ blocks then run as modules):
 * plain pre-norm blocks (no post- or sandwich norms, residual multiplier 1), no forward hooks anywhere;
 * grouped-query attention (`Attention`, not MLA) without q/k norms, gates or biases, whose projections run
   on the native kernel at this batch size (`sparsemoe.ops.linear.native_applies`);
-* MoE layers with token-choice top-k routing and no selection bias, plain experts, no shared experts, no
-  capacity at inference, whose backend is `decode` at this batch size; or a dense MLP (run as its module);
+* MoE layers with token-choice top-k routing and no selection bias, plain or quantized experts (int8, int4),
+  no shared experts, no capacity at inference, whose expert stage runs on the decode kernel at this batch
+  size; or a dense MLP (run as its module);
 * float32 or bfloat16 weights of one dtype, the native kernels built, no autocast, no gradients.
 
 Each step computes what the modules compute, call for call: the same kernels on the same values in the
@@ -42,6 +43,7 @@ from sparsemoe.layer import MoE
 from sparsemoe.model.attention import Attention, KVCache, RMSNorm
 from sparsemoe.ops import cpu_kernels
 from sparsemoe.ops.linear import linear_float32, native_applies
+from sparsemoe.quant.experts import QuantizedExperts, kernel_applies
 from sparsemoe.routing import RoutingResult, assignment_tokens
 
 _VOID_P, _INT64 = ctypes.c_void_p, ctypes.c_int64
@@ -74,20 +76,20 @@ def _plain_attention(attn: Attention, dtype: torch.dtype) -> bool:
 
 def _decoding_moe(layer: MoE, h_BD: Tensor) -> bool:
     """Whether the MoE layer's module forward would take the native path at this batch: top-k routing on the
-    native kernel, the expert stage from the router's choices on the decode kernel."""
+    native kernel, the expert stage from the router's choices on the decode kernel (float or quantized
+    experts; `sparsemoe.dispatch.run_from_choices`)."""
     cfg = layer.config
-    B = h_BD.shape[0]
+    B, experts = h_BD.shape[0], layer.experts
+    if not (type(layer) is MoE and layer.shared_experts is None and cfg.router == "topk"
+            and cfg.score_order == "before_topk" and not cfg.bias_balancing and cfg.capacity(B, False) is None
+            and cfg.backend in ("auto", "decode")):
+        return False  # fmt: skip
+    if type(experts) is QuantizedExperts:
+        return kernel_applies(h_BD, experts, B * cfg.top_k)
     return (
-        type(layer) is MoE
-        and type(layer.experts) is Experts
-        and layer.shared_experts is None
-        and cfg.router == "topk"
-        and cfg.score_order == "before_topk"
-        and not cfg.bias_balancing
-        and cfg.capacity(B, False) is None
-        and cfg.backend in ("auto", "decode")
+        type(experts) is Experts
         and (cfg.backend == "decode" or auto_backend_name(h_BD, B * cfg.top_k, cfg.num_experts) == "decode")
-        and cpu_kernels.supports(h_BD, layer.experts.w_in, layer.experts.w_out, layer.experts.activation)
+        and cpu_kernels.supports(h_BD, experts.w_in, experts.w_out, experts.activation)
     )
 
 
@@ -107,8 +109,13 @@ def _watch_list(block: Any, cache: KVCache, index: int) -> list[tuple[Any, Any, 
     if isinstance(ffn, MoE):
         experts, router = ffn._modules["experts"], ffn._modules["router"]
         watched += [(ffn._modules, "experts", experts, 0), (ffn._modules, "router", router, 0)]
-        for params, name in ((experts._parameters, "w_in"), (experts._parameters, "w_out"), (router._parameters, "weight")):
-            watched.append((params, name, params[name], params[name].data_ptr()))
+        if isinstance(experts, QuantizedExperts):
+            stored = [experts._modules[name]._buffers for name in ("w_in", "w_out")]
+            tensors = [(buffers, name) for buffers in stored for name in ("data", "scale")]
+        else:
+            tensors = [(experts._parameters, "w_in"), (experts._parameters, "w_out")]
+        for container, name in (*tensors, (router._parameters, "weight")):
+            watched.append((container, name, container[name], container[name].data_ptr()))
     return watched
 
 
@@ -143,8 +150,16 @@ class _Layer:
             self.router_weight = self.moe.router.weight
             self.routing_args = (cfg.num_experts, cfg.top_k, int(cfg.score_func == "sigmoid"), int(cfg.renormalize),
                                  cfg.route_scale)  # fmt: skip
-            self.expert_args = (experts.w_in.data_ptr(), experts.w_out.data_ptr(), experts.w_out.shape[2],
-                                experts.w_in.shape[1], cpu_kernels.ACTIVATION_CODES[experts.activation])  # fmt: skip
+            act = cpu_kernels.ACTIVATION_CODES[experts.activation]
+            if isinstance(experts, QuantizedExperts):  # stored bytes and scales, bits, group, F, I
+                w_in, w_out = experts.w_in, experts.w_out
+                self.quantized_args = (w_in.data.data_ptr(), w_in.scale.data_ptr(), w_out.data.data_ptr(),
+                                       w_out.scale.data_ptr(), cpu_kernels.QUANT_BITS[experts.scheme.name],
+                                       experts.scheme.group_size or 0, experts.hidden_dim, w_in.data.shape[1], act)  # fmt: skip
+            else:
+                self.quantized_args = None
+                self.expert_args = (experts.w_in.data_ptr(), experts.w_out.data_ptr(), experts.w_out.shape[2],
+                                    experts.w_in.shape[1], act)  # fmt: skip
 
 class NativeDecode:
     """The blocks of one model at a decode step of B sequences, as prepared native calls (module docstring)."""
@@ -161,6 +176,7 @@ class NativeDecode:
         self.linear_many = getattr(lib, f"sparsemoe_linear_many_{suffix}")
         self.attention = getattr(lib, f"sparsemoe_decode_attention_{suffix}")
         self.experts = getattr(lib, f"sparsemoe_decode_mlp_choices_{suffix}")
+        self.quantized_experts = lib.sparsemoe_decode_mlp_quant_choices
         self.half = int(self.dtype == torch.bfloat16)
         B, D, H, G, Hd = self.B, self.D, self.H, self.G, self.Hd
         empty = lambda *shape: torch.empty(*shape, dtype=self.dtype)  # noqa: E731
@@ -232,9 +248,15 @@ class NativeDecode:
         probs, ids, weights = torch.empty(B, E), torch.empty(B, K, dtype=torch.int64), torch.empty(B, K)
         self.lib.sparsemoe_topk_route(logits.data_ptr(), B, E, K, sigmoid, renormalize, route_scale, probs.data_ptr(),
                                       ids.data_ptr(), weights.data_ptr())  # fmt: skip
-        w_in, w_out, F, I, act = layer.expert_args
-        status = self.experts(h_BD.data_ptr(), ids.data_ptr(), weights.data_ptr(), B, K, E, w_in, w_out, self.D, F, I,
-                              act, y_BD.data_ptr(), threads)  # fmt: skip
+        if layer.quantized_args is None:
+            w_in, w_out, F, I, act = layer.expert_args
+            status = self.experts(h_BD.data_ptr(), ids.data_ptr(), weights.data_ptr(), B, K, E, w_in, w_out, self.D, F,
+                                  I, act, y_BD.data_ptr(), threads)  # fmt: skip
+        else:
+            in_data, in_scale, out_data, out_scale, bits, group, F, I, act = layer.quantized_args
+            status = self.quantized_experts(h_BD.data_ptr(), self.half, ids.data_ptr(), weights.data_ptr(), B, K, E,
+                                            in_data, in_scale, out_data, out_scale, bits, group, self.D, F, I, act,
+                                            y_BD.data_ptr(), threads)  # fmt: skip
         cpu_kernels.check_status(status, "decode_mlp_choices")
         out = self.buffers["y_out"].copy_(y_BD) if self.half else y_BD
         if not self.lib.sparsemoe_all_finite(out.data_ptr(), out.numel(), self.half, threads):

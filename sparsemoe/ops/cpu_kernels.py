@@ -26,6 +26,8 @@ Legend: N rows sorted by expert, n rows, E experts, D model width, F hidden widt
         hidden width, activation) -> y_TD float32: the same stage with quantized expert weights (int8 per
         output channel or int4 group-wise, sparsemoe.quant.schemes), read in their stored bytes and widened
         in registers; x float32 or bfloat16
+    decode_mlp_quantized_choices(x_TD, expert_ids [T*K], weights [T*K], K, ...) -> the same from a router's top-k
+        choices, the rows grouped by expert inside the call
     dequantize(data, scale, bits, group, K, dtype) -> the float weight [..., O, K] in float32 or bfloat16
     scatter_add_rows(y_TD, token_ids [n], rows_nD, weights [n] or None) -> y, in place:
         y[token_ids[r]] += weights[r] rows[r] in float32, rows float32 or bfloat16 (the expert op's combine
@@ -167,6 +169,8 @@ def _bind(path: Path) -> ctypes.CDLL:
         "sparsemoe_decode_mlp_choices_bf16": ([p, p, p, i64, i64, i64, p, p, i64, i64, i64, i32, p, i32], ctypes.c_int),
         "sparsemoe_decode_mlp_quant": (
             [p, i32, p, p, i64, p, i64, p, p, p, p, i32, i64, i64, i64, i64, i64, i32, p, i32], ctypes.c_int),
+        "sparsemoe_decode_mlp_quant_choices": (
+            [p, i32, p, p, i64, i64, i64, p, p, p, p, i32, i64, i64, i64, i64, i32, p, i32], ctypes.c_int),
         "sparsemoe_dequantize": ([p, p, i32, i64, i64, i64, i64, p, i32, i32], ctypes.c_int),
         "sparsemoe_vnni_activations_int8": ([], ctypes.c_int),
         "sparsemoe_bfloat16_dot_products": ([], ctypes.c_int),
@@ -530,6 +534,28 @@ def stored_layout(scheme: str, E: int, O: int, K: int, group: int) -> tuple[torc
     return torch.Size((E, O, Kp // 2)), torch.Size((E, O, Kp // group)), torch.uint8, torch.bfloat16
 
 
+def _check_quantized(function: str, x_TD: Tensor, w_in: tuple[Tensor, Tensor], w_out: tuple[Tensor, Tensor], scheme: str,
+                     group_size: int, hidden_dim: int) -> tuple[int, int, int]:
+    """(bits, E, I) of quantized expert weights that fit x, or ValueError naming what does not."""
+    bits = QUANT_BITS[scheme]
+    if bits == 4 and group_size <= 0:
+        raise ValueError(f"{function}: int4 needs a positive group size, got {group_size}")
+    (in_data, in_scale), (out_data, out_scale) = w_in, w_out
+    T, D = x_TD.shape
+    E, I = in_data.shape[:2]
+    F = hidden_dim
+    stored_in, stored_out = stored_layout(scheme, E, I, D, group_size), stored_layout(scheme, E, D, F, group_size)
+    if ((in_data.shape, in_scale.shape, in_data.dtype, in_scale.dtype) != stored_in
+            or (out_data.shape, out_scale.shape, out_data.dtype, out_scale.dtype) != stored_out
+            or x_TD.dtype not in KERNEL_DTYPES
+            or not all(t.is_contiguous() for t in (in_data, in_scale, out_data, out_scale))):
+        raise ValueError(f"{function}: x {x_TD.dtype} {tuple(x_TD.shape)}, w_in {tuple(in_data.shape)} / "
+                         f"{tuple(in_scale.shape)}, w_out {tuple(out_data.shape)} / {tuple(out_scale.shape)} do not fit "
+                         f"{scheme} weights with hidden width {F} and group size {group_size}, or the stored weights "
+                         "are not contiguous")  # fmt: skip
+    return bits, E, I
+
+
 def decode_mlp_quantized(
     x_TD: Tensor, token_ids: Tensor, weights: Tensor, offsets: Tensor, w_in: tuple[Tensor, Tensor],
     w_out: tuple[Tensor, Tensor], scheme: str, group_size: int, hidden_dim: int, activation: str,
@@ -537,23 +563,13 @@ def decode_mlp_quantized(
     """y [T, D] float32: `decode_mlp` with quantized expert weights, each given as (data, scale) in the
     layouts of `sparsemoe.quant.schemes` (int8: data [E, O, K], scale [E, O]; int4: data [E, O, Kp / 2],
     scale [E, O, Kp / G] bfloat16); rows past offsets[-1] dropped. Check `supports_quantized` first."""
-    bits = QUANT_BITS[scheme]
-    if bits == 4 and group_size <= 0:
-        raise ValueError(f"decode_mlp_quantized: int4 needs a positive group size, got {group_size}")
+    bits, E, I = _check_quantized("decode_mlp_quantized", x_TD, w_in, w_out, scheme, group_size, hidden_dim)
     (in_data, in_scale), (out_data, out_scale) = w_in, w_out
     T, D = x_TD.shape
-    E, I = in_data.shape[:2]
-    F = hidden_dim
     N = token_ids.shape[0]
-    stored_in, stored_out = stored_layout(scheme, E, I, D, group_size), stored_layout(scheme, E, D, F, group_size)
-    if ((in_data.shape, in_scale.shape, in_data.dtype, in_scale.dtype) != stored_in
-            or (out_data.shape, out_scale.shape, out_data.dtype, out_scale.dtype) != stored_out
-            or offsets.shape != (E,) or token_ids.shape != (N,) or weights.shape != (N,) or x_TD.dtype not in KERNEL_DTYPES
-            or not all(t.is_contiguous() for t in (in_data, in_scale, out_data, out_scale))):
-        raise ValueError(f"decode_mlp_quantized: x {x_TD.dtype} {tuple(x_TD.shape)}, w_in {tuple(in_data.shape)} / "
-                         f"{tuple(in_scale.shape)}, w_out {tuple(out_data.shape)} / {tuple(out_scale.shape)}, offsets "
-                         f"{tuple(offsets.shape)}, token_ids {tuple(token_ids.shape)} do not fit {scheme} weights with "
-                         f"hidden width {F} and group size {group_size}, or the stored weights are not contiguous")  # fmt: skip
+    if offsets.shape != (E,) or token_ids.shape != (N,) or weights.shape != (N,):
+        raise ValueError(f"decode_mlp_quantized: offsets {tuple(offsets.shape)}, token_ids {tuple(token_ids.shape)} and "
+                         f"weights {tuple(weights.shape)} do not fit {E} experts")  # fmt: skip
     if token_ids.dtype != torch.int64 or offsets.dtype != torch.int64:
         raise ValueError(f"decode_mlp_quantized: token_ids and offsets must be int64, got {token_ids.dtype}, {offsets.dtype}")
     x_TD, token_ids, offsets = x_TD.contiguous(), token_ids.contiguous(), offsets.contiguous()
@@ -562,9 +578,33 @@ def decode_mlp_quantized(
     status = _library().sparsemoe_decode_mlp_quant(
         x_TD.data_ptr(), int(x_TD.dtype == torch.bfloat16), token_ids.data_ptr(), weights.data_ptr(), N,
         offsets.data_ptr(), E, in_data.data_ptr(), in_scale.data_ptr(), out_data.data_ptr(), out_scale.data_ptr(),
-        bits, group_size, T, D, F, I, ACTIVATION_CODES[activation], y_TD.data_ptr(), torch.get_num_threads(),
+        bits, group_size, T, D, hidden_dim, I, ACTIVATION_CODES[activation], y_TD.data_ptr(), torch.get_num_threads(),
     )
     check_status(status, "sparsemoe_decode_mlp_quant")
+    return y_TD
+
+
+def decode_mlp_quantized_choices(
+    x_TD: Tensor, expert_ids: Tensor, weights: Tensor, top_k: int, w_in: tuple[Tensor, Tensor],
+    w_out: tuple[Tensor, Tensor], scheme: str, group_size: int, hidden_dim: int, activation: str,
+) -> Tensor:
+    """y [T, D] float32: `decode_mlp_quantized` from a router's top-k choices, expert_ids [T*K] int64 and weights
+    [T*K] token-major, the rows grouped by expert inside the call (the plan's rows, in its order). Check
+    `supports_quantized` first."""
+    bits, E, I = _check_quantized("decode_mlp_quantized_choices", x_TD, w_in, w_out, scheme, group_size, hidden_dim)
+    (in_data, in_scale), (out_data, out_scale) = w_in, w_out
+    T, D = x_TD.shape
+    if expert_ids.shape != (T * top_k,) or weights.shape != (T * top_k,) or expert_ids.dtype != torch.int64:
+        raise ValueError(f"decode_mlp_quantized_choices: expert_ids {tuple(expert_ids.shape)} {expert_ids.dtype} and "
+                         f"weights {tuple(weights.shape)} do not fit {T} tokens of top-{top_k} choices")  # fmt: skip
+    x_TD, expert_ids, weights = x_TD.contiguous(), expert_ids.contiguous(), weights.float().contiguous()
+    y_TD = x_TD.new_empty(T, D, dtype=torch.float32)
+    status = _library().sparsemoe_decode_mlp_quant_choices(
+        x_TD.data_ptr(), int(x_TD.dtype == torch.bfloat16), expert_ids.data_ptr(), weights.data_ptr(), T, top_k, E,
+        in_data.data_ptr(), in_scale.data_ptr(), out_data.data_ptr(), out_scale.data_ptr(), bits, group_size, D,
+        hidden_dim, I, ACTIVATION_CODES[activation], y_TD.data_ptr(), torch.get_num_threads(),
+    )
+    check_status(status, "sparsemoe_decode_mlp_quant_choices")
     return y_TD
 
 

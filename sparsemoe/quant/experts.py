@@ -210,6 +210,18 @@ def kernel_forward(x_TD: Tensor, token_ids: Tensor, weights: Tensor, offsets: Te
               scheme.name, scheme.group_size, experts.hidden_dim, experts.activation)
 
 
+def kernel_forward_choices(x_TD: Tensor, expert_ids: Tensor, weights: Tensor, top_k: int, experts: QuantizedExperts) -> Tensor:
+    """`kernel_forward` from a router's token-major top-k choices ([T*K] each), the rows grouped by expert inside
+    the call (the plan's rows, in its order: the same result); eager CPU tensors only (no op for the compiler).
+    Check `kernel_applies` first."""
+    w_in, w_out = experts._modules["w_in"]._buffers, experts._modules["w_out"]._buffers
+    scheme = experts.scheme
+    return cpu_kernels.decode_mlp_quantized_choices(
+        x_TD, expert_ids, weights, top_k, (w_in["data"], w_in["scale"]), (w_out["data"], w_out["scale"]), scheme.name,
+        scheme.group_size, experts.hidden_dim, experts.activation,
+    )  # fmt: skip
+
+
 def is_inference(x_TD: Tensor, experts: QuantizedExperts) -> bool:
     """No gradient to x and no dropout: what the paths that compute without autograd need."""
     return not (torch.is_grad_enabled() and x_TD.requires_grad) and not (experts.dropout > 0 and experts.training)

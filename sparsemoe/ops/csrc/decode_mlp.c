@@ -251,6 +251,25 @@ int sparsemoe_decode_mlp_quant(const void* x, int x_bf16, const int64_t* tok, co
   return decode_stage(x, x_bf16, tok, wts, N, offsets, E, &win, &wout, T, D, F, I, act, y, NULL, threads);
 }
 
+/* The quantized decode stage from a router's top-k choices, ids and wts [T * K] token-major, the rows grouped
+ * by expert inside the call (plan_choices; the same rows in the same order as the plan): see
+ * sparsemoe_decode_mlp_quant. */
+int sparsemoe_decode_mlp_quant_choices(const void* x, int x_bf16, const int64_t* ids, const float* wts, int64_t T,
+                                       int64_t K, int64_t E, const void* w_in, const void* s_in, const void* w_out,
+                                       const void* s_out, int bits, int64_t group, int64_t D, int64_t F, int64_t I,
+                                       int act, float* y, int threads) {
+  const int64_t N = T * K;
+  int64_t* rows = malloc((size_t)(N + E + 1) * sizeof(int64_t)); /* tok [N], then offsets [E] */
+  float* sorted_wts = malloc((size_t)(N + 1) * sizeof(float));
+  int status = rows && sorted_wts ? plan_choices(ids, wts, N, K, E, rows, sorted_wts, rows + N) : -1;
+  if (!status)
+    status = sparsemoe_decode_mlp_quant(x, x_bf16, rows, sorted_wts, N, rows + N, E, w_in, s_in, w_out, s_out, bits,
+                                        group, T, D, F, I, act, y, threads);
+  free(rows);
+  free(sorted_wts);
+  return status;
+}
+
 /* 1 when quantized weights (int8, and int4 with a group size that is a multiple of 64) run against
  * activations rounded to int8 with VNNI dot products for up to 8 rows per expert (quant_gemm.h), else 0. */
 int sparsemoe_vnni_activations_int8(void) { return VNNI; }
