@@ -14,11 +14,12 @@ from sparsemoe.ops import linear as linear_module
 pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="native CPU kernels unavailable")
 
 
-@pytest.fixture(autouse=True)
-def small_projections_native(monkeypatch):
-    """The tiny test models' projections are below the size where `linear` takes the native kernel; take it
-    from any size, so that both paths run the kernels the native decode step needs."""
-    monkeypatch.setattr(linear_module, "MIN_WEIGHTS", 0)
+@pytest.fixture(autouse=True, params=["native projections", "BLAS projections"])
+def projections(request, monkeypatch):
+    """The tiny test models' projections are below the size where `linear` takes the native kernel: run each
+    test as they are (F.linear) and with the kernel taken from any size."""
+    if request.param == "native projections":
+        monkeypatch.setattr(linear_module, "MIN_WEIGHTS", 0)
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     yield

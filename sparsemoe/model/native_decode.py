@@ -13,8 +13,8 @@ and replays them; `native_decode(model, cache, x)` returns it where every block 
 blocks then run as modules):
 
 * plain pre-norm blocks (no post- or sandwich norms, residual multiplier 1), no forward hooks anywhere;
-* grouped-query attention (`Attention`, not MLA) without q/k norms, gates or biases, whose projections run
-  on the native kernel at this batch size (`sparsemoe.ops.linear.native_applies`);
+* grouped-query attention (`Attention`, not MLA) without q/k norms, gates or biases (its projections on the
+  native kernel, or on F.linear below the size where `sparsemoe.ops.linear` takes the kernel, as there);
 * MoE layers with token-choice top-k routing and no selection bias, plain or quantized experts (int8, int4),
   no shared experts, no capacity at inference, whose expert stage runs on the decode kernel at this batch
   size; or a dense MLP (run as its module);
@@ -33,6 +33,7 @@ import ctypes
 from typing import Any, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.modules import module as nn_module
 
@@ -138,6 +139,11 @@ class _Layer:
         self.qkv = (_pointers(qkv), (_INT64 * 3)(*[w.shape[0] for w in qkv]),
                     _pointers((buffers["q"], buffers["k"], buffers["v"])))  # fmt: skip
         self.o_proj = (_pointers((attn.o_proj.weight,)), (_INT64 * 1)(attn.o_proj.weight.shape[0]), _pointers((buffers["o"],)))
+        # projections below the native kernel's size run as the modules run them: F.linear
+        B = buffers["h"].shape[0]
+        self.qkv_native = native_applies(buffers["h"].view(B, 1, -1), qkv)
+        self.o_native = native_applies(buffers["att"].view(B, 1, -1), (attn.o_proj.weight,))
+        self.qkv_weights, self.o_weight = qkv, attn.o_proj.weight
         self.cache_k, self.cache_v = cache.keys[index], cache.values[index]
         self.moe = block.ffn if isinstance(block.ffn, MoE) else None
         self.watched = _watch_list(block, cache, index)
@@ -217,14 +223,22 @@ class NativeDecode:
         for layer in self.layers:
             attn_norm, attn_eps, ffn_norm, ffn_eps = layer.norms
             self.rms_norm(x_ptr, attn_norm, B, D, attn_eps, h_ptr, threads)
-            check(self.linear_many(h_ptr, self.half, B, D, 3, *layer.qkv, self.half, threads), "linear_many")
+            if layer.qkv_native:
+                check(self.linear_many(h_ptr, self.half, B, D, 3, *layer.qkv, self.half, threads), "linear_many")
+                qkv = (q_ptr, k_ptr, v_ptr)
+            else:
+                q, k, v = (F.linear(h.view(B, 1, D), w) for w in layer.qkv_weights)
+                qkv = (q.data_ptr(), k.data_ptr(), v.data_ptr())
             cos, sin, R = rope if layer.rope else no_rope
-            check(self.attention(q_ptr, k_ptr, v_ptr, cos, sin, *layer.cache_args[:2], B, self.H, self.G, self.Hd, R,
+            check(self.attention(*qkv, cos, sin, *layer.cache_args[:2], B, self.H, self.G, self.Hd, R,
                                  layer.cache_args[2], past, layer.window, layer.scale, att_ptr, threads),
                   "decode_attention")  # fmt: skip
-            check(self.linear_many(att_ptr, self.half, B, self.H * self.Hd, 1, *layer.o_proj, self.half, threads),
-                  "linear_many")  # fmt: skip
-            x_BD += o
+            if layer.o_native:
+                check(self.linear_many(att_ptr, self.half, B, self.H * self.Hd, 1, *layer.o_proj, self.half, threads),
+                      "linear_many")  # fmt: skip
+                x_BD += o
+            else:
+                x_BD += F.linear(att.view(B, 1, self.H * self.Hd), layer.o_weight).view(B, D)
             self.rms_norm(x_ptr, ffn_norm, B, D, ffn_eps, h_ptr, threads)
             if layer.moe is None:
                 y_BD = layer.block.ffn(h.view(B, 1, D)).view(B, D)
@@ -316,10 +330,6 @@ def _prepare(model: Any, cache: KVCache, x_BSD: Tensor) -> Optional[NativeDecode
             return None
         if any(n.weight.dtype != dtype or not n.weight.is_contiguous() for n in (block.attn_norm, block.ffn_norm)):
             return None
-        attn = block.attn
-        if not (native_applies(h, [attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
-                and native_applies(h.new_empty(B, 1, attn.n_heads * attn.head_dim), [attn.o_proj.weight])):
-            return None  # fmt: skip
         if isinstance(block.ffn, MoE) and not _decoding_moe(block.ffn, h.view(B, -1)):
             return None
     return NativeDecode(model, cache, B)
