@@ -8,7 +8,10 @@ children's, summed per part over N decode steps after a 16-token prompt, and pri
 whole step. The MoE layer's time is split into its expert stage (`MoE._dispatch`: the experts and the
 weighted combine) and the rest (router logits, top-k, the plan, the finiteness checks); "between modules"
 is the step's time outside every module's forward (generate's loop, the sampler). The hooks themselves add a few microseconds per
-module call, so the parts add up to a little more than an unhooked step.
+module call, so the parts add up to a little more than an unhooked step. Hooks also make the model run its
+blocks as modules (a decode step without hooks runs them as prepared native calls,
+`sparsemoe.model.native_decode`): this profiles the module path, the same kernels with their Python around
+them.
 """
 
 import argparse
