@@ -562,11 +562,14 @@ def _decode_logits(model, ids, steps):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_native_decode_step_matches_the_pytorch_path(monkeypatch, overrides, dtype):
     """The one-position attention kernel (RoPE, cache write, softmax) and the native norms give what the
-    PyTorch ops give, over steps that pass the sliding window."""
+    PyTorch ops give, over steps that pass the sliding window (the blocks as modules, whose calls are counted
+    here: tests/test_native_decode.py compares the native decode step with them)."""
+    from sparsemoe.model import native_decode
     from sparsemoe.ops import cpu_kernels, small_kernels
 
     if not cpu_kernels.available():
         pytest.skip("native CPU kernels unavailable")
+    monkeypatch.setattr(native_decode, "_prepare", lambda *args: None)
     torch.manual_seed(0)
     model = MoETransformer(preset("tiny", n_heads=4, **overrides)).to(dtype).eval()
     ids = torch.randint(0, 256, (2, 7))
