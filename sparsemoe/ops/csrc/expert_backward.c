@@ -97,6 +97,25 @@ static inline int64_t padded(int64_t K) { return (K + 2 * VL - 1) / (2 * VL) * (
       }                                                                                                          \
     }                                                                                                            \
   }                                                                                                              \
+  /* Inside the parallel region, one weight's two products for every expert with rows (W, dW [E, K, C]):        \
+   * out = in W (an input-side gradient, by blocks of columns, no barrier after) and dW = a^T b (the weight     \
+   * gradient as outer products, by blocks of GRAD_ROWS rows; a barrier after). in [., ldi] and a [., lda]     \
+   * have K columns, out [., ldo] and b [., ldb] C, rows sorted by expert. */                                    \
+  static void weight_pass_##SUFFIX(const WT* W, WT* dW, int64_t K, int64_t C, const float* in, int64_t ldi,       \
+                                   float* out, int64_t ldo, const float* a, int64_t lda, const float* b,          \
+                                   int64_t ldb, const int64_t* used, int64_t n_used, const int64_t* bounds) {     \
+    const int64_t c_blocks = (C + COL_VECTORS * VL - 1) / (COL_VECTORS * VL), k_rows = (K + GRAD_ROWS - 1) / GRAD_ROWS; \
+    _Pragma("omp for schedule(static) nowait") for (int64_t item = 0; item < n_used * c_blocks; item++) {        \
+      const int64_t e = used[item / c_blocks], lo = bounds[e];                                                   \
+      column_block_##SUFFIX(W + e * K * C, K, C, in + lo * ldi, ldi, bounds[e + 1] - lo, out + lo * ldo, ldo,    \
+                            item % c_blocks);                                                                    \
+    }                                                                                                            \
+    _Pragma("omp for schedule(static)") for (int64_t item = 0; item < n_used * k_rows; item++) {                 \
+      const int64_t e = used[item / k_rows], lo = bounds[e], i0 = item % k_rows * GRAD_ROWS;                     \
+      outer_rows_##SUFFIX(a + lo * lda, lda, b + lo * ldb, ldb, bounds[e + 1] - lo, C, dW + e * K * C, i0,       \
+                          i0 + GRAD_ROWS < K ? i0 + GRAD_ROWS : K);                                              \
+    }                                                                                                            \
+  }                                                                                                              \
   /* dst [padded(K)] float32 = src [K] widened, the padding zero. */                                        \
   static void widen_row_##SUFFIX(const WT* src, int64_t K, float* dst) {                                         \
     for (int64_t k = 0; k < K; k++) dst[k] = WIDEN(src[k]);                                                      \
@@ -133,9 +152,6 @@ static inline int64_t padded(int64_t K) { return (K + 2 * VL - 1) / (2 * VL) * (
       if (bounds[e + 1] == bounds[e]) unused[n_unused++] = e;                                                    \
     float *xs = buf, *gs = xs + kept * Dp, *gw = gs + kept * Dp, *hs = gw + kept * Dp, *dH = hs + kept * Ip;      \
     float *a = dH + kept * Ip, *dA = a + kept * Fp;                                                              \
-    const int64_t f_blocks = (F + COL_VECTORS * VL - 1) / (COL_VECTORS * VL);                                    \
-    const int64_t d_blocks = (D + COL_VECTORS * VL - 1) / (COL_VECTORS * VL);                                    \
-    const int64_t d_rows = (D + GRAD_ROWS - 1) / GRAD_ROWS, i_rows = (I + GRAD_ROWS - 1) / GRAD_ROWS;            \
     _Pragma("omp parallel num_threads(threads)") {                                                               \
       _Pragma("omp for schedule(static)") for (int64_t r = 0; r < kept; r++) {                                   \
         widen_row_##SUFFIX(x + tok[r] * D, D, xs + r * Dp);                                                      \
@@ -146,32 +162,14 @@ static inline int64_t padded(int64_t K) { return (K + 2 * VL - 1) / (2 * VL) * (
         sparsemoe_activate_row_f32(hs + r * Ip, a + r * Fp, F, act);                                             \
         for (int64_t f = F; f < Fp; f++) a[r * Fp + f] = 0.0f;                                                   \
       }                                                                                                          \
-      /* dA = G W_out[e] by blocks of F columns; d w_out[e] = (wts G)^T act(h) by blocks of D rows */             \
-      _Pragma("omp for schedule(static) nowait") for (int64_t item = 0; item < n_used * f_blocks; item++) {      \
-        const int64_t e = used[item / f_blocks], lo = bounds[e];                                                 \
-        column_block_##SUFFIX(w_out + e * D * F, D, F, gs + lo * Dp, Dp, bounds[e + 1] - lo, dA + lo * Fp, Fp,   \
-                              item % f_blocks);                                                                  \
-      }                                                                                                          \
-      _Pragma("omp for schedule(static)") for (int64_t item = 0; item < n_used * d_rows; item++) {               \
-        const int64_t e = used[item / d_rows], lo = bounds[e], i0 = item % d_rows * GRAD_ROWS;                   \
-        outer_rows_##SUFFIX(gw + lo * Dp, Dp, a + lo * Fp, Fp, bounds[e + 1] - lo, F, dw_out + e * D * F, i0,    \
-                            i0 + GRAD_ROWS < D ? i0 + GRAD_ROWS : D);                                            \
-      }                                                                                                          \
+      /* dA = G W_out[e]; d w_out[e] = (wts G)^T act(h) */                                                     \
+      weight_pass_##SUFFIX(w_out, dw_out, D, F, gs, Dp, dA, Fp, gw, Dp, a, Fp, used, n_used, bounds);            \
       /* dH and d wts (act(h) is no longer needed: its rows take the activation's w act(h), unused) */           \
       _Pragma("omp for schedule(static)") for (int64_t r = 0; r < kept; r++)                                     \
         d_wts[r] = sparsemoe_activation_backward_row_f32(hs + r * Ip, dA + r * Fp, wts[r], a + r * Fp,          \
                                                          dH + r * Ip, F, act);                                   \
-      /* dx's rows = dH W_in[e] by blocks of D columns (into G's rows); d w_in[e] = dH^T x by blocks of I rows */ \
-      _Pragma("omp for schedule(static) nowait") for (int64_t item = 0; item < n_used * d_blocks; item++) {      \
-        const int64_t e = used[item / d_blocks], lo = bounds[e];                                                 \
-        column_block_##SUFFIX(w_in + e * I * D, I, D, dH + lo * Ip, Ip, bounds[e + 1] - lo, gs + lo * Dp, Dp,    \
-                              item % d_blocks);                                                                  \
-      }                                                                                                          \
-      _Pragma("omp for schedule(static) nowait") for (int64_t item = 0; item < n_used * i_rows; item++) {        \
-        const int64_t e = used[item / i_rows], lo = bounds[e], i0 = item % i_rows * GRAD_ROWS;                   \
-        outer_rows_##SUFFIX(dH + lo * Ip, Ip, xs + lo * Dp, Dp, bounds[e + 1] - lo, D, dw_in + e * I * D, i0,    \
-                            i0 + GRAD_ROWS < I ? i0 + GRAD_ROWS : I);                                            \
-      }                                                                                                          \
+      /* dx's rows = dH W_in[e] (into G's rows); d w_in[e] = dH^T x */                                           \
+      weight_pass_##SUFFIX(w_in, dw_in, I, D, dH, Ip, gs, Dp, dH, Ip, xs, Dp, used, n_used, bounds);             \
       _Pragma("omp for schedule(static)") for (int64_t u = 0; u < n_unused; u++) {                               \
         memset(dw_in + unused[u] * I * D, 0, (size_t)(I * D) * sizeof(WT));                                      \
         memset(dw_out + unused[u] * D * F, 0, (size_t)(D * F) * sizeof(WT));                                     \
