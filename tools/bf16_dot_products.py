@@ -73,7 +73,8 @@ def main() -> None:
                 decode[name].append(_decode_ms(model, prompt, 24))
             start = time.perf_counter()
             weight.sum()
-            rates["read (torch.sum)"] = max(rates.get("read (torch.sum)", 0.0), gigabytes / (time.perf_counter() - start))
+            read = gigabytes / (time.perf_counter() - start)
+            rates["read (torch.sum)"] = max(rates.get("read (torch.sum)", 0.0), read)
     finally:
         cpu_kernels.load, small_kernels.load = loaders
     print(f"one row against the weight, GB/s (best of {args.rounds}):")

@@ -35,7 +35,8 @@ def main() -> None:
         new = _ms_per_call(a, b, unseen)
         again = _ms_per_call(a, b, unseen)
         fixed = _ms_per_call(a, b, [1024] * 40)
-        print(f"{str(dtype):15s} new row counts {new:.3f} ms/call, the same again {again:.3f}, one row count {fixed:.3f}")
+        print(f"{str(dtype):15s} new row counts {new:.3f} ms/call, the same again {again:.3f}, "
+              f"one row count {fixed:.3f}")
 
 
 if __name__ == "__main__":

@@ -30,7 +30,10 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     keep_freed_memory()  # as the sparsemoe command does
     config = preset(args.preset, vocab_size=256)
-    layers = {"MoE layer": MoETransformer(config).layers[0].ffn, "dense twin's MLP": MoETransformer(config.dense_baseline()).layers[0].ffn}
+    layers = {
+        "MoE layer": MoETransformer(config).layers[0].ffn,
+        "dense twin's MLP": MoETransformer(config.dense_baseline()).layers[0].ffn,
+    }
     x, g = torch.randn(16, 256, config.dim), torch.randn(16, 256, config.dim)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16")
 

@@ -43,7 +43,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; ms per token, best of {args.rounds} rounds")
-    cases = [("mixtral-1k", ModelConfig(**MODEL_SHAPES["mixtral-1k"]), dtype) for dtype in (torch.bfloat16, torch.float32)]
+    mixtral_1k = ModelConfig(**MODEL_SHAPES["mixtral-1k"])
+    cases = [("mixtral-1k", mixtral_1k, dtype) for dtype in (torch.bfloat16, torch.float32)]
     cases.append(("demo", preset("demo", vocab_size=256), torch.float32))
     for name, config, dtype in cases:
         torch.manual_seed(0)

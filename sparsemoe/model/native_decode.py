@@ -6,9 +6,10 @@ per token.
 At a decode step a block is a dozen small native calls (RMSNorm, q/k/v, one-position attention, the output
 projection, the router's top-k, the expert stage; `sparsemoe.ops`). Made through the modules and the
 kernels' Python wrappers, each call costs more than its arithmetic (argument checks, module dispatch, fresh
-output tensors): mixtral-1k's 8 blocks took 8.9-12.9 ms a step that way and 6.5-9.7 ms as the same calls
-made directly into buffers kept from step to step, in one process with identical results (bfloat16, 2
-threads; `docs/benchmarks.md`). `NativeDecode` prepares those calls once per model, cache and batch size
+output tensors): greedy decode of mixtral-1k in bfloat16 took 12.7-13.1 ms per token through the modules
+and 10.6-10.9 ms with its blocks as the same calls made directly into buffers kept from step to step, the
+demo model 1.02-1.09 against 0.47-0.50, the same tokens (2 threads; `python tools/native_decode_gain.py`,
+`docs/benchmarks.md`). `NativeDecode` prepares those calls once per model, cache and batch size
 and replays them; `native_decode(model, cache, x)` returns it where every block qualifies, else None (the
 blocks then run as modules):
 
@@ -103,7 +104,8 @@ def _watch_list(block: Any, cache: KVCache, index: int) -> list[tuple[Any, Any, 
                                                for name in ("attn", "attn_norm", "ffn_norm", "ffn")]  # fmt: skip
     for module in (attn._modules["q_proj"], attn._modules["k_proj"], attn._modules["v_proj"], attn._modules["o_proj"],
                    block._modules["attn_norm"], block._modules["ffn_norm"]):  # fmt: skip
-        watched.append((module._parameters, "weight", module._parameters["weight"], module._parameters["weight"].data_ptr()))
+        weight = module._parameters["weight"]
+        watched.append((module._parameters, "weight", weight, weight.data_ptr()))
     watched += [(attn._modules, name, attn._modules[name], 0) for name in ("q_proj", "k_proj", "v_proj", "o_proj")]
     for tensors in (cache.keys, cache.values):
         watched.append((tensors, index, tensors[index], tensors[index].data_ptr()))
@@ -138,7 +140,8 @@ class _Layer:
         qkv = (attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight)
         self.qkv = (_pointers(qkv), (_INT64 * 3)(*[w.shape[0] for w in qkv]),
                     _pointers((buffers["q"], buffers["k"], buffers["v"])))  # fmt: skip
-        self.o_proj = (_pointers((attn.o_proj.weight,)), (_INT64 * 1)(attn.o_proj.weight.shape[0]), _pointers((buffers["o"],)))
+        self.o_proj = (_pointers((attn.o_proj.weight,)), (_INT64 * 1)(attn.o_proj.weight.shape[0]),
+                       _pointers((buffers["o"],)))  # fmt: skip
         # projections below the native kernel's size run as the modules run them: F.linear
         B = buffers["h"].shape[0]
         self.qkv_native = native_applies(buffers["h"].view(B, 1, -1), qkv)
@@ -161,11 +164,13 @@ class _Layer:
                 w_in, w_out = experts.w_in, experts.w_out
                 self.quantized_args = (w_in.data.data_ptr(), w_in.scale.data_ptr(), w_out.data.data_ptr(),
                                        w_out.scale.data_ptr(), cpu_kernels.QUANT_BITS[experts.scheme.name],
-                                       experts.scheme.group_size or 0, experts.hidden_dim, w_in.data.shape[1], act)  # fmt: skip
+                                       experts.scheme.group_size or 0, experts.hidden_dim, w_in.data.shape[1],
+                                       act)  # fmt: skip
             else:
                 self.quantized_args = None
                 self.expert_args = (experts.w_in.data_ptr(), experts.w_out.data_ptr(), experts.w_out.shape[2],
                                     experts.w_in.shape[1], act)  # fmt: skip
+
 
 class NativeDecode:
     """The blocks of one model at a decode step of B sequences, as prepared native calls (module docstring)."""
@@ -187,7 +192,8 @@ class NativeDecode:
         B, D, H, G, Hd = self.B, self.D, self.H, self.G, self.Hd
         empty = lambda *shape: torch.empty(*shape, dtype=self.dtype)  # noqa: E731
         self.buffers = {"h": empty(B, D), "q": empty(B, H * Hd), "k": empty(B, G * Hd), "v": empty(B, G * Hd),
-                        "att": empty(B, H * Hd), "o": empty(B, D), "y": torch.empty(B, D), "y_out": empty(B, D)}  # fmt: skip
+                        "att": empty(B, H * Hd), "o": empty(B, D), "y": torch.empty(B, D),
+                        "y_out": empty(B, D)}  # fmt: skip
         self.cache = cache
         self.layers = [_Layer(i, block, cache, self.buffers) for i, block in enumerate(model.layers)]
         self.modules = list(model.layers.modules())
@@ -212,7 +218,7 @@ class NativeDecode:
         threads = torch.get_num_threads()
         buf = self.buffers
         h, att, o, y = buf["h"], buf["att"], buf["o"], buf["y"]
-        h_ptr, att_ptr, y_ptr = h.data_ptr(), att.data_ptr(), y.data_ptr()
+        h_ptr, att_ptr = h.data_ptr(), att.data_ptr()
         q_ptr, k_ptr, v_ptr = buf["q"].data_ptr(), buf["k"].data_ptr(), buf["v"].data_ptr()
         rope = (cos_SR.data_ptr(), sin_SR.data_ptr(), cos_SR.shape[-1])
         no_rope = (None, None, self.Hd)
