@@ -70,11 +70,12 @@ def _bounds(offsets: Tensor) -> list[int]:
 # Up to this many rows per expert with rows, on average, the native small-batch kernels run the op (module
 # docstring). Measured forward+backward against the per-expert loop on the same inputs, 2 threads, random
 # routing, SwiGLU (native / loop): float32, fine-grained (D=512, F=256, 64 experts, top-8) 2 rows per
-# expert 0.46, 8 rows 0.69-0.71, 16 rows 0.99-1.13; mixtral-mini (D=512, F=1408, 8 experts, top-2) 4 rows
-# 0.49-0.51, 16 rows 0.78-0.83, 32 rows 1.17-1.19. bfloat16 (the loop's GEMMs use the CPU's bfloat16 dot
-# products, the kernels widen to float32): fine-grained 2 rows 0.41-0.45, 8 rows 0.78, 16 rows 1.28-1.30;
-# mixtral-mini 4 rows 0.62-0.69, 16 rows 1.85-1.88.
-NATIVE_MAX_ROWS_PER_EXPERT = {torch.float32: 12, torch.bfloat16: 6}
+# expert 0.46-0.59, 8 rows 0.66-0.75, 12 rows 0.77, 16 rows 0.84, 24 rows 0.95, 32 rows 1.01; mixtral-mini
+# (D=512, F=1408, 8 experts, top-2) 4 rows 0.49-0.63, 16 rows 0.67-0.92, 24 rows 1.02, 32 rows 0.92-1.19.
+# bfloat16 (the loop's GEMMs use the CPU's bfloat16 dot products, the kernels widen to float32):
+# fine-grained 2 rows 0.41-0.54, 8 rows 0.61-0.78, 12 rows 0.89, 16 rows 0.94-1.30; mixtral-mini 4 rows
+# 0.62-0.75, 16 rows 1.41-1.88.
+NATIVE_MAX_ROWS_PER_EXPERT = {torch.float32: 16, torch.bfloat16: 6}
 
 
 def _native_rows(x_TD: Tensor, w_in: Tensor, w_out: Tensor, activation: str, bounds: list[int]) -> bool:

@@ -15,8 +15,9 @@
  * With a handful of rows per expert the per-expert BLAS calls run far below the memory bound (a weight
  * gradient of 1-4 rows is an outer product, a GEMM with a reduction width of 1-4), and a layer of 64 experts
  * costs some 400 PyTorch calls. Here each product is a pass over its weight (the input gradients: W_out and
- * W_in streamed by blocks of columns, the few rows' sums kept in L1) or over its gradient (the outer products:
- * four gradient rows at a time, the rows' vectors in L1), with OpenMP threads over (expert with rows, block);
+ * W_in streamed by blocks of columns, the few rows' sums kept in L1; from TILE_FROM rows four rows at a time,
+ * their sums in registers) or over its gradient (the outer products: four gradient rows at a time, the rows'
+ * vectors in L1), with OpenMP threads over (expert with rows, block);
  * no sum is split between threads, so the result does not depend on the thread count. Experts without rows
  * get zero gradients. Inputs are widened to float32 as they are read, every sum is float32, and each
  * bfloat16 output is rounded once.
@@ -37,6 +38,7 @@
 
 #define COL_VECTORS 8 /* vectors of columns per work item of the input-gradient products (128 floats) */
 #define GRAD_ROWS 32  /* gradient rows per work item of the outer products */
+#define TILE_FROM 6   /* rows of an expert from which the input-side products run tiled */
 
 static inline int64_t padded(int64_t K) { return (K + 2 * VL - 1) / (2 * VL) * (2 * VL); } /* row widths of the scratch */
 
@@ -63,11 +65,43 @@ static inline int64_t padded(int64_t K) { return (K + 2 * VL - 1) / (2 * VL) * (
       }                                                                                                          \
     }                                                                                                            \
   }                                                                                                              \
-  /* The block of columns `block` (COL_VECTORS vectors wide; the last one narrower) of rows_times_weight. */    \
+  /* The same product for more rows (compute starts to matter): four rows by two vectors of columns at a time, \
+   * their sums in registers over the whole of k, the weight's block (K x nv VL, in L2 after the first four     \
+   * rows) read again for each four. The last group repeats its last row and stores only the rows it has. */    \
+  static void rows_times_weight_tiled_##SUFFIX(const WT* W, int64_t K, int64_t C, const float* in, int64_t ldi,   \
+                                               int64_t n, float* out, int64_t ldo, int64_t c0, int nv) {          \
+    for (int64_t r = 0; r < n; r += 4) {                                                                         \
+      const int64_t m = n - r < 4 ? n - r : 4;                                                                   \
+      const float* x[4];                                                                                         \
+      for (int q = 0; q < 4; q++) x[q] = in + (r + (q < m ? q : m - 1)) * ldi;                                    \
+      for (int v = 0; v < nv; v += 2) {                                                                          \
+        const int64_t c = c0 + v * VL, w0 = C - c, w1 = w0 - VL; /* columns left from each of the two vectors */ \
+        vf acc[4][2];                                                                                            \
+        for (int q = 0; q < 4; q++) acc[q][0] = acc[q][1] = splat(0.0f);                                         \
+        for (int64_t k = 0; k < K; k++) {                                                                        \
+          const WT* wk = W + k * C + c;                                                                          \
+          const vf a = w0 >= VL ? WLOAD(wk) : WLOAD_PART(wk, w0);                                                \
+          const vf b = w1 >= VL ? WLOAD(wk + VL) : w1 > 0 ? WLOAD_PART(wk + VL, w1) : splat(0.0f);               \
+          for (int q = 0; q < 4; q++) {                                                                          \
+            const vf s = splat(x[q][k]);                                                                         \
+            acc[q][0] += s * a;                                                                                  \
+            acc[q][1] += s * b;                                                                                  \
+          }                                                                                                      \
+        }                                                                                                        \
+        for (int64_t q = 0; q < m; q++) {                                                                        \
+          store(out + (r + q) * ldo + c, acc[q][0]);                                                             \
+          store(out + (r + q) * ldo + c + VL, acc[q][1]);                                                        \
+        }                                                                                                        \
+      }                                                                                                          \
+    }                                                                                                            \
+  }                                                                                                              \
+  /* The block of columns `block` (COL_VECTORS vectors wide; the last one narrower) of rows_times_weight: the    \
+   * streaming form for up to TILE_FROM - 1 rows (the weight read once, from memory), else the tiled one. */      \
   static void column_block_##SUFFIX(const WT* W, int64_t K, int64_t C, const float* in, int64_t ldi, int64_t n,  \
                                     float* out, int64_t ldo, int64_t block) {                                    \
     const int64_t c0 = block * COL_VECTORS * VL, left = (C - c0 + VL - 1) / VL;                                  \
-    if (left >= COL_VECTORS) rows_times_weight_##SUFFIX(W, K, C, in, ldi, n, out, ldo, c0, COL_VECTORS);         \
+    if (n >= TILE_FROM) rows_times_weight_tiled_##SUFFIX(W, K, C, in, ldi, n, out, ldo, c0, (int)(left < COL_VECTORS ? left : COL_VECTORS)); \
+    else if (left >= COL_VECTORS) rows_times_weight_##SUFFIX(W, K, C, in, ldi, n, out, ldo, c0, COL_VECTORS);    \
     else rows_times_weight_##SUFFIX(W, K, C, in, ldi, n, out, ldo, c0, (int)left);                               \
   }                                                                                                              \
   /* out[i, :C] = sum_r a[r, i] b[r, :C] for gradient rows i in [i0, i1), r < n: a [n, lda], b [n, ldb] float32  \
