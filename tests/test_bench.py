@@ -158,6 +158,17 @@ def test_profile_quick_smoke(tmp_path):
     assert (tmp_path / "profile.png").exists() and "| stage |" in (tmp_path / "profile.md").read_text()
 
 
+def test_profile_labels_the_native_small_batch_stage(tmp_path):
+    """A few rows per expert: the fused op's forward and backward are each one native call, labelled as such."""
+    from sparsemoe.ops import cpu_kernels
+
+    if not cpu_kernels.available():
+        pytest.skip("native CPU kernels unavailable")
+    assert main(["profile", "--config", "tiny", "--tokens", "16", "--steps", "1", "--out", str(tmp_path)]) == 0
+    stages = json.loads((tmp_path / "profile.json").read_text())["stages"]
+    assert stages["native"] > 0 and stages["backward native"] > 0 and "gemm_in" not in stages
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [

@@ -22,8 +22,9 @@ from sparsemoe.bench.measure import environment, peak_memory_bytes, quiet_profil
 from sparsemoe.dispatch import build_plan, fused, resolve_backend
 from sparsemoe.layer import MoE
 
-FORWARD_STAGES = ("permute", "gemm_in", "activation", "gemm_out", "combine")
-BACKWARD_STAGES = ("permute", "recompute", "gemm_out", "activation", "gemm_in")
+# "native": the fused op's whole stage in one native call (a few rows per expert: fused.NATIVE_MAX_ROWS_PER_EXPERT)
+FORWARD_STAGES = ("native", "permute", "gemm_in", "activation", "gemm_out", "combine")
+BACKWARD_STAGES = ("native", "permute", "recompute", "gemm_out", "activation", "gemm_in")
 
 
 @dataclass

@@ -33,7 +33,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=thread_count, default=None, help="torch threads (default: torch's)")
     add_device_argument(p)
     p.add_argument("--out", default="profile-results", help="output folder (default profile-results)")
-    p.add_argument("--quick", action="store_true", help="smoke run: tiny config, T=64, 1 step")
+    p.add_argument("--quick", action="store_true", help="smoke run: tiny config, T=128, 1 step")
     p.set_defaults(func=run)
     return p
 
@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     device = setup_device(args)
     if args.backend not in backend_names():
         raise CommandError(f"--backend {args.backend!r} is not available here; accepted: {', '.join(backend_names())}")
-    name, tokens, steps = ("tiny", 64, 1) if args.quick else (args.config, args.tokens, args.steps)
+    name, tokens, steps = ("tiny", 128, 1) if args.quick else (args.config, args.tokens, args.steps)
     bench_cfg = BENCH_CONFIGS[name]
     try:
         config = MoEConfig(

@@ -50,7 +50,8 @@ _LABEL_STAGES = False
 
 
 def label_stages(enabled: bool) -> None:
-    """Label the op's stages (permute, gemm_in, activation, gemm_out, combine and backward) for the profiler."""
+    """Label the op's stages (permute, gemm_in, activation, gemm_out, combine and backward; native: the whole
+    stage in one native call, small batches) for the profiler."""
     global _LABEL_STAGES
     _LABEL_STAGES = enabled
 
@@ -221,9 +222,10 @@ def expert_mlp_forward(
     bounds = _bounds(offsets)
     if _native_rows(x_TD, w_in, w_out, activation, bounds):
         h_NI = empty_huge(N if save_hidden else 0, I, dtype=x_TD.dtype, device=x_TD.device)
-        y_TD = cpu_kernels.decode_mlp(
-            x_TD, token_ids, weights, offsets, w_in, w_out, activation, h_keep=h_NI if save_hidden else None
-        )
+        with _stage("native"):
+            y_TD = cpu_kernels.decode_mlp(
+                x_TD, token_ids, weights, offsets, w_in, w_out, activation, h_keep=h_NI if save_hidden else None
+            )
         return y_TD, h_NI
     slack = _slack(_bucketing(x_TD), bounds)  # the bucketed GEMMs may write past row N
     h_buffer = empty_huge(N + slack if save_hidden else 0, I, dtype=x_TD.dtype, device=x_TD.device)
@@ -309,10 +311,12 @@ def expert_mlp_backward(
     bounds = _bounds(offsets)
     if _native_rows(x_TD, w_in, w_out, activation, bounds):
         if recompute:  # h as the forward computed it: float32 sums, rounded to the activation dtype
-            h_NI = cpu_kernels.grouped_linear(x_TD.index_select(0, token_ids), offsets, w_in).to(dtype)
-        dx_TD, d_weights, dw_in, dw_out = native_backward(
-            grad_y_TD, x_TD, token_ids, weights, offsets, w_in, w_out, h_NI, activation
-        )
+            with _stage("backward.recompute"):
+                h_NI = cpu_kernels.grouped_linear(x_TD.index_select(0, token_ids), offsets, w_in).to(dtype)
+        with _stage("backward.native"):
+            dx_TD, d_weights, dw_in, dw_out = native_backward(
+                grad_y_TD, x_TD, token_ids, weights, offsets, w_in, w_out, h_NI, activation
+            )
         return dx_TD.to(dtype), d_weights, dw_in, dw_out
     g_TD = grad_y_TD.to(dtype)  # the expert GEMMs run in the activation dtype; float32 stays float32
     w_N1 = weights.to(dtype).unsqueeze(1)
