@@ -172,3 +172,20 @@ def test_quantized_experts_decode_natively_with_the_modules_logits(monkeypatch, 
         _modules_only(patch)
         modules, _ = _decode(model, ids, 8)
     assert torch.equal(native, modules)
+
+
+def test_a_new_moe_config_is_seen_at_the_next_step(monkeypatch):
+    """A layer given another config (here another backend) is prepared again: it then runs as modules."""
+    from dataclasses import replace
+
+    model = _model()
+    ids = torch.randint(0, 256, (1, 5))
+    cache = model.new_cache(1)
+    runs = _counting_runs(monkeypatch)
+    with torch.no_grad():
+        model(ids, cache=cache)
+        model(ids[:, :1], cache=cache)
+        layer = model.layers[1].ffn
+        layer.config = replace(layer.config, backend="reference")
+        model(ids[:, 1:2], cache=cache)
+    assert runs == [1] and cache._native_decode[1] is None

@@ -111,7 +111,8 @@ def _watch_list(block: Any, cache: KVCache, index: int) -> list[tuple[Any, Any, 
         watched.append((tensors, index, tensors[index], tensors[index].data_ptr()))
     if isinstance(ffn, MoE):
         experts, router = ffn._modules["experts"], ffn._modules["router"]
-        watched += [(ffn._modules, "experts", experts, 0), (ffn._modules, "router", router, 0)]
+        watched += [(ffn._modules, "experts", experts, 0), (ffn._modules, "router", router, 0),
+                    (ffn.__dict__, "config", ffn.config, 0)]  # a new config (backend, routing) prepares again
         if isinstance(experts, QuantizedExperts):
             stored = [experts._modules[name]._buffers for name in ("w_in", "w_out")]
             tensors = [(buffers, name) for buffers in stored for name in ("data", "scale")]
