@@ -123,8 +123,8 @@ def test_moe_statistics_and_losses_after_a_native_step_are_the_modules(monkeypat
         assert torch.equal(stats.tokens_per_expert, layer.stats.tokens_per_expert)
 
 
-def test_a_replaced_weight_is_seen_at_the_next_step(monkeypatch):
-    """The prepared calls hold weight addresses: a parameter replaced, or moved in memory, prepares them again."""
+def _after_one_native_step(monkeypatch):
+    """(model, ids [1, 5], cache, runs): the prompt's forward and one decode step, counted in runs."""
     model = _model()
     ids = torch.randint(0, 256, (1, 5))
     cache = model.new_cache(1)
@@ -132,6 +132,13 @@ def test_a_replaced_weight_is_seen_at_the_next_step(monkeypatch):
     with torch.no_grad():
         model(ids, cache=cache)
         model(ids[:, :1], cache=cache)
+    return model, ids, cache, runs
+
+
+def test_a_replaced_weight_is_seen_at_the_next_step(monkeypatch):
+    """The prepared calls hold weight addresses: a parameter replaced, or moved in memory, prepares them again."""
+    model, ids, cache, runs = _after_one_native_step(monkeypatch)
+    with torch.no_grad():
         first = cache._native_decode[1]
         layer = model.layers[0].attn.o_proj
         layer.weight = torch.nn.Parameter(layer.weight * 2)
@@ -145,6 +152,16 @@ def test_a_replaced_weight_is_seen_at_the_next_step(monkeypatch):
         with torch.no_grad():
             modules = model(ids[:, 1:2], cache=cache).logits
     assert torch.equal(native, modules)
+
+
+def test_an_overflowing_moe_output_raises_the_modules_error(monkeypatch):
+    """The output check fails after the block's attention: the modules run again from the block's input."""
+    model, ids, cache, runs = _after_one_native_step(monkeypatch)
+    with torch.no_grad():
+        model.layers[1].ffn.experts.w_out.fill_(float("inf"))
+        with pytest.raises(ValueError, match="output is"):
+            model(ids[:, 1:2], cache=cache)
+    assert runs == [1, 1]
 
 
 def test_non_finite_router_logits_raise_the_modules_error(monkeypatch):
@@ -178,13 +195,8 @@ def test_a_new_moe_config_is_seen_at_the_next_step(monkeypatch):
     """A layer given another config (here another backend) is prepared again: it then runs as modules."""
     from dataclasses import replace
 
-    model = _model()
-    ids = torch.randint(0, 256, (1, 5))
-    cache = model.new_cache(1)
-    runs = _counting_runs(monkeypatch)
+    model, ids, cache, runs = _after_one_native_step(monkeypatch)
     with torch.no_grad():
-        model(ids, cache=cache)
-        model(ids[:, :1], cache=cache)
         layer = model.layers[1].ffn
         layer.config = replace(layer.config, backend="reference")
         model(ids[:, 1:2], cache=cache)

@@ -26,7 +26,12 @@ from torch import Tensor
 from sparsemoe.amp import autocast_dtype
 from sparsemoe.config import BACKEND_NAMES
 from sparsemoe.dispatch.capacity import capacity_forward
-from sparsemoe.dispatch.decode import KERNEL_MAX_ROWS_PER_EXPERT, decode_forward, decode_from_choices
+from sparsemoe.dispatch.decode import (
+    KERNEL_MAX_ROWS_PER_EXPERT,
+    decode_forward,
+    decode_from_choices,
+    decode_from_choices_applies,
+)
 from sparsemoe.dispatch.fused import forward_by_expert
 from sparsemoe.dispatch.grouped import grouped_forward
 from sparsemoe.dispatch.plan import DispatchPlan, build_plan
@@ -124,10 +129,10 @@ def _run_quantized(name: str, x_TD: Tensor, plan: DispatchPlan, experts: Quantiz
 
 def _auto_name(x_TD: Tensor, plan: DispatchPlan) -> str:
     """The fastest backend for this input. Decided from shapes only: no device sync, compile-friendly."""
-    return auto_backend_name(x_TD, plan.num_rows, plan.num_experts)
+    return _auto_name_of(x_TD, plan.num_rows, plan.num_experts)
 
 
-def auto_backend_name(x_TD: Tensor, num_rows: int, num_experts: int) -> str:
+def _auto_name_of(x_TD: Tensor, num_rows: int, num_experts: int) -> str:
     """The backend `auto` runs for input rows like x_TD with `num_rows` plan rows over `num_experts` experts."""
     triton = _REGISTRY.get("triton")
     if triton is not None and triton.available(x_TD):
@@ -140,26 +145,38 @@ def auto_backend_name(x_TD: Tensor, num_rows: int, num_experts: int) -> str:
     return "decode" if num_rows <= rows_per_expert * num_experts else "grouped"
 
 
+def from_choices_applies(name: str, x_TD: Tensor, num_rows: int, num_experts: int, weights: Optional[Tensor],
+                         experts) -> bool:
+    """Whether `run_from_choices` runs the experts (a token-choice router's `num_rows` choices of x_TD's rows
+    over `num_experts` experts, weights: the choices' combine weights, or None when they carry no gradient)
+    with backend `name`: "auto" or "decode", and the native kernel applies (float experts: the decode kernel,
+    where "auto" picks `decode`; quantized experts: their kernel, as `_run_quantized` decides)."""
+    if name not in ("auto", "decode"):
+        return False
+    if isinstance(experts, QuantizedExperts):
+        return (cpu_kernels.plain_eager(x_TD) and autocast_dtype(x_TD.device.type) is None
+                and kernel_applies(x_TD, experts, num_rows))  # fmt: skip
+    if name == "auto" and _auto_name_of(x_TD, num_rows, num_experts) != "decode":
+        return False
+    return decode_from_choices_applies(x_TD, weights, experts)
+
+
 def run_from_choices(name: str, x_TD: Tensor, routing: RoutingResult, experts) -> Optional[Tensor]:
     """The routed experts' combined output [T, D] float32 straight from a token-choice router's top-k choices,
-    without a plan, where `name` ("auto" or "decode") runs the native decode kernel on plain experts (a
-    decode step); None otherwise: then build the plan and `run_backend`."""
-    if routing.expert_choice or name not in ("auto", "decode"):
+    without a plan, where `from_choices_applies` (a decode step); None otherwise: then build the plan and
+    `run_backend`."""
+    ids, weights = routing.expert_ids, routing.weights
+    if routing.expert_choice or not from_choices_applies(name, x_TD, ids.shape[0], routing.num_experts, weights, experts):
         return None
-    if isinstance(experts, QuantizedExperts):  # the decision of _run_quantized, without the plan
-        if not (cpu_kernels.plain_eager(x_TD) and autocast_dtype(x_TD.device.type) is None
-                and kernel_applies(x_TD, experts, routing.expert_ids.shape[0])):  # fmt: skip
-            return None
-        return kernel_forward_choices(x_TD, routing.expert_ids, routing.weights, routing.top_k, experts)
-    if name == "auto" and auto_backend_name(x_TD, routing.expert_ids.shape[0], routing.num_experts) != "decode":
-        return None
-    return decode_from_choices(x_TD, routing.expert_ids, routing.weights, routing.top_k, experts)
+    if isinstance(experts, QuantizedExperts):
+        return kernel_forward_choices(x_TD, ids, weights, routing.top_k, experts)
+    return decode_from_choices(x_TD, ids, weights, routing.top_k, experts)
 
 
 __all__ = [
     "BACKEND_NAMES",
     "Backend",
-    "auto_backend_name",
+    "from_choices_applies",
     "DispatchPlan",
     "backend_names",
     "build_plan",

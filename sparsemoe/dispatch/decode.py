@@ -70,10 +70,12 @@ def _linear(x_nK: Tensor, w_OK: Tensor) -> Tensor:
     return h.view(O, n).t()
 
 
-def _forward_only(x_TD: Tensor, weights: Tensor, experts: Experts) -> bool:
-    """No gradient wanted from the expert stage and no dropout: what the paths without autograd need."""
+def _forward_only(x_TD: Tensor, weights: Optional[Tensor], experts: Experts) -> bool:
+    """No gradient wanted from the expert stage and no dropout: what the paths without autograd need (weights
+    None: the combine weights carry no gradient)."""
+    weights_grad = weights is not None and weights.requires_grad
     needs_grad = torch.is_grad_enabled() and (
-        x_TD.requires_grad or weights.requires_grad or experts.w_in.requires_grad or experts.w_out.requires_grad
+        x_TD.requires_grad or weights_grad or experts.w_in.requires_grad or experts.w_out.requires_grad
     )
     return not needs_grad and not (experts.dropout > 0 and experts.training)
 
@@ -87,14 +89,20 @@ def decode_forward(x_TD: Tensor, plan: DispatchPlan, experts: Experts) -> Tensor
     )
 
 
-def decode_from_choices(x_TD: Tensor, expert_ids: Tensor, weights: Tensor, top_k: int, experts: Experts) -> Optional[Tensor]:
+def decode_from_choices_applies(x_TD: Tensor, weights: Optional[Tensor], experts) -> bool:
+    """Whether `decode_from_choices` takes these: plain `Experts` whose weights the kernel takes, a plain CPU
+    tensor, no gradient (weights: the combine weights, or None for none) and no dropout."""
+    return (
+        type(experts) is Experts
+        and cpu_kernels.plain_eager(x_TD)
+        and _forward_only(x_TD, weights, experts)
+        and cpu_kernels.supports(x_TD, experts.w_in, experts.w_out, experts.activation)
+    )
+
+
+def decode_from_choices(x_TD: Tensor, expert_ids: Tensor, weights: Tensor, top_k: int, experts: Experts) -> Tensor:
     """The expert stage straight from a router's token-major top-k choices ([T*K] each), with no plan: one
-    call of the native kernel, which groups the rows itself. None where that does not apply (gradients,
-    dropout, experts other than plain `Experts`, weights the kernel does not take, not a plain CPU tensor)."""
-    if type(experts) is not Experts or not cpu_kernels.plain_eager(x_TD) or not _forward_only(x_TD, weights, experts):
-        return None
-    if not cpu_kernels.supports(x_TD, experts.w_in, experts.w_out, experts.activation):
-        return None
+    call of the native kernel, which groups the rows itself. Check `decode_from_choices_applies` first."""
     return cpu_kernels.decode_mlp_choices(x_TD, expert_ids, weights, top_k, experts.w_in, experts.w_out, experts.activation)
 
 

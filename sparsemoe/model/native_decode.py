@@ -39,13 +39,13 @@ from torch import Tensor
 from torch.nn.modules import module as nn_module
 
 from sparsemoe.amp import autocast_dtype
-from sparsemoe.dispatch import auto_backend_name
+from sparsemoe.dispatch import from_choices_applies
 from sparsemoe.experts import Experts
 from sparsemoe.layer import MoE
 from sparsemoe.model.attention import Attention, KVCache, RMSNorm
 from sparsemoe.ops import cpu_kernels
 from sparsemoe.ops.linear import linear_float32, native_applies
-from sparsemoe.quant.experts import QuantizedExperts, kernel_applies
+from sparsemoe.quant.experts import QuantizedExperts
 from sparsemoe.routing import RoutingResult, assignment_tokens
 
 _VOID_P, _INT64 = ctypes.c_void_p, ctypes.c_int64
@@ -78,20 +78,19 @@ def _plain_attention(attn: Attention, dtype: torch.dtype) -> bool:
 
 def _decoding_moe(layer: MoE, h_BD: Tensor) -> bool:
     """Whether the MoE layer's module forward would take the native path at this batch: top-k routing on the
-    native kernel, the expert stage from the router's choices on the decode kernel (float or quantized
-    experts; `sparsemoe.dispatch.run_from_choices`)."""
+    native kernel, the expert stage from the router's choices (`sparsemoe.dispatch.from_choices_applies`:
+    float experts on the decode kernel, quantized ones on theirs)."""
     cfg = layer.config
     B, experts = h_BD.shape[0], layer.experts
-    if not (type(layer) is MoE and layer.shared_experts is None and cfg.router == "topk"
-            and cfg.score_order == "before_topk" and not cfg.bias_balancing and cfg.capacity(B, False) is None
-            and cfg.backend in ("auto", "decode")):
-        return False  # fmt: skip
-    if type(experts) is QuantizedExperts:
-        return kernel_applies(h_BD, experts, B * cfg.top_k)
     return (
-        type(experts) is Experts
-        and (cfg.backend == "decode" or auto_backend_name(h_BD, B * cfg.top_k, cfg.num_experts) == "decode")
-        and cpu_kernels.supports(h_BD, experts.w_in, experts.w_out, experts.activation)
+        type(layer) is MoE
+        and type(experts) in (Experts, QuantizedExperts)
+        and layer.shared_experts is None
+        and cfg.router == "topk"
+        and cfg.score_order == "before_topk"
+        and not cfg.bias_balancing
+        and cfg.capacity(B, False) is None
+        and from_choices_applies(cfg.backend, h_BD, B * cfg.top_k, cfg.num_experts, None, experts)
     )
 
 
@@ -225,11 +224,10 @@ class NativeDecode:
         no_rope = (None, None, self.Hd)
         tokens = None  # the assignments' token ids [B*K], shared by the MoE layers' routing results
         check = cpu_kernels.check_status
-        x_BD = x_BSD.reshape(B, D).clone()  # the residual stream, added to in place (x + y rounds the same)
-        x_ptr = x_BD.data_ptr()
+        x_BD = x_BSD.reshape(B, D)  # the residual stream; a block's input is kept until the block is done
         for layer in self.layers:
             attn_norm, attn_eps, ffn_norm, ffn_eps = layer.norms
-            self.rms_norm(x_ptr, attn_norm, B, D, attn_eps, h_ptr, threads)
+            self.rms_norm(x_BD.data_ptr(), attn_norm, B, D, attn_eps, h_ptr, threads)
             if layer.qkv_native:
                 check(self.linear_many(h_ptr, self.half, B, D, 3, *layer.qkv, self.half, threads), "linear_many")
                 qkv = (q_ptr, k_ptr, v_ptr)
@@ -243,19 +241,19 @@ class NativeDecode:
             if layer.o_native:
                 check(self.linear_many(att_ptr, self.half, B, self.H * self.Hd, 1, *layer.o_proj, self.half, threads),
                       "linear_many")  # fmt: skip
-                x_BD += o
+                x_mid = x_BD + o
             else:
-                x_BD += F.linear(att.view(B, 1, self.H * self.Hd), layer.o_weight).view(B, D)
-            self.rms_norm(x_ptr, ffn_norm, B, D, ffn_eps, h_ptr, threads)
+                x_mid = x_BD + F.linear(att.view(B, 1, self.H * self.Hd), layer.o_weight).view(B, D)
+            self.rms_norm(x_mid.data_ptr(), ffn_norm, B, D, ffn_eps, h_ptr, threads)
             if layer.moe is None:
                 y_BD = layer.block.ffn(h.view(B, 1, D)).view(B, D)
             else:
                 if tokens is None:
                     tokens = assignment_tokens(B, layer.routing_args[1], h.device)
                 y_BD = self._moe(layer, h, y, tokens, threads)
-                if y_BD is None:  # not finite: the modules raise the error
+                if y_BD is None:  # not finite: the modules, from this block's input, raise the error
                     return self._modules_from(layer.index, x_BD.view(B, 1, D), cos_SR, sin_SR)
-            x_BD += y_BD
+            x_BD = x_mid.add_(y_BD)  # x + y in place: the same rounding
         return x_BD.view(B, 1, D)
 
     def _moe(self, layer: _Layer, h_BD: Tensor, y_BD: Tensor, tokens: Tensor, threads: int) -> Optional[Tensor]:
@@ -278,7 +276,8 @@ class NativeDecode:
             status = self.quantized_experts(h_BD.data_ptr(), self.half, ids.data_ptr(), weights.data_ptr(), B, K, E,
                                             in_data, in_scale, out_data, out_scale, bits, group, self.D, F, I, act,
                                             y_BD.data_ptr(), threads)  # fmt: skip
-        cpu_kernels.check_status(status, "decode_mlp_choices")
+        kernel = "decode_mlp_choices" if layer.quantized_args is None else "decode_mlp_quantized_choices"
+        cpu_kernels.check_status(status, kernel)
         out = self.buffers["y_out"].copy_(y_BD) if self.half else y_BD
         if not self.lib.sparsemoe_all_finite(out.data_ptr(), out.numel(), self.half, threads):
             return None
