@@ -16,10 +16,10 @@ pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="native CPU 
 
 @pytest.fixture(autouse=True, params=["native projections", "BLAS projections"])
 def projections(request, monkeypatch):
-    """The tiny test models' projections are below the size where `linear` takes the native kernel: run each
-    test as they are (F.linear) and with the kernel taken from any size."""
+    """The tiny test models' float32 projections are below the size where `linear` takes the native kernel: run
+    each test as they are (F.linear in float32) and with the kernel taken from any size."""
     if request.param == "native projections":
-        monkeypatch.setattr(linear_module, "MIN_WEIGHTS", 0)
+        monkeypatch.setattr(linear_module, "MIN_WEIGHTS", dict.fromkeys(linear_module.MIN_WEIGHTS, 0))
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     yield
@@ -109,18 +109,32 @@ def test_hooks_autocast_and_gradients_take_the_modules(monkeypatch):
     assert runs == [1, 1]
 
 
-def test_moe_statistics_and_losses_after_a_native_step_are_the_modules(monkeypatch):
+def _statistics_per_step(model, ids, steps):
+    """[(aux_loss, tokens per expert, router entropy) of each MoE layer] after the prompt and each greedy step."""
+    cache = model.new_cache(ids.shape[0])
+    seen = []
+    with torch.no_grad():
+        x = ids
+        for _ in range(steps + 1):
+            logits = model(x, cache=cache, last_only=True).logits
+            seen.append([(m.aux_loss, m.stats.tokens_per_expert, m.stats.router_entropy) for m in model.moe_layers])
+            x = logits[:, -1].float().argmax(-1, keepdim=True)
+    return seen
+
+
+def test_moe_statistics_and_losses_after_native_steps_are_the_modules(monkeypatch):
+    """Read after every step, and kept from earlier steps: the native step overwrites its routing buffers
+    at each step, and what was read from them must not change."""
     model = _model()
     ids = torch.randint(0, 256, (2, 5))
     runs = _counting_runs(monkeypatch)
-    _decode(model, ids, 1)
-    assert runs == [2]
-    native = [(layer.aux_loss, layer.stats) for layer in model.moe_layers]
+    native = _statistics_per_step(model, ids, 3)
+    assert runs == [2] * 3
     _modules_only(monkeypatch)
-    _decode(model, ids, 1)
-    for (loss, stats), layer in zip(native, model.moe_layers):
-        assert torch.equal(loss, layer.aux_loss)
-        assert torch.equal(stats.tokens_per_expert, layer.stats.tokens_per_expert)
+    modules = _statistics_per_step(model, ids, 3)
+    for native_step, modules_step in zip(native, modules):
+        for native_layer, modules_layer in zip(native_step, modules_step):
+            assert all(torch.equal(a, b) for a, b in zip(native_layer, modules_layer))
 
 
 def _after_one_native_step(monkeypatch):
@@ -152,6 +166,46 @@ def test_a_replaced_weight_is_seen_at_the_next_step(monkeypatch):
         with torch.no_grad():
             modules = model(ids[:, 1:2], cache=cache).logits
     assert torch.equal(native, modules)
+
+
+@pytest.mark.parametrize("replaced", ["head", "norm weight"])
+@pytest.mark.parametrize("tied", [False, True])
+def test_a_replaced_head_is_seen_at_the_next_step(monkeypatch, tied, replaced):
+    """The final norm and LM head run from the prepared step too: a new head module or norm weight is seen."""
+    from sparsemoe.ops.linear import Linear
+
+    torch.manual_seed(0)
+    model = MoETransformer(preset("tiny", n_heads=4, dim=64, tie_embeddings=tied)).eval()
+    ids = torch.randint(0, 256, (1, 5))
+    cache = model.new_cache(1)
+    runs = _counting_runs(monkeypatch)
+    with torch.no_grad():
+        model(ids, cache=cache)
+        model(ids[:, :1], cache=cache)  # prepares the step
+        first = cache._native_decode[1]
+        if replaced == "head":
+            model.lm_head = Linear(64, model.config.vocab_size, bias=False)  # untied now, in both cases
+        else:
+            model.norm.weight = torch.nn.Parameter(torch.rand(64))
+        native = model(ids[:, 1:2], cache=cache).logits
+    assert runs == [1, 1] and cache._native_decode[1] is not first
+    with monkeypatch.context() as patch:
+        _modules_only(patch)
+        cache.length -= 1
+        with torch.no_grad():
+            modules = model(ids[:, 1:2], cache=cache).logits
+    assert torch.equal(native, modules)
+
+
+def test_a_hook_on_the_head_takes_the_modules(monkeypatch):
+    model = _model()
+    ids = torch.randint(0, 256, (1, 5))
+    runs = _counting_runs(monkeypatch)
+    seen = []
+    handle = model.norm.register_forward_hook(lambda *args: seen.append(1))
+    _decode(model, ids, 2)
+    handle.remove()
+    assert runs == [] and len(seen) == 3
 
 
 def test_an_overflowing_moe_output_raises_the_modules_error(monkeypatch):

@@ -31,6 +31,7 @@ when read, as after a module forward).
 from __future__ import annotations
 
 import ctypes
+import operator
 from typing import Any, Optional
 
 import torch
@@ -44,7 +45,7 @@ from sparsemoe.experts import Experts
 from sparsemoe.layer import MoE
 from sparsemoe.model.attention import Attention, KVCache, RMSNorm
 from sparsemoe.ops import cpu_kernels
-from sparsemoe.ops.linear import linear_float32, native_applies
+from sparsemoe.ops.linear import Linear, native_applies
 from sparsemoe.quant.experts import QuantizedExperts
 from sparsemoe.routing import RoutingResult, assignment_tokens
 
@@ -53,6 +54,30 @@ _VOID_P, _INT64 = ctypes.c_void_p, ctypes.c_int64
 
 def _pointers(tensors) -> ctypes.Array:
     return (_VOID_P * len(tensors))(*[t.data_ptr() for t in tensors])
+
+
+class _BlockArgs(ctypes.Structure):
+    """What one block's native halves read (`decode_block_t` of csrc/decode_block.c: keep the two in step)."""
+
+    _fields_ = [
+        ("attn_norm", _VOID_P), ("attn_eps", ctypes.c_float), ("qkv", _VOID_P * 3), ("qkv_rows", _INT64 * 3),
+        ("o_proj", _VOID_P), ("o_rows", _INT64), ("cache_k", _VOID_P), ("cache_v", _VOID_P), ("cache_len", _INT64),
+        ("window", _INT64), ("scale", ctypes.c_float), ("rope", ctypes.c_int), ("ffn_norm", _VOID_P),
+        ("ffn_eps", ctypes.c_float), ("router", _VOID_P), ("E", _INT64), ("K", _INT64), ("sigmoid", ctypes.c_int),
+        ("renormalize", ctypes.c_int), ("route_scale", ctypes.c_float), ("bits", ctypes.c_int), ("w_in", _VOID_P),
+        ("s_in", _VOID_P), ("w_out", _VOID_P), ("s_out", _VOID_P), ("group", _INT64), ("F", _INT64), ("I", _INT64),
+        ("act", ctypes.c_int), ("logits", _VOID_P), ("probs", _VOID_P), ("ids", _VOID_P), ("weights", _VOID_P),
+    ]  # fmt: skip
+
+
+class _StepArgs(ctypes.Structure):
+    """The buffers the blocks share (`decode_step_t` of csrc/decode_block.c)."""
+
+    _fields_ = [
+        ("B", _INT64), ("D", _INT64), ("H", _INT64), ("G", _INT64), ("Hd", _INT64), ("h", _VOID_P), ("q", _VOID_P),
+        ("k", _VOID_P), ("v", _VOID_P), ("att", _VOID_P), ("o", _VOID_P), ("y", _VOID_P), ("y_out", _VOID_P),
+        ("threads", ctypes.c_int),
+    ]  # fmt: skip
 
 
 def _plain_block(block: Any) -> bool:
@@ -91,6 +116,7 @@ def _decoding_moe(layer: MoE, h_BD: Tensor) -> bool:
         and not cfg.bias_balancing
         and cfg.capacity(B, False) is None
         and from_choices_applies(cfg.backend, h_BD, B * cfg.top_k, cfg.num_experts, None, experts)
+        and native_applies(h_BD, (layer.router.weight,), min_weights=0)  # the router's product (linear_float32)
     )
 
 
@@ -122,54 +148,80 @@ def _watch_list(block: Any, cache: KVCache, index: int) -> list[tuple[Any, Any, 
     return watched
 
 
-def _unchanged(watched: list[tuple[Any, Any, Any, int]]) -> bool:
-    return all(c[k] is obj and (not address or obj.data_ptr() == address) for c, k, obj, address in watched)
+class _Watched:
+    """Watch-list entries (container, key, object, address), checked in C-level loops: a step begins with the
+    caches emptied by the last step's weight stream, where a Python loop over the entries took 0.1-0.2 ms."""
+
+    def __init__(self, entries: list[tuple[Any, Any, Any, int]]) -> None:
+        self.containers, self.keys, self.objects, _ = map(list, zip(*entries))
+        self.tensors = [obj for _, _, obj, address in entries if address]
+        self.addresses = [address for _, _, _, address in entries if address]
+
+    def unchanged(self) -> bool:
+        try:
+            same = all(map(operator.is_, map(operator.getitem, self.containers, self.keys), self.objects))
+        except (KeyError, IndexError):  # an entry removed (e.g. a None attribute replaced by a module)
+            return False
+        return same and list(map(Tensor.data_ptr, self.tensors)) == self.addresses
 
 
 class _Layer:
-    """One block's prepared calls: the tensors they read (kept, to notice one replaced or moved) and the
-    ctypes arguments that do not change from step to step."""
+    """One block's prepared calls: the tensors they read (kept, to notice one replaced or moved), their
+    arguments (`_BlockArgs`) and, for an MoE block, its routing buffers, overwritten at every step."""
 
     def __init__(self, index: int, block: Any, cache: KVCache, buffers: dict[str, Tensor]) -> None:
         attn = block.attn
         self.block, self.index = block, index
-        self.window = attn.window or 0
         self.rope = attn.rope
-        self.scale = attn.scale if attn.scale is not None else attn.head_dim**-0.5
         self.attn_norm, self.ffn_norm = block.attn_norm, block.ffn_norm
         qkv = (attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight)
-        self.qkv = (_pointers(qkv), (_INT64 * 3)(*[w.shape[0] for w in qkv]),
-                    _pointers((buffers["q"], buffers["k"], buffers["v"])))  # fmt: skip
-        self.o_proj = (_pointers((attn.o_proj.weight,)), (_INT64 * 1)(attn.o_proj.weight.shape[0]),
-                       _pointers((buffers["o"],)))  # fmt: skip
-        # projections below the native kernel's size run as the modules run them: F.linear
+        # projections below the native kernel's size run as the modules run them: F.linear, from Python
         B = buffers["h"].shape[0]
         self.qkv_native = native_applies(buffers["h"].view(B, 1, -1), qkv)
         self.o_native = native_applies(buffers["att"].view(B, 1, -1), (attn.o_proj.weight,))
         self.qkv_weights, self.o_weight = qkv, attn.o_proj.weight
+        self.o_proj = (_pointers((attn.o_proj.weight,)), (_INT64 * 1)(attn.o_proj.weight.shape[0]))
         self.cache_k, self.cache_v = cache.keys[index], cache.values[index]
         self.moe = block.ffn if isinstance(block.ffn, MoE) else None
-        self.watched = _watch_list(block, cache, index)
-        # what the calls take, read once (current() checks that the addresses still hold)
-        self.norms = (self.attn_norm.weight.data_ptr(), self.attn_norm.eps, self.ffn_norm.weight.data_ptr(),
-                      self.ffn_norm.eps)  # fmt: skip
-        self.cache_args = (self.cache_k.data_ptr(), self.cache_v.data_ptr(), self.cache_k.shape[2])
+        args = self.args = _BlockArgs()
+        args.attn_norm, args.attn_eps = self.attn_norm.weight.data_ptr(), self.attn_norm.eps
+        args.ffn_norm, args.ffn_eps = self.ffn_norm.weight.data_ptr(), self.ffn_norm.eps
+        args.qkv[:] = [w.data_ptr() for w in qkv]
+        args.qkv_rows[:] = [w.shape[0] for w in qkv]
+        args.o_proj, args.o_rows = attn.o_proj.weight.data_ptr(), attn.o_proj.weight.shape[0]
+        args.cache_k, args.cache_v = self.cache_k.data_ptr(), self.cache_v.data_ptr()
+        args.cache_len, args.window = self.cache_k.shape[2], attn.window or 0
+        args.scale = attn.scale if attn.scale is not None else attn.head_dim**-0.5
+        args.rope = int(attn.rope)
         if self.moe is not None:
-            cfg, experts = self.moe.config, self.moe.experts
-            self.router_weight = self.moe.router.weight
-            self.routing_args = (cfg.num_experts, cfg.top_k, int(cfg.score_func == "sigmoid"), int(cfg.renormalize),
-                                 cfg.route_scale)  # fmt: skip
-            act = cpu_kernels.ACTIVATION_CODES[experts.activation]
-            if isinstance(experts, QuantizedExperts):  # stored bytes and scales, bits, group, F, I
-                w_in, w_out = experts.w_in, experts.w_out
-                self.quantized_args = (w_in.data.data_ptr(), w_in.scale.data_ptr(), w_out.data.data_ptr(),
-                                       w_out.scale.data_ptr(), cpu_kernels.QUANT_BITS[experts.scheme.name],
-                                       experts.scheme.group_size or 0, experts.hidden_dim, w_in.data.shape[1],
-                                       act)  # fmt: skip
-            else:
-                self.quantized_args = None
-                self.expert_args = (experts.w_in.data_ptr(), experts.w_out.data_ptr(), experts.w_out.shape[2],
-                                    experts.w_in.shape[1], act)  # fmt: skip
+            self._prepare_moe(args, B)
+        self.ref = ctypes.byref(args)
+
+    def _prepare_moe(self, args: _BlockArgs, B: int) -> None:
+        cfg, experts = self.moe.config, self.moe.experts
+        E, K = cfg.num_experts, cfg.top_k
+        args.router, args.E, args.K = self.moe.router.weight.data_ptr(), E, K
+        args.sigmoid, args.renormalize = int(cfg.score_func == "sigmoid"), int(cfg.renormalize)
+        args.route_scale = cfg.route_scale
+        args.act = cpu_kernels.ACTIVATION_CODES[experts.activation]
+        args.F = experts.hidden_dim
+        if isinstance(experts, QuantizedExperts):  # stored bytes and scales
+            w_in, w_out = experts.w_in, experts.w_out
+            args.w_in, args.s_in = w_in.data.data_ptr(), w_in.scale.data_ptr()
+            args.w_out, args.s_out = w_out.data.data_ptr(), w_out.scale.data_ptr()
+            args.bits, args.group = cpu_kernels.QUANT_BITS[experts.scheme.name], experts.scheme.group_size or 0
+            args.I = w_in.data.shape[1]
+        else:
+            args.w_in, args.w_out, args.bits, args.I = experts.w_in.data_ptr(), experts.w_out.data_ptr(), 0, experts.w_in.shape[1]
+        # the routing of the last step, as the module leaves it for the layer's losses and statistics (which
+        # are computed from it when read, into tensors of their own)
+        logits, probs = torch.empty(B, E), torch.empty(B, E)
+        ids, weights = torch.empty(B, K, dtype=torch.int64), torch.empty(B, K)
+        args.logits, args.probs = logits.data_ptr(), probs.data_ptr()
+        args.ids, args.weights = ids.data_ptr(), weights.data_ptr()
+        routing = RoutingResult(token_ids=assignment_tokens(B, K, logits.device), expert_ids=ids.view(-1),
+                                weights=weights.view(-1), probs=probs, logits=logits, top_k=K, expert_choice=False)  # fmt: skip
+        self.moe_state, self.moe_dict = (routing, None, 1), self.moe.__dict__
 
 
 class NativeDecode:
@@ -182,109 +234,137 @@ class NativeDecode:
         self.H, self.G, self.Hd = config.n_heads, config.n_kv_heads, config.head_dim
         suffix = cpu_kernels.KERNEL_DTYPES[self.dtype]
         lib = cpu_kernels.load()
-        self.lib = lib
         self.rms_norm = getattr(lib, f"sparsemoe_rms_norm_{suffix}")
         self.linear_many = getattr(lib, f"sparsemoe_linear_many_{suffix}")
         self.attention = getattr(lib, f"sparsemoe_decode_attention_{suffix}")
-        self.experts = getattr(lib, f"sparsemoe_decode_mlp_choices_{suffix}")
-        self.quantized_experts = lib.sparsemoe_decode_mlp_quant_choices
+        self.attention_half = getattr(lib, f"sparsemoe_decode_attention_half_{suffix}")
+        self.moe_half = getattr(lib, f"sparsemoe_decode_moe_half_{suffix}")
         self.half = int(self.dtype == torch.bfloat16)
         B, D, H, G, Hd = self.B, self.D, self.H, self.G, self.Hd
         empty = lambda *shape: torch.empty(*shape, dtype=self.dtype)  # noqa: E731
         self.buffers = {"h": empty(B, D), "q": empty(B, H * Hd), "k": empty(B, G * Hd), "v": empty(B, G * Hd),
                         "att": empty(B, H * Hd), "o": empty(B, D), "y": torch.empty(B, D),
                         "y_out": empty(B, D)}  # fmt: skip
+        self.residual = (empty(B, D), empty(B, D))  # the blocks' outputs, in turn: a block's input stays intact
+        step = self.step = _StepArgs(B, D, H, G, Hd)
+        for name in ("h", "q", "k", "v", "att", "o", "y", "y_out"):
+            setattr(step, name, self.buffers[name].data_ptr())
+        self.step_ref = ctypes.byref(step)
+        # the attention projections' call arguments, for blocks whose attention half runs from Python
+        self.qkv_out = _pointers((self.buffers["q"], self.buffers["k"], self.buffers["v"]))
+        self.o_out = _pointers((self.buffers["o"],))
         self.cache = cache
         self.layers = [_Layer(i, block, cache, self.buffers) for i, block in enumerate(model.layers)]
-        self.modules = list(model.layers.modules())
+        blocks = model.layers._modules
+        watched = [entry for i, block in enumerate(model.layers)
+                   for entry in [(blocks, str(i), block, 0), *_watch_list(block, cache, i)]]  # fmt: skip
+        hooked = list(model.layers.modules())
+        self.head_args = self._prepare_head(model, watched, hooked)
+        self.watched = _Watched(watched)
+        # the replaced modules' hook dicts (registering a hook adds to its module's dict)
+        self.hook_dicts = [d for m in hooked for d in (m._forward_hooks, m._forward_pre_hooks)]
+
+    def _prepare_head(self, model: Any, watched: list, hooked: list) -> Optional[tuple]:
+        """The final norm and LM head's call arguments, or None where they run as modules (another norm or head
+        type, a bias, another dtype); adds what they read to `watched` and their modules to `hooked`."""
+        norm, head = model._modules["norm"], model.lm_head
+        head_owner = model.__dict__ if head is None else model._modules  # where nn.Module keeps None and modules
+        weight = model.embed.weight if head is None else head.weight
+        if not (type(norm) is RMSNorm and norm.weight.dtype == self.dtype and norm.weight.is_contiguous()
+                and (head is None or (type(head) is Linear and head.bias is None))
+                and weight.dtype == self.dtype and weight.is_contiguous()):
+            return None  # fmt: skip
+        owner = model._modules["embed"] if head is None else head
+        watched += [(model._modules, "norm", norm, 0), (norm._parameters, "weight", norm.weight, norm.weight.data_ptr()),
+                    (head_owner, "lm_head", head, 0), (model._modules, "embed", model._modules["embed"], 0),
+                    (owner._parameters, "weight", weight, weight.data_ptr())]  # fmt: skip
+        hooked += [norm] if head is None else [norm, head]
+        native = native_applies(self.buffers["h"].view(self.B, 1, -1), (weight,))  # else F.linear, as `linear`
+        return norm.weight.data_ptr(), norm.eps, weight, _pointers((weight,)), (_INT64 * 1)(weight.shape[0]), native
+
+    def head(self, x_BSD: Tensor) -> Optional[Tensor]:
+        """The logits [B, 1, V] of the blocks' output x [B, 1, D]: the final norm and the LM head as their modules
+        compute them, or None where they must run as modules (`_prepare_head`)."""
+        if self.head_args is None or not x_BSD.is_contiguous():
+            return None
+        norm_weight, eps, weight, weights, rows, native = self.head_args
+        B, D = self.B, self.D
+        h = self.buffers["h"]
+        self.rms_norm(x_BSD.data_ptr(), norm_weight, B, D, eps, h.data_ptr(), self.step.threads)
+        if not native:
+            return F.linear(h.view(B, 1, D), weight)
+        logits = torch.empty(B, 1, weight.shape[0], dtype=self.dtype)
+        status = self.linear_many(h.data_ptr(), self.half, B, D, 1, weights, rows, _pointers((logits,)), self.half,
+                                  self.step.threads)  # fmt: skip
+        cpu_kernels.check_status(status, "linear_many")
+        return logits
 
     def current(self, model: Any, cache: KVCache) -> bool:
         """Prepared for this model and cache as they are now: the same modules, tensors and addresses."""
-        blocks = model._modules["layers"]._modules
         return (
             cache is self.cache
-            and len(blocks) == len(self.layers)
-            and all(blocks[str(i)] is layer.block and _unchanged(layer.watched) for i, layer in enumerate(self.layers))
+            and len(model._modules["layers"]._modules) == len(self.layers)
+            and self.watched.unchanged()
         )
 
     def hooked(self) -> bool:
         """Whether a module of the blocks has a forward hook (the blocks must then run as modules)."""
-        return any(m._forward_hooks or m._forward_pre_hooks for m in self.modules)
+        return any(self.hook_dicts)
 
     def run(self, x_BSD: Tensor, past: int, cos_SR: Tensor, sin_SR: Tensor) -> Tensor:
         """x [B, 1, D] after every block, the new position's keys and values written into the cache at `past`
         (the cache's length); cos_SR, sin_SR: the float32 RoPE table rows [1, R] of that position."""
         B, D = self.B, self.D
-        threads = torch.get_num_threads()
-        buf = self.buffers
-        h, att, o, y = buf["h"], buf["att"], buf["o"], buf["y"]
-        h_ptr, att_ptr = h.data_ptr(), att.data_ptr()
-        q_ptr, k_ptr, v_ptr = buf["q"].data_ptr(), buf["k"].data_ptr(), buf["v"].data_ptr()
+        step = self.step
+        step.threads = torch.get_num_threads()
         rope = (cos_SR.data_ptr(), sin_SR.data_ptr(), cos_SR.shape[-1])
-        no_rope = (None, None, self.Hd)
-        tokens = None  # the assignments' token ids [B*K], shared by the MoE layers' routing results
-        check = cpu_kernels.check_status
         x_BD = x_BSD.reshape(B, D)  # the residual stream; a block's input is kept until the block is done
         for layer in self.layers:
-            attn_norm, attn_eps, ffn_norm, ffn_eps = layer.norms
-            self.rms_norm(x_BD.data_ptr(), attn_norm, B, D, attn_eps, h_ptr, threads)
-            if layer.qkv_native:
-                check(self.linear_many(h_ptr, self.half, B, D, 3, *layer.qkv, self.half, threads), "linear_many")
-                qkv = (q_ptr, k_ptr, v_ptr)
+            if layer.qkv_native and layer.o_native:
+                x_mid = self.residual[layer.index % 2]
+                status = self.attention_half(layer.ref, self.step_ref, x_BD.data_ptr(), x_mid.data_ptr(), past, *rope)
+                cpu_kernels.check_status(status, "decode_attention_half")
             else:
-                q, k, v = (F.linear(h.view(B, 1, D), w) for w in layer.qkv_weights)
-                qkv = (q.data_ptr(), k.data_ptr(), v.data_ptr())
-            cos, sin, R = rope if layer.rope else no_rope
-            check(self.attention(*qkv, cos, sin, *layer.cache_args[:2], B, self.H, self.G, self.Hd, R,
-                                 layer.cache_args[2], past, layer.window, layer.scale, att_ptr, threads),
-                  "decode_attention")  # fmt: skip
-            if layer.o_native:
-                check(self.linear_many(att_ptr, self.half, B, self.H * self.Hd, 1, *layer.o_proj, self.half, threads),
-                      "linear_many")  # fmt: skip
-                x_mid = x_BD + o
-            else:
-                x_mid = x_BD + F.linear(att.view(B, 1, self.H * self.Hd), layer.o_weight).view(B, D)
-            self.rms_norm(x_mid.data_ptr(), ffn_norm, B, D, ffn_eps, h_ptr, threads)
+                x_mid = self._attention_half(layer, x_BD, past, rope, step.threads)
             if layer.moe is None:
-                y_BD = layer.block.ffn(h.view(B, 1, D)).view(B, D)
+                x_mid.add_(layer.block.ffn(self.buffers["h"].view(B, 1, D)).view(B, D))  # the same rounding
             else:
-                if tokens is None:
-                    tokens = assignment_tokens(B, layer.routing_args[1], h.device)
-                y_BD = self._moe(layer, h, y, tokens, threads)
-                if y_BD is None:  # not finite: the modules, from this block's input, raise the error
+                status = self.moe_half(layer.ref, self.step_ref, x_mid.data_ptr())
+                if status in (-5, -6):  # not finite: the modules, from this block's input, raise the error
                     return self._modules_from(layer.index, x_BD.view(B, 1, D), cos_SR, sin_SR)
-            x_BD = x_mid.add_(y_BD)  # x + y in place: the same rounding
+                cpu_kernels.check_status(status, "decode_moe_half")
+                layer.moe_dict["_aux_loss"], layer.moe_dict["_stats_state"] = None, layer.moe_state
+            x_BD = x_mid
         return x_BD.view(B, 1, D)
 
-    def _moe(self, layer: _Layer, h_BD: Tensor, y_BD: Tensor, tokens: Tensor, threads: int) -> Optional[Tensor]:
-        """The MoE layer's output [B, D] in the model dtype as its module computes it, or None where its
-        router logits or output are not finite. Leaves the layer's routing for its losses and statistics."""
-        B = h_BD.shape[0]
-        E, K, sigmoid, renormalize, route_scale = layer.routing_args
-        logits = linear_float32(h_BD, layer.router_weight)
-        if not self.lib.sparsemoe_all_finite(logits.data_ptr(), logits.numel(), 0, threads):
-            return None
-        probs, ids, weights = torch.empty(B, E), torch.empty(B, K, dtype=torch.int64), torch.empty(B, K)
-        self.lib.sparsemoe_topk_route(logits.data_ptr(), B, E, K, sigmoid, renormalize, route_scale, probs.data_ptr(),
-                                      ids.data_ptr(), weights.data_ptr())  # fmt: skip
-        if layer.quantized_args is None:
-            w_in, w_out, F, I, act = layer.expert_args
-            status = self.experts(h_BD.data_ptr(), ids.data_ptr(), weights.data_ptr(), B, K, E, w_in, w_out, self.D, F,
-                                  I, act, y_BD.data_ptr(), threads)  # fmt: skip
+    def _attention_half(self, layer: _Layer, x_BD: Tensor, past: int, rope: tuple, threads: int) -> Tensor:
+        """What `sparsemoe_decode_attention_half` computes, for a block with a projection below the native
+        kernel's size (run on F.linear, as the modules run it) -> x_mid [B, D] (h: the feed-forward's input)."""
+        B, D = self.B, self.D
+        h, att = self.buffers["h"], self.buffers["att"]
+        args = layer.args
+        self.rms_norm(x_BD.data_ptr(), args.attn_norm, B, D, args.attn_eps, h.data_ptr(), threads)
+        if layer.qkv_native:
+            status = self.linear_many(h.data_ptr(), self.half, B, D, 3, args.qkv, args.qkv_rows, self.qkv_out,
+                                      self.half, threads)  # fmt: skip
+            cpu_kernels.check_status(status, "linear_many")
+            qkv = tuple(self.qkv_out)
         else:
-            in_data, in_scale, out_data, out_scale, bits, group, F, I, act = layer.quantized_args
-            status = self.quantized_experts(h_BD.data_ptr(), self.half, ids.data_ptr(), weights.data_ptr(), B, K, E,
-                                            in_data, in_scale, out_data, out_scale, bits, group, self.D, F, I, act,
-                                            y_BD.data_ptr(), threads)  # fmt: skip
-        kernel = "decode_mlp_choices" if layer.quantized_args is None else "decode_mlp_quantized_choices"
-        cpu_kernels.check_status(status, kernel)
-        out = self.buffers["y_out"].copy_(y_BD) if self.half else y_BD
-        if not self.lib.sparsemoe_all_finite(out.data_ptr(), out.numel(), self.half, threads):
-            return None
-        routing = RoutingResult(token_ids=tokens, expert_ids=ids.view(-1), weights=weights.view(-1), probs=probs,
-                                logits=logits, top_k=K, expert_choice=False)  # fmt: skip
-        layer.moe._aux_loss, layer.moe._stats_state = None, (routing, None, 1)
-        return out
+            q, k, v = (F.linear(h.view(B, 1, D), w) for w in layer.qkv_weights)
+            qkv = (q.data_ptr(), k.data_ptr(), v.data_ptr())
+        cos, sin, R = rope if layer.rope else (None, None, self.Hd)
+        status = self.attention(*qkv, cos, sin, args.cache_k, args.cache_v, B, self.H, self.G, self.Hd, R,
+                                args.cache_len, past, args.window, args.scale, att.data_ptr(), threads)  # fmt: skip
+        cpu_kernels.check_status(status, "decode_attention")
+        if layer.o_native:
+            status = self.linear_many(att.data_ptr(), self.half, B, self.H * self.Hd, 1, *layer.o_proj, self.o_out,
+                                      self.half, threads)  # fmt: skip
+            cpu_kernels.check_status(status, "linear_many")
+            x_mid = x_BD + self.buffers["o"]
+        else:
+            x_mid = x_BD + F.linear(att.view(B, 1, self.H * self.Hd), layer.o_weight).view(B, D)
+        self.rms_norm(x_mid.data_ptr(), args.ffn_norm, B, D, args.ffn_eps, h.data_ptr(), threads)
+        return x_mid
 
     def _modules_from(self, index: int, x_BSD: Tensor, cos_SR: Tensor, sin_SR: Tensor) -> Tensor:
         """The blocks from `index` on as modules (a check failed there): they raise the error it stands for."""

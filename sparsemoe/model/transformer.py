@@ -282,8 +282,10 @@ class MoETransformer(nn.Module):
             cache.length += S
         if last_only:
             x = x[:, -1:]
-        x = self.norm(x)
-        logits = linear(x, self.embed.weight) if self.lm_head is None else self.lm_head(x)
+        logits = native.head(x) if native is not None else None  # the final norm and LM head, where it takes them
+        if logits is None:
+            x = self.norm(x)
+            logits = linear(x, self.embed.weight) if self.lm_head is None else self.lm_head(x)
         if self.config.logits_divisor != 1.0:
             logits = logits / self.config.logits_divisor
 

@@ -79,7 +79,7 @@ log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = (CSRC / "decode_mlp.c", CSRC / "activation.c", CSRC / "scatter_rows.c", CSRC / "finite.c",
-           CSRC / "decode_attention.c", CSRC / "norm.c", CSRC / "expert_backward.c")
+           CSRC / "decode_attention.c", CSRC / "norm.c", CSRC / "expert_backward.c", CSRC / "decode_block.c")
 HEADERS = (CSRC / "vec.h", CSRC / "activation.h", CSRC / "activation_rows.h", CSRC / "decode_gemm.h",
            CSRC / "quant_gemm.h", CSRC / "expert_rows.h")
 ENV_SWITCH = "SPARSEMOE_CPU_KERNELS"
@@ -192,6 +192,10 @@ def _bind(path: Path) -> ctypes.CDLL:
             [p, p, p, p, p, p, p, i64, i64, i64, i64, i64, i64, i64, i64, ctypes.c_float, p, i32], ctypes.c_int),
         "sparsemoe_decode_attention_bf16": (
             [p, p, p, p, p, p, p, i64, i64, i64, i64, i64, i64, i64, i64, ctypes.c_float, p, i32], ctypes.c_int),
+        "sparsemoe_decode_attention_half_f32": ([p, p, p, p, i64, p, p, i64], ctypes.c_int),
+        "sparsemoe_decode_attention_half_bf16": ([p, p, p, p, i64, p, p, i64], ctypes.c_int),
+        "sparsemoe_decode_moe_half_f32": ([p, p, p], ctypes.c_int),
+        "sparsemoe_decode_moe_half_bf16": ([p, p, p], ctypes.c_int),
     }
     for name, (argtypes, restype) in signatures.items():
         fn = getattr(lib, name)

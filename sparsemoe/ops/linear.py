@@ -10,10 +10,10 @@ one input (q, k and v) in one call: each call has a fixed cost (Python, waking t
 large as reading a 1024 x 1024 bfloat16 weight (mixtral-1k's q, k and v at one row, cold caches, 2
 threads: 120 us in one call, 254 us in three).
 
-Taken for inference only (no autograd graph to build), up to `MAX_ROWS` rows, weights of at least
-`MIN_WEIGHTS` elements (below that the call's fixed cost outweighs the gain), float32 or bfloat16 CPU
-tensors of one dtype, a contiguous weight, the native kernels built, and outside torch.compile (which
-traces F.linear); everything else is F.linear.
+Taken for inference only (no autograd graph to build), up to `MAX_ROWS` rows, in float32 weights of at
+least `MIN_WEIGHTS` elements (below that the call's fixed cost outweighs the gain; in bfloat16 the kernel
+is faster at every size), float32 or bfloat16 CPU tensors of one dtype, a contiguous weight, the native
+kernels built, and outside torch.compile (which traces F.linear); everything else is F.linear.
 """
 
 from __future__ import annotations
@@ -30,15 +30,21 @@ from sparsemoe.ops import cpu_kernels
 # as above at 1, 4, 16 and 17 rows; in bfloat16 BLAS's GEMMs are faster from about 16 rows, the CPU
 # having bfloat16 dot products that the kernel, summing in float32, does not use).
 MAX_ROWS = {torch.float32: 16, torch.bfloat16: 4}
-MIN_WEIGHTS = 1 << 19  # of all the weights of one call together
+# Of all the weights of one call together. One row, 2 threads, torch 2.13, warm caches, F.linear against the
+# kernel through `cpu_kernels.linear_many`: float32 65,536 weights 6.8 / 14.5 us, 131,072 14.8 / 14.4, 262,144
+# 27.9 / 19.6; bfloat16 (where PyTorch's small GEMMs cost more) 16,384 18.5 / 9.6, 1,048,576 66.4 / 24.2.
+MIN_WEIGHTS = {torch.float32: 1 << 17, torch.bfloat16: 0}
 
 
-def native_applies(x: Tensor, weights: Sequence[Tensor]) -> bool:
-    """Whether `linear` / `linears` run x against these weights on the native kernel (the module docstring)."""
+def native_applies(x: Tensor, weights: Sequence[Tensor], min_weights: Optional[int] = None) -> bool:
+    """Whether `linear` / `linears` run x against these weights on the native kernel (the module docstring;
+    min_weights: `MIN_WEIGHTS` of x's dtype unless given; `linear_float32` takes it from any size)."""
+    if min_weights is None:
+        min_weights = MIN_WEIGHTS.get(x.dtype, 0)
     return (
         cpu_kernels.plain_eager(x)
         and x.numel() <= MAX_ROWS.get(x.dtype, 0) * x.shape[-1]
-        and sum(w.numel() for w in weights) >= MIN_WEIGHTS
+        and sum(w.numel() for w in weights) >= min_weights
         and all(w.dtype == x.dtype and w.is_contiguous() and w.device.type == "cpu" for w in weights)
         and not (torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights)))
         and cpu_kernels.available()
@@ -64,9 +70,10 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
 
 def linear_float32(x: Tensor, weight: Tensor) -> Tensor:
     """x [..., K] @ weight [O, K]^T in float32 from the values as they are (a router's logits): at decode
-    sizes and from `MIN_WEIGHTS` weights one native call where PyTorch widens x, widens the weight and
-    multiplies (below that, e.g. 8 experts of 1024, PyTorch's three ops take 9 us and the call 18)."""
-    if not native_applies(x, (weight,)):
+    sizes one native call where PyTorch widens x, widens the weight and multiplies, whatever the weight's
+    size (a router's is small, but the native decode step, `sparsemoe.model.native_decode`, computes the
+    logits with this kernel inside its own call, and the modules must compute the same values)."""
+    if not native_applies(x, (weight,), min_weights=0):
         return F.linear(x.float(), weight.float())
     rows = x.reshape(-1, x.shape[-1])
     return cpu_kernels.linear_many(rows, (weight,), float_output=True)[0].view(*x.shape[:-1], weight.shape[0])
