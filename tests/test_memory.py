@@ -74,12 +74,13 @@ def test_keep_freed_memory_can_be_turned_off(monkeypatch):
         memory.keep_freed_memory.cache_clear()
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise is Linux's")
 def test_move_to_huge_pages_keeps_values_ties_and_views():
-    big = memory.MIN_BYTES // 4 + 100  # float32 values: just past the size it moves
+    big = memory.WEIGHT_MIN_BYTES // 4 + 100  # float32 values: just past the size it moves
     module = torch.nn.Module()
     module.weight = torch.nn.Parameter(torch.randn(big))
     module.tied = module.weight  # one parameter under two names: moved once
-    module.small = torch.nn.Parameter(torch.randn(10))
+    module.small = torch.nn.Parameter(torch.randn(memory.WEIGHT_MIN_BYTES // 4 - 1))
     base = torch.randn(2 * big)
     module.register_buffer("view", base[big:])  # a view of another tensor's memory: left where it is
     before = {name: t.clone() for name, t in module.state_dict().items()}
@@ -92,3 +93,6 @@ def test_move_to_huge_pages_keeps_values_ties_and_views():
     assert after["weight"].data_ptr() != pointers["weight"] and module.tied is module.weight
     assert after["small"].data_ptr() == pointers["small"] and after["view"].data_ptr() == pointers["view"]
     assert isinstance(module.weight, torch.nn.Parameter) and module.weight.requires_grad
+    # on memory of its own, from a huge-page boundary: the whole storage, nothing shared
+    weight = module.weight
+    assert weight.data_ptr() % memory.HUGE_PAGE == 0 and weight.untyped_storage().nbytes() == big * 4

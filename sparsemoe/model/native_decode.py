@@ -4,28 +4,34 @@ Legend: B sequences, D model width, H query heads, G key/value heads, Hd head wi
 per token.
 
 At a decode step a block is a dozen small native calls (RMSNorm, q/k/v, one-position attention, the output
-projection, the router's top-k, the expert stage; `sparsemoe.ops`). Made through the modules and the
-kernels' Python wrappers, each call costs more than its arithmetic (argument checks, module dispatch, fresh
-output tensors): greedy decode of mixtral-1k in bfloat16 took 12.7-13.1 ms per token through the modules
-and 10.6-10.9 ms with its blocks as the same calls made directly into buffers kept from step to step, the
-demo model 1.02-1.09 against 0.47-0.50, the same tokens (2 threads; `python tools/native_decode_gain.py`,
-`docs/benchmarks.md`). `NativeDecode` prepares those calls once per model, cache and batch size
-and replays them; `native_decode(model, cache, x)` returns it where every block qualifies, else None (the
-blocks then run as modules):
+projection, the router's product and top-k, the expert stage; `sparsemoe.ops`). Made through the modules and
+the kernels' Python wrappers, each call costs more than its arithmetic (argument checks, module dispatch,
+fresh output tensors), and a step starts with its caches emptied by the last step's weight stream, where
+every Python object touched is a trip to memory. `NativeDecode` prepares a block's calls once per model,
+cache and batch size and makes each block two native calls (csrc/decode_block.c: the attention half, from
+the residual stream to the feed-forward's normalised input, and the MoE half, from there to the block's
+output), then the final norm and the LM head; blocks whose projections run on F.linear (float32 weights
+below the size where `sparsemoe.ops.linear` takes the kernel) make their attention half's calls from
+Python. Measured: `python tools/native_decode_gain.py` and `tools/native_decode_profile.py`
+(`docs/benchmarks.md`). `native_decode(model, cache, x)` returns it where every block qualifies, else None
+(the blocks then run as modules):
 
-* plain pre-norm blocks (no post- or sandwich norms, residual multiplier 1), no forward hooks anywhere;
+* plain pre-norm blocks (no post- or sandwich norms, residual multiplier 1), no forward hooks anywhere (the
+  final norm and LM head run from the step where they are an `RMSNorm` and a `Linear` without bias, or the
+  tied embedding; else as modules);
 * grouped-query attention (`Attention`, not MLA) without q/k norms, gates or biases (its projections on the
   native kernel, or on F.linear below the size where `sparsemoe.ops.linear` takes the kernel, as there);
 * MoE layers with token-choice top-k routing and no selection bias, plain or quantized experts (int8, int4),
-  no shared experts, no capacity at inference, whose expert stage runs on the decode kernel at this batch
-  size; or a dense MLP (run as its module);
+  no shared experts, no capacity at inference, whose expert stage runs on the decode kernel and router
+  product on the native kernel at this batch size (`sparsemoe.ops.linear.MAX_ROWS`); or a dense MLP (run
+  as its module);
 * float32 or bfloat16 weights of one dtype, the native kernels built, no autocast, no gradients.
 
 Each step computes what the modules compute, call for call: the same kernels on the same values in the
 same order, so the results are identical (tests). Where a check fails (non-finite router logits or MoE
 output) the block is run again as modules, which raise their error; writing the same key and value into
 the cache twice changes nothing. The MoE layers' balancing losses and statistics stay readable (computed
-when read, as after a module forward).
+when read, as after a module forward, from routing buffers the next step overwrites).
 """
 
 from __future__ import annotations

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import mmap
 import os
 import sys
 from typing import Optional
@@ -94,32 +95,54 @@ def advise_huge_pages(t: Tensor) -> bool:
     return end > start and madvise(start, end - start, _MADV_HUGEPAGE) == 0
 
 
+# Weights from this size get huge pages in `move_to_huge_pages`: each then takes whole 2 MiB pages (a
+# 512 KiB weight 2 MiB), a few percent more memory for a model whose attention projections are this small.
+WEIGHT_MIN_BYTES = 512 << 10
+
+
 def move_to_huge_pages(module: torch.nn.Module) -> int:
-    """Copy each large CPU parameter and buffer of `module` (whole tensors of at least `MIN_BYTES`) into fresh
-    memory backed by huge pages where the system gives them; returns the bytes moved.
+    """Copy each CPU parameter and buffer of `module` of at least `WEIGHT_MIN_BYTES` (whole tensors) into memory
+    of its own, 2 MiB-aligned and backed by huge pages where the system gives them; returns the bytes moved
+    (0 where the system has no madvise).
 
     For inference: a decode step streams every weight it uses once, and with 4 KiB pages the reads pay a
     TLB miss every 4 KiB (costly in a virtual machine, where each miss walks two page tables). Measured on
     the 2-core benchmark machine (torch 2.13): the bfloat16 expert stage of mixtral-1k read at 26 GB/s
     from 4 KiB pages and 33-34 GB/s from huge pages (`sparsemoe bench --inference` in docs/benchmarks.md
-    has the whole-model effect). The values are unchanged; tensors that are views of others are left as
-    they are."""
+    has the whole-model effect); its attention projections (0.5 and 2 MiB each), once left on 4 KiB pages
+    as too small to hold a huge page where malloc put them, read at 0.76-0.77 of the expert stage's rate
+    and at 0.85 from huge pages (`tools/native_decode_profile.py`). The values are unchanged; tensors
+    that are views of others are left as they are. Not for training: the memory is the weights' own, not
+    the allocator's."""
+    if _madvise() is None:
+        return 0
     moved = 0
     seen: set[int] = set()
     with torch.no_grad():
         for tensor in (*module.parameters(), *module.buffers()):
             nbytes = tensor.numel() * tensor.element_size()
-            if id(tensor) in seen or tensor.device.type != "cpu" or nbytes < MIN_BYTES:
+            if id(tensor) in seen or tensor.device.type != "cpu" or nbytes < WEIGHT_MIN_BYTES:
                 continue
             seen.add(id(tensor))
             whole = tensor.is_contiguous() and tensor.untyped_storage().nbytes() == nbytes and tensor.storage_offset() == 0
-            if not whole:
-                continue
-            fresh = empty_huge(*tensor.shape, dtype=tensor.dtype, device=tensor.device)
-            fresh.copy_(tensor)
-            tensor.data = fresh
-            moved += nbytes
+            if whole:
+                tensor.data = _huge_copy(tensor)
+                moved += nbytes
     return moved
+
+
+def _huge_copy(tensor: Tensor) -> Tensor:
+    """A copy of a contiguous CPU tensor in a private anonymous mapping of its own (kept alive by the tensor's
+    storage), starting on a 2 MiB boundary and advised huge pages before it is first written."""
+    nbytes = tensor.numel() * tensor.element_size()
+    size = -(-nbytes // HUGE_PAGE) * HUGE_PAGE
+    region = mmap.mmap(-1, size + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    start = ctypes.c_char.from_buffer(region)
+    offset = -ctypes.addressof(start) % HUGE_PAGE
+    _madvise()(ctypes.addressof(start) + offset, size, _MADV_HUGEPAGE)  # refused: 4 KiB pages, the same values
+    del start  # (a view of the mapping's buffer)
+    fresh = torch.frombuffer(region, dtype=tensor.dtype, count=tensor.numel(), offset=offset).view(tensor.shape)
+    return fresh.copy_(tensor)
 
 
 def empty_huge(*shape: int, dtype: torch.dtype, device: torch.device) -> Tensor:
