@@ -443,6 +443,40 @@ def test_rms_norm_declines_what_it_does_not_take():
 
 @needs_kernel
 @settings(max_examples=60, deadline=None)
+@given(rows=st.integers(0, 4), width=st.integers(1, 300), dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+       ties=st.booleans(), specials=st.lists(st.sampled_from(["nan", "inf", "-inf"]), max_size=3),
+       seed=st.integers(0, 1000))  # fmt: skip
+def test_argmax_rows_is_torch_argmax(rows, width, dtype, ties, specials, seed):
+    """The same index as torch.argmax: the first of tied values (few distinct values make ties), NaN largest."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 3, (rows, width), generator=generator).float() if ties else torch.randn(rows, width, generator=generator)
+    for i, special in enumerate(specials):
+        if rows:
+            x[i % rows, (7 * i + seed) % width] = float(special)
+    x = x.to(dtype)
+    assert torch.equal(small_kernels.argmax_rows(x), x.argmax(dim=-1))
+
+
+@needs_kernel
+@pytest.mark.parametrize("width", [1, 15, 16, 17, 40])
+@pytest.mark.parametrize("fill", [float("-inf"), 0.0, float("inf"), float("nan")])
+def test_argmax_rows_of_constant_rows(width, fill):
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.full((2, width), fill, dtype=dtype)
+        x[1, -1] = 1.0  # a larger value last, or a number after NaNs
+        assert torch.equal(small_kernels.argmax_rows(x), x.argmax(dim=-1))
+
+
+@needs_kernel
+def test_argmax_rows_declines_what_it_does_not_take():
+    assert small_kernels.argmax_rows(torch.randn(3, 4).t()) is None  # not contiguous
+    assert small_kernels.argmax_rows(torch.randn(3, 4, dtype=torch.float64)) is None
+    assert small_kernels.argmax_rows(torch.randn(4)) is None  # not [n, V]
+    assert small_kernels.argmax_rows(torch.randn(2, 0)) is None  # nothing to pick from
+
+
+@needs_kernel
+@settings(max_examples=60, deadline=None)
 @given(tokens=st.integers(0, 40), experts=st.integers(1, 70), k=st.integers(1, 8), sigmoid=st.booleans(),
        renormalize=st.booleans(), scale=st.sampled_from([1.0, 2.5]), seed=st.integers(0, 1000))  # fmt: skip
 def test_topk_route_is_the_routers_pytorch_path(tokens, experts, k, sigmoid, renormalize, scale, seed):

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from sparsemoe.model.transformer import MoETransformer
+from sparsemoe.ops import small_kernels
 
 
 def sample_next(
@@ -25,9 +26,10 @@ def sample_next(
     generator: Optional[torch.Generator] = None,
 ) -> Tensor:
     """Pick the next token per row [B] from logits [B, V]. temperature 0 = greedy (argmax)."""
-    logits = logits_BV.float()
     if temperature == 0:
-        return logits.argmax(dim=-1)
+        picked = small_kernels.argmax_rows(logits_BV)  # one native pass on the CPU, the same index
+        return picked if picked is not None else logits_BV.float().argmax(dim=-1)
+    logits = logits_BV.float()
     logits = logits / temperature
     if top_k is not None and 0 < top_k < logits.shape[-1]:
         kth = logits.topk(top_k, dim=-1).values[:, -1:]

@@ -186,6 +186,7 @@ def _bind(path: Path) -> ctypes.CDLL:
         "sparsemoe_all_finite": ([p, i64, i32, i32], ctypes.c_int),
         "sparsemoe_sort_by_expert": ([p, i64, i64, p, p, p, p, p], ctypes.c_int),
         "sparsemoe_topk_route": ([p, i64, i64, i64, i32, i32, ctypes.c_float, p, p, p], None),
+        "sparsemoe_argmax_rows": ([p, i32, i64, i64, p], None),
         "sparsemoe_rms_norm_f32": ([p, p, i64, i64, ctypes.c_float, p, i32], None),
         "sparsemoe_rms_norm_bf16": ([p, p, i64, i64, ctypes.c_float, p, i32], None),
         "sparsemoe_decode_attention_f32": (

@@ -8,6 +8,7 @@ which at a one-token decode step cost more than their arithmetic.
     topk_route(logits, K, score_func, renormalize, scale) -> (ids, weights, probs): token-choice top-k routing
         in one pass per token (inference)
     rms_norm(x, weight, eps) -> RMSNorm over the last dim in one pass (inference)
+    argmax_rows(x [n, V]) -> [n] int64: torch.argmax over the last dim (greedy decoding's pick)
     decode_attention(q, k, v, (cos, sin), cache_k, cache_v, past, window, scale) -> [B, H, Hd]: one new
         position of grouped-query attention (RoPE, the KV cache write, softmax over the cached positions)
 
@@ -97,6 +98,22 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Optional[Tensor]:
     getattr(lib, f"sparsemoe_rms_norm_{KERNEL_DTYPES[x.dtype]}")(
         x.data_ptr(), weight.data_ptr(), x.numel() // max(D, 1), D, eps, out.data_ptr(), torch.get_num_threads()
     )
+    return out
+
+
+def argmax_rows(x_nV: Tensor) -> Optional[Tensor]:
+    """x.argmax(dim=-1) of a [n, V] float32 or bfloat16 tensor, [n] int64, as torch computes it (the first of
+    tied values; a NaN counts as the largest): one pass per row (csrc/norm.c). None where not taken (not a
+    plain contiguous CPU tensor of those dtypes with V >= 1, or the kernels off)."""
+    if (not plain_eager(x_nV) or x_nV.dtype not in KERNEL_DTYPES or x_nV.dim() != 2 or x_nV.shape[1] == 0
+            or not x_nV.is_contiguous()):
+        return None  # fmt: skip
+    lib = load()
+    if lib is None:
+        return None
+    out = torch.empty(x_nV.shape[0], dtype=torch.int64)
+    lib.sparsemoe_argmax_rows(x_nV.data_ptr(), int(x_nV.dtype == torch.bfloat16), x_nV.shape[0], x_nV.shape[1],
+                              out.data_ptr())  # fmt: skip
     return out
 
 
