@@ -32,8 +32,8 @@ from sparsemoe.quant import quantize
 PARTS = {  # the prepared step's calls, as NativeDecode holds them
     "attention_half": "attention halves (norm, q/k/v, attention, o, residual, norm)",
     "moe_half": "MoE halves (router, top-k, experts, residual)",
-    "rms_norm": "final norm",
-    "linear_many": "LM head",
+    "rms_norm": "final norm and LM head",
+    "linear_many": "final norm and LM head",
 }
 CHECK = "the check that the prepared calls hold (native_decode())"
 
@@ -60,8 +60,7 @@ def _weight_bytes(model: MoETransformer) -> dict[str, int]:
         per_expert = sum(size(t) for w in stored for t in ((w.data, w.scale) if hasattr(w, "scale") else (w,)))
         moe += size(block.ffn.router.weight) + per_expert * cfg.top_k // cfg.num_experts
     head = model.embed.weight if model.lm_head is None else model.lm_head.weight
-    return {PARTS["attention_half"]: attention, PARTS["moe_half"]: moe, PARTS["rms_norm"]: size(model.norm.weight),
-            PARTS["linear_many"]: size(head)}  # fmt: skip
+    return {PARTS["attention_half"]: attention, PARTS["moe_half"]: moe, PARTS["linear_many"]: size(model.norm.weight) + size(head)}  # fmt: skip
 
 
 def profile(model: MoETransformer, tokens: int) -> tuple[dict[str, float], float, int]:
