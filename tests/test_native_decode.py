@@ -137,9 +137,9 @@ def test_moe_statistics_and_losses_after_native_steps_are_the_modules(monkeypatc
             assert all(torch.equal(a, b) for a, b in zip(native_layer, modules_layer))
 
 
-def _after_one_native_step(monkeypatch):
+def _after_one_native_step(monkeypatch, **overrides):
     """(model, ids [1, 5], cache, runs): the prompt's forward and one decode step, counted in runs."""
-    model = _model()
+    model = _model(**overrides)
     ids = torch.randint(0, 256, (1, 5))
     cache = model.new_cache(1)
     runs = _counting_runs(monkeypatch)
@@ -149,22 +149,31 @@ def _after_one_native_step(monkeypatch):
     return model, ids, cache, runs
 
 
-def test_a_replaced_weight_is_seen_at_the_next_step(monkeypatch):
-    """The prepared calls hold weight addresses: a parameter replaced, or moved in memory, prepares them again."""
-    model, ids, cache, runs = _after_one_native_step(monkeypatch)
+def _next_step_both_ways(monkeypatch, model, ids, cache):
+    """The next step's logits as the model runs it, then the same step again as modules: (first, modules)."""
     with torch.no_grad():
-        first = cache._native_decode[1]
-        layer = model.layers[0].attn.o_proj
-        layer.weight = torch.nn.Parameter(layer.weight * 2)
-        expert = model.layers[1].ffn.experts
-        expert.w_in.data = expert.w_in.data.clone() * 0.5
-        native = model(ids[:, 1:2], cache=cache).logits
-    assert runs == [1, 1] and cache._native_decode[1] is not first
+        first = model(ids[:, 1:2], cache=cache).logits
+    prepared = cache.__dict__.pop("_native_decode")  # (kept on the cache: the modules must not find it)
     with monkeypatch.context() as patch:
         _modules_only(patch)
         cache.length -= 1
         with torch.no_grad():
             modules = model(ids[:, 1:2], cache=cache).logits
+    cache._native_decode = prepared
+    return first, modules
+
+
+def test_a_replaced_weight_is_seen_at_the_next_step(monkeypatch):
+    """The prepared calls hold weight addresses: a parameter replaced, or moved in memory, prepares them again."""
+    model, ids, cache, runs = _after_one_native_step(monkeypatch)
+    first = cache._native_decode[1]
+    with torch.no_grad():
+        layer = model.layers[0].attn.o_proj
+        layer.weight = torch.nn.Parameter(layer.weight * 2)
+        expert = model.layers[1].ffn.experts
+        expert.w_in.data = expert.w_in.data.clone() * 0.5
+    native, modules = _next_step_both_ways(monkeypatch, model, ids, cache)
+    assert runs == [1, 1] and cache._native_decode[1] is not first
     assert torch.equal(native, modules)
 
 
@@ -174,26 +183,14 @@ def test_a_replaced_head_is_seen_at_the_next_step(monkeypatch, tied, replaced):
     """The final norm and LM head run from the prepared step too: a new head module or norm weight is seen."""
     from sparsemoe.ops.linear import Linear
 
-    torch.manual_seed(0)
-    model = MoETransformer(preset("tiny", n_heads=4, dim=64, tie_embeddings=tied)).eval()
-    ids = torch.randint(0, 256, (1, 5))
-    cache = model.new_cache(1)
-    runs = _counting_runs(monkeypatch)
-    with torch.no_grad():
-        model(ids, cache=cache)
-        model(ids[:, :1], cache=cache)  # prepares the step
-        first = cache._native_decode[1]
-        if replaced == "head":
-            model.lm_head = Linear(64, model.config.vocab_size, bias=False)  # untied now, in both cases
-        else:
-            model.norm.weight = torch.nn.Parameter(torch.rand(64))
-        native = model(ids[:, 1:2], cache=cache).logits
+    model, ids, cache, runs = _after_one_native_step(monkeypatch, tie_embeddings=tied)
+    first = cache._native_decode[1]
+    if replaced == "head":
+        model.lm_head = Linear(model.config.dim, model.config.vocab_size, bias=False)  # untied now, in both cases
+    else:
+        model.norm.weight = torch.nn.Parameter(torch.rand(model.config.dim))
+    native, modules = _next_step_both_ways(monkeypatch, model, ids, cache)
     assert runs == [1, 1] and cache._native_decode[1] is not first
-    with monkeypatch.context() as patch:
-        _modules_only(patch)
-        cache.length -= 1
-        with torch.no_grad():
-            modules = model(ids[:, 1:2], cache=cache).logits
     assert torch.equal(native, modules)
 
 
