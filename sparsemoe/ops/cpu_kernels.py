@@ -33,7 +33,8 @@ Legend: N rows sorted by expert, n rows, E experts, D model width, F hidden widt
         y[token_ids[r]] += weights[r] rows[r] in float32, rows float32 or bfloat16 (the expert op's combine
         and its backward's input gradient: one pass, threads over columns, no float32 copy of the rows)
     (and in sparsemoe.ops.small_kernels: the small parts of a step, each in one pass: finiteness checks, the
-    plan's sort, top-k routing, RMSNorm, one-position attention)
+    plan's sort, top-k routing, RMSNorm, one-position attention, greedy argmax; and, called by
+    sparsemoe.model.native_decode only, a decode step's block in two calls, csrc/decode_block.c)
     activate(h_nI, activation) -> a_nF = act(h)
     activation_backward(h_nI, dA_nF, w_n, activation) -> (aw_nF, dH_nI, d_w_n float32)
         for o = w * (W_out act(h)) with dA = d loss / d act(h) before the weighting: aw = w act(h)
