@@ -131,6 +131,13 @@ static void i8_unpack_row(const int8_t* q, float s, int64_t K, float* out) {
 #define VNNI 0
 #endif
 #define Q8_GROUP 64 /* activation columns per scale against int8 weights */
+/* How far ahead of its loads the VNNI path prefetches the weight stream. Each byte of int4 weights feeds
+ * four times the arithmetic of a bfloat16 byte, and the hardware prefetcher alone left the loads waiting
+ * (perf: a third of the kernel's samples on the instruction after the weight load). Measured (mixtral-1k,
+ * greedy decode, quantized experts and the rest bfloat16, 2 threads, 12 interleaved rounds, median ms per
+ * token): int4 6.52 without, 5.96 at 8 KiB, 6.10 at 16 KiB (another run: 5.47, 4.93 at 8 KiB, 5.03 at 4 KiB);
+ * int8 8.47 without, 8.36 at 8 KiB. */
+#define VNNI_PREFETCH_BYTES 8192
 #define Q4_CHUNK 128 /* int4 columns per 64-byte load on the VNNI path */
 
 /* Activation rows rounded to int8 for the VNNI path: per row, q [Kq] (the values, zeros past the real
@@ -228,6 +235,7 @@ static void quantize_row_q8(const float* x, int64_t K, int64_t r, const qrows_t*
       }                                                                                                    \
       const int64_t c0 = g0 * G, c1 = (g0 + 16 < groups ? g0 + 16 : groups) * G;                           \
       for (int64_t k = c0; k < c1; k += CW) {                                                              \
+        __builtin_prefetch((const char*)wq + (k) * sizeof(WT) * 64 / CW + VNNI_PREFETCH_BYTES); /* chunk k: 64 B */ \
         LOAD_W(k);                                                                                         \
         for (int b = 0; b < XB; b++)                                                                       \
           acc[b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(DOT(b, k)), LANE_SCALE(b, k - c0), acc[b]);          \
