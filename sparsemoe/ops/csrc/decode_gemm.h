@@ -71,6 +71,7 @@ DEFINE_ROW_KERNEL(8, 1, 1)
     for (; k + 2 * VL * U <= K; k += 2 * VL * U)                                                            \
       for (int u = 0; u < U; u++) {                                                                         \
         const vbf16x32 wv = load_bf16x32(w + k + 2 * VL * u);                                               \
+        __builtin_prefetch((const char*)(w + k + 2 * VL * u) + DP_PREFETCH_BYTES); /* once per 64 bytes */ \
         for (int b = 0; b < XB; b++) acc[b][u] = dot_bf16x32(acc[b][u], wv, load_bf16x32(xs[b] + k + 2 * VL * u)); \
       }                                                                                                     \
     for (; k + 2 * VL <= K; k += 2 * VL) {                                                                  \
