@@ -309,7 +309,7 @@ def activation_backward(
         aw_nF, dH_nI = h_nI.new_empty(n, F), torch.empty_like(h_nI)
     else:
         aw_nF, dH_nI = out
-        if (aw_nF.shape != (n, F) or dH_nI.shape != (n, I) or aw_nF.dtype != dH_nI.dtype != h_nI.dtype
+        if (aw_nF.shape != (n, F) or dH_nI.shape != (n, I) or not (aw_nF.dtype == dH_nI.dtype == h_nI.dtype)
                 or not (aw_nF.is_contiguous() and dH_nI.is_contiguous())):
             raise ValueError(f"activation_backward: out must be contiguous [{n}, {F}] and [{n}, {I}] {h_nI.dtype} "
                              f"tensors, got {tuple(aw_nF.shape)} and {tuple(dH_nI.shape)}")  # fmt: skip
