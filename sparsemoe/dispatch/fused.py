@@ -39,7 +39,6 @@ from torch import Tensor
 from sparsemoe.experts import activate
 from sparsemoe.ops import cpu_kernels
 from sparsemoe.ops.expert_backward import expert_backward as native_backward
-from sparsemoe.ops.expert_backward import supports_backward
 from sparsemoe.ops.memory import empty_huge
 
 _GATED = ("swiglu", "geglu")
@@ -82,7 +81,7 @@ NATIVE_MAX_ROWS_PER_EXPERT = {torch.float32: 16, torch.bfloat16: 6}
 def _native_rows(x_TD: Tensor, w_in: Tensor, w_out: Tensor, activation: str, bounds: list[int]) -> bool:
     """Whether the native small-batch kernels run the op: few rows per expert with rows, and inputs they take."""
     limit = NATIVE_MAX_ROWS_PER_EXPERT.get(x_TD.dtype, 0)
-    if not supports_backward(x_TD, w_in, w_out, activation):
+    if not cpu_kernels.supports(x_TD, w_in, w_out, activation):  # the backward kernel's conditions too
         return False
     used = sum(hi > lo for lo, hi in zip(bounds, bounds[1:]))
     return bounds[-1] <= limit * used
@@ -230,7 +229,8 @@ def expert_mlp_forward(
     slack = _slack(_bucketing(x_TD), bounds)  # the bucketed GEMMs may write past row N
     h_buffer = empty_huge(N + slack if save_hidden else 0, I, dtype=x_TD.dtype, device=x_TD.device)
     y_TD = forward_by_expert(
-        x_TD, token_ids, weights, offsets, lambda e: (w_in[e], w_out[e]), activation, h_buffer if save_hidden else None
+        x_TD, token_ids, weights, offsets, lambda e: (w_in[e], w_out[e]), activation, h_buffer if save_hidden else None,
+        bounds,
     )
     return y_TD, h_buffer[:N] if save_hidden else h_buffer
 
@@ -238,15 +238,17 @@ def expert_mlp_forward(
 def forward_by_expert(
     x_TD: Tensor, token_ids: Tensor, weights: Tensor, offsets: Tensor,
     expert_weights: Callable[[int], tuple[Tensor, Tensor]], activation: str, h_NI: Optional[Tensor] = None,
+    bounds: Optional[list[int]] = None,
 ) -> Tensor:
     """y [T, D] float32 over expert-sorted plan rows, a run of experts at a time (the module docstring), with
     expert e's weights (w_in [I, D], w_out [D, F]) from `expert_weights(e)`, asked for once per expert with
     rows and used before the next is asked for (so it may return the same buffers each time, refilled).
     h_NI [N + slack, I]: where to keep the in-projection outputs for a backward (rows past N: scratch of the
-    bucketed GEMMs, see _bucket), or None."""
+    bucketed GEMMs, see _bucket), or None. bounds: `_bounds(offsets)` where the caller has them already (on a
+    GPU reading the offsets waits for the device)."""
     T, D = x_TD.shape
     y_TD = x_TD.new_zeros(T, D, dtype=torch.float32)
-    bounds = _bounds(offsets)
+    bounds = _bounds(offsets) if bounds is None else bounds
     bucketing = _bucketing(x_TD)
     slack = _slack(bucketing, bounds)
     for start, end, run in _chunks(bounds):
