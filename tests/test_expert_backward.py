@@ -13,7 +13,7 @@ from test_cpu_kernels import _case
 from sparsemoe.dispatch import fused
 from sparsemoe.experts import activate, in_rows
 from sparsemoe.ops import cpu_kernels
-from sparsemoe.ops.expert_backward import expert_backward, supports_backward
+from sparsemoe.ops.expert_backward import expert_backward
 
 needs_kernel = pytest.mark.skipif(
     not cpu_kernels.available(),
@@ -122,7 +122,7 @@ def test_backward_refuses_inputs_that_do_not_fit():
         expert_backward(g, x, tok, wts, offsets.flip(0), w_in, w_out, h, "swiglu")
     with pytest.raises(ValueError, match="h_keep"):
         cpu_kernels.decode_mlp(x, tok, wts, offsets, w_in, w_out, "swiglu", h_keep=h.bfloat16())
-    assert not supports_backward(x.double(), w_in.double(), w_out.double(), "swiglu")
+    assert not cpu_kernels.supports(x.double(), w_in.double(), w_out.double(), "swiglu")
 
 
 def _op_grads(x, tok, wts, offsets, w_in, w_out, activation, recompute, g):

@@ -172,14 +172,13 @@ class _Watched:
 
 
 class _Layer:
-    """One block's prepared calls: the tensors they read (kept, to notice one replaced or moved), their
-    arguments (`_BlockArgs`) and, for an MoE block, its routing buffers, overwritten at every step."""
+    """One block's prepared calls: their arguments (`_BlockArgs`; the tensors behind them are kept and watched
+    by `NativeDecode`) and, for an MoE block, its routing buffers, overwritten at every step."""
 
     def __init__(self, index: int, block: Any, cache: KVCache, buffers: dict[str, Tensor]) -> None:
         attn = block.attn
         self.block, self.index = block, index
-        self.rope = attn.rope
-        self.attn_norm, self.ffn_norm = block.attn_norm, block.ffn_norm
+        attn_norm, ffn_norm = block.attn_norm, block.ffn_norm
         qkv = (attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight)
         # projections below the native kernel's size run as the modules run them: F.linear, from Python
         B = buffers["h"].shape[0]
@@ -187,16 +186,16 @@ class _Layer:
         self.o_native = native_applies(buffers["att"].view(B, 1, -1), (attn.o_proj.weight,))
         self.qkv_weights, self.o_weight = qkv, attn.o_proj.weight
         self.o_proj = (_pointers((attn.o_proj.weight,)), (_INT64 * 1)(attn.o_proj.weight.shape[0]))
-        self.cache_k, self.cache_v = cache.keys[index], cache.values[index]
+        cache_k, cache_v = cache.keys[index], cache.values[index]
         self.moe = block.ffn if isinstance(block.ffn, MoE) else None
         args = self.args = _BlockArgs()
-        args.attn_norm, args.attn_eps = self.attn_norm.weight.data_ptr(), self.attn_norm.eps
-        args.ffn_norm, args.ffn_eps = self.ffn_norm.weight.data_ptr(), self.ffn_norm.eps
+        args.attn_norm, args.attn_eps = attn_norm.weight.data_ptr(), attn_norm.eps
+        args.ffn_norm, args.ffn_eps = ffn_norm.weight.data_ptr(), ffn_norm.eps
         args.qkv[:] = [w.data_ptr() for w in qkv]
         args.qkv_rows[:] = [w.shape[0] for w in qkv]
         args.o_proj, args.o_rows = attn.o_proj.weight.data_ptr(), attn.o_proj.weight.shape[0]
-        args.cache_k, args.cache_v = self.cache_k.data_ptr(), self.cache_v.data_ptr()
-        args.cache_len, args.window = self.cache_k.shape[2], attn.window or 0
+        args.cache_k, args.cache_v = cache_k.data_ptr(), cache_v.data_ptr()
+        args.cache_len, args.window = cache_k.shape[2], attn.window or 0
         args.scale = attn.scale if attn.scale is not None else attn.head_dim**-0.5
         args.rope = int(attn.rope)
         if self.moe is not None:
@@ -358,7 +357,7 @@ class NativeDecode:
         else:
             q, k, v = (F.linear(h.view(B, 1, D), w) for w in layer.qkv_weights)
             qkv = (q.data_ptr(), k.data_ptr(), v.data_ptr())
-        cos, sin, R = rope if layer.rope else (None, None, self.Hd)
+        cos, sin, R = rope if args.rope else (None, None, self.Hd)
         status = self.attention(*qkv, cos, sin, args.cache_k, args.cache_v, B, self.H, self.G, self.Hd, R,
                                 args.cache_len, past, args.window, args.scale, att.data_ptr(), threads)  # fmt: skip
         cpu_kernels.check_status(status, "decode_attention")

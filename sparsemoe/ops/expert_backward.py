@@ -20,14 +20,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from sparsemoe.ops.cpu_kernels import ACTIVATION_CODES, check_status, supports, typed_kernel
+from sparsemoe.ops.cpu_kernels import ACTIVATION_CODES, check_status, typed_kernel
 from sparsemoe.ops.memory import empty_huge
-
-
-def supports_backward(x_TD: Tensor, w_in: Tensor, w_out: Tensor, activation: str) -> bool:
-    """Whether `expert_backward` takes these (the decode kernel's conditions: CPU, float32 or bfloat16 of one
-    dtype, contiguous weights, a known activation, the kernels built)."""
-    return supports(x_TD, w_in, w_out, activation)
 
 
 def expert_backward(
@@ -35,7 +29,8 @@ def expert_backward(
     h_NI: Tensor, activation: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dx [T, D] float32, d weights [N] float32 (zero past the kept rows), d w_in [E, I, D], d w_out [E, D, F]
-    in the weights' dtype). g, x and h are taken in the weights' dtype. Check `supports_backward` first."""
+    in the weights' dtype). g, x and h are taken in the weights' dtype. Check `cpu_kernels.supports` first
+    (the decode kernel's conditions, which this kernel shares)."""
     dtype = w_in.dtype
     kernel = typed_kernel("expert_backward", dtype)
     E, I, D = w_in.shape
